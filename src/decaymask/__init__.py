@@ -1,0 +1,19 @@
+"""decaymask: one weight-decay policy, a correct optax mask in Equinox and Flax."""
+
+from .core import GROUPS as GROUPS
+from .core import KIND_SOURCES as KIND_SOURCES
+from .core import KINDS as KINDS
+from .core import ROLES as ROLES
+from .core import SELECTORS as SELECTORS
+from .core import Decision as Decision
+from .core import Layer as Layer
+from .core import Leaf as Leaf
+from .core import Policy as Policy
+from .core import Report as Report
+from .core import Rule as Rule
+from .core import decay as decay
+from .core import no_decay as no_decay
+from .core import register_layer as register_layer
+from .core import unregister_layer as unregister_layer
+
+__version__ = "0.1.0"

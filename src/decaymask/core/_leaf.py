@@ -1,0 +1,100 @@
+"""The records adapters hand to the core: one per array leaf."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from ._vocab import check_kind, check_role
+
+KIND_SOURCES = ("class", "registered", "name", "given")
+"""How an adapter found a layer's kind: its class is in decaymask's table, the user
+registered it, it was read off a class or module name, or the caller said so."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """A module that owns or encloses a leaf."""
+
+    kind: str
+    type_name: str | None = None
+    cls: type | None = dataclasses.field(default=None, compare=True, repr=False)
+    source: str = "given"
+
+    def matches_class(self, wanted: type) -> bool:
+        """Whether this module is an instance of ``wanted``.
+
+        Where the framework gives no class (Linen params by name), a module whose
+        inferred class name is ``wanted.__name__`` matches.
+        """
+        if self.cls is not None:
+            return issubclass(self.cls, wanted)
+        return self.type_name is not None and self.type_name == wanted.__name__
+
+
+_FLOATING_PREFIXES = ("float", "bfloat", "complex")
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One array of a model, labelled in the framework-neutral vocabulary.
+
+    Adapters make these; :meth:`Policy.decide` reads them. Build them by hand to give a
+    new framework an adapter.
+
+    Example:
+      >>> import decaymask as dm
+      >>> leaf = dm.Leaf("encoder/0/kernel", layer="linear", role="weight", shape=(8, 4))
+      >>> leaf.name, leaf.ndim
+      ('kernel', 2)
+    """
+
+    path: str
+    """The canonical path: keys joined with ``/``."""
+    layer: str = "unknown"
+    """The kind of the layer that owns the array."""
+    role: str = "other"
+    """What the array is for in that layer."""
+    shape: tuple[int, ...] = ()
+    dtype: str = "float32"
+    name: str = ""
+    """The framework's own attribute or key name; the last path key if not given."""
+    layer_type: str | None = None
+    """The owning layer's class name, ``None`` where unknown."""
+    layer_class: type | None = dataclasses.field(default=None, repr=False)
+    ancestors: tuple[Layer, ...] = dataclasses.field(default=(), repr=False)
+    """The modules enclosing the owner, outermost first."""
+    is_param: bool = True
+    """False for state (running statistics, ``StateIndex`` values): never decayed."""
+    kind_source: str = "given"
+    """How the layer kind was found: one of ``KIND_SOURCES``."""
+    batch_axes: int = 0
+    """Leading axes added by stacking layers (scan, vmap): not part of the layer."""
+
+    def __post_init__(self) -> None:
+        check_kind(self.layer, where=f"Leaf({self.path!r}, layer=...)", groups=False)
+        check_role(self.role, where=f"Leaf({self.path!r}, role=...)")
+        if not self.name:
+            object.__setattr__(self, "name", self.path.rsplit("/", 1)[-1])
+        if type(self.shape) is not tuple:
+            object.__setattr__(self, "shape", tuple(self.shape))
+
+    @property
+    def owner(self) -> Layer:
+        """The owning layer as a :class:`Layer`."""
+        return Layer(self.layer, self.layer_type, self.layer_class, self.kind_source)
+
+    @property
+    def ndim(self) -> int:
+        """The rank of one layer's array: stacked leading axes do not count."""
+        return len(self.shape) - self.batch_axes
+
+    @property
+    def size(self) -> int:
+        """The number of elements."""
+        return math.prod(self.shape)
+
+    @property
+    def floating(self) -> bool:
+        """Whether the dtype is floating point (or complex): only those can decay."""
+        return str(self.dtype).startswith(_FLOATING_PREFIXES)

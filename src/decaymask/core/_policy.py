@@ -1,0 +1,179 @@
+"""Policies: ordered rules, the last match deciding."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Any
+
+from ._leaf import Leaf
+from ._report import Decision, Report
+from ._rules import Rule
+
+NOT_A_PARAM = "state: never decayed"
+NOT_FLOATING = "not floating point: never decayed"
+DEFAULT = "default"
+
+
+class Policy:
+    """An ordered set of rules; the last rule that matches a leaf decides it."""
+
+    __slots__ = ("rules", "default", "strict", "_key_rules", "_per_leaf", "_hash")
+
+    def __init__(self, *rules: Rule, default: bool = False, strict: bool = False):
+        """Args:
+          *rules: :class:`Rule` values from :func:`decay` and :func:`no_decay`.
+          default: the decision for leaves no rule matches.
+          strict: a rule that matches no leaf of a tree is an error, not a warning.
+
+        Raises:
+          TypeError: a rule is not a :class:`Rule`, or ``default``/``strict`` is not a bool.
+        """
+        for index, rule in enumerate(rules):
+            if not isinstance(rule, Rule):
+                hint = (
+                    " Pass the rules themselves, not a list: dm.Policy(*rules)."
+                    if isinstance(rule, (list, tuple))
+                    else ""
+                )
+                raise TypeError(
+                    f"Policy(...): argument {index} is {rule!r} "
+                    f"({type(rule).__name__}), not a rule. Make rules with "
+                    f"dm.decay(...) or dm.no_decay(...).{hint}"
+                )
+        for key, value in (("default", default), ("strict", strict)):
+            if not isinstance(value, bool):
+                raise TypeError(
+                    f"Policy({key}={value!r}): expected True or False, "
+                    f"got {type(value).__name__}."
+                )
+        set_ = object.__setattr__
+        set_(self, "rules", tuple(rules))
+        set_(self, "default", default)
+        set_(self, "strict", strict)
+        set_(self, "_per_leaf", any(rule.per_leaf for rule in rules))
+        set_(self, "_hash", hash((self.rules, default, strict)))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise dataclasses.FrozenInstanceError(f"Policy is immutable; cannot set {name!r}.")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Policy):
+            return NotImplemented
+        return (self.rules, self.default, self.strict) == (
+            other.rules,
+            other.default,
+            other.strict,
+        )
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __repr__(self) -> str:
+        parts = [repr(rule) for rule in self.rules]
+        if self.default:
+            parts.append("default=True")
+        if self.strict:
+            parts.append("strict=True")
+        if len(parts) <= 1:
+            return f"Policy({', '.join(parts)})"
+        return "Policy(\n" + "".join(f"    {part},\n" for part in parts) + ")"
+
+    # The core.
+
+    def decide(self, leaves: Iterable[Leaf]) -> list[Decision]:
+        """Decides every leaf: the core of decaymask, on leaves from any source.
+
+        Args:
+          leaves: :class:`Leaf` records, e.g. from a new framework's adapter.
+
+        Returns:
+          One :class:`Decision` per leaf, in order.
+
+        Example:
+          >>> import decaymask as dm
+          >>> policy = dm.Policy(dm.decay(layer="linear", param="weight"))
+          >>> [d.decay for d in policy.decide([
+          ...     dm.Leaf("fc/kernel", layer="linear", role="weight", shape=(4, 2)),
+          ...     dm.Leaf("fc/bias", layer="linear", role="bias", shape=(2,)),
+          ... ])]
+          [True, False]
+        """
+        cache: dict[tuple, tuple[int, ...]] = {}
+        rules = self.rules
+        out = []
+        for leaf in leaves:
+            if not isinstance(leaf, Leaf):
+                raise TypeError(
+                    f"Policy.decide: expected dm.Leaf records, got {type(leaf).__name__}."
+                )
+            if not leaf.is_param:
+                out.append(Decision(leaf, False, None, NOT_A_PARAM))
+                continue
+            if not leaf.floating:
+                out.append(Decision(leaf, False, None, NOT_FLOATING))
+                continue
+            key = (leaf.owner, leaf.ancestors, leaf.role, leaf.name)
+            candidates = cache.get(key)
+            if candidates is None:
+                # Rules whose owner/role/name selectors match, last first: a leaf with
+                # this key can only be decided by one of these.
+                candidates = tuple(
+                    i for i in range(len(rules) - 1, -1, -1) if rules[i].matches_key(leaf)
+                )
+                cache[key] = candidates
+            for i in candidates:
+                rule = rules[i]
+                if not rule.per_leaf or rule.matches_rest(leaf):
+                    out.append(Decision(leaf, rule.decay, rule, f"rule {i + 1}"))
+                    break
+            else:
+                out.append(Decision(leaf, self.default, None, DEFAULT))
+        return out
+
+    def report(self, leaves: Iterable[Leaf]) -> Report:
+        """The decisions on ``leaves`` as a :class:`Report`."""
+        return Report(self.decide(leaves), policy=self)
+
+    # Framework entry points. The adapters are imported on first use.
+
+    def for_equinox(self, tree: Any) -> Any:
+        """The optax mask for an Equinox model or any pytree holding Equinox modules.
+
+        Bools at every array leaf (jax and numpy arrays, ``jax.ShapeDtypeStruct``),
+        ``None`` elsewhere, in the structure of ``eqx.filter(tree, eqx.is_array)``. Works
+        on the model, on its filtered params, on an abstract model from
+        ``eqx.filter_eval_shape``, and as a callable mask (``mask=policy.for_equinox``).
+
+        Example:
+          >>> import decaymask as dm, equinox as eqx, jax
+          >>> model = eqx.nn.Linear(3, 2, key=jax.random.key(0))
+          >>> mask = dm.Policy(dm.decay(param="weight")).for_equinox(model)
+          >>> mask.weight, mask.bias
+          (True, False)
+        """
+        from ..adapters import load
+
+        return load("equinox").mask(self, tree)
+
+    def for_flax(self, tree: Any, **kwargs: Any) -> Any:
+        """The optax mask for Flax: a Linen params/variables mapping or an NNX module/state."""
+        from ..adapters import load
+
+        return load("flax").mask(self, tree, **kwargs)
+
+    def explain(self, tree: Any, **kwargs: Any) -> Report:
+        """A :class:`Report` of every decision on ``tree``, one row per array leaf.
+
+        Takes the same arguments as the ``for_*`` method that fits ``tree``.
+
+        Example:
+          >>> import decaymask as dm, equinox as eqx, jax
+          >>> model = eqx.nn.Linear(3, 2, key=jax.random.key(0))
+          >>> report = dm.Policy(dm.decay(param="weight")).explain(model)
+          >>> [(row.path, row.decay) for row in report]
+          [('weight', True), ('bias', False)]
+        """
+        from ..adapters import adapter_for
+
+        return adapter_for(tree).explain(self, tree, **kwargs)

@@ -1,0 +1,127 @@
+"""Layer classes taught to decaymask by the user."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from ._vocab import check_kind, check_role
+
+
+@dataclasses.dataclass(frozen=True)
+class Registration:
+    """What :func:`register_layer` recorded for one class."""
+
+    kind: str
+    roles: tuple[tuple[str, str], ...] = ()
+
+    def role_of(self, name: str) -> str | None:
+        for key, role in self.roles:
+            if key == name:
+                return role
+        return None
+
+
+_by_class: dict[type, Registration] = {}
+_by_name: dict[str, Registration] = {}
+# Adapters cache per-class answers; they compare this counter to know when to drop them.
+generation = 0
+
+
+def register_layer(
+    cls_or_class_name: type | str,
+    kind: str,
+    roles: Mapping[str, str] | None = None,
+) -> type | str:
+    """Teaches decaymask the kind of a layer class it does not know.
+
+    Subclasses of a registered class count as registered too. A class name (a string)
+    matches classes of that ``__name__`` in any module, and Linen modules whose auto
+    name is that class name (``MyProj_0``).
+
+    Args:
+      cls_or_class_name: the layer class, or its class name.
+      kind: a layer kind from ``dm.KINDS``.
+      roles: the role of each array attribute (or Flax param name) the layer owns,
+        e.g. ``{"w": "weight", "b": "bias"}``. Names left out are inferred from
+        standard names (``weight``, ``kernel``, ``bias``, ``scale``, ...).
+
+    Returns:
+      ``cls_or_class_name`` unchanged, so this can be used as a class decorator through
+      ``functools.partial``.
+
+    Raises:
+      TypeError: ``cls_or_class_name`` is neither a class nor a string, or ``roles`` is
+        not a mapping of strings.
+      ValueError: ``kind`` or a role is not in the vocabulary.
+
+    Example:
+      >>> import decaymask as dm
+      >>> class Projection: ...
+      >>> _ = dm.register_layer(Projection, "linear", roles={"w": "weight"})
+      >>> dm.unregister_layer(Projection)
+    """
+    global generation
+    where = "register_layer"
+    check_kind(kind, where=f"{where}(kind=...)", groups=False)
+    if roles is None:
+        roles = {}
+    if not isinstance(roles, Mapping):
+        raise TypeError(
+            f"{where}(roles=...): expected a mapping from attribute name to role, "
+            f"e.g. {{'w': 'weight'}}, got {type(roles).__name__}."
+        )
+    items = []
+    for name, role in roles.items():
+        if not isinstance(name, str):
+            raise TypeError(
+                f"{where}(roles=...): attribute names must be strings, got {name!r}."
+            )
+        items.append((name, check_role(role, where=f"{where}(roles={{{name!r}: ...}})")))
+    registration = Registration(kind, tuple(items))
+    if isinstance(cls_or_class_name, type):
+        _by_class[cls_or_class_name] = registration
+    elif isinstance(cls_or_class_name, str) and cls_or_class_name:
+        _by_name[cls_or_class_name] = registration
+    else:
+        raise TypeError(
+            f"{where}: expected a layer class or a class name, got "
+            f"{cls_or_class_name!r} ({type(cls_or_class_name).__name__})."
+        )
+    generation += 1
+    return cls_or_class_name
+
+
+def unregister_layer(cls_or_class_name: type | str) -> None:
+    """Forgets what :func:`register_layer` recorded for a class or class name.
+
+    Raises:
+      KeyError: nothing was registered under that class or name.
+    """
+    global generation
+    table: dict = _by_class if isinstance(cls_or_class_name, type) else _by_name
+    if cls_or_class_name not in table:
+        raise KeyError(f"unregister_layer: {cls_or_class_name!r} is not registered.")
+    del table[cls_or_class_name]
+    generation += 1
+
+
+def lookup_class(cls: type) -> Registration | None:
+    """The registration of ``cls`` or of its nearest registered base class."""
+    if not _by_class and not _by_name:
+        return None
+    for base in cls.__mro__:
+        found = _by_class.get(base) or _by_name.get(base.__name__)
+        if found is not None:
+            return found
+    return None
+
+
+def lookup_name(class_name: str) -> Registration | None:
+    """The registration for a class known only by name (Linen auto names)."""
+    found = _by_name.get(class_name)
+    if found is None:
+        for cls, registration in _by_class.items():
+            if cls.__name__ == class_name:
+                return registration
+    return found

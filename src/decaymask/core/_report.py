@@ -1,0 +1,145 @@
+"""Decisions and reports: what was decided, and which rule said so."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, overload
+
+from ._leaf import Leaf
+
+if TYPE_CHECKING:
+    from ._policy import Policy
+    from ._rules import Rule
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """The decision on one leaf."""
+
+    leaf: Leaf
+    decay: bool
+    rule: Rule | None
+    """The deciding rule; ``None`` where the default or a built-in guard decided."""
+    reason: str
+    """``"rule N"`` (1-based), ``"default"``, or why the leaf can never decay."""
+
+    @property
+    def path(self) -> str:
+        return self.leaf.path
+
+    @property
+    def layer(self) -> str:
+        return self.leaf.layer
+
+    @property
+    def layer_type(self) -> str | None:
+        return self.leaf.layer_type
+
+    @property
+    def role(self) -> str:
+        return self.leaf.role
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.leaf.shape
+
+    @property
+    def dtype(self) -> str:
+        return self.leaf.dtype
+
+    @property
+    def why(self) -> str:
+        """The deciding rule as text, or the reason no rule decided."""
+        if self.rule is not None:
+            return f"{self.reason}: {self.rule!r}"
+        return self.reason
+
+
+class Report(Sequence[Decision]):
+    """The decisions on every array leaf of a tree, in flattening order."""
+
+    def __init__(self, decisions: Sequence[Decision], policy: Policy | None = None):
+        self._rows = tuple(decisions)
+        self.policy = policy
+
+    @overload
+    def __getitem__(self, index: int) -> Decision: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Decision]: ...
+    def __getitem__(self, index: Any) -> Any:
+        return self._rows[index]
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __iter__(self) -> Iterator[Decision]:
+        return iter(self._rows)
+
+    def __repr__(self) -> str:
+        return f"<Report: {self.summary()}>"
+
+    @property
+    def decayed(self) -> tuple[Decision, ...]:
+        """The rows that decay."""
+        return tuple(row for row in self._rows if row.decay)
+
+    @property
+    def num_elements(self) -> int:
+        return sum(row.leaf.size for row in self._rows)
+
+    @property
+    def num_elements_decayed(self) -> int:
+        return sum(row.leaf.size for row in self._rows if row.decay)
+
+    def summary(self) -> str:
+        """One line of totals: leaves and elements decayed."""
+        elements = self.num_elements
+        decayed = self.num_elements_decayed
+        share = f" ({100 * decayed / elements:.1f}%)" if elements else ""
+        return (
+            f"decayed {len(self.decayed)} of {len(self)} leaves, "
+            f"{decayed:,} of {elements:,} elements{share}"
+        )
+
+    def table_rows(self) -> tuple[list[str], list[list[str]]]:
+        """The column headers and the cells of :meth:`__str__`'s table."""
+        via = any(row.leaf.kind_source != "class" for row in self._rows)
+        header = ["path", "kind"] + (["via"] if via else []) + [
+            "class",
+            "role",
+            "shape",
+            "decay",
+            "rule",
+        ]
+        cells = []
+        for row in self._rows:
+            leaf = row.leaf
+            cells.append(
+                [leaf.path, leaf.layer]
+                + ([leaf.kind_source] if via else [])
+                + [
+                    leaf.layer_type or "-",
+                    leaf.role,
+                    str(leaf.shape),
+                    "yes" if row.decay else "no",
+                    row.why,
+                ]
+            )
+        return header, cells
+
+    def __str__(self) -> str:
+        header, cells = self.table_rows()
+        widths = [len(h) for h in header]
+        for line in cells:
+            widths = [max(w, len(c)) for w, c in zip(widths, line)]
+        # The last column is left ragged: no trailing spaces.
+        widths[-1] = 0
+
+        def fmt(line: list[str]) -> str:
+            return "  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
+
+        lines = [fmt(header), fmt(["-" * len(h) for h in header])]
+        lines += [fmt(line) for line in cells]
+        lines.append(self.summary())
+        return "\n".join(lines)

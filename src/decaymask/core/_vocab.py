@@ -1,0 +1,77 @@
+"""The framework-neutral vocabulary: layer kinds, groups and parameter roles."""
+
+from __future__ import annotations
+
+import difflib
+
+KINDS: tuple[str, ...] = (
+    "linear",
+    "conv",
+    "embedding",
+    "layer_norm",
+    "rms_norm",
+    "group_norm",
+    "batch_norm",
+    "instance_norm",
+    "attention",
+    "recurrent",
+    "prelu",
+    "lora",
+    "unknown",
+)
+"""Every layer kind a leaf's owner or an enclosing module can have."""
+
+GROUPS: dict[str, tuple[str, ...]] = {
+    "norm": tuple(k for k in KINDS if k.endswith("_norm")),
+}
+"""Names that stand for several kinds at once."""
+
+ROLES: tuple[str, ...] = ("weight", "bias", "scale", "embedding", "other")
+"""What an array is for, whatever the framework calls it."""
+
+_KIND_SET = frozenset(KINDS)
+_ROLE_SET = frozenset(ROLES)
+
+
+def _suggest(word: str, valid: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(word, valid, n=1, cutoff=0.5)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def check_kind(kind: object, *, where: str, groups: bool = True) -> str:
+    """Returns ``kind`` if it names a kind (or a group), else raises with the valid names."""
+    if not isinstance(kind, str):
+        raise TypeError(
+            f"{where}: expected a layer kind as a string, got {kind!r} "
+            f"({type(kind).__name__})."
+        )
+    if kind in _KIND_SET or (groups and kind in GROUPS):
+        return kind
+    valid = KINDS + (tuple(GROUPS) if groups else ())
+    raise ValueError(
+        f"{where}: unknown layer kind {kind!r}.{_suggest(kind, valid)} "
+        f"Valid kinds: {', '.join(KINDS)}"
+        + (f"; groups: {', '.join(GROUPS)}." if groups else ".")
+        + " Teach decaymask a new layer class with dm.register_layer(cls, kind)."
+    )
+
+
+def check_role(role: object, *, where: str) -> str:
+    """Returns ``role`` if it names a role, else raises with the valid names."""
+    if not isinstance(role, str):
+        raise TypeError(
+            f"{where}: expected a parameter role as a string, got {role!r} "
+            f"({type(role).__name__})."
+        )
+    if role in _ROLE_SET:
+        return role
+    raise ValueError(
+        f"{where}: unknown parameter role {role!r}.{_suggest(role, ROLES)} "
+        f"Valid roles: {', '.join(ROLES)}. To match the framework's own attribute "
+        f"name instead, use name={role!r}."
+    )
+
+
+def kind_in(kind: str, wanted: str) -> bool:
+    """Whether ``kind`` is ``wanted`` or belongs to the group ``wanted``."""
+    return kind == wanted or kind in GROUPS.get(wanted, ())
