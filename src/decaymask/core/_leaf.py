@@ -70,6 +70,9 @@ class Leaf:
     """How the layer kind was found: one of ``KIND_SOURCES``."""
     batch_axes: int = 0
     """Leading axes added by stacking layers (scan, vmap): not part of the layer."""
+    shared_with: tuple[Leaf, ...] = dataclasses.field(default=(), repr=False)
+    """Other views of this same array (a tied or shared parameter reached through
+    another owner): each is decided too, and a disagreement is reported."""
 
     def __post_init__(self) -> None:
         check_kind(self.layer, where=f"Leaf({self.path!r}, layer=...)", groups=False)

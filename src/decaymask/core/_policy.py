@@ -100,36 +100,41 @@ class Policy:
           [True, False]
         """
         cache: dict[tuple, tuple[int, ...]] = {}
-        rules = self.rules
         out = []
         for leaf in leaves:
             if not isinstance(leaf, Leaf):
                 raise TypeError(
                     f"Policy.decide: expected dm.Leaf records, got {type(leaf).__name__}."
                 )
-            if not leaf.is_param:
-                out.append(Decision(leaf, False, None, NOT_A_PARAM))
-                continue
-            if not leaf.floating:
-                out.append(Decision(leaf, False, None, NOT_FLOATING))
-                continue
-            key = (leaf.owner, leaf.ancestors, leaf.role, leaf.name)
-            candidates = cache.get(key)
-            if candidates is None:
-                # Rules whose owner/role/name selectors match, last first: a leaf with
-                # this key can only be decided by one of these.
-                candidates = tuple(
-                    i for i in range(len(rules) - 1, -1, -1) if rules[i].matches_key(leaf)
-                )
-                cache[key] = candidates
-            for i in candidates:
-                rule = rules[i]
-                if not rule.per_leaf or rule.matches_rest(leaf):
-                    out.append(Decision(leaf, rule.decay, rule, f"rule {i + 1}"))
-                    break
-            else:
-                out.append(Decision(leaf, self.default, None, DEFAULT))
+            decision = self._decide_one(leaf, cache)
+            if leaf.shared_with:
+                others = [self._decide_one(view, cache) for view in leaf.shared_with]
+                conflicts = tuple(d for d in others if d.decay != decision.decay)
+                if conflicts:
+                    decision = dataclasses.replace(decision, conflicts=conflicts)
+            out.append(decision)
         return out
+
+    def _decide_one(self, leaf: Leaf, cache: dict[tuple, tuple[int, ...]]) -> Decision:
+        if not leaf.is_param:
+            return Decision(leaf, False, None, NOT_A_PARAM)
+        if not leaf.floating:
+            return Decision(leaf, False, None, NOT_FLOATING)
+        key = (leaf.owner, leaf.ancestors, leaf.role, leaf.name)
+        candidates = cache.get(key)
+        if candidates is None:
+            # The rules whose owner/role/name selectors match, last first: a leaf with
+            # this key can only be decided by one of them.
+            rules = self.rules
+            candidates = tuple(
+                i for i in range(len(rules) - 1, -1, -1) if rules[i].matches_key(leaf)
+            )
+            cache[key] = candidates
+        for i in candidates:
+            rule = self.rules[i]
+            if not rule.per_leaf or rule.matches_rest(leaf):
+                return Decision(leaf, rule.decay, rule, f"rule {i + 1}")
+        return Decision(leaf, self.default, None, DEFAULT)
 
     def report(self, leaves: Iterable[Leaf]) -> Report:
         """The decisions on ``leaves`` as a :class:`Report`."""

@@ -23,6 +23,9 @@ class Decision:
     """The deciding rule; ``None`` where the default or a built-in guard decided."""
     reason: str
     """``"rule N"`` (1-based), ``"default"``, or why the leaf can never decay."""
+    conflicts: tuple[Decision, ...] = ()
+    """Decisions on other views of a shared array that came out differently; the
+    array itself follows this decision (the first view in flattening order)."""
 
     @property
     def path(self) -> str:
@@ -51,9 +54,13 @@ class Decision:
     @property
     def why(self) -> str:
         """The deciding rule as text, or the reason no rule decided."""
-        if self.rule is not None:
-            return f"{self.reason}: {self.rule!r}"
-        return self.reason
+        text = f"{self.reason}: {self.rule!r}" if self.rule is not None else self.reason
+        for other in self.conflicts:
+            text += (
+                f" [shared with {other.path}, where {other.why} would say "
+                f"{'decay' if other.decay else 'no decay'}]"
+            )
+        return text
 
 
 class Report(Sequence[Decision]):
