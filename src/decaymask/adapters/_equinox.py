@@ -129,7 +129,10 @@ class _Walk:
 
     def __init__(self, tree: Any):
         self.leaves: list[Leaf] = []
-        self.level = self._visit(tree, "", None, (), None, False)
+        if isinstance(tree, eqx.Module):
+            self.level = self._enter(tree, "", None, (), None, False)
+        else:
+            self.level = self._visit(tree, "", None, (), None, False)
 
     def _visit(
         self,

@@ -1,0 +1,377 @@
+"""The Equinox adapter, end to end through real optax steps."""
+
+from __future__ import annotations
+
+import re
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+import optax
+import pytest
+
+import decaymask as dm
+from helpers import (
+    WEIGHT_DECAY,
+    assert_decays_exactly,
+    assert_same_tree,
+    flat_with_paths,
+    zero_grad_updates,
+)
+
+SEED = dm.Policy(dm.decay(layer="linear"), dm.decay(layer="layer_norm", param="bias"))
+
+
+class Block(eqx.Module):
+    norm1: eqx.nn.LayerNorm
+    attn: eqx.nn.MultiheadAttention
+    norm2: eqx.nn.LayerNorm
+    mlp: eqx.nn.MLP
+    heads: int
+
+    def __init__(self, width: int, key: jax.Array):
+        k1, k2 = jax.random.split(key)
+        self.norm1 = eqx.nn.LayerNorm(width)
+        self.attn = eqx.nn.MultiheadAttention(2, width, key=k1)
+        self.norm2 = eqx.nn.LayerNorm(width)
+        self.mlp = eqx.nn.MLP(width, width, 2 * width, 1, activation=jax.nn.gelu, key=k2)
+        self.heads = 2
+
+
+class Model(eqx.Module):
+    """Attention, MLPs, embeddings, norms, convolutions and non-array fields."""
+
+    embed: eqx.nn.Embedding
+    conv: eqx.nn.Conv1d
+    blocks: list[Block]
+    final_norm: eqx.nn.RMSNorm
+    head: eqx.nn.Linear
+    activation: object
+    depth: int
+
+    def __init__(self, key: jax.Array, width: int = 8, vocab: int = 11):
+        keys = jax.random.split(key, 5)
+        self.embed = eqx.nn.Embedding(vocab, width, key=keys[0])
+        self.conv = eqx.nn.Conv1d(width, width, 3, padding=1, key=keys[1])
+        self.blocks = [Block(width, k) for k in jax.random.split(keys[2], 2)]
+        self.final_norm = eqx.nn.RMSNorm(width)
+        self.head = eqx.nn.Linear(width, vocab, key=keys[3])
+        self.activation = jax.nn.relu
+        self.depth = 2
+
+
+@pytest.fixture(scope="module")
+def model() -> Model:
+    return Model(jax.random.key(0))
+
+
+def classic_mask(params):
+    """The hand-written recipe: every Linear parameter, the bias of every LayerNorm."""
+
+    def set_mask(x):
+        if isinstance(x, eqx.nn.Linear):
+            return jtu.tree_map(lambda _: True, x)
+        if isinstance(x, eqx.nn.LayerNorm):
+            return eqx.tree_at(lambda m: (m.weight, m.bias), x, (False, True))
+        return False
+
+    return jtu.tree_map(
+        set_mask, params, is_leaf=lambda x: isinstance(x, (eqx.nn.Linear, eqx.nn.LayerNorm))
+    )
+
+
+def expected_decay(params) -> dict[str, bool]:
+    return {k: v for k, v in flat_with_paths(classic_mask(params)).items()}
+
+
+@pytest.mark.parametrize(
+    "filter_spec", [eqx.is_array, eqx.is_inexact_array], ids=["is_array", "is_inexact_array"]
+)
+def test_seed_policy_equals_classic_recipe(model, filter_spec):
+    params = eqx.filter(model, filter_spec)
+    assert_same_tree(SEED.for_equinox(params), classic_mask(params))
+    # On the model itself: the same tree, `None` at every non-array field.
+    assert_same_tree(SEED.for_equinox(model), classic_mask(params))
+
+
+def test_mask_is_none_at_non_array_fields(model):
+    mask = SEED.for_equinox(model)
+    assert mask.activation is None and mask.depth is None and mask.blocks[0].heads is None
+    assert mask.blocks[0].mlp.activation is None
+    assert mask.head.weight is True and mask.head.bias is True
+    assert mask.blocks[1].norm2.weight is False and mask.blocks[1].norm2.bias is True
+    assert mask.embed.weight is False and mask.conv.weight is False
+
+
+def test_abstract_model_gives_the_same_mask(model):
+    abstract = eqx.filter_eval_shape(Model, jax.random.key(0))
+    assert isinstance(abstract.head.weight, jax.ShapeDtypeStruct)
+    assert_same_tree(SEED.for_equinox(abstract), SEED.for_equinox(model))
+    assert [tuple(r) for r in _rows(SEED.explain(abstract))] == [
+        tuple(r) for r in _rows(SEED.explain(model))
+    ]
+
+
+def _rows(report):
+    return [(r.path, r.layer, r.layer_type, r.role, r.shape, r.dtype, r.decay) for r in report]
+
+
+@pytest.mark.parametrize("callable_mask", [False, True], ids=["mask_tree", "callable"])
+def test_zero_gradient_adamw_step_eager(model, callable_mask):
+    params = eqx.filter(model, eqx.is_inexact_array)
+    mask = SEED.for_equinox if callable_mask else SEED.for_equinox(params)
+    updates = zero_grad_updates(params, mask)
+    assert_decays_exactly(params, updates, expected_decay(params))
+
+
+@pytest.mark.parametrize("callable_mask", [False, True], ids=["mask_tree", "callable"])
+def test_zero_gradient_adamw_step_under_filter_jit(model, callable_mask):
+    mask = SEED.for_equinox if callable_mask else SEED.for_equinox(model)
+    tx = optax.adamw(1.0, weight_decay=WEIGHT_DECAY, mask=mask)
+    opt_state = tx.init(eqx.filter(model, eqx.is_array))
+
+    @eqx.filter_jit
+    def step(model, opt_state):
+        params = eqx.filter(model, eqx.is_array)
+        grads = jax.tree.map(jnp.zeros_like, params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return eqx.apply_updates(model, updates), updates
+
+    new_model, updates = step(model, opt_state)
+    params = eqx.filter(model, eqx.is_array)
+    assert_decays_exactly(params, updates, expected_decay(params))
+    # The model really moved: decayed leaves to p - wd * p, the rest unchanged.
+    assert np.array_equal(
+        new_model.head.weight, model.head.weight + -(WEIGHT_DECAY * model.head.weight)
+    )
+    assert np.array_equal(new_model.embed.weight, model.embed.weight)
+
+
+KEY = jax.random.key(1)
+LAYERS = [
+    ("linear", eqx.nn.Linear(3, 4, key=KEY), {"weight": ("linear", "weight"), "bias": ("linear", "bias")}),
+    ("conv1d", eqx.nn.Conv1d(2, 3, 3, key=KEY), {"weight": ("conv", "weight"), "bias": ("conv", "bias")}),
+    ("conv3d", eqx.nn.Conv3d(2, 3, 1, key=KEY), {"weight": ("conv", "weight"), "bias": ("conv", "bias")}),
+    ("conv_transpose2d", eqx.nn.ConvTranspose2d(2, 3, 2, key=KEY), {"weight": ("conv", "weight"), "bias": ("conv", "bias")}),
+    ("embedding", eqx.nn.Embedding(5, 3, key=KEY), {"weight": ("embedding", "embedding")}),
+    ("layer_norm", eqx.nn.LayerNorm(3), {"weight": ("layer_norm", "scale"), "bias": ("layer_norm", "bias")}),
+    ("rms_norm", eqx.nn.RMSNorm(3), {"weight": ("rms_norm", "scale"), "bias": ("rms_norm", "bias")}),
+    ("group_norm", eqx.nn.GroupNorm(2, 4), {"weight": ("group_norm", "scale"), "bias": ("group_norm", "bias")}),
+    ("gru", eqx.nn.GRUCell(2, 3, key=KEY), {"weight_ih": ("recurrent", "weight"), "weight_hh": ("recurrent", "weight"), "bias": ("recurrent", "bias"), "bias_n": ("recurrent", "bias")}),
+    ("lstm", eqx.nn.LSTMCell(2, 3, key=KEY), {"weight_ih": ("recurrent", "weight"), "weight_hh": ("recurrent", "weight"), "bias": ("recurrent", "bias")}),
+    ("prelu", eqx.nn.PReLU(), {"negative_slope": ("prelu", "other")}),
+]
+
+
+@pytest.mark.parametrize("layer, expected", [(l, e) for _, l, e in LAYERS], ids=[i for i, _, _ in LAYERS])
+def test_kinds_and_roles_of_every_layer(layer, expected):
+    rows = dm.Policy().explain(layer)
+    assert {r.path: (r.layer, r.role) for r in rows} == expected
+    assert {r.layer_type for r in rows} == {type(layer).__name__}
+
+
+def test_attention_projections_are_linear_within_attention():
+    attn = eqx.nn.MultiheadAttention(2, 4, use_query_bias=True, key=KEY)
+    report = dm.Policy(dm.decay(within="attention", param="weight")).explain(attn)
+    assert [(r.path, r.layer, r.role, r.decay) for r in report] == [
+        ("query_proj/weight", "linear", "weight", True),
+        ("query_proj/bias", "linear", "bias", False),
+        ("key_proj/weight", "linear", "weight", True),
+        ("value_proj/weight", "linear", "weight", True),
+        ("output_proj/weight", "linear", "weight", True),
+    ]
+    # `layer=` is the owner only: the projections are owned by Linear layers.
+    assert not any(jax.tree.leaves(dm.Policy(dm.decay(layer="attention")).for_equinox(attn)))
+
+
+def test_batch_norm_state_is_never_decayed():
+    bn = eqx.nn.BatchNorm(3, "batch", mode="batch")
+    report = dm.Policy(dm.decay()).explain(bn)
+    assert [(r.path, r.role, r.decay, r.why) for r in report] == [
+        ("weight", "scale", True, "rule 1: decay()"),
+        ("bias", "bias", True, "rule 1: decay()"),
+        ("batch_counter/init", "other", False, "state: never decayed"),
+        ("batch_state_index/init/0", "other", False, "state: never decayed"),
+        ("batch_state_index/init/1", "other", False, "state: never decayed"),
+    ]
+
+
+def test_non_floating_arrays_are_never_decayed():
+    class Counter(eqx.Module):
+        steps: jax.Array
+        table: np.ndarray
+        weight: jax.Array
+
+    tree = Counter(jnp.zeros((), jnp.int32), np.ones((2,), np.bool_), jnp.ones((2, 2)))
+    report = dm.Policy(dm.decay()).explain(tree)
+    assert [(r.path, r.decay, r.why) for r in report] == [
+        ("steps", False, "not floating point: never decayed"),
+        ("table", False, "not floating point: never decayed"),
+        ("weight", True, "rule 1: decay()"),
+    ]
+
+
+class MyLinear(eqx.nn.Linear):
+    pass
+
+
+def test_subclasses_count_as_their_base_kind():
+    row = dm.Policy(dm.decay(layer="linear")).explain(MyLinear(2, 2, key=KEY))[0]
+    assert (row.layer, row.layer_type, row.leaf.kind_source, row.decay) == (
+        "linear",
+        "MyLinear",
+        "class",
+        True,
+    )
+
+
+def test_class_selectors_match_subclasses_only():
+    tree = [eqx.nn.Linear(2, 2, key=KEY), MyLinear(2, 2, key=KEY)]
+    assert dm.Policy(dm.decay(layer=MyLinear)).for_equinox(tree)[0].weight is False
+    assert dm.Policy(dm.decay(layer=MyLinear)).for_equinox(tree)[1].weight is True
+    assert dm.Policy(dm.decay(layer=eqx.nn.Linear)).for_equinox(tree)[0].weight is True
+
+
+def test_weight_norm_is_looked_through():
+    wn = eqx.nn.WeightNorm(eqx.nn.Linear(3, 2, key=KEY))
+    report = SEED.explain(wn)
+    assert [(r.path, r.layer, r.layer_type, r.role, r.decay) for r in report] == [
+        ("layer/weight", "linear", "Linear", "weight", True),
+        ("layer/bias", "linear", "Linear", "bias", True),
+        ("g", "linear", "WeightNorm", "other", True),
+    ]
+    weights_only = dm.Policy(dm.decay(layer="linear", param="weight")).for_equinox(wn)
+    assert (weights_only.layer.weight, weights_only.g) == (True, False)
+
+
+def test_spectral_norm_state_is_not_decayed():
+    sn = eqx.nn.SpectralNorm(eqx.nn.Linear(3, 2, key=KEY), "weight", key=KEY)
+    report = dm.Policy(dm.decay()).explain(sn)
+    assert [(r.path, r.layer, r.decay) for r in report] == [
+        ("layer/weight", "linear", True),
+        ("layer/bias", "linear", True),
+        ("uv_index/init/0", "linear", False),
+        ("uv_index/init/1", "linear", False),
+    ]
+
+
+def test_shared_embedding_and_head():
+    class Tied(eqx.Module):
+        shared: eqx.nn.Shared
+
+        def __init__(self):
+            embed = eqx.nn.Embedding(5, 3, key=KEY)
+            head = eqx.nn.Linear(3, 5, use_bias=False, key=KEY)
+            self.shared = eqx.nn.Shared(
+                (embed, head), lambda pair: pair[1].weight, lambda pair: pair[0].weight
+            )
+
+    tied = Tied()
+    report = SEED.explain(tied)
+    # The head's weight is replaced by a placeholder: the embedding is the one array.
+    assert [(r.path, r.layer, r.role, r.decay) for r in report] == [
+        ("shared/pytree/0/weight", "embedding", "embedding", False)
+    ]
+    params = eqx.filter(tied, eqx.is_inexact_array)
+    updates = zero_grad_updates(params, SEED.for_equinox)
+    assert_decays_exactly(params, updates, {".shared.pytree[0].weight": False})
+
+
+def test_unknown_module_owning_arrays():
+    class Scaler(eqx.Module):
+        w: jax.Array
+        offset: jax.Array
+
+    tree = Scaler(jnp.ones((2, 2)), jnp.zeros((2,)))
+    report = dm.Policy(dm.decay(layer="unknown", param="weight")).explain(tree)
+    assert [(r.path, r.layer, r.layer_type, r.role, r.decay) for r in report] == [
+        ("w", "unknown", "Scaler", "weight", True),
+        ("offset", "unknown", "Scaler", "other", False),
+    ]
+
+
+def test_register_layer_teaches_kind_and_roles():
+    class Projection(eqx.Module):
+        w: jax.Array
+        offset: jax.Array
+
+    tree = {"proj": Projection(jnp.ones((2, 2)), jnp.zeros((2,)))}
+    dm.register_layer(Projection, "linear", roles={"offset": "bias"})
+    try:
+        report = SEED.explain(tree)
+        assert [(r.path, r.layer, r.leaf.kind_source, r.role, r.decay) for r in report] == [
+            ("proj/w", "linear", "registered", "weight", True),
+            ("proj/offset", "linear", "registered", "bias", True),
+        ]
+    finally:
+        dm.unregister_layer(Projection)
+    assert SEED.explain(tree)[0].layer == "unknown"
+
+
+def test_kind_read_off_an_evident_class_name():
+    class LlamaRMSNorm(eqx.Module):
+        weight: jax.Array
+
+    class FinalNorm(eqx.Module):
+        weight: jax.Array
+        bias: jax.Array
+
+    rows = dm.Policy().explain([LlamaRMSNorm(jnp.ones(3)), FinalNorm(jnp.ones(3), jnp.zeros(3))])
+    assert [(r.path, r.layer, r.leaf.kind_source, r.role) for r in rows] == [
+        ("0/weight", "rms_norm", "name", "scale"),
+        ("1/weight", "layer_norm", "name", "scale"),
+        ("1/bias", "layer_norm", "name", "bias"),
+    ]
+
+
+def test_within_matches_classes_of_enclosing_modules(model):
+    mask = dm.Policy(dm.decay(within=Block, param="weight")).for_equinox(model)
+    assert mask.blocks[0].attn.query_proj.weight is True
+    assert mask.blocks[0].mlp.layers[0].weight is True
+    assert mask.blocks[0].norm1.weight is False  # role scale, not weight
+    assert mask.head.weight is False
+
+
+def test_path_glob_regex_min_ndim_and_when(model):
+    by_glob = dm.Policy(dm.decay(path="blocks/1/*")).for_equinox(model)
+    assert by_glob.blocks[1].mlp.layers[1].bias is True and by_glob.blocks[0].mlp.layers[1].bias is False
+    by_regex = dm.Policy(dm.decay(path=re.compile(r"proj/weight$"))).for_equinox(model)
+    assert by_regex.blocks[0].attn.key_proj.weight is True and by_regex.head.weight is False
+    by_rank = dm.Policy(dm.decay(min_ndim=2)).for_equinox(model)
+    assert by_rank.embed.weight is True and by_rank.head.bias is False
+    big = dm.Policy(dm.decay(when=lambda leaf: leaf.size > 64)).explain(model)
+    assert {r.path for r in big.decayed} == {
+        r.path for r in big if int(np.prod(r.shape)) > 64
+    }
+
+
+def test_stacked_layers_have_batch_axes():
+    ensemble = eqx.filter_vmap(lambda k: eqx.nn.Linear(3, 2, key=k))(jax.random.split(KEY, 4))
+    rows = dm.Policy(dm.decay(min_ndim=2)).explain(ensemble)
+    assert [(r.path, r.shape, r.leaf.batch_axes, r.leaf.ndim, r.decay) for r in rows] == [
+        ("weight", (4, 2, 3), 1, 2, True),
+        ("bias", (4, 2), 1, 1, False),
+    ]
+
+
+def test_mask_for_a_plain_pytree_of_modules():
+    tree = {"a": eqx.nn.Linear(2, 2, key=KEY), "b": (jnp.ones(2), 3)}
+    mask = SEED.for_equinox(tree)
+    assert mask["a"].weight is True and mask["b"] == (False, None)
+
+
+def test_explain_table_text():
+    lin = eqx.nn.Linear(3, 2, key=KEY)
+    assert str(SEED.explain({"fc": lin, "ln": eqx.nn.LayerNorm(2)})) == "\n".join(
+        [
+            "path       kind        class      role    shape   decay  rule",
+            "----       ----        -----      ----    -----   -----  ----",
+            "fc/weight  linear      Linear     weight  (2, 3)  yes    rule 1: decay(layer='linear')",
+            "fc/bias    linear      Linear     bias    (2,)    yes    rule 1: decay(layer='linear')",
+            "ln/weight  layer_norm  LayerNorm  scale   (2,)    no     default",
+            "ln/bias    layer_norm  LayerNorm  bias    (2,)    yes    rule 2: decay(layer='layer_norm', param='bias')",
+            "decayed 3 of 4 leaves, 10 of 12 elements (83.3%)",
+        ]
+    )

@@ -1,0 +1,102 @@
+"""The package surface: what `import decaymask` loads, what the wheel ships, the docs run."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import pathlib
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+import decaymask as dm
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+HEAVY = ("jax", "jaxlib", "equinox", "flax", "optax", "numpy")
+
+CHECK = """
+import sys
+{before}
+import decaymask
+loaded = sorted(m for m in {heavy!r} if m in sys.modules)
+print(",".join(loaded))
+"""
+
+
+def _loaded_after_import(before: str = "") -> list[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", CHECK.format(before=before, heavy=HEAVY)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    return out.split(",") if out else []
+
+
+def test_import_loads_no_framework():
+    assert _loaded_after_import() == []
+
+
+def test_the_import_check_can_fail():
+    # The same check sees a framework when one is loaded, so its silence above means something.
+    assert _loaded_after_import("import optax") != []
+
+
+PUBLIC = [
+    "Decision",
+    "GROUPS",
+    "KINDS",
+    "KIND_SOURCES",
+    "Layer",
+    "Leaf",
+    "Policy",
+    "ROLES",
+    "Report",
+    "Rule",
+    "SELECTORS",
+    "decay",
+    "no_decay",
+    "register_layer",
+    "unregister_layer",
+]
+
+
+@pytest.mark.parametrize("name", PUBLIC)
+def test_public_names_importable(name):
+    assert getattr(dm, name) is not None
+
+
+def test_no_undocumented_public_names():
+    public = {n for n in vars(dm) if not n.startswith("_")} - {"core", "adapters"}
+    assert public == set(PUBLIC)
+
+
+MODULES = [
+    "decaymask.core._leaf",
+    "decaymask.core._rules",
+    "decaymask.core._policy",
+    "decaymask.core._registry",
+]
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_docstring_examples_run(module):
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_wheel_ships_only_the_package(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+         "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    [wheel] = tmp_path.glob("decaymask-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names}
+    assert top == {"decaymask", f"decaymask-{dm.__version__}.dist-info"}
+    assert "decaymask/py.typed" in names
+    assert not any("test" in n.split("/")[-1] for n in names)

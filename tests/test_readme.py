@@ -1,0 +1,39 @@
+"""The README's promises: its commands are the ones CI runs, and the demo runs."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    block = text.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.strip() for line in block.splitlines() if line.strip()]
+
+
+def test_readme_opens_with_the_demo_and_test_commands():
+    demo, tests = _readme_commands()
+    assert demo.endswith("python -m decaymask demo") and demo.startswith("pip install")
+    assert tests.startswith("pip install") and "pytest" in tests
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert _readme_commands()[1] in ci
+
+
+def test_demo_runs():
+    result = subprocess.run(
+        [sys.executable, "-m", "decaymask", "demo", "--steps", "2"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    out = result.stdout
+    assert "decayed 12 of 15 leaves, 696 of 840 elements (82.9%)" in out
+    assert "head/weight                    linear      Linear     weight     (16, 8)  yes" in out
+    assert "step 2: loss" in out
