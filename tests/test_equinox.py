@@ -182,8 +182,18 @@ def test_attention_projections_are_linear_within_attention():
         ("value_proj/weight", "linear", "weight", True),
         ("output_proj/weight", "linear", "weight", True),
     ]
-    # `layer=` is the owner only: the projections are owned by Linear layers.
-    assert not any(jax.tree.leaves(dm.Policy(dm.decay(layer="attention")).for_equinox(attn)))
+    # `layer=` is the owner only: the projections are owned by Linear layers, and the
+    # warning says to use within=.
+    with pytest.warns(dm.PolicyWarning) as record:
+        mask = dm.Policy(dm.decay(layer="attention")).for_equinox(attn)
+    assert not any(jax.tree.leaves(mask))
+    assert str(record[0].message) == (
+        "for_equinox: rule 1 decay(layer='attention') matched no parameter of this tree. "
+        "Check the kind, role, name or path it selects against policy.explain(tree), "
+        "which lists what every array is. Rule 1: layer= selects the layer that owns an "
+        "array, and these arrays are owned by layers inside it; within= selects those. "
+        "(strict=True makes this an error.)"
+    )
 
 
 def test_batch_norm_state_is_never_decayed():
@@ -269,14 +279,15 @@ def test_shared_embedding_and_head():
             )
 
     tied = Tied()
-    report = SEED.explain(tied)
+    policy = dm.Policy(dm.decay(layer="embedding"))
+    report = policy.explain(tied)
     # The head's weight is replaced by a placeholder: the embedding is the one array.
     assert [(r.path, r.layer, r.role, r.decay) for r in report] == [
-        ("shared/pytree/0/weight", "embedding", "embedding", False)
+        ("shared/pytree/0/weight", "embedding", "embedding", True)
     ]
     params = eqx.filter(tied, eqx.is_inexact_array)
-    updates = zero_grad_updates(params, SEED.for_equinox)
-    assert_decays_exactly(params, updates, {".shared.pytree[0].weight": False})
+    updates = zero_grad_updates(params, policy.for_equinox)
+    assert_decays_exactly(params, updates, {".shared.pytree[0].weight": True})
 
 
 def test_unknown_module_owning_arrays():
@@ -358,8 +369,13 @@ def test_stacked_layers_have_batch_axes():
 
 def test_mask_for_a_plain_pytree_of_modules():
     tree = {"a": eqx.nn.Linear(2, 2, key=KEY), "b": (jnp.ones(2), 3)}
-    mask = SEED.for_equinox(tree)
+    with pytest.warns(dm.PolicyWarning) as record:
+        mask = dm.Policy(dm.decay(layer="linear")).for_equinox(tree)
     assert mask["a"].weight is True and mask["b"] == (False, None)
+    assert [str(w.message) for w in record] == [
+        "for_equinox: arrays outside any layer (b/0); rules on layer kinds never match "
+        "them. Select them by param=, name= or path=."
+    ]
 
 
 def test_explain_table_text():

@@ -9,8 +9,10 @@ from .core import Decision as Decision
 from .core import Layer as Layer
 from .core import Leaf as Leaf
 from .core import Policy as Policy
+from .core import PolicyWarning as PolicyWarning
 from .core import Report as Report
 from .core import Rule as Rule
+from .core import UnmatchedRuleError as UnmatchedRuleError
 from .core import decay as decay
 from .core import no_decay as no_decay
 from .core import register_layer as register_layer

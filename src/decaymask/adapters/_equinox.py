@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import equinox as eqx
@@ -229,11 +230,44 @@ def leaves(tree: Any) -> list[Leaf]:
     return _Walk(tree).leaves
 
 
+_NON_FLOATING_FIX = (
+    "Hand optax eqx.filter(model, eqx.is_inexact_array) and build the mask from that "
+    "(or pass mask=policy.for_equinox)."
+)
+
+
+def _check_input(tree: Any) -> None:
+    """Flax objects handed to the Equinox entry point get the right method named."""
+    module = type(tree).__module__
+    if module.startswith("flax."):
+        raise TypeError(
+            f"for_equinox: got a {type(tree).__name__} from Flax; use "
+            f"policy.for_flax(...) for Flax params, variables, nnx.Module or nnx.State."
+        )
+    if isinstance(tree, Mapping) and not _holds_module(tree):
+        raise TypeError(
+            f"for_equinox: got a {type(tree).__name__} that holds no Equinox module, "
+            f"which looks like Flax Linen params; use policy.for_flax(params). For a "
+            f"pytree of Equinox modules, pass the modules themselves."
+        )
+
+
+def _holds_module(tree: Any) -> bool:
+    return any(
+        isinstance(x, eqx.Module)
+        for x in jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, eqx.Module))
+    )
+
+
 def mask(policy: Policy, tree: Any) -> Any:
+    _check_input(tree)
     walk = _Walk(tree)
-    decisions = policy.decide(walk.leaves)
+    decisions = policy.decide_for_mask(
+        walk.leaves, method="for_equinox", non_floating_fix=_NON_FLOATING_FIX
+    )
     return _rebuild(walk.level, [d.decay for d in decisions])
 
 
 def explain(policy: Policy, tree: Any) -> Report:
+    _check_input(tree)
     return Report(policy.decide(leaves(tree)), policy=policy)

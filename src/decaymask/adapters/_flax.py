@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
@@ -21,11 +22,21 @@ def _adapter(tree: Any) -> ModuleType:
         from . import _linen
 
         return _linen
+    if type(tree).__module__.startswith("equinox") or _is_equinox_module(tree):
+        raise TypeError(
+            f"for_flax: got an Equinox {type(tree).__name__}; use "
+            f"policy.for_equinox(model) for Equinox models and their params."
+        )
     raise TypeError(
         f"for_flax: expected a Linen params or variables mapping (dict or FrozenDict), "
         f"an nnx.Module or an nnx.State; got {type(tree).__name__}. For an Equinox "
         f"model use policy.for_equinox(model)."
     )
+
+
+def _is_equinox_module(tree: Any) -> bool:
+    eqx = sys.modules.get("equinox")
+    return eqx is not None and isinstance(tree, eqx.Module)
 
 
 def leaves(tree: Any, **kwargs: Any) -> list:

@@ -15,3 +15,5 @@ from ._rules import no_decay as no_decay
 from ._vocab import GROUPS as GROUPS
 from ._vocab import KINDS as KINDS
 from ._vocab import ROLES as ROLES
+from ._warnings import PolicyWarning as PolicyWarning
+from ._warnings import UnmatchedRuleError as UnmatchedRuleError

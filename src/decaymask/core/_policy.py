@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ._leaf import Leaf
 from ._report import Decision, Report
 from ._rules import Rule
+from ._warnings import check_decisions
 
 NOT_A_PARAM = "state: never decayed"
 NOT_FLOATING = "not floating point: never decayed"
@@ -24,7 +25,8 @@ class Policy:
         """Args:
           *rules: :class:`Rule` values from :func:`decay` and :func:`no_decay`.
           default: the decision for leaves no rule matches.
-          strict: a rule that matches no leaf of a tree is an error, not a warning.
+          strict: a rule that matches no parameter of a tree handed to a ``for_*``
+            method raises :class:`UnmatchedRuleError` instead of a :class:`PolicyWarning`.
 
         Raises:
           TypeError: a rule is not a :class:`Rule`, or ``default``/``strict`` is not a bool.
@@ -135,6 +137,19 @@ class Policy:
             if not rule.per_leaf or rule.matches_rest(leaf):
                 return Decision(leaf, rule.decay, rule, f"rule {i + 1}")
         return Decision(leaf, self.default, None, DEFAULT)
+
+    def decide_for_mask(
+        self, leaves: Sequence[Leaf], *, method: str, non_floating_fix: str
+    ) -> list[Decision]:
+        """:meth:`decide`, then the warnings (or the strict error) for a mask in the making.
+
+        For adapters: a report shows everything, a mask hides it, so only masks warn.
+        """
+        decisions = self.decide(leaves)
+        check_decisions(
+            self, leaves, decisions, method=method, non_floating_fix=non_floating_fix
+        )
+        return decisions
 
     def report(self, leaves: Iterable[Leaf]) -> Report:
         """The decisions on ``leaves`` as a :class:`Report`."""

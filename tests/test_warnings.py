@@ -1,0 +1,127 @@
+"""Warnings where the user most likely made a mistake, and the strict mode."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import pytest
+
+import decaymask as dm
+
+KEY = jax.random.key(0)
+
+
+class Counted(eqx.Module):
+    fc: eqx.nn.Linear
+    steps: jax.Array
+
+
+def test_rule_matching_nothing_warns():
+    policy = dm.Policy(dm.decay(layer="linear"), dm.no_decay(layer="embedding"))
+    with pytest.warns(dm.PolicyWarning) as record:
+        policy.for_equinox(eqx.nn.Linear(2, 2, key=KEY))
+    assert [str(w.message) for w in record] == [
+        "for_equinox: rule 2 no_decay(layer='embedding') matched no parameter of this "
+        "tree. Check the kind, role, name or path it selects against "
+        "policy.explain(tree), which lists what every array is. (strict=True makes "
+        "this an error.)"
+    ]
+
+
+def test_rule_overridden_everywhere_still_counts_as_matching():
+    policy = dm.Policy(dm.decay(param="bias"), dm.no_decay(layer="linear"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        policy.for_equinox(eqx.nn.Linear(2, 2, key=KEY))
+
+
+def test_strict_policy_raises():
+    policy = dm.Policy(dm.decay(layer="linear"), dm.decay(param="scale"), strict=True)
+    with pytest.raises(dm.UnmatchedRuleError) as info:
+        policy.for_equinox(eqx.nn.Linear(2, 2, key=KEY))
+    assert isinstance(info.value, ValueError)
+    assert str(info.value) == (
+        "for_equinox: rule 2 decay(param='scale') matched no parameter of this tree. "
+        "Check the kind, role, name or path it selects against policy.explain(tree), "
+        "which lists what every array is."
+    )
+    # explain shows every row instead of failing.
+    assert len(policy.explain(eqx.nn.Linear(2, 2, key=KEY))) == 2
+
+
+def test_integer_arrays_in_params_warn():
+    model = Counted(eqx.nn.Linear(2, 2, key=KEY), jnp.zeros((), jnp.int32))
+    policy = dm.Policy(dm.decay(layer="linear"))
+    with pytest.warns(dm.PolicyWarning) as record:
+        mask = policy.for_equinox(model)
+    assert mask.steps is False
+    assert [str(w.message) for w in record] == [
+        "for_equinox: the params hold integer or bool arrays (steps); the mask leaves "
+        "them undecayed, but optax's other transformations still update them. Hand "
+        "optax eqx.filter(model, eqx.is_inexact_array) and build the mask from that (or "
+        "pass mask=policy.for_equinox)."
+    ]
+    # The documented fix is silent.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        policy.for_equinox(eqx.filter(model, eqx.is_inexact_array))
+
+
+def test_unknown_layer_owning_parameters_warns():
+    class Gate(eqx.Module):
+        w: jax.Array
+        b: jax.Array
+
+    with pytest.warns(dm.PolicyWarning) as record:
+        dm.Policy(dm.decay(param="weight")).for_equinox({"gate": Gate(jnp.ones((2, 2)), jnp.ones(2))})
+    assert [str(w.message) for w in record] == [
+        "for_equinox: layers of unknown kind own parameters (Gate: gate/w, gate/b); "
+        "rules on layer kinds never match them. Teach decaymask the layer with "
+        "dm.register_layer(Gate, kind, roles={...}), or select these by param=, name= "
+        "or path=."
+    ]
+
+
+def test_shared_parameter_whose_owners_disagree_warns():
+    head = dm.Leaf("head/kernel", layer="linear", role="weight", shape=(4, 2))
+    embed = dm.Leaf("embed/embedding", layer="embedding", role="embedding", shape=(4, 2))
+    tied = dataclasses.replace(embed, shared_with=(head,))
+    policy = dm.Policy(dm.decay(layer="linear"))
+    with pytest.warns(dm.PolicyWarning) as record:
+        [decision] = policy.decide_for_mask([tied], method="for_flax", non_floating_fix="")
+    assert decision.decay is False
+    assert [str(w.message) for w in record] == [
+        "for_flax: embed/embedding is shared with head/kernel, and the policy decides "
+        "them differently (embed/embedding: default; head/kernel: rule 1: "
+        "decay(layer='linear')). The shared array follows embed/embedding. Add a rule "
+        "that selects both views, e.g. by path."
+    ]
+
+
+def test_for_equinox_rejects_flax_input():
+    with pytest.raises(TypeError) as info:
+        dm.Policy().for_equinox({"Dense_0": {"kernel": jnp.ones((2, 2))}})
+    assert str(info.value) == (
+        "for_equinox: got a dict that holds no Equinox module, which looks like Flax "
+        "Linen params; use policy.for_flax(params). For a pytree of Equinox modules, "
+        "pass the modules themselves."
+    )
+    from flax.core import FrozenDict
+
+    with pytest.raises(TypeError, match=r"^for_equinox: got a FrozenDict from Flax; use policy\.for_flax\(\.\.\.\) for Flax params, variables, nnx\.Module or nnx\.State\.$"):
+        dm.Policy().for_equinox(FrozenDict({"Dense_0": {"kernel": jnp.ones((2, 2))}}))
+
+
+def test_for_flax_rejects_equinox_input():
+    with pytest.raises(TypeError) as info:
+        dm.Policy().for_flax(eqx.nn.Linear(2, 2, key=KEY))
+    assert str(info.value) == (
+        "for_flax: got an Equinox Linear; use policy.for_equinox(model) for Equinox "
+        "models and their params."
+    )
+    with pytest.raises(TypeError, match=r"^for_flax: expected a Linen params or variables mapping"):
+        dm.Policy().for_flax([1, 2])
