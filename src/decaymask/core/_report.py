@@ -52,12 +52,17 @@ class Decision:
         return self.leaf.dtype
 
     @property
+    def decided_by(self) -> str:
+        """The deciding rule as text (``"rule 2: decay(...)"``), or why no rule decided."""
+        return f"{self.reason}: {self.rule!r}" if self.rule is not None else self.reason
+
+    @property
     def why(self) -> str:
-        """The deciding rule as text, or the reason no rule decided."""
-        text = f"{self.reason}: {self.rule!r}" if self.rule is not None else self.reason
+        """:attr:`decided_by`, and the disagreeing views of a shared array."""
+        text = self.decided_by
         for other in self.conflicts:
             text += (
-                f" [shared with {other.path}, where {other.why} would say "
+                f" [shared with {other.path}, where {other.decided_by} would say "
                 f"{'decay' if other.decay else 'no decay'}]"
             )
         return text
