@@ -102,8 +102,8 @@ def check_decisions(
             other = decision.conflicts[0]
             warnings.warn(
                 f"{method}: {decision.path} is shared with {other.path}, and the policy "
-                f"decides them differently ({decision.path}: {decision.why}; "
-                f"{other.path}: {other.why}). The shared array follows {decision.path}. "
+                f"decides them differently ({decision.path}: {decision.decided_by}; "
+                f"{other.path}: {other.decided_by}). The shared array follows {decision.path}. "
                 f"Add a rule that selects both views, e.g. by path.",
                 PolicyWarning,
                 stacklevel=4,
