@@ -42,3 +42,24 @@ def dtype_name(x: Any) -> str:
 
 def shape_of(x: Any) -> tuple[int, ...]:
     return tuple(x.shape)
+
+
+def check_not_a_step_count(tree: Any, method: str) -> None:
+    """A scalar integer is the step count ``optax.inject_hyperparams`` hands a schedule.
+
+    ``inject_hyperparams`` takes every callable hyperparameter for a schedule, so a
+    callable mask is called with the step count and its result (no decay anywhere) is
+    used silently. Nothing else hands a mask builder one integer scalar.
+    """
+    if (
+        is_array_like(tree)
+        and tuple(tree.shape) == ()
+        and np.issubdtype(np.dtype(tree.dtype), np.integer)
+    ):
+        raise TypeError(
+            f"{method} was called with a scalar {dtype_name(tree)}, not params: this is "
+            f"the step count optax.inject_hyperparams hands a callable hyperparameter, "
+            f"which it treats as a schedule. Fix: mark the mask static, "
+            f"optax.inject_hyperparams(optax.adamw, static_args=('mask',))(..., "
+            f"mask=policy.{method})."
+        )

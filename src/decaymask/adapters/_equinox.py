@@ -13,7 +13,7 @@ from ..core._infer import is_generic_norm_name, kind_from_name, role_from_name
 from ..core._leaf import Layer, Leaf
 from ..core._policy import Policy
 from ..core._report import Report
-from ._common import dtype_name, is_array_like, key_name
+from ._common import check_not_a_step_count, dtype_name, is_array_like, key_name
 
 _nn = eqx.nn
 
@@ -238,6 +238,7 @@ _NON_FLOATING_FIX = (
 
 def _check_input(tree: Any) -> None:
     """Flax objects handed to the Equinox entry point get the right method named."""
+    check_not_a_step_count(tree, "for_equinox")
     module = type(tree).__module__
     if module.startswith("flax."):
         raise TypeError(

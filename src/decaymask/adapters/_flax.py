@@ -11,6 +11,7 @@ from flax import nnx
 
 from ..core._policy import Policy
 from ..core._report import Report
+from ._common import check_not_a_step_count
 
 
 def _adapter(tree: Any) -> ModuleType:
@@ -22,6 +23,7 @@ def _adapter(tree: Any) -> ModuleType:
         from . import _linen
 
         return _linen
+    check_not_a_step_count(tree, "for_flax")
     if type(tree).__module__.startswith("equinox") or _is_equinox_module(tree):
         raise TypeError(
             f"for_flax: got an Equinox {type(tree).__name__}; use "
