@@ -391,3 +391,19 @@ def test_explain_table_text():
             "decayed 3 of 4 leaves, 10 of 12 elements (83.3%)",
         ]
     )
+
+
+def test_conv_bias_counts_as_one_dimensional():
+    conv = eqx.nn.Conv2d(2, 4, 3, key=KEY)
+    stacked = eqx.filter_vmap(lambda k: eqx.nn.Conv2d(2, 4, 3, key=k))(jax.random.split(KEY, 3))
+    policy = dm.Policy(dm.decay(min_ndim=2), dm.no_decay(name="weight"))
+    rows = [(r.path, r.shape, r.leaf.ndim, r.decay) for r in policy.explain([conv, stacked])]
+    assert rows == [
+        ("0/weight", (4, 2, 3, 3), 4, False),
+        ("0/bias", (4, 1, 1), 1, False),
+        ("1/weight", (3, 4, 2, 3, 3), 4, False),
+        ("1/bias", (3, 4, 1, 1), 1, False),
+    ]
+    text = str(policy.explain(conv)).splitlines()
+    assert text[2].endswith("rule 2: no_decay(name='weight') [name= is framework vocabulary]")
+    assert text[3].endswith("default [min_ndim counts 1 of its 3 axes]")

@@ -113,29 +113,70 @@ _KERNEL_OVERRIDES = frozenset(
      "instance_norm", "norm"}
 )
 
-# The rank one layer gives an array, for layers known by auto name only: where an
-# ancestor is a lifted scan/vmap, extra leading axes are stacked axes.
-_NATURAL_NDIM: dict[tuple[str, str], int] = {
-    ("Dense", "kernel"): 2,
-    ("Dense", "bias"): 1,
-    ("Embed", "embedding"): 2,
-    ("PReLU", "negative_slope"): 0,
-    ("Conv", "bias"): 1,
-    ("ConvTranspose", "bias"): 1,
-    ("ConvLSTMCell", "bias"): 1,
+# The rank one layer gives an array, where only names are known: under a lifted
+# scan/vmap ancestor, leading axes beyond it are stacked axes. Layers whose ranks
+# depend on their configuration (Einsum, DenseGeneral, ConvLocal) are left out.
+_NORM_NDIM = {"scale": 1, "bias": 1, "weight": 1, "mean": 1, "var": 1}
+_NATURAL_NDIM: dict[str, dict[str, int]] = {
+    "linear": {"kernel": 2, "weight": 2, "bias": 1},
+    "conv": {"bias": 1},
+    "embedding": {"embedding": 2, "weight": 2},
+    "recurrent": {"kernel": 2, "bias": 1},
+    "prelu": {"negative_slope": 0},
+    **{kind: _NORM_NDIM for kind in ("layer_norm", "rms_norm", "group_norm", "batch_norm",
+                                     "instance_norm")},
 }
-for _norm in ("LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm", "InstanceNorm"):
-    for _name in ("scale", "bias", "mean", "var"):
-        _NATURAL_NDIM[(_norm, _name)] = 1
-for _cell in ("GRUCell", "LSTMCell", "OptimizedLSTMCell", "MGUCell", "SimpleCell"):
-    _NATURAL_NDIM[(_cell, "kernel")] = 2
-    _NATURAL_NDIM[(_cell, "bias")] = 1
+_FREE_NDIM = frozenset({"Einsum", "DenseGeneral", "ConvLocal"})
+# MultiHeadDotProductAttention's DenseGeneral children: (kernel, bias) ranks.
+_ATTENTION_NDIM = {"query": (3, 2), "key": (3, 2), "value": (3, 2), "out": (3, 1)}
+
+
+def _natural_ndim(layer: Layer, module_key: str, name: str) -> int | None:
+    """The rank ``name`` has in one layer known by name only, or ``None``."""
+    if layer.type_name == "DenseGeneral" and module_key in _ATTENTION_NDIM:
+        kernel, bias = _ATTENTION_NDIM[module_key]
+        return kernel if name == "kernel" else bias if name == "bias" else None
+    if layer.type_name in _FREE_NDIM:
+        return None
+    if layer.type_name == "ConvLSTMCell" and name == "kernel":
+        return None
+    return _NATURAL_NDIM.get(layer.kind, {}).get(name)
+
 
 _TRUSTED = ("class", "registered")
+_DictKey = jax.tree_util.DictKey
+
+
+# isinstance against the abstract base classes involved (jax.Array, AxisMetadata) is
+# slow; a tree has few leaf types, so each is classified once.
+_box_types: dict[type, bool] = {}
+_array_types: dict[type, bool] = {}
+_dtype_names: dict[Any, str] = {}
 
 
 def _is_box(x: Any) -> bool:
-    return isinstance(x, _meta.AxisMetadata)
+    found = _box_types.get(type(x))
+    if found is None:
+        found = _box_types[type(x)] = isinstance(x, _meta.AxisMetadata)
+    return found
+
+
+def _is_array(x: Any) -> bool:
+    found = _array_types.get(type(x))
+    if found is None:
+        found = _array_types[type(x)] = is_array_like(x)
+    return found
+
+
+def _dtype_name(x: Any) -> str:
+    found = _dtype_names.get(x.dtype)
+    if found is None:
+        found = _dtype_names[x.dtype] = dtype_name(x)
+    return found
+
+
+def _keys(keys: tuple) -> tuple[str, ...]:
+    return tuple(k.key if type(k) is _DictKey else key_name(k) for k in keys)
 
 
 def _unbox(x: Any) -> Any:
@@ -339,7 +380,8 @@ class _Module:
 
     layer: Layer
     ancestors: tuple[Layer, ...]
-    stacked: int  # lifted scan/vmap modules around it (names) or 0
+    stacked: int  # lifted scan/vmap modules at or around it, by their auto names
+    registration: _registry.Registration | None = None
     cell: bool = False  # a recurrent cell: owns its linear/conv gate children
     wrapper: bool = False  # WeightNorm/SpectralNorm: owns what it keeps below it
     in_attention: bool = False
@@ -360,3 +402,427 @@ def _looks_like_variables(tree: Mapping) -> bool:
     return True
 
 
+_EMBED_NAMES = frozenset({"embedding", "embeddings", "embedding_table"})
+_GATE_SETS = frozenset(_CELL_GATES)
+
+
+def _path_text(path: tuple[str, ...]) -> str:
+    return "/".join(path)
+
+
+class _Walk:
+    """One pass over a Linen mapping: its leaves, and where each goes in the mask."""
+
+    def __init__(
+        self,
+        fn: str,
+        tree: Any,
+        module: Any = None,
+        args: Any = (),
+        kwargs: Any = None,
+    ):
+        if not isinstance(tree, Mapping):
+            raise TypeError(
+                f"{fn}: expected a Linen params or variables mapping (dict or FrozenDict), "
+                f"got {type(tree).__name__}."
+            )
+        if module is None and (args != () or kwargs is not None):
+            raise TypeError(
+                f"{fn}(params, args=..., kwargs=...): these are example inputs for "
+                f"tracing module=, but no module= was given. Pass the model too: "
+                f"policy.{fn}(params, module=model, args=(x,))."
+            )
+        self.fn = fn
+        flat, self.treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_box)
+        keyed = [(_keys(keys), value) for keys, value in flat]
+        self.variables = _looks_like_variables(tree)
+        self.trace: _Trace | None = None
+        traced_shapes: dict[str, tuple[int, ...]] = {}
+        if module is not None:
+            self.trace = _trace(fn, module, args, kwargs, _wanted(keyed, self.variables))
+            traced_shapes = self._traced_param_shapes()
+            self.variables = self._reading(keyed, traced_shapes)
+        entries = self._entries(keyed)
+        if self.trace is not None:
+            self._check_trace(entries, traced_shapes)
+        self.children: dict[tuple[str, ...], set[str]] = {}
+        for path in list(self.direct) + list(self.direct_other):
+            for i in range(len(path) - 1, -1, -1):
+                seen = path[:i] in self.children
+                self.children.setdefault(path[:i], set()).add(path[i])
+                if seen:
+                    break
+        self.modules: dict[tuple[str, ...], _Module] = {}
+        self.leaves: list[Leaf] = []
+        # Per flat position: an index into self.leaves, or None for a non-array state leaf.
+        self.slots: list[int | None] = []
+        for entry in entries:
+            if entry is None:
+                self.slots.append(None)
+            else:
+                self.slots.append(len(self.leaves))
+                self.leaves.append(self._leaf(*entry))
+
+    def _entries(self, keyed: list) -> list[tuple[str, tuple[str, ...], str, Any] | None]:
+        """(collection, module path, name, array) per flat position; None: not an array."""
+        entries: list[tuple[str, tuple[str, ...], str, Any] | None] = []
+        self.direct: dict[tuple[str, ...], dict[str, Any]] = {}
+        self.direct_other: dict[tuple[str, ...], dict[str, Any]] = {}
+        for names, value in keyed:
+            collection = "params"
+            rest = names
+            if self.variables:
+                collection, rest = names[0], names[1:]
+            array = _unbox(value) if _is_box(value) else value
+            if not _is_array(array) or not rest:
+                if collection == "params":
+                    raise TypeError(
+                        f"{self.fn}: params leaf {_path_text(names)!r} is {array!r} "
+                        f"({type(array).__name__}); expected a jax or numpy array, or an "
+                        f"nn.Partitioned (flax AxisMetadata) box around one. Remove "
+                        f"non-array entries from the params before building the mask."
+                    )
+                entries.append(None)
+                continue
+            path, name = rest[:-1], rest[-1]
+            table = self.direct if collection == "params" else self.direct_other
+            table.setdefault(path, {})[name] = array
+            entries.append((collection, path, name, array))
+        return entries
+
+    # The trace against the tree.
+
+    def _traced_param_shapes(self) -> dict[str, tuple[int, ...]]:
+        assert self.trace is not None
+        traced = self.trace.variables
+        flat, _ = jax.tree_util.tree_flatten_with_path(
+            traced.get("params", {}), is_leaf=_is_box
+        )
+        shapes = {}
+        for keys, value in flat:
+            array = _unbox(value) if _is_box(value) else value
+            shapes[_path_text(tuple(key_name(k) for k in keys))] = tuple(array.shape)
+        return shapes
+
+    def _reading(self, keyed: list, traced: dict[str, tuple[int, ...]]) -> bool:
+        """Whether the tree is a variables mapping, as the traced model tells."""
+        if not self.variables:
+            return False
+        as_variables = {
+            _path_text(names[1:]) for names, _ in keyed if names and names[0] == "params"
+        }
+        if as_variables == set(traced):
+            return True
+        as_params = {_path_text(names) for names, _ in keyed}
+        # A model with a top-level submodule named "params": its keys are modules.
+        return as_params != set(traced)
+
+    def _check_trace(self, entries: list, traced: dict[str, tuple[int, ...]]) -> None:
+        given = {
+            _path_text(entry[1] + (entry[2],)): tuple(entry[3].shape)
+            for entry in entries
+            if entry is not None and entry[0] == "params"
+        }
+        for path, shape in given.items():
+            if path not in traced:
+                raise self._mismatch(f"{path!r} is in the params, not in the model's")
+            if traced[path] != shape:
+                raise self._mismatch(
+                    f"{path!r} has shape {shape} in the params and {traced[path]} in "
+                    f"the model's"
+                )
+        for path in traced:
+            if path not in given:
+                raise self._mismatch(f"{path!r} is in the model's params, not in these")
+
+    def _mismatch(self, what: str) -> ValueError:
+        return ValueError(
+            f"{self.fn}(params, module=...): the params do not match the traced model: "
+            f"{what}. Pass the module that made these params, and args= with the "
+            f"feature sizes they were made with."
+        )
+
+    # Modules.
+
+    def _module(self, path: tuple[str, ...]) -> _Module:
+        found = self.modules.get(path)
+        if found is None:
+            parent = self._module(path[:-1]) if path else None
+            found = self._infer(path, parent)
+            self.modules[path] = found
+        return found
+
+    def _infer(self, path: tuple[str, ...], parent: _Module | None) -> _Module:
+        key = path[-1] if path else ""
+        ancestors: tuple[Layer, ...] = ()
+        stacked = 0
+        in_attention = False
+        absorbed_by = None
+        if parent is not None:
+            ancestors = parent.ancestors + (parent.layer,) if parent.visible else parent.ancestors
+            stacked = parent.stacked
+            in_attention = parent.in_attention or parent.layer.kind == "attention"
+            absorbed_by = parent.absorbed_by or (parent if parent.wrapper else None)
+        auto, stacked_here = _auto_class(key)
+        stacked += stacked_here
+
+        cls = self.trace.classes.get(path) if self.trace is not None else None
+        registration = None
+        if cls is not None:
+            kind, source = _class_kind(cls)
+            type_name: str | None = cls.__name__
+            trusted = source in _TRUSTED
+            if source == "registered":
+                registration = _registry.lookup_class(cls)
+        else:
+            if (
+                self.trace is not None
+                and parent is not None
+                and parent.trusted
+                and parent.layer.kind != "unknown"
+            ):
+                # Not a module: arrays nested inside a known layer's own variable.
+                return dataclasses.replace(
+                    parent, absorbed_by=absorbed_by or parent, visible=False
+                )
+            kind, source, type_name, trusted = None, "name", auto, False
+            if auto is not None:
+                registration = _registry.lookup_name(auto)
+                if registration is not None:
+                    kind, source, trusted = registration.kind, "registered", True
+                elif auto in _WRAPPER_NAMES:
+                    kind, trusted = "wrapper", True
+                else:
+                    kind = _KIND_BY_NAME.get(auto)
+                    trusted = kind is not None
+        if (kind is None or kind == "norm") and key and not trusted:
+            # The module's own name, where the class (or auto name) says nothing
+            # specific: `input_layernorm` holding an HF-style `weight`.
+            guess = kind_from_name(key)
+            if guess is None and kind is None and is_generic_norm_name(key):
+                guess = "norm"
+            if guess is not None:
+                kind, source = guess, "name"
+
+        wrapper = kind == "wrapper"
+        direct = self.direct.get(path) or self.direct_other.get(path) or {}
+        if wrapper:
+            kind, source = self._wrapped_kind(path, source)
+        elif (
+            kind is None
+            or kind == "norm"
+            or (not trusted and kind in _KERNEL_OVERRIDES and "kernel" in direct)
+        ):
+            content = self._content_kind(path, direct, in_attention, stacked)
+            if content is not None:
+                kind, source = content, "name"
+            elif kind == "norm":
+                kind = "layer_norm" if "bias" in direct else "rms_norm"
+            elif kind is None:
+                kind = "unknown"
+                source = "class" if cls is not None else "name"
+        assert kind is not None
+        cell = kind == "recurrent" and (
+            trusted or frozenset(self.children.get(path, ())) in _GATE_SETS
+        )
+        if (
+            cls is None
+            and kind == "linear"
+            and key in _ATTENTION_CHILDREN
+            and parent is not None
+            and parent.layer.type_name in _ATTENTION_NAMES
+        ):
+            type_name = "DenseGeneral"
+        if absorbed_by is None and parent is not None and parent.cell:
+            if kind in ("linear", "conv"):
+                absorbed_by = parent
+        layer = Layer(kind, type_name, cls, source)
+        return _Module(
+            layer=layer,
+            ancestors=ancestors,
+            stacked=stacked,
+            registration=registration,
+            cell=cell,
+            wrapper=wrapper,
+            in_attention=in_attention,
+            absorbed_by=absorbed_by,
+            # Without a trace the root is anonymous: nothing to match it by.
+            visible=bool(path) or self.trace is not None,
+            trusted=trusted,
+        )
+
+    def _wrapped_kind(self, path: tuple[str, ...], source: str) -> tuple[str, str]:
+        """The kind of the layer a WeightNorm or SpectralNorm at ``path`` wraps."""
+        if self.trace is not None:
+            inner = self.trace.wrapped.get(path)
+            if inner is not None:
+                kind, inner_source = _class_kind(inner)
+                if kind not in (None, "norm", "wrapper"):
+                    return kind, inner_source
+            return "unknown", source
+        # WeightNorm keeps `Dense_0/kernel/scale`: one key naming the wrapped layer.
+        direct = {**self.direct.get(path, {}), **self.direct_other.get(path, {})}
+        children = set(self.children.get(path, ()))
+        children.update(k.split("/", 1)[0] for k in direct if "/" in k)
+        if len(children) == 1:
+            (child,) = children
+            auto, _ = _auto_class(child)
+            kind = None
+            if auto is not None:
+                registration = _registry.lookup_name(auto)
+                kind = registration.kind if registration else _KIND_BY_NAME.get(auto)
+            kind = kind or kind_from_name(child)
+            if kind is not None:
+                return kind, source
+        return "unknown", source
+
+    def _content_kind(
+        self,
+        path: tuple[str, ...],
+        direct: dict[str, Any],
+        in_attention: bool,
+        stacked: int,
+    ) -> str | None:
+        """The kind the arrays a module owns (or its gate children) make evident."""
+        if not direct:
+            if frozenset(self.children.get(path, ())) in _GATE_SETS:
+                return "recurrent"
+            return None
+        if not _EMBED_NAMES.isdisjoint(direct):
+            return "embedding"
+        kernel = direct.get("kernel")
+        if kernel is None:
+            weight = direct.get("weight")
+            if weight is not None and len(weight.shape) - stacked >= 2:
+                kernel = weight
+        if kernel is not None:
+            if in_attention:
+                return "linear"
+            bias = direct.get("bias")
+            rank = len(kernel.shape) - stacked
+            # DenseGeneral's bias has the shape of its output axes, the kernel's last.
+            general = (
+                bias is not None
+                and 2 <= len(bias.shape) <= len(kernel.shape)
+                and tuple(kernel.shape[-len(bias.shape) :]) == tuple(bias.shape)
+            )
+            return "conv" if rank >= 3 and not general else "linear"
+        names = set(direct)
+        if "scale" in names and names <= {"scale", "bias"}:
+            return "layer_norm" if "bias" in names else "rms_norm"
+        if names == {"mean", "var"}:
+            return "batch_norm"
+        if names == {"negative_slope"}:
+            return "prelu"
+        return None
+
+    # Leaves.
+
+    def _leaf(self, collection: str, path: tuple[str, ...], name: str, array: Any) -> Leaf:
+        module = self._module(path)
+        owner = module.absorbed_by or module
+        layer = owner.layer
+        text = "/".join(path + (name,))
+        # WeightNorm names its variables by path (`Dense_0/kernel/scale`).
+        name = name.rsplit("/", 1)[-1]
+        role = None
+        if owner.registration is not None:
+            role = owner.registration.role_of(name)
+        if role is None:
+            role = role_from_name(layer.kind, name)
+        shape = tuple(array.shape)
+        batch_axes = 0
+        if self.trace is not None:
+            inner = self.trace.ndims.get((collection, path + (name,)))
+            if inner is not None:
+                batch_axes = max(0, len(shape) - inner)
+        elif module.stacked:
+            natural = _natural_ndim(module.layer, path[-1] if path else "", name)
+            if natural is not None:
+                batch_axes = min(module.stacked, max(0, len(shape) - natural))
+        if collection != "params":
+            text = f"{collection}/{text}"
+        return Leaf(
+            path=text,
+            layer=layer.kind,
+            role=role,
+            shape=shape,
+            dtype=_dtype_name(array),
+            name=name,
+            layer_type=layer.type_name,
+            layer_class=layer.cls,
+            ancestors=owner.ancestors,
+            is_param=collection == "params",
+            kind_source=layer.source,
+            batch_axes=batch_axes,
+        )
+
+    def mask(self, decisions: list) -> Any:
+        return self.treedef.unflatten(
+            [False if slot is None else decisions[slot].decay for slot in self.slots]
+        )
+
+
+def _wanted(keyed: list, variables: bool) -> dict[tuple[str, ...], list[tuple[str, str]]]:
+    """The (collection, name) pairs each module path may hold, under either reading."""
+    wanted: dict[tuple[str, ...], list[tuple[str, str]]] = {}
+    for names, _ in keyed:
+        if not names:
+            continue
+        wanted.setdefault(names[:-1], []).append(("params", names[-1]))
+        if variables and len(names) >= 2:
+            wanted.setdefault(names[1:-1], []).append((names[0], names[-1]))
+    return wanted
+
+
+def leaves(
+    tree: Any, *, module: Any = None, args: Any = (), kwargs: Any = None
+) -> list[Leaf]:
+    """The :class:`Leaf` records of every array in a Linen mapping, in flattening order.
+
+    Args:
+      tree: a params mapping or a whole variables mapping (``{"params": ...,
+        "batch_stats": ...}``), as ``dict`` or ``FrozenDict``. It is read as variables
+        when it has a ``params`` key, every top-level value is a mapping and no other
+        top-level key is a Flax auto name such as ``Dense_0``; with ``module=``, the
+        traced model decides (a model may name a submodule ``params``). Paths in
+        ``params`` drop the ``params/`` prefix; other collections keep theirs
+        (``batch_stats/BatchNorm_0/mean``) and are never decayed.
+      module: the ``flax.linen.Module`` that made the params, to find the exact class
+        of every layer by an abstract trace of ``module.init``.
+      args: example inputs for ``module.__call__`` (only shapes and dtypes matter).
+      kwargs: example keyword inputs for ``module.__call__``.
+
+    Raises:
+      TypeError: ``tree`` is not a mapping, a params leaf is not an array, or
+        ``module=``/``args=``/``kwargs=`` are of the wrong type or missing.
+      ValueError: the traced model's params differ from ``tree``'s.
+    """
+    return _Walk("leaves", tree, module, args, kwargs).leaves
+
+
+def mask(
+    policy: Policy, tree: Any, *, module: Any = None, args: Any = (), kwargs: Any = None
+) -> Any:
+    """The optax mask for a Linen mapping: bools, in exactly its containers.
+
+    A ``FrozenDict`` gives a ``FrozenDict`` mask, a ``dict`` a ``dict``; an
+    ``nn.Partitioned`` box gets one bool, so the mask is a prefix of the boxed params.
+    Takes the arguments of :func:`leaves`.
+
+    Example:
+      >>> import decaymask as dm, flax.linen as nn, jax, jax.numpy as jnp
+      >>> params = nn.Dense(2).init(jax.random.key(0), jnp.ones((1, 3)))["params"]
+      >>> dm.Policy(dm.decay(param="weight")).for_flax(params)
+      {'bias': False, 'kernel': True}
+    """
+    walk = _Walk("for_flax", tree, module, args, kwargs)
+    return walk.mask(policy.decide(walk.leaves))
+
+
+def explain(
+    policy: Policy, tree: Any, *, module: Any = None, args: Any = (), kwargs: Any = None
+) -> Report:
+    """A :class:`Report` of every decision on a Linen mapping; arguments as :func:`leaves`."""
+    walk = _Walk("explain", tree, module, args, kwargs)
+    return Report(policy.decide(walk.leaves), policy=policy)

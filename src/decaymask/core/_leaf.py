@@ -70,6 +70,9 @@ class Leaf:
     """How the layer kind was found: one of ``KIND_SOURCES``."""
     batch_axes: int = 0
     """Leading axes added by stacking layers (scan, vmap): not part of the layer."""
+    broadcast_axes: int = 0
+    """Trailing size-1 axes a framework keeps only for broadcasting (an Equinox conv
+    bias is ``(out, 1, 1)`` where Flax's is ``(out,)``): not counted by :attr:`ndim`."""
     shared_with: tuple[Leaf, ...] = dataclasses.field(default=(), repr=False)
     """Other views of this same array (a tied or shared parameter reached through
     another owner): each is decided too, and a disagreement is reported."""
@@ -89,8 +92,12 @@ class Leaf:
 
     @property
     def ndim(self) -> int:
-        """The rank of one layer's array: stacked leading axes do not count."""
-        return len(self.shape) - self.batch_axes
+        """The rank of one layer's array, the same in every framework.
+
+        Stacked leading axes (:attr:`batch_axes`) and broadcasting axes
+        (:attr:`broadcast_axes`) do not count.
+        """
+        return len(self.shape) - self.batch_axes - self.broadcast_axes
 
     @property
     def size(self) -> int:

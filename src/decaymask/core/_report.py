@@ -68,6 +68,17 @@ class Decision:
         return text
 
 
+def _notes(row: Decision, ranks: bool) -> str:
+    """Marks where a selector reads framework-specific facts."""
+    notes = ""
+    leaf = row.leaf
+    if ranks and leaf.ndim != len(leaf.shape):
+        notes += f" [min_ndim counts {leaf.ndim} of its {len(leaf.shape)} axes]"
+    if row.rule is not None and row.rule.name is not None:
+        notes += " [name= is framework vocabulary]"
+    return notes
+
+
 class Report(Sequence[Decision]):
     """The decisions on every array leaf of a tree, in flattening order."""
 
@@ -124,6 +135,8 @@ class Report(Sequence[Decision]):
             "decay",
             "rule",
         ]
+        rules = self.policy.rules if self.policy is not None else ()
+        ranks = any(rule.min_ndim is not None for rule in rules)
         cells = []
         for row in self._rows:
             leaf = row.leaf
@@ -135,7 +148,7 @@ class Report(Sequence[Decision]):
                     leaf.role,
                     str(leaf.shape),
                     "yes" if row.decay else "no",
-                    row.why,
+                    row.why + _notes(row, ranks),
                 ]
             )
         return header, cells
