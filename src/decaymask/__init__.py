@@ -13,9 +13,13 @@ from .core import PolicyWarning as PolicyWarning
 from .core import Report as Report
 from .core import Rule as Rule
 from .core import UnmatchedRuleError as UnmatchedRuleError
+from .core import PolicyDataError as PolicyDataError
 from .core import decay as decay
+from .core import label as label
 from .core import no_decay as no_decay
 from .core import register_layer as register_layer
 from .core import unregister_layer as unregister_layer
+
+from . import presets as presets
 
 __version__ = "0.1.0"

@@ -6,9 +6,10 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from ._data import policy_from_data, policy_to_data, read_file
 from ._leaf import Leaf
 from ._report import Decision, Report
-from ._rules import Rule
+from ._rules import DECAY_LABEL, NO_DECAY_LABEL, Rule
 from ._warnings import check_decisions
 
 NOT_A_PARAM = "state: never decayed"
@@ -19,7 +20,7 @@ DEFAULT = "default"
 class Policy:
     """An ordered set of rules; the last rule that matches a leaf decides it."""
 
-    __slots__ = ("rules", "default", "strict", "_key_rules", "_per_leaf", "_hash")
+    __slots__ = ("rules", "default", "strict", "_hash")
 
     def __init__(self, *rules: Rule, default: bool = False, strict: bool = False):
         """Args:
@@ -53,7 +54,6 @@ class Policy:
         set_(self, "rules", tuple(rules))
         set_(self, "default", default)
         set_(self, "strict", strict)
-        set_(self, "_per_leaf", any(rule.per_leaf for rule in rules))
         set_(self, "_hash", hash((self.rules, default, strict)))
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -80,6 +80,50 @@ class Policy:
         if len(parts) <= 1:
             return f"Policy({', '.join(parts)})"
         return "Policy(\n" + "".join(f"    {part},\n" for part in parts) + ")"
+
+    # Policies as data.
+
+    def to_dict(self) -> dict[str, Any]:
+        """The policy as plain data (for TOML, JSON or YAML configs).
+
+        Classes and ``when=`` callables are written as ``"module:QualName"`` import
+        paths, compiled patterns as ``{"regex": "..."}``.
+
+        Raises:
+          PolicyDataError: a class or callable has no import path (a lambda, a local class).
+
+        Example:
+          >>> import decaymask as dm
+          >>> dm.Policy(dm.decay(layer="linear"), dm.no_decay(param=("bias", "scale"))).to_dict()
+          {'default': False, 'strict': False, 'rules': [{'decay': True, 'layer': 'linear'}, {'decay': False, 'param': ['bias', 'scale']}]}
+        """
+        return policy_to_data(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Policy:
+        """The policy :meth:`to_dict` wrote, or one written by hand in the same form.
+
+        Each rule is a table with ``decay = true|false`` and/or ``label = "..."``, an
+        optional ``rate``, and the selectors of :func:`decay`. A selector value that
+        contains a dot or a colon in ``layer``/``within`` is a class import path.
+
+        Raises:
+          PolicyDataError: (a ``ValueError``) the data does not describe a policy; the
+            message names the key, e.g. ``rules[1].layer``.
+        """
+        rules, default, strict = policy_from_data(data)
+        return cls(*rules, default=default, strict=strict)
+
+    @classmethod
+    def from_file(cls, path: Any, key: str | None = None) -> Policy:
+        """The policy in a ``.toml``, ``.json``, ``.yaml`` or ``.yml`` file.
+
+        Args:
+          path: the file.
+          key: a dotted key of the table that holds the policy, e.g.
+            ``"optimizer.weight_decay"``; the whole file if ``None``.
+        """
+        return cls.from_dict(read_file(path, key))
 
     # The core.
 
@@ -118,10 +162,6 @@ class Policy:
         return out
 
     def _decide_one(self, leaf: Leaf, cache: dict[tuple, tuple[int, ...]]) -> Decision:
-        if not leaf.is_param:
-            return Decision(leaf, False, None, NOT_A_PARAM)
-        if not leaf.floating:
-            return Decision(leaf, False, None, NOT_FLOATING)
         key = (leaf.owner, leaf.ancestors, leaf.role, leaf.name)
         candidates = cache.get(key)
         if candidates is None:
@@ -132,11 +172,30 @@ class Policy:
                 i for i in range(len(rules) - 1, -1, -1) if rules[i].matches_key(leaf)
             )
             cache[key] = candidates
+        decidable = leaf.is_param and leaf.floating
+        label = None
         for i in candidates:
             rule = self.rules[i]
-            if not rule.per_leaf or rule.matches_rest(leaf):
-                return Decision(leaf, rule.decay, rule, f"rule {i + 1}")
-        return Decision(leaf, self.default, None, DEFAULT)
+            if rule.per_leaf and not rule.matches_rest(leaf):
+                continue
+            if label is None and (decidable or rule.decay is None):
+                label = rule.group
+            if rule.decay is not None and decidable:
+                rate = rule.rate if rule.decay else 0.0
+                return Decision(leaf, rule.decay, rule, f"rule {i + 1}", label=label, rate=rate)
+        if not leaf.is_param:
+            return Decision(leaf, False, None, NOT_A_PARAM, label=label or NO_DECAY_LABEL)
+        if not leaf.floating:
+            return Decision(leaf, False, None, NOT_FLOATING, label=label or NO_DECAY_LABEL)
+        default_label = DECAY_LABEL if self.default else NO_DECAY_LABEL
+        return Decision(
+            leaf,
+            self.default,
+            None,
+            DEFAULT,
+            label=label or default_label,
+            rate=1.0 if self.default else 0.0,
+        )
 
     def decide_for_mask(
         self, leaves: Sequence[Leaf], *, method: str, non_floating_fix: str

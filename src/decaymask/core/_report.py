@@ -26,6 +26,10 @@ class Decision:
     conflicts: tuple[Decision, ...] = ()
     """Decisions on other views of a shared array that came out differently; the
     array itself follows this decision (the first view in flattening order)."""
+    label: str = "no_decay"
+    """The group for ``optax.partition``: the label of the last matching rule."""
+    rate: float = 0.0
+    """The multiplier of the weight decay: the deciding rule's rate, 0 if not decayed."""
 
     @property
     def path(self) -> str:
@@ -125,16 +129,24 @@ class Report(Sequence[Decision]):
             f"{decayed:,} of {elements:,} elements{share}"
         )
 
+    def _extra_columns(self) -> tuple[bool, bool, bool]:
+        rules = self.policy.rules if self.policy is not None else ()
+        via = any(row.leaf.kind_source != "class" for row in self._rows)
+        labels = any(rule.decay is None or rule.label is not None for rule in rules)
+        rates = any(rule.rate != 1.0 for rule in rules)
+        return via, labels, rates
+
     def table_rows(self) -> tuple[list[str], list[list[str]]]:
         """The column headers and the cells of :meth:`__str__`'s table."""
-        via = any(row.leaf.kind_source != "class" for row in self._rows)
-        header = ["path", "kind"] + (["via"] if via else []) + [
-            "class",
-            "role",
-            "shape",
-            "decay",
-            "rule",
-        ]
+        via, labels, rates = self._extra_columns()
+        header = (
+            ["path", "kind"]
+            + (["via"] if via else [])
+            + ["class", "role", "shape", "decay"]
+            + (["label"] if labels else [])
+            + (["rate"] if rates else [])
+            + ["rule"]
+        )
         rules = self.policy.rules if self.policy is not None else ()
         ranks = any(rule.min_ndim is not None for rule in rules)
         cells = []
@@ -148,10 +160,79 @@ class Report(Sequence[Decision]):
                     leaf.role,
                     str(leaf.shape),
                     "yes" if row.decay else "no",
-                    row.why + _notes(row, ranks),
                 ]
+                + ([row.label] if labels else [])
+                + ([f"{row.rate:g}"] if rates else [])
+                + [row.why + _notes(row, ranks)]
             )
         return header, cells
+
+    def to_dicts(self) -> list[dict[str, Any]]:
+        """One plain dict per row (for JSON, dataframes, logs)."""
+        return [
+            {
+                "path": row.path,
+                "kind": row.layer,
+                "via": row.leaf.kind_source,
+                "class": row.layer_type,
+                "role": row.role,
+                "shape": list(row.shape),
+                "dtype": row.dtype,
+                "decay": row.decay,
+                "label": row.label,
+                "rate": row.rate,
+                "rule": repr(row.rule) if row.rule is not None else None,
+                "why": row.why,
+            }
+            for row in self._rows
+        ]
+
+    def totals(self) -> dict[str, int]:
+        return {
+            "leaves": len(self),
+            "leaves_decayed": len(self.decayed),
+            "elements": self.num_elements,
+            "elements_decayed": self.num_elements_decayed,
+        }
+
+    def to_json(self, **dumps_kwargs: Any) -> str:
+        """The rows and the totals as JSON."""
+        import json
+
+        return json.dumps({"rows": self.to_dicts(), "totals": self.totals()}, **dumps_kwargs)
+
+    def to_markdown(self) -> str:
+        """The table as GitHub-flavoured Markdown, then the totals."""
+        header, cells = self.table_rows()
+
+        def line(items: list[str]) -> str:
+            return "| " + " | ".join(c.replace("|", "\\|") for c in items) + " |"
+
+        lines = [line(header), "| " + " | ".join("---" for _ in header) + " |"]
+        lines += [line([f"`{c[0]}`"] + c[1:]) for c in cells]
+        return "\n".join(lines) + f"\n\n{self.summary()}\n"
+
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        header, cells = self.table_rows()
+        decay_col = header.index("decay")
+        head = "".join(f"<th>{escape(h)}</th>" for h in header)
+        body = "".join(
+            "<tr>"
+            + "".join(
+                f"<td><code>{escape(c)}</code></td>" if i == 0
+                else f"<td><b>{escape(c)}</b></td>" if i == decay_col and c == "yes"
+                else f"<td>{escape(c)}</td>"
+                for i, c in enumerate(row)
+            )
+            + "</tr>"
+            for row in cells
+        )
+        return (
+            f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+            f"<p>{escape(self.summary())}</p>"
+        )
 
     def __str__(self) -> str:
         header, cells = self.table_rows()

@@ -93,11 +93,17 @@ def _compile_path(item: str | re.Pattern) -> Callable[[str], bool]:
     return lambda path: pattern.match(path) is not None
 
 
+DECAY_LABEL = "decay"
+NO_DECAY_LABEL = "no_decay"
+
+
 @dataclasses.dataclass(frozen=True, repr=False)
 class Rule:
-    """A selection of leaves and whether they decay. Made by :func:`decay`/:func:`no_decay`."""
+    """A selection of leaves and what to do with them. Made by :func:`decay`,
+    :func:`no_decay` and :func:`label`."""
 
-    decay: bool
+    decay: bool | None
+    """Whether matching leaves decay; ``None`` for a rule that only labels."""
     layer: tuple | None = None
     within: tuple | None = None
     param: tuple[str, ...] | None = None
@@ -105,6 +111,17 @@ class Rule:
     path: tuple | None = None
     min_ndim: int | None = None
     when: Callable[[Leaf], bool] | None = None
+    label: str | None = None
+    """The label of matching leaves for ``optax.partition``; see :attr:`group`."""
+    rate: float = 1.0
+    """A multiplier of the weight decay of matching leaves."""
+
+    @property
+    def group(self) -> str:
+        """The label this rule gives: its own, else ``"decay"`` or ``"no_decay"``."""
+        if self.label is not None:
+            return self.label
+        return DECAY_LABEL if self.decay else NO_DECAY_LABEL
 
     def __post_init__(self) -> None:
         paths = tuple(_compile_path(p) for p in self.path) if self.path else ()
@@ -162,6 +179,12 @@ class Rule:
             else:
                 text = _show(value)
             parts.append(f"{key}={text}")
+        if self.decay is None:
+            return f"label({', '.join([repr(self.label)] + parts)})"
+        if self.rate != 1.0:
+            parts.append(f"rate={self.rate!r}")
+        if self.label is not None:
+            parts.append(f"label={self.label!r}")
         return f"{'decay' if self.decay else 'no_decay'}({', '.join(parts)})"
 
 
@@ -175,7 +198,37 @@ def _show(value: Any) -> str:
     return repr(value)
 
 
-def _make(fn: str, decay: bool, selectors: dict[str, Any]) -> Rule:
+def _check_label(fn: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise TypeError(
+            f"{fn}(label={value!r}): expected a non-empty string naming a group of "
+            f"optax.partition, got {type(value).__name__}."
+        )
+    return value
+
+
+def _check_rate(fn: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise TypeError(
+            f"{fn}(rate={value!r}): expected a non-negative number that multiplies the "
+            f"weight decay of the matching leaves, got {type(value).__name__}."
+        )
+    return float(value)
+
+
+def _make(
+    fn: str,
+    decay: bool | None,
+    selectors: dict[str, Any],
+    *,
+    label: str | None = None,
+    rate: float = 1.0,
+) -> Rule:
+    if "rate" in selectors:
+        raise TypeError(
+            f"{fn}(rate=...): a rate multiplies weight decay, so only decay(...) rules "
+            f"take one."
+        )
     unknown = [key for key in selectors if key not in SELECTORS]
     if unknown:
         import difflib
@@ -208,10 +261,14 @@ def _make(fn: str, decay: bool, selectors: dict[str, Any]) -> Rule:
         if not callable(when):
             raise _bad_value(fn, "when", when)
         fields["when"] = when
+    if label is not None:
+        fields["label"] = _check_label(fn, label)
+    if rate != 1.0:
+        fields["rate"] = _check_rate(fn, rate)
     return Rule(decay, **fields)
 
 
-def decay(**selectors: Any) -> Rule:
+def decay(*, rate: float = 1.0, label: str | None = None, **selectors: Any) -> Rule:
     """A rule: leaves matching every given selector are decayed.
 
     Selectors, all optional and combined with AND; a tuple or list means "any of these":
@@ -230,6 +287,13 @@ def decay(**selectors: Any) -> Rule:
     - ``min_ndim``: the array has at least this many axes, not counting stacked axes.
     - ``when``: a callable taking a :class:`Leaf` and returning a bool.
 
+    Args:
+      rate: multiplies the weight decay of the matching leaves, for
+        :func:`decaymask.optax.add_decayed_weights` (a plain mask ignores it).
+      label: the group of the matching leaves in ``policy.labels_for_*`` (default
+        ``"decay"``).
+      **selectors: the selectors above.
+
     Returns:
       A frozen, hashable :class:`Rule`.
 
@@ -242,20 +306,32 @@ def decay(**selectors: Any) -> Rule:
       >>> dm.decay(layer="linear", param="weight")
       decay(layer='linear', param='weight')
     """
-    return _make("decay", True, selectors)
+    return _make("decay", True, selectors, label=label, rate=rate)
 
 
-def no_decay(**selectors: Any) -> Rule:
+def no_decay(*, label: str | None = None, **selectors: Any) -> Rule:
     """A rule: leaves matching every given selector are not decayed.
 
-    Takes the same selectors as :func:`decay`.
+    Takes the same selectors as :func:`decay`, and ``label`` (default ``"no_decay"``).
 
     Example:
       >>> import decaymask as dm
       >>> dm.no_decay(layer="norm")
       no_decay(layer='norm')
     """
-    return _make("no_decay", False, selectors)
+    return _make("no_decay", False, selectors, label=label)
 
 
-__all__ = ["GROUPS", "Rule", "decay", "no_decay"]
+def label(name: str, **selectors: Any) -> Rule:
+    """A rule that only labels: matching leaves go to the group ``name``.
+
+    Labels feed ``optax.partition`` through ``policy.labels_for_equinox`` and
+    ``policy.labels_for_flax``. A label rule does not change whether a leaf decays: the
+    mask is decided by the decay rules alone, and the label by the last rule of any kind.
+
+    Example:
+      >>> import decaymask as dm
+      >>> dm.label("frozen", layer="embedding")
+      label('frozen', layer='embedding')
+    """
+    return _make("label", None, selectors, label=_check_label("label", name))

@@ -1,0 +1,90 @@
+"""Ready-made policies, written in the framework-neutral vocabulary.
+
+Each preset says what it decays in terms of layer kinds and parameter roles, so it means
+the same in Equinox, Flax Linen and Flax NNX. Where the training code it follows used a
+rule on names or ``ndim``, the preset keeps the intent and drops the accident; each
+docstring says where that makes a difference.
+"""
+
+from __future__ import annotations
+
+from .core._policy import Policy
+from .core._rules import decay, no_decay
+
+
+def standard() -> Policy:
+    """Decays every parameter except biases, norm parameters and embeddings.
+
+    The most common recipe in fine-tuning code: Hugging Face ``transformers``' Trainer
+    excludes biases and layer-norm weights, and minGPT (Karpathy) additionally keeps
+    embeddings out of decay. This preset is minGPT's choice over every layer kind:
+    biases of every layer, every parameter of every norm (scales and biases) and
+    embedding tables are not decayed; everything else is, including parameters of
+    layers of unknown kind.
+
+    Example:
+      >>> import decaymask as dm
+      >>> dm.presets.standard()
+      Policy(
+          decay(),
+          no_decay(param='bias'),
+          no_decay(layer='norm'),
+          no_decay(layer='embedding'),
+      )
+    """
+    return Policy(
+        decay(),
+        no_decay(param="bias"),
+        no_decay(layer="norm"),
+        no_decay(layer="embedding"),
+    )
+
+
+def everything_but_bias_and_norm() -> Policy:
+    """Decays every parameter except biases and norm parameters; embeddings decay.
+
+    Hugging Face ``transformers``' Trainer (``get_decay_parameter_names``: no decay for
+    ``bias`` and the weights of layer-norm layers) and timm's
+    ``param_groups_weight_decay`` (no decay for biases and 1-D parameters) both give
+    this on ordinary models. timm's ``ndim <= 1`` rule is replaced by roles: a stacked
+    (scanned) norm scale is 2-D and timm would decay it, and a 1-D parameter that is
+    neither a bias nor a norm parameter (PReLU slopes, say) would be spared; here the
+    first is spared and the second decays.
+
+    Example:
+      >>> import decaymask as dm
+      >>> dm.presets.everything_but_bias_and_norm()
+      Policy(
+          decay(),
+          no_decay(param='bias'),
+          no_decay(layer='norm'),
+      )
+    """
+    return Policy(decay(), no_decay(param="bias"), no_decay(layer="norm"))
+
+
+def gpt() -> Policy:
+    """Decays the weight matrices of linear layers and the embedding tables, nothing else.
+
+    nanoGPT (Karpathy, ``configure_optimizers``) decays every parameter with two or more
+    axes: in a GPT those are exactly the linear weights (attention projections included)
+    and the token and position embeddings. This preset says so by kind and role, so
+    that it still means that where ``ndim`` would not: convolution kernels and stacked
+    (scanned) norm scales and biases have two or more axes, and nanoGPT's rule would
+    decay them; this preset does not.
+
+    Example:
+      >>> import decaymask as dm
+      >>> dm.presets.gpt()
+      Policy(
+          decay(layer='linear', param='weight'),
+          decay(layer='embedding', param='embedding'),
+      )
+    """
+    return Policy(
+        decay(layer="linear", param="weight"),
+        decay(layer="embedding", param="embedding"),
+    )
+
+
+__all__ = ["everything_but_bias_and_norm", "gpt", "standard"]
