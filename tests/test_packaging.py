@@ -49,17 +49,22 @@ PUBLIC = [
     "GROUPS",
     "KINDS",
     "KIND_SOURCES",
+    "MaskMismatchError",
     "Layer",
     "Leaf",
     "Policy",
+    "PolicyDataError",
     "PolicyWarning",
     "ROLES",
     "Report",
     "Rule",
     "SELECTORS",
     "UnmatchedRuleError",
+    "check_mask",
     "decay",
+    "label",
     "no_decay",
+    "presets",
     "register_layer",
     "unregister_layer",
 ]
@@ -80,6 +85,8 @@ MODULES = [
     "decaymask.core._rules",
     "decaymask.core._policy",
     "decaymask.core._registry",
+    "decaymask.presets",
+    "decaymask._check",
 ]
 
 

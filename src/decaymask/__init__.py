@@ -21,5 +21,7 @@ from .core import register_layer as register_layer
 from .core import unregister_layer as unregister_layer
 
 from . import presets as presets
+from ._check import MaskMismatchError as MaskMismatchError
+from ._check import check_mask as check_mask
 
 __version__ = "0.1.0"

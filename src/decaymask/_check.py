@@ -38,6 +38,10 @@ _FIX_NNX_BOXES = (
     "nnx.map_state(lambda path, value: ..., state); jax.tree.map over nnx.state(...) keeps "
     "the nnx.Variable boxes, which fit tx.init but not tx.update."
 )
+_FIX_NNX_MODULE = (
+    "check the mask against the state optax is handed, check_mask(mask, nnx.state(model, F)) "
+    "for nnx.Optimizer(model, tx, wrt=F)."
+)
 _FIX_LINEN_VARIABLES = (
     'build the mask from the params collection alone: policy.for_flax(variables["params"]).'
 )
@@ -112,11 +116,10 @@ def check_mask(mask: Any, params: Any) -> None:
 
     Example:
       >>> import decaymask as dm, jax.numpy as jnp
-      >>> from decaymask._check import check_mask
       >>> params = {"Dense_0": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)}}
-      >>> check_mask({"Dense_0": {"kernel": True, "bias": False}}, params)
-      >>> check_mask({"Dense_0": False}, params)  # a prefix: one bool for the whole layer
-      >>> check_mask({"params": {"Dense_0": True}}, params)
+      >>> dm.check_mask({"Dense_0": {"kernel": True, "bias": False}}, params)
+      >>> dm.check_mask({"Dense_0": False}, params)  # a prefix: one bool for the whole layer
+      >>> dm.check_mask({"params": {"Dense_0": True}}, params)
       Traceback (most recent call last):
       ...
       decaymask._check.MaskMismatchError: mask does not match params at <root>:
@@ -130,24 +133,26 @@ def check_mask(mask: Any, params: Any) -> None:
 
     if mask is None:
         return
-    called = _optax_calls(jax, mask)
+    called = _optax_calls(mask)
     if called and not callable(mask):
         raise MaskMismatchError(
             f"mask does not match params at {ROOT}:\n"
-            f"  mask has {_describe(jax, mask)} whose every leaf is a function\n"
-            f"  params have {_describe(jax, params)}\n"
+            f"  mask has {_describe(mask)} whose every leaf is a function\n"
+            f"  params have {_describe(params)}\n"
             "  optax then calls the mask itself with the params, and it cannot be called\n"
             "Fix: pass one function of the params (mask=policy.for_equinox or "
             "mask=policy.for_flax), or a tree of bools."
         )
     for view, note in _views(params):
         tree = mask(view) if called else mask
-        site = _Walk(jax).first_difference(tree, view)
+        site = _Walk().first_difference(tree, view)
         if site is not None:
             raise MaskMismatchError(site.message(note, called))
 
 
-def _optax_calls(jax: Any, mask: Any) -> bool:
+def _optax_calls(mask: Any) -> bool:
+    import jax
+
     # optax.masked's own test: a mask is called when every leaf of it is callable.
     flags = jax.tree_util.tree_leaves(jax.tree_util.tree_map(callable, mask))
     return bool(flags) and all(flags)
@@ -191,7 +196,6 @@ def _raw_key(entry: Any) -> Any:
 class _Site:
     """The first place where optax would fail, and what is known around it."""
 
-    jax: Any
     path: tuple[str, ...]
     mask: Any
     params: Any
@@ -205,8 +209,8 @@ class _Site:
         subject = "mask (as returned by the mask function)" if called else "mask"
         lines = [
             f"{subject} does not match params at {where}:",
-            f"  mask has {_describe(self.jax, self.mask)}",
-            f"  params have {_describe(self.jax, self.params)}",
+            f"  mask has {_describe(self.mask)}",
+            f"  params have {_describe(self.params)}",
         ]
         lines += [f"  {line}" for line in self._details()]
         if note is not None:
@@ -226,7 +230,7 @@ class _Site:
 
     def _details(self) -> list[str]:
         if self.problem == "leaf":
-            return [f"a mask leaf must be True or False: {_leaf_trouble(self.jax, self.mask)}"]
+            return [f"a mask leaf must be True or False: {_leaf_trouble(self.mask)}"]
         if self.problem == "keys":
             only_mask, only_params = self._keys()
             lines = []
@@ -250,6 +254,8 @@ class _Site:
         params_type = self.params_node.type if self.params_node is not None else None
         if self.problem == "leaf":
             return _FIX_NOT_BOOL[self.context]
+        if _is_nnx_module(params_type):
+            return _FIX_NNX_MODULE
         if _is_variable(mask_type):
             return _FIX_NNX_BOXES
         if _is_axis_box(mask_type) or _is_axis_box(params_type):
@@ -269,7 +275,7 @@ class _Site:
                 return _FIX_LINEN_PARAMS_KEY
         if self.context == "equinox" and self.mask is None and self.params_node is None:
             # A non-array leaf in the params: optax was handed the unfiltered model.
-            if not _is_array(self.jax, self.params):
+            if not _is_array(self.params):
                 return _FIX_EQUINOX_FILTER
         return _FIX_FOR[self.context]
 
@@ -277,10 +283,12 @@ class _Site:
 class _Walk:
     """Both trees in parallel, one level at a time, in flattening order."""
 
-    def __init__(self, jax: Any):
+    def __init__(self) -> None:
+        import jax
+
         from .adapters._common import key_name
 
-        self.jax = jax
+        self.tree_util = jax.tree_util
         self.key_name = key_name
 
     def first_difference(self, mask: Any, params: Any) -> _Site | None:
@@ -294,9 +302,8 @@ class _Walk:
 
     def _open(self, x: Any) -> _Node | None:
         """``x`` opened one level, or ``None`` when jax treats it as a leaf."""
-        entries, treedef = self.jax.tree_util.tree_flatten_with_path(
-            x, is_leaf=lambda y: y is not x
-        )
+        # is_leaf sees the node itself first, then each child: every child stays whole.
+        entries, treedef = self.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
         if treedef.num_nodes == 1 and treedef.num_leaves == 1:
             return None
         node_type, data = treedef.node_data()
@@ -306,9 +313,9 @@ class _Walk:
         mask_node = self._open(mask)
         if mask_node is None:
             # A mask leaf stands for the whole params subtree under it: optax's prefix rule.
-            if _is_bool(self.jax, mask):
+            if _is_bool(mask):
                 return None
-            return _Site(self.jax, path, mask, params, "leaf", context)
+            return _Site(path, mask, params, "leaf", context)
         params_node = self._open(params)
         if context != "nnx" and (
             _is_equinox(mask_node.type)
@@ -317,15 +324,14 @@ class _Walk:
             context = "equinox"
 
         def site(problem: str) -> _Site:
-            return _Site(self.jax, path, mask, params, problem, context, mask_node, params_node)
+            return _Site(path, mask, params, problem, context, mask_node, params_node)
 
         if params_node is None or params_node.type is not mask_node.type:
             return site("type")
         mask_keys, params_keys = mask_node.raw_keys, params_node.raw_keys
         if mask_keys != params_keys:
             first = (mask_node.keys or params_node.keys)[0]
-            tu = self.jax.tree_util
-            if not isinstance(first, (tu.DictKey, tu.GetAttrKey)):
+            if not isinstance(first, (self.tree_util.DictKey, self.tree_util.GetAttrKey)):
                 return site("length")
             if set(mask_keys) != set(params_keys):
                 return site("keys")
@@ -364,7 +370,8 @@ def _same_data(a: Any, b: Any) -> bool:
         return a is b
 
 
-def _is_bool(jax: Any, x: Any) -> bool:
+def _is_bool(x: Any) -> bool:
+    import jax
     import numpy as np
 
     if isinstance(x, (bool, np.bool_)):
@@ -376,12 +383,14 @@ def _is_bool(jax: Any, x: Any) -> bool:
     return False
 
 
-def _leaf_trouble(jax: Any, x: Any) -> str:
+def _leaf_trouble(x: Any) -> str:
+    import jax
+    import numpy as np
+
     if isinstance(x, jax.core.Tracer):
         return "this one is traced; build the mask outside jax.jit"
-    size = getattr(x, "size", None)
-    if _is_array(jax, x) and size != 1:
-        return f"optax tests it with `if`, which fails for an array of {size} elements"
+    if isinstance(x, (jax.Array, np.ndarray)) and x.size != 1:
+        return f"optax tests it with `if`, which fails for an array of {x.size} elements"
     try:
         read = bool(x)
     except Exception:
@@ -389,7 +398,8 @@ def _leaf_trouble(jax: Any, x: Any) -> str:
     return f"optax tests it with `if` and would read this one as {read}"
 
 
-def _is_array(jax: Any, x: Any) -> bool:
+def _is_array(x: Any) -> bool:
+    import jax
     import numpy as np
 
     return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
@@ -409,6 +419,11 @@ def _is_variable(t: type | None) -> bool:
 def _is_axis_box(t: type | None) -> bool:
     box = _loaded_class("flax.core.meta.AxisMetadata")
     return t is not None and box is not None and issubclass(t, box)
+
+
+def _is_nnx_module(t: type | None) -> bool:
+    module = _loaded_class("flax.nnx.Module")
+    return t is not None and module is not None and issubclass(t, module)
 
 
 def _is_nnx(x: Any) -> bool:
@@ -438,19 +453,23 @@ def _type_name(t: type) -> str:
 
 
 def _a(phrase: str) -> str:
-    vowel = phrase[:1].lower() in "aeio" or phrase.startswith(("nn", "int", "eqx"))
+    # Spoken, not spelled: "an nnx.State", "a uint8[3] jax.Array", "an int32[] jax.Array".
+    low = phrase.lower()
+    vowel = low[:1] in "aeiou" and not low.startswith(("uint", "uni", "use", "eu", "one"))
+    vowel = vowel or low.startswith(("nn.", "nnx.", "eqx."))
     return f"{'an' if vowel else 'a'} {phrase}"
 
 
-def _describe(jax: Any, x: Any, depth: int = 0) -> str:
+def _describe(x: Any, depth: int = 0) -> str:
     """What sits at one place of a tree, in a few words (type, length, keys, dtype)."""
+    import jax
     import numpy as np
 
     if x is None:
         return "None"
     if isinstance(x, (bool, np.bool_)):
         return repr(bool(x))
-    if _is_array(jax, x):
+    if _is_array(x):
         kind = (
             "jax.Array" if isinstance(x, jax.Array) else
             "jax.ShapeDtypeStruct" if isinstance(x, jax.ShapeDtypeStruct) else
@@ -464,12 +483,12 @@ def _describe(jax: Any, x: Any, depth: int = 0) -> str:
     name = _type_name(t)
     if isinstance(x, Mapping):
         return _a(f"{name} with {_count(len(x), 'key')}")
-    if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
+    if isinstance(x, (list, tuple)):
         return _a(f"{name} of length {len(x)}")
     if _is_variable(t) or _is_axis_box(t):
         inner = x.get_raw_value() if _is_variable(t) else x.value
-        return _a(f"{name} holding {_describe(jax, inner, depth + 1)}") if depth == 0 else _a(name)
-    if _is_equinox(t):
+        return _a(f"{name} holding {_describe(inner, depth + 1)}") if depth == 0 else _a(name)
+    if _is_equinox(t) or _is_nnx_module(t):
         return _a(f"{name} module")
     if callable(x) and hasattr(x, "__name__"):
         return _a(f"{name} ({x.__name__})")
