@@ -23,5 +23,6 @@ from .core import unregister_layer as unregister_layer
 from . import presets as presets
 from ._check import MaskMismatchError as MaskMismatchError
 from ._check import check_mask as check_mask
+from ._transforms import add_decayed_weights as add_decayed_weights
 
 __version__ = "0.1.0"

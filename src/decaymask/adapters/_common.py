@@ -63,3 +63,23 @@ def check_not_a_step_count(tree: Any, method: str) -> None:
             f"optax.inject_hyperparams(optax.adamw, static_args=('mask',))(..., "
             f"mask=policy.{method})."
         )
+
+
+def muon_dimension_numbers(decision: Any, method: str) -> Any:
+    """The ``MuonDimensionNumbers`` of a decided leaf, ``None`` where it is not selected."""
+    if not decision.decay:
+        return None
+    axes = decision.leaf.muon_axes()
+    if axes is None:
+        leaf = decision.leaf
+        raise ValueError(
+            f"{method}: {leaf.path} ({leaf.layer_type or leaf.layer}, {leaf.role}, shape "
+            f"{leaf.shape}) is selected by {decision.decided_by}, but its matrix layout "
+            f"(reduction and output axes) is unknown. Fix: leave it out with a rule, e.g. "
+            f"dm.no_decay(path={leaf.path!r}), or teach the layout with "
+            f"dm.register_layer(cls, kind, matrix_axes={{{leaf.name!r}: ((...), (...))}})."
+        )
+    from optax.contrib import MuonDimensionNumbers
+
+    reduction, output = axes
+    return MuonDimensionNumbers(reduction_axis=reduction, output_axis=output)

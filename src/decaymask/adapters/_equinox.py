@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import equinox as eqx
@@ -11,8 +11,6 @@ import jax
 from ..core import _registry
 from ..core._infer import is_generic_norm_name, kind_from_name, role_from_name
 from ..core._leaf import Layer, Leaf
-from ..core._policy import Policy
-from ..core._report import Report
 from ._common import check_not_a_step_count, dtype_name, is_array_like, key_name
 
 _nn = eqx.nn
@@ -117,6 +115,19 @@ def _expected_ndim(node: Any, layer: Layer, name: str) -> int | None:
     return None
 
 
+def _matrix_axes(node: Any, name: str) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(reduction, output) axes of a weight matrix in Equinox's (out, in, ...) layouts."""
+    if isinstance(node, (_nn.Linear, _nn.GRUCell, _nn.LSTMCell)):
+        return ((1,), (0,)) if name.startswith("weight") else None
+    if isinstance(node, (_nn.Conv, _nn.ConvTranspose)) and name == "weight":
+        # (out, in, *kernel): a kernel position is part of the input of the matmul.
+        return tuple(range(1, node.num_spatial_dims + 2)), (0,)
+    if isinstance(node, _nn.Embedding):
+        # (num, features): a lookup is a one-hot row times the table.
+        return (0,), (1,)
+    return None
+
+
 def _field_name(keys: tuple) -> str:
     """The attribute or key an array is stored under, skipping sequence indices."""
     for entry in reversed(keys):
@@ -196,6 +207,12 @@ class _Walk:
         role = registration.role_of(name) if registration is not None else None
         if role is None:
             role = role_from_name(owner.kind, name)
+        if registration is not None:
+            matrix_axes = registration.matrix_axes_of(name)
+        elif not in_state and owner.source == "class":
+            matrix_axes = _matrix_axes(owner_node, name)
+        else:
+            matrix_axes = None
         shape = tuple(value.shape)
         expected = None if in_state else _expected_ndim(owner_node, owner, name)
         batch_axes = max(0, len(shape) - expected) if expected is not None else 0
@@ -217,6 +234,7 @@ class _Walk:
             kind_source=owner.source,
             batch_axes=batch_axes,
             broadcast_axes=broadcast_axes,
+            matrix_axes=matrix_axes,
         )
 
 
@@ -232,13 +250,27 @@ def _rebuild(level: tuple, values: list[Any]) -> Any:
 
 def leaves(tree: Any) -> list[Leaf]:
     """The :class:`Leaf` records of every array in ``tree``, in flattening order."""
-    return _Walk(tree).leaves
+    return walk(tree)[0]
 
 
-_NON_FLOATING_FIX = (
+def walk(tree: Any) -> tuple[list[Leaf], Callable[[list[Any]], Any]]:
+    """The leaves of ``tree``, and a function that puts one value per leaf back in place.
+
+    The rebuilt tree has the structure of ``tree`` with ``None`` at every non-array
+    leaf: the structure of ``eqx.filter(tree, eqx.is_array)``.
+    """
+    _check_input(tree)
+    state = _Walk(tree)
+    return state.leaves, lambda values: _rebuild(state.level, values)
+
+
+NON_FLOATING_FIX = (
     "Hand optax eqx.filter(model, eqx.is_inexact_array) and build the mask from that "
     "(or pass mask=policy.for_equinox)."
 )
+
+
+METHOD = "for_equinox"
 
 
 def _check_input(tree: Any) -> None:
@@ -264,16 +296,3 @@ def _holds_module(tree: Any) -> bool:
         for x in jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, eqx.Module))
     )
 
-
-def mask(policy: Policy, tree: Any) -> Any:
-    _check_input(tree)
-    walk = _Walk(tree)
-    decisions = policy.decide_for_mask(
-        walk.leaves, method="for_equinox", non_floating_fix=_NON_FLOATING_FIX
-    )
-    return _rebuild(walk.level, [d.decay for d in decisions])
-
-
-def explain(policy: Policy, tree: Any) -> Report:
-    _check_input(tree)
-    return Report(policy.decide(leaves(tree)), policy=policy)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
 
 from flax import nnx
 
-from ..core._policy import Policy
-from ..core._report import Report
 from ._common import check_not_a_step_count
 
 
@@ -41,13 +39,14 @@ def _is_equinox_module(tree: Any) -> bool:
     return eqx is not None and isinstance(tree, eqx.Module)
 
 
+NON_FLOATING_FIX = "Keep integer and bool arrays out of the params handed to optax."
+
+
 def leaves(tree: Any, **kwargs: Any) -> list:
-    return _adapter(tree).leaves(tree, **kwargs)
+    return walk(tree, **kwargs)[0]
 
 
-def mask(policy: Policy, tree: Any, **kwargs: Any) -> Any:
-    return _adapter(tree).mask(policy, tree, **kwargs)
-
-
-def explain(policy: Policy, tree: Any, **kwargs: Any) -> Report:
-    return _adapter(tree).explain(policy, tree, **kwargs)
+def walk(tree: Any, **kwargs: Any) -> tuple[list, Callable[[list[Any]], Any]]:
+    """The leaves of a Linen mapping or an NNX object, and the function that rebuilds
+    one value per leaf in the input's own structure and container types."""
+    return _adapter(tree).walk(tree, **kwargs)

@@ -73,6 +73,10 @@ class Leaf:
     broadcast_axes: int = 0
     """Trailing size-1 axes a framework keeps only for broadcasting (an Equinox conv
     bias is ``(out, 1, 1)`` where Flax's is ``(out,)``): not counted by :attr:`ndim`."""
+    matrix_axes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    """(reduction axes, output axes) of the array in one layer, batch axes not counted:
+    the layout of a weight matrix, as Muon needs it. ``None`` where the adapter does
+    not know the layout or the array is not a matrix."""
     shared_with: tuple[Leaf, ...] = dataclasses.field(default=(), repr=False)
     """Other views of this same array (a tied or shared parameter reached through
     another owner): each is decided too, and a disagreement is reported."""
@@ -98,6 +102,14 @@ class Leaf:
         (:attr:`broadcast_axes`) do not count.
         """
         return len(self.shape) - self.batch_axes - self.broadcast_axes
+
+    def muon_axes(self) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        """:attr:`matrix_axes` shifted past the stacked leading axes, as optax wants them."""
+        if self.matrix_axes is None:
+            return None
+        reduction, output = self.matrix_axes
+        b = self.batch_axes
+        return tuple(a + b for a in reduction), tuple(a + b for a in output)
 
     @property
     def size(self) -> int:

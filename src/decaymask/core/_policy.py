@@ -216,6 +216,25 @@ class Policy:
 
     # Framework entry points. The adapters are imported on first use.
 
+    def _build(self, framework: str, method: str, tree: Any, kwargs: dict, value: str) -> Any:
+        """Walks ``tree`` with the framework's adapter and puts one value per leaf back."""
+        from ..adapters import load
+
+        adapter = load(framework)
+        leaves, rebuild = adapter.walk(tree, **kwargs)
+        decisions = self.decide_for_mask(
+            leaves, method=method, non_floating_fix=adapter.NON_FLOATING_FIX
+        )
+        if value == "mask":
+            return rebuild([d.decay for d in decisions])
+        if value == "labels":
+            return rebuild([d.label for d in decisions])
+        if value == "rates":
+            return rebuild([d.rate for d in decisions])
+        from ..adapters._common import muon_dimension_numbers
+
+        return rebuild([muon_dimension_numbers(d, method) for d in decisions])
+
     def for_equinox(self, tree: Any) -> Any:
         """The optax mask for an Equinox model or any pytree holding Equinox modules.
 
@@ -231,20 +250,72 @@ class Policy:
           >>> mask.weight, mask.bias
           (True, False)
         """
-        from ..adapters import load
-
-        return load("equinox").mask(self, tree)
+        return self._build("equinox", "for_equinox", tree, {}, "mask")
 
     def for_flax(self, tree: Any, **kwargs: Any) -> Any:
-        """The optax mask for Flax: a Linen params/variables mapping or an NNX module/state."""
-        from ..adapters import load
+        """The optax mask for Flax, with the container types of its input.
 
-        return load("flax").mask(self, tree, **kwargs)
+        Args:
+          tree: a Linen params or variables mapping (``dict`` or ``FrozenDict``), an
+            ``nnx.Module``, or an ``nnx.State``.
+          **kwargs: Linen: ``module=``, ``args=``, ``kwargs=`` to recover the exact layer
+            classes by an abstract trace of ``module.init``. NNX: ``wrt=`` (default
+            ``nnx.Param``), the filter of the params the optimizer updates.
 
-    def explain(self, tree: Any, **kwargs: Any) -> Report:
+        Returns:
+          Linen: a mapping of the input's container types with a bool at every param
+          (``False`` throughout non-``params`` collections). NNX: an ``nnx.State`` of
+          plain bools with the structure of ``nnx.state(model, wrt)``.
+        """
+        return self._build("flax", "for_flax", tree, kwargs, "mask")
+
+    def labels_for_equinox(self, tree: Any) -> Any:
+        """A label per array leaf for ``optax.partition``, in :meth:`for_equinox`'s structure.
+
+        The label of a leaf is the label of the last rule that matches it: rules made
+        with ``label=`` or :func:`label` give theirs, other decay rules ``"decay"``,
+        other no-decay rules ``"no_decay"``; the default gives one of those two.
+        Pass the method itself (``param_labels=policy.labels_for_equinox``): an
+        Equinox-shaped label tree is callable, and optax would call it.
+        """
+        return self._build("equinox", "labels_for_equinox", tree, {}, "labels")
+
+    def labels_for_flax(self, tree: Any, **kwargs: Any) -> Any:
+        """A label per param for ``optax.partition``, in :meth:`for_flax`'s structure."""
+        return self._build("flax", "labels_for_flax", tree, kwargs, "labels")
+
+    def rates_for_equinox(self, tree: Any) -> Any:
+        """The weight-decay multiplier of every array leaf: the deciding rule's ``rate``
+        where it decays, ``0.0`` where it does not; for :func:`add_decayed_weights`."""
+        return self._build("equinox", "rates_for_equinox", tree, {}, "rates")
+
+    def rates_for_flax(self, tree: Any, **kwargs: Any) -> Any:
+        """:meth:`rates_for_equinox` for Flax inputs, in :meth:`for_flax`'s structure."""
+        return self._build("flax", "rates_for_flax", tree, kwargs, "rates")
+
+    def muon_dims_for_equinox(self, tree: Any) -> Any:
+        """Muon dimension numbers in Equinox's layouts where the policy decides True.
+
+        An ``optax.contrib.MuonDimensionNumbers`` at every leaf the policy selects (its
+        reduction and output axes in Equinox's ``(out, in, ...)`` layouts, stacked
+        leading axes left as batch axes), ``None`` everywhere else, so those leaves go
+        to Adam. Pass the method itself: ``muon_weight_dimension_numbers=
+        policy.muon_dims_for_equinox``.
+
+        Raises:
+          ValueError: a selected leaf whose layout is unknown; the message names it.
+        """
+        return self._build("equinox", "muon_dims_for_equinox", tree, {}, "muon")
+
+    def muon_dims_for_flax(self, tree: Any, **kwargs: Any) -> Any:
+        """:meth:`muon_dims_for_equinox` in Flax's ``(in, out)`` layouts and containers."""
+        return self._build("flax", "muon_dims_for_flax", tree, kwargs, "muon")
+
+    def explain(self, tree: Any, *, show_dims: bool = False, **kwargs: Any) -> Report:
         """A :class:`Report` of every decision on ``tree``, one row per array leaf.
 
         Takes the same arguments as the ``for_*`` method that fits ``tree``.
+        ``show_dims=True`` adds the Muon reduction and output axes of each decayed leaf.
 
         Example:
           >>> import decaymask as dm, equinox as eqx, jax
@@ -255,4 +326,5 @@ class Policy:
         """
         from ..adapters import adapter_for
 
-        return adapter_for(tree).explain(self, tree, **kwargs)
+        leaves, _ = adapter_for(tree).walk(tree, **kwargs)
+        return Report(self.decide(leaves), policy=self, show_dims=show_dims)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import Any
 
 from ._vocab import check_kind, check_role
 
@@ -14,11 +15,18 @@ class Registration:
 
     kind: str
     roles: tuple[tuple[str, str], ...] = ()
+    matrix_axes: tuple[tuple[str, tuple[tuple[int, ...], tuple[int, ...]]], ...] = ()
 
     def role_of(self, name: str) -> str | None:
         for key, role in self.roles:
             if key == name:
                 return role
+        return None
+
+    def matrix_axes_of(self, name: str) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        for key, axes in self.matrix_axes:
+            if key == name:
+                return axes
         return None
 
 
@@ -32,6 +40,7 @@ def register_layer(
     cls_or_class_name: type | str,
     kind: str,
     roles: Mapping[str, str] | None = None,
+    matrix_axes: Mapping[str, tuple[Any, Any]] | None = None,
 ) -> type | str:
     """Teaches decaymask the kind of a layer class it does not know.
 
@@ -45,6 +54,8 @@ def register_layer(
       roles: the role of each array attribute (or Flax param name) the layer owns,
         e.g. ``{"w": "weight", "b": "bias"}``. Names left out are inferred from
         standard names (``weight``, ``kernel``, ``bias``, ``scale``, ...).
+      matrix_axes: for Muon, the ``(reduction axes, output axes)`` of each weight
+        matrix the layer owns, e.g. ``{"w": ((0,), (1,))}`` for an ``(in, out)`` matrix.
 
     Returns:
       ``cls_or_class_name`` unchanged, so this can be used as a class decorator through
@@ -78,7 +89,10 @@ def register_layer(
                 f"{where}(roles=...): attribute names must be strings, got {name!r}."
             )
         items.append((name, check_role(role, where=f"{where}(roles={{{name!r}: ...}})")))
-    registration = Registration(kind, tuple(items))
+    axes_items = []
+    for name, axes in (matrix_axes or {}).items():
+        axes_items.append((name, _check_axes(name, axes)))
+    registration = Registration(kind, tuple(items), tuple(axes_items))
     if isinstance(cls_or_class_name, type):
         _by_class[cls_or_class_name] = registration
     elif isinstance(cls_or_class_name, str) and cls_or_class_name:
@@ -90,6 +104,24 @@ def register_layer(
         )
     generation += 1
     return cls_or_class_name
+
+
+def _check_axes(name: str, axes: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    def as_ints(value: Any) -> tuple[int, ...] | None:
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        if items and all(isinstance(a, int) and not isinstance(a, bool) and a >= 0 for a in items):
+            return tuple(items)
+        return None
+
+    if isinstance(axes, (tuple, list)) and len(axes) == 2:
+        reduction, output = as_ints(axes[0]), as_ints(axes[1])
+        if reduction is not None and output is not None and not set(reduction) & set(output):
+            return reduction, output
+    raise ValueError(
+        f"register_layer(matrix_axes={{{name!r}: {axes!r}}}): expected (reduction axes, "
+        f"output axes) as two disjoint tuples of non-negative ints, e.g. ((0,), (1,)) for "
+        f"an (in, out) matrix."
+    )
 
 
 def unregister_layer(cls_or_class_name: type | str) -> None:

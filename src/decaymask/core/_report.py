@@ -72,6 +72,16 @@ class Decision:
         return text
 
 
+def _dims(row: Decision) -> str:
+    if not row.decay:
+        return "-"
+    axes = row.leaf.muon_axes()
+    if axes is None:
+        return "unknown"
+    reduction, output = axes
+    return f"{reduction}->{output}"
+
+
 def _notes(row: Decision, ranks: bool) -> str:
     """Marks where a selector reads framework-specific facts."""
     notes = ""
@@ -86,9 +96,16 @@ def _notes(row: Decision, ranks: bool) -> str:
 class Report(Sequence[Decision]):
     """The decisions on every array leaf of a tree, in flattening order."""
 
-    def __init__(self, decisions: Sequence[Decision], policy: Policy | None = None):
+    def __init__(
+        self,
+        decisions: Sequence[Decision],
+        policy: Policy | None = None,
+        *,
+        show_dims: bool = False,
+    ):
         self._rows = tuple(decisions)
         self.policy = policy
+        self.show_dims = show_dims
 
     @overload
     def __getitem__(self, index: int) -> Decision: ...
@@ -145,6 +162,7 @@ class Report(Sequence[Decision]):
             + ["class", "role", "shape", "decay"]
             + (["label"] if labels else [])
             + (["rate"] if rates else [])
+            + (["muon dims"] if self.show_dims else [])
             + ["rule"]
         )
         rules = self.policy.rules if self.policy is not None else ()
@@ -163,6 +181,7 @@ class Report(Sequence[Decision]):
                 ]
                 + ([row.label] if labels else [])
                 + ([f"{row.rate:g}"] if rates else [])
+                + ([_dims(row)] if self.show_dims else [])
                 + [row.why + _notes(row, ranks)]
             )
         return header, cells
