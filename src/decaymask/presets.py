@@ -8,6 +8,8 @@ docstring says where that makes a difference.
 
 from __future__ import annotations
 
+from typing import Any
+
 from .core._policy import Policy
 from .core._rules import decay, no_decay
 
@@ -87,4 +89,36 @@ def gpt() -> Policy:
     )
 
 
-__all__ = ["everything_but_bias_and_norm", "gpt", "standard"]
+def muon(*, exclude: Any = None) -> Policy:
+    """Selects the weight matrices for Muon: linear, convolution and attention weights.
+
+    For ``policy.muon_dims_for_equinox`` / ``muon_dims_for_flax``: the selected leaves go
+    to Muon with their layout's reduction and output axes, the rest (embeddings,
+    biases, norm scales, everything else) to Adam. This follows Keller Jordan's Muon
+    for modded-nanogpt and Moonshot's Moonlight, which orthogonalise the hidden weight
+    matrices and leave embeddings, the output head, and all vectors to AdamW; optax's
+    own default instead sends every 2-D array to Muon and nothing else, which selects
+    embedding tables, misses 3-D attention and 4-D convolution kernels, and reads
+    Equinox's ``(out, in)`` weights backwards. Convolution kernels are included (their
+    input channels and kernel window form the reduction axes), as in Muon's
+    convolutional experiments.
+
+    Args:
+      exclude: path globs (or compiled patterns) of weights to leave to Adam, most
+        often the output head: ``muon(exclude="lm_head/*")``.
+
+    Example:
+      >>> import decaymask as dm
+      >>> dm.presets.muon(exclude="head/*")
+      Policy(
+          decay(layer=('linear', 'conv'), param='weight'),
+          no_decay(path='head/*'),
+      )
+    """
+    rules = [decay(layer=("linear", "conv"), param="weight")]
+    if exclude is not None:
+        rules.append(no_decay(path=exclude))
+    return Policy(*rules)
+
+
+__all__ = ["everything_but_bias_and_norm", "gpt", "muon", "standard"]
