@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import decaymask as dm
-from helpers import assert_same_tree, flat_with_paths
+from helpers import flat_with_paths
 
 KEY = jax.random.key(0)
 

@@ -14,6 +14,7 @@ from ..core._leaf import Layer, Leaf
 from ._common import check_not_a_step_count, dtype_name, is_array_like, key_name
 
 _nn = eqx.nn
+METHOD = "for_equinox"
 
 # Base classes first match wins: subclasses of these count as the base kind.
 KIND_TABLE: dict[type, str] = {
@@ -250,16 +251,16 @@ def _rebuild(level: tuple, values: list[Any]) -> Any:
 
 def leaves(tree: Any) -> list[Leaf]:
     """The :class:`Leaf` records of every array in ``tree``, in flattening order."""
-    return walk(tree)[0]
+    return walk(tree, method="leaves")[0]
 
 
-def walk(tree: Any) -> tuple[list[Leaf], Callable[[list[Any]], Any]]:
+def walk(tree: Any, *, method: str = METHOD) -> tuple[list[Leaf], Callable[[list[Any]], Any]]:
     """The leaves of ``tree``, and a function that puts one value per leaf back in place.
 
     The rebuilt tree has the structure of ``tree`` with ``None`` at every non-array
     leaf: the structure of ``eqx.filter(tree, eqx.is_array)``.
     """
-    _check_input(tree)
+    _check_input(tree, method)
     state = _Walk(tree)
     return state.leaves, lambda values: _rebuild(state.level, values)
 
@@ -270,23 +271,21 @@ NON_FLOATING_FIX = (
 )
 
 
-METHOD = "for_equinox"
-
-
-def _check_input(tree: Any) -> None:
+def _check_input(tree: Any, method: str) -> None:
     """Flax objects handed to the Equinox entry point get the right method named."""
-    check_not_a_step_count(tree, "for_equinox")
-    module = type(tree).__module__
-    if module.startswith("flax."):
+    check_not_a_step_count(tree, method)
+    flax_method = method.replace("equinox", "flax")
+    if type(tree).__module__.startswith("flax."):
         raise TypeError(
-            f"for_equinox: got a {type(tree).__name__} from Flax; use "
-            f"policy.for_flax(...) for Flax params, variables, nnx.Module or nnx.State."
+            f"{method}: got a {type(tree).__name__} from Flax; use "
+            f"policy.{flax_method}(...) for Flax params, variables, nnx.Module or "
+            f"nnx.State."
         )
     if isinstance(tree, Mapping) and not _holds_module(tree):
         raise TypeError(
-            f"for_equinox: got a {type(tree).__name__} that holds no Equinox module, "
-            f"which looks like Flax Linen params; use policy.for_flax(params). For a "
-            f"pytree of Equinox modules, pass the modules themselves."
+            f"{method}: got a {type(tree).__name__} that holds no Equinox module, "
+            f"which looks like Flax Linen params; use policy.{flax_method}(params). For "
+            f"a pytree of Equinox modules, pass the modules themselves."
         )
 
 

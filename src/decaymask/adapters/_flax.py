@@ -12,7 +12,7 @@ from flax import nnx
 from ._common import check_not_a_step_count
 
 
-def _adapter(tree: Any) -> ModuleType:
+def _adapter(tree: Any, method: str = "for_flax") -> ModuleType:
     if isinstance(tree, (nnx.Module, nnx.State)):
         from . import _nnx
 
@@ -21,16 +21,17 @@ def _adapter(tree: Any) -> ModuleType:
         from . import _linen
 
         return _linen
-    check_not_a_step_count(tree, "for_flax")
+    check_not_a_step_count(tree, method)
     if type(tree).__module__.startswith("equinox") or _is_equinox_module(tree):
         raise TypeError(
-            f"for_flax: got an Equinox {type(tree).__name__}; use "
-            f"policy.for_equinox(model) for Equinox models and their params."
+            f"{method}: got an Equinox {type(tree).__name__}; use "
+            f"policy.{method.replace('flax', 'equinox')}(model) for Equinox models and "
+            f"their params."
         )
     raise TypeError(
-        f"for_flax: expected a Linen params or variables mapping (dict or FrozenDict), "
+        f"{method}: expected a Linen params or variables mapping (dict or FrozenDict), "
         f"an nnx.Module or an nnx.State; got {type(tree).__name__}. For an Equinox "
-        f"model use policy.for_equinox(model)."
+        f"model use policy.{method.replace('flax', 'equinox')}(model)."
     )
 
 
@@ -46,7 +47,9 @@ def leaves(tree: Any, **kwargs: Any) -> list:
     return walk(tree, **kwargs)[0]
 
 
-def walk(tree: Any, **kwargs: Any) -> tuple[list, Callable[[list[Any]], Any]]:
+def walk(
+    tree: Any, *, method: str = "for_flax", **kwargs: Any
+) -> tuple[list, Callable[[list[Any]], Any]]:
     """The leaves of a Linen mapping or an NNX object, and the function that rebuilds
     one value per leaf in the input's own structure and container types."""
-    return _adapter(tree).walk(tree, **kwargs)
+    return _adapter(tree, method).walk(tree, method=method, **kwargs)

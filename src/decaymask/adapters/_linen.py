@@ -1,4 +1,15 @@
-"""The Flax Linen adapter: a params or variables mapping -> leaves -> a mask of the same containers.
+"""The Flax Linen adapter: params or variables -> leaves -> a mask in the same containers.
+
+The input is a params mapping or a whole variables mapping, as ``dict`` or
+``FrozenDict``; the mask comes back in exactly the same containers (optax rejects a
+mix), with one bool at each ``nn.Partitioned`` box so that it is a prefix of the boxed
+params. A mapping is read as variables when it has a ``params`` key, every top-level
+value is a mapping and no other top-level key is a Flax auto name (``Dense_0``); with
+``module=``, the traced model decides instead, since a model may name a submodule
+``params``. Canonical paths join keys with ``/``; in variables, ``params`` paths drop
+their ``params/`` prefix (a glob written for params works on both) and other
+collections keep theirs (``batch_stats/BatchNorm_0/mean``). Other collections are
+state: never decayed.
 
 Linen params carry no classes, only keys. Without a module, every mapping level is read
 as a module and its kind comes from names, in this order:
@@ -18,19 +29,21 @@ as a module and its kind comes from names, in this order:
    attention ancestor nor a multi-axis bias says ``DenseGeneral``; ``scale`` beside
    ``bias`` makes a layer norm, ``scale`` alone an RMS norm; a module whose children are
    exactly the gates of a Linen cell (``ir``, ``iz``, ``in``, ``hr``, ``hz``, ``hn``) is
-   recurrent.
+   recurrent, one with ``query``, ``key``, ``value`` and ``out`` children is attention.
 
 Two kinds of module own the arrays of modules inside them. A recurrent cell (Linen's
 cells keep their gates in ``Dense`` or ``Conv`` children such as ``ii``/``hi``) owns
 its gates' kernels and biases, with roles ``weight`` and ``bias``, exactly as an
 Equinox ``GRUCell`` owns ``weight_ih``: ``layer="recurrent"`` selects the same arrays
 in both. ``WeightNorm`` and ``SpectralNorm`` own the arrays they keep for the layer they
-wrap, as a layer of that layer's kind.
+wrap, as a layer of that layer's kind. A cell does not own a child of another kind (a
+norm inside a user's cell stays a norm).
 
 With ``module=`` and ``args=``, ``model.init`` is traced abstractly (``jax.eval_shape``,
 no arrays allocated) with a method interceptor that records the class of every module
 path and the rank each array has inside its layer (so arrays stacked by ``nn.scan`` or
-``nn.vmap`` get ``batch_axes``). A class is looked up in the registry, then in
+``nn.vmap`` get ``batch_axes``; by names alone, only layers of a fixed rank under a
+``Scan``/``Vmap`` auto name get them). A class is looked up in the registry, then in
 :data:`KIND_TABLE` (subclasses count), then by its name, and where none of these knows
 it, the rules above decide, so the classes are never worse than the names.
 """
@@ -41,7 +54,8 @@ import dataclasses
 import functools
 import inspect
 import re
-from collections.abc import Mapping
+import reprlib
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -52,8 +66,6 @@ from flax.core.scope import Scope
 from ..core import _registry
 from ..core._infer import is_generic_norm_name, kind_from_name, role_from_name
 from ..core._leaf import Layer, Leaf
-from ..core._policy import Policy
-from ..core._report import Report
 from ._common import dtype_name, is_array_like, key_name
 
 # Base classes: subclasses count as the base kind.
@@ -81,6 +93,10 @@ KIND_TABLE: dict[type, str] = {
     nn.ConvLSTMCell: "recurrent",
     nn.PReLU: "prelu",
 }
+# OptimizedLSTMCell keeps its gates in this Dense look-alike.
+_DENSE_PARAMS: type | None = getattr(nn.recurrent, "DenseParams", None)
+if _DENSE_PARAMS is not None:
+    KIND_TABLE[_DENSE_PARAMS] = "linear"
 
 # Wrappers keep arrays for the layer they wrap: they own them as a layer of its kind.
 WRAPPERS: tuple[type, ...] = (nn.WeightNorm, nn.SpectralNorm)
@@ -129,6 +145,34 @@ _NATURAL_NDIM: dict[str, dict[str, int]] = {
 _FREE_NDIM = frozenset({"Einsum", "DenseGeneral", "ConvLocal"})
 # MultiHeadDotProductAttention's DenseGeneral children: (kernel, bias) ranks.
 _ATTENTION_NDIM = {"query": (3, 2), "key": (3, 2), "value": (3, 2), "out": (3, 1)}
+
+
+# (batch_dims, axis, features) axis counts of MultiHeadDotProductAttention's
+# DenseGeneral children, for their matrix layouts by name.
+_ATTENTION_LAYOUT = {"query": (0, 1, 2), "key": (0, 1, 2), "value": (0, 1, 2), "out": (0, 2, 1)}
+
+# Linen's kernel layouts, most specific class first (DenseGeneral is not a Dense).
+_LAYOUT_CLASSES: tuple[tuple[type, str], ...] = (
+    (nn.Einsum, "Einsum"),
+    (nn.DenseGeneral, "DenseGeneral"),
+    (nn.Dense, "Dense"),
+    *(((_DENSE_PARAMS, "Dense"),) if _DENSE_PARAMS is not None else ()),
+    (nn.ConvLocal, "ConvLocal"),
+    (nn.Conv, "Conv"),
+    (nn.ConvTranspose, "Conv"),
+    (nn.Embed, "Embed"),
+)
+_LAYOUT_NAMES = {cls.__name__: base for cls, base in _LAYOUT_CLASSES}
+
+
+def _layout_base(layer: Layer) -> str | None:
+    """Which Linen matrix layout a layer's kernel has, by class or auto name."""
+    if layer.cls is not None:
+        for cls, base in _LAYOUT_CLASSES:
+            if issubclass(layer.cls, cls):
+                return base
+        return None
+    return _LAYOUT_NAMES.get(layer.type_name) if layer.type_name is not None else None
 
 
 def _natural_ndim(layer: Layer, module_key: str, name: str) -> int | None:
@@ -246,6 +290,33 @@ def _resolve_class_kind(cls: type) -> tuple[str | None, str]:
     return None, "class"
 
 
+_auto_cache: dict[str | None, tuple[str | None, str, _registry.Registration | None]] = {}
+_auto_generation = -1
+
+
+def _auto_kind(auto: str | None) -> tuple[str | None, str, _registry.Registration | None]:
+    """(kind, source, registration) for a class known by its auto name only.
+
+    The kind is ``None`` where neither the registry nor :data:`KIND_TABLE` knows the
+    class name, and ``"wrapper"`` for :data:`WRAPPERS`.
+    """
+    global _auto_generation
+    if _auto_generation != _registry.generation:
+        _auto_cache.clear()
+        _auto_generation = _registry.generation
+    found = _auto_cache.get(auto)
+    if found is None:
+        registration = _registry.lookup_name(auto) if auto is not None else None
+        if registration is not None:
+            found = (registration.kind, "registered", registration)
+        elif auto in _WRAPPER_NAMES:
+            found = ("wrapper", "name", None)
+        else:
+            found = (_KIND_BY_NAME.get(auto), "name", None)  # type: ignore[arg-type]
+        _auto_cache[auto] = found
+    return found
+
+
 @functools.lru_cache(maxsize=256)
 def _is_lifted(cls: type) -> bool:
     # Lifted transforms build their classes in flax.linen.transforms; the instance they
@@ -276,6 +347,7 @@ class _Trace:
     classes: dict[tuple[str, ...], type]
     wrapped: dict[tuple[str, ...], type]
     ndims: dict[tuple[str, tuple[str, ...]], int]
+    general: dict[tuple[str, ...], tuple[int, int, int]]
     variables: Any
 
 
@@ -319,6 +391,7 @@ def _trace(
     classes: dict[tuple[str, ...], type] = {(): type(module)}
     wrapped: dict[tuple[str, ...], type] = {}
     ndims: dict[tuple[str, tuple[str, ...]], int] = {}
+    general: dict[tuple[str, ...], tuple[int, int, int]] = {}
     pending = {path: list(names) for path, names in wanted.items()}
     root_class = type(module)
 
@@ -339,6 +412,13 @@ def _trace(
             return out
         if isinstance(bound, WRAPPERS) and path not in wrapped:
             wrapped[path] = type(bound.layer_instance)
+        if isinstance(bound, nn.DenseGeneral) and path not in general:
+            # The kernel is batch_dims + axis + features axes: its matrix layout.
+            batch, axis, features = (
+                len(v) if isinstance(v, (tuple, list)) else 1
+                for v in (bound.batch_dims, bound.axis, bound.features)
+            )
+            general[path] = (batch, axis, features)
         names = pending.get(path)
         if names:
             # Inside nn.scan/nn.vmap the module sees one layer's arrays: their rank
@@ -371,7 +451,7 @@ def _trace(
                 f"the model accepts)"
             )
         raise
-    return _Trace(classes, wrapped, ndims, variables)
+    return _Trace(classes, wrapped, ndims, general, variables)
 
 
 @dataclasses.dataclass
@@ -426,7 +506,8 @@ class _Walk:
                 f"{fn}: expected a Linen params or variables mapping (dict or FrozenDict), "
                 f"got {type(tree).__name__}."
             )
-        if module is None and (args != () or kwargs is not None):
+        given_args = not (isinstance(args, tuple) and not args)
+        if module is None and (given_args or kwargs is not None):
             raise TypeError(
                 f"{fn}(params, args=..., kwargs=...): these are example inputs for "
                 f"tracing module=, but no module= was given. Pass the model too: "
@@ -434,6 +515,11 @@ class _Walk:
             )
         self.fn = fn
         flat, self.treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_box)
+        if len(flat) == 1 and flat[0][1] is tree:
+            raise TypeError(
+                f"{fn}: expected a Linen params or variables mapping (dict or FrozenDict), "
+                f"got {type(tree).__name__}, which jax treats as a single leaf."
+            )
         keyed = [(_keys(keys), value) for keys, value in flat]
         self.variables = _looks_like_variables(tree)
         self.trace: _Trace | None = None
@@ -453,19 +539,12 @@ class _Walk:
                 if seen:
                     break
         self.modules: dict[tuple[str, ...], _Module] = {}
-        self.leaves: list[Leaf] = []
-        # Per flat position: an index into self.leaves, or None for a non-array state leaf.
-        self.slots: list[int | None] = []
-        for entry in entries:
-            if entry is None:
-                self.slots.append(None)
-            else:
-                self.slots.append(len(self.leaves))
-                self.leaves.append(self._leaf(*entry))
+        # One leaf per flat position: a result is the treedef unflattened over them.
+        self.leaves = [self._leaf(*entry) for entry in entries]
 
-    def _entries(self, keyed: list) -> list[tuple[str, tuple[str, ...], str, Any] | None]:
-        """(collection, module path, name, array) per flat position; None: not an array."""
-        entries: list[tuple[str, tuple[str, ...], str, Any] | None] = []
+    def _entries(self, keyed: list) -> list[tuple[str, tuple[str, ...], str, Any]]:
+        """(collection, module path, key, array) per flat position."""
+        entries: list[tuple[str, tuple[str, ...], str, Any]] = []
         self.direct: dict[tuple[str, ...], dict[str, Any]] = {}
         self.direct_other: dict[tuple[str, ...], dict[str, Any]] = {}
         for names, value in keyed:
@@ -475,15 +554,12 @@ class _Walk:
                 collection, rest = names[0], names[1:]
             array = _unbox(value) if _is_box(value) else value
             if not _is_array(array) or not rest:
-                if collection == "params":
-                    raise TypeError(
-                        f"{self.fn}: params leaf {_path_text(names)!r} is {array!r} "
-                        f"({type(array).__name__}); expected a jax or numpy array, or an "
-                        f"nn.Partitioned (flax AxisMetadata) box around one. Remove "
-                        f"non-array entries from the params before building the mask."
-                    )
-                entries.append(None)
-                continue
+                raise TypeError(
+                    f"{self.fn}: leaf {_path_text(names)!r} is {reprlib.repr(array)} "
+                    f"({type(array).__name__}); expected a jax or numpy array, or an "
+                    f"nn.Partitioned (flax AxisMetadata) box around one. Remove "
+                    f"non-array entries from the tree before building the mask."
+                )
             path, name = rest[:-1], rest[-1]
             table = self.direct if collection == "params" else self.direct_other
             table.setdefault(path, {})[name] = array
@@ -521,7 +597,7 @@ class _Walk:
         given = {
             _path_text(entry[1] + (entry[2],)): tuple(entry[3].shape)
             for entry in entries
-            if entry is not None and entry[0] == "params"
+            if entry[0] == "params"
         }
         for path, shape in given.items():
             if path not in traced:
@@ -585,16 +661,9 @@ class _Walk:
                 return dataclasses.replace(
                     parent, absorbed_by=absorbed_by or parent, visible=False
                 )
-            kind, source, type_name, trusted = None, "name", auto, False
-            if auto is not None:
-                registration = _registry.lookup_name(auto)
-                if registration is not None:
-                    kind, source, trusted = registration.kind, "registered", True
-                elif auto in _WRAPPER_NAMES:
-                    kind, trusted = "wrapper", True
-                else:
-                    kind = _KIND_BY_NAME.get(auto)
-                    trusted = kind is not None
+            type_name = auto
+            kind, source, registration = _auto_kind(auto)
+            trusted = kind is not None
         if (kind is None or kind == "norm") and key and not trusted:
             # The module's own name, where the class (or auto name) says nothing
             # specific: `input_layernorm` holding an HF-style `weight`.
@@ -667,11 +736,9 @@ class _Walk:
         if len(children) == 1:
             (child,) = children
             auto, _ = _auto_class(child)
-            kind = None
-            if auto is not None:
-                registration = _registry.lookup_name(auto)
-                kind = registration.kind if registration else _KIND_BY_NAME.get(auto)
-            kind = kind or kind_from_name(child)
+            kind = _auto_kind(auto)[0]
+            if kind in (None, "wrapper"):
+                kind = kind_from_name(child)
             if kind is not None:
                 return kind, source
         return "unknown", source
@@ -685,8 +752,11 @@ class _Walk:
     ) -> str | None:
         """The kind the arrays a module owns (or its gate children) make evident."""
         if not direct:
-            if frozenset(self.children.get(path, ())) in _GATE_SETS:
+            children = frozenset(self.children.get(path, ()))
+            if children in _GATE_SETS:
                 return "recurrent"
+            if _ATTENTION_CHILDREN <= children:
+                return "attention"
             return None
         if not _EMBED_NAMES.isdisjoint(direct):
             return "embedding"
@@ -718,13 +788,12 @@ class _Walk:
 
     # Leaves.
 
-    def _leaf(self, collection: str, path: tuple[str, ...], name: str, array: Any) -> Leaf:
+    def _leaf(self, collection: str, path: tuple[str, ...], key: str, array: Any) -> Leaf:
         module = self._module(path)
         owner = module.absorbed_by or module
         layer = owner.layer
-        text = "/".join(path + (name,))
         # WeightNorm names its variables by path (`Dense_0/kernel/scale`).
-        name = name.rsplit("/", 1)[-1]
+        name = key.rsplit("/", 1)[-1]
         role = None
         if owner.registration is not None:
             role = owner.registration.role_of(name)
@@ -732,14 +801,20 @@ class _Walk:
             role = role_from_name(layer.kind, name)
         shape = tuple(array.shape)
         batch_axes = 0
+        known_rank = True
         if self.trace is not None:
-            inner = self.trace.ndims.get((collection, path + (name,)))
+            inner = self.trace.ndims.get((collection, path + (key,)))
             if inner is not None:
                 batch_axes = max(0, len(shape) - inner)
         elif module.stacked:
             natural = _natural_ndim(module.layer, path[-1] if path else "", name)
             if natural is not None:
                 batch_axes = min(module.stacked, max(0, len(shape) - natural))
+            known_rank = natural is not None
+        matrix_axes = None
+        if collection == "params" and known_rank:
+            matrix_axes = self._matrix_axes(owner, module, path, name, len(shape) - batch_axes)
+        text = "/".join(path + (key,))
         if collection != "params":
             text = f"{collection}/{text}"
         return Leaf(
@@ -755,12 +830,64 @@ class _Walk:
             is_param=collection == "params",
             kind_source=layer.source,
             batch_axes=batch_axes,
+            matrix_axes=matrix_axes,
         )
 
-    def mask(self, decisions: list) -> Any:
-        return self.treedef.unflatten(
-            [False if slot is None else decisions[slot].decay for slot in self.slots]
-        )
+    def _general_sizes(self, path: tuple[str, ...], rank: int) -> tuple[int, int, int] | None:
+        """A DenseGeneral's axis counts read off its bias: the kernel's last axes."""
+        direct = self.direct.get(path, {})
+        kernel, bias = direct.get("kernel"), direct.get("bias")
+        if kernel is None or bias is None:
+            return None
+        features = len(bias.shape)
+        stacked = len(kernel.shape) - rank
+        if not 0 < features < rank or bias.shape[stacked:] != kernel.shape[-features:]:
+            return None
+        return 0, rank - features, features
+
+    def _matrix_axes(
+        self, owner: _Module, module: _Module, path: tuple[str, ...], name: str, rank: int
+    ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        """(reduction, output) axes of a weight matrix in Linen's (in, out) layouts."""
+        if owner.registration is not None:
+            return owner.registration.matrix_axes_of(name)
+        if name not in ("kernel", "embedding"):
+            return None
+        layer = module.layer
+        base = _layout_base(layer)
+        if base is None:
+            # A layer known by kind only (a user-named module, a third-party class)
+            # keeps Linen's layouts: a 2-D kernel is (in, out), a conv's (*window, in,
+            # out). A multi-axis bias shows a DenseGeneral's output axes.
+            if layer.kind == "linear" and name == "kernel":
+                base = "Dense" if rank == 2 else "DenseGeneral"
+            elif layer.kind == "conv" and name == "kernel":
+                base = "Conv"
+            elif layer.kind == "embedding" and name == "embedding":
+                base = "Embed"
+        if base in ("Dense", "Embed") and rank == 2:
+            return (0,), (1,)
+        if base == "Conv" and rank >= 2:
+            # (*window, in, out): a window position is part of the input of the matmul.
+            return tuple(range(rank - 1)), (rank - 1,)
+        if base == "ConvLocal" and rank >= 2:
+            # (*out_window, window * in, out): one matrix per output position.
+            return (rank - 2,), (rank - 1,)
+        if base == "DenseGeneral":
+            sizes = self.trace.general.get(path) if self.trace is not None else None
+            if sizes is None and layer.cls is None:
+                if layer.type_name == "DenseGeneral" and path and path[-1] in _ATTENTION_LAYOUT:
+                    sizes = _ATTENTION_LAYOUT[path[-1]]
+                else:
+                    sizes = self._general_sizes(path, rank)
+            if sizes is not None and sum(sizes) == rank:
+                batch, reduction, _ = sizes
+                return (
+                    tuple(range(batch, batch + reduction)),
+                    tuple(range(batch + reduction, rank)),
+                )
+        return None
+
 
 
 def _wanted(keyed: list, variables: bool) -> dict[tuple[str, ...], list[tuple[str, str]]]:
@@ -773,6 +900,28 @@ def _wanted(keyed: list, variables: bool) -> dict[tuple[str, ...], list[tuple[st
         if variables and len(names) >= 2:
             wanted.setdefault(names[1:-1], []).append((names[0], names[-1]))
     return wanted
+
+
+NON_FLOATING_FIX = "Keep integer and bool arrays out of the params handed to optax."
+
+
+def walk(
+    tree: Any,
+    *,
+    module: Any = None,
+    args: Any = (),
+    kwargs: Any = None,
+    method: str = "for_flax",
+) -> tuple[list[Leaf], Callable[[list[Any]], Any]]:
+    """The leaves of a Linen mapping, and the function that puts one value per leaf back.
+
+    The rebuilt tree has exactly the containers of ``tree`` (``dict`` or
+    ``FrozenDict`` at every level) with one value at each array and at each
+    ``nn.Partitioned`` box. Arguments as :func:`leaves`; ``method`` names the entry
+    point in error messages.
+    """
+    state = _Walk(method, tree, module, args, kwargs)
+    return state.leaves, state.treedef.unflatten
 
 
 def leaves(
@@ -793,36 +942,24 @@ def leaves(
       args: example inputs for ``module.__call__`` (only shapes and dtypes matter).
       kwargs: example keyword inputs for ``module.__call__``.
 
+    Returns:
+      One :class:`Leaf` per array, in ``jax.tree_util`` flattening order.
+
     Raises:
-      TypeError: ``tree`` is not a mapping, a params leaf is not an array, or
+      TypeError: ``tree`` is not a mapping, a leaf is not an array, or
         ``module=``/``args=``/``kwargs=`` are of the wrong type or missing.
       ValueError: the traced model's params differ from ``tree``'s.
-    """
-    return _Walk("leaves", tree, module, args, kwargs).leaves
-
-
-def mask(
-    policy: Policy, tree: Any, *, module: Any = None, args: Any = (), kwargs: Any = None
-) -> Any:
-    """The optax mask for a Linen mapping: bools, in exactly its containers.
-
-    A ``FrozenDict`` gives a ``FrozenDict`` mask, a ``dict`` a ``dict``; an
-    ``nn.Partitioned`` box gets one bool, so the mask is a prefix of the boxed params.
-    Takes the arguments of :func:`leaves`.
 
     Example:
-      >>> import decaymask as dm, flax.linen as nn, jax, jax.numpy as jnp
-      >>> params = nn.Dense(2).init(jax.random.key(0), jnp.ones((1, 3)))["params"]
-      >>> dm.Policy(dm.decay(param="weight")).for_flax(params)
-      {'bias': False, 'kernel': True}
+      >>> import flax.linen as nn, jax, jax.numpy as jnp
+      >>> from decaymask.adapters import _linen
+      >>> model = nn.Sequential([nn.Dense(4), nn.LayerNorm()])
+      >>> params = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 3)))
+      >>> for leaf in _linen.leaves(params):
+      ...     print(leaf.path, leaf.layer, leaf.role)
+      layers_0/bias linear bias
+      layers_0/kernel linear weight
+      layers_1/bias layer_norm bias
+      layers_1/scale layer_norm scale
     """
-    walk = _Walk("for_flax", tree, module, args, kwargs)
-    return walk.mask(policy.decide(walk.leaves))
-
-
-def explain(
-    policy: Policy, tree: Any, *, module: Any = None, args: Any = (), kwargs: Any = None
-) -> Report:
-    """A :class:`Report` of every decision on a Linen mapping; arguments as :func:`leaves`."""
-    walk = _Walk("explain", tree, module, args, kwargs)
-    return Report(policy.decide(walk.leaves), policy=policy)
+    return walk(tree, module=module, args=args, kwargs=kwargs, method="leaves")[0]

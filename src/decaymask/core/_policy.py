@@ -221,7 +221,7 @@ class Policy:
         from ..adapters import load
 
         adapter = load(framework)
-        leaves, rebuild = adapter.walk(tree, **kwargs)
+        leaves, rebuild = adapter.walk(tree, method=method, **kwargs)
         decisions = self.decide_for_mask(
             leaves, method=method, non_floating_fix=adapter.NON_FLOATING_FIX
         )
@@ -326,5 +326,5 @@ class Policy:
         """
         from ..adapters import adapter_for
 
-        leaves, _ = adapter_for(tree).walk(tree, **kwargs)
+        leaves, _ = adapter_for(tree).walk(tree, method="explain", **kwargs)
         return Report(self.decide(leaves), policy=self, show_dims=show_dims)
