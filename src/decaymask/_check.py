@@ -129,7 +129,6 @@ def check_mask(mask: Any, params: Any) -> None:
         keys only in params (1): 'Dense_0'
       Fix: build the mask from the params collection alone: policy.for_flax(variables["params"]).
     """
-    import jax
 
     if mask is None:
         return

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._leaf import Layer, Leaf
-from ._vocab import GROUPS, check_kind, check_role, kind_in
+from ._vocab import check_kind, check_role, kind_in
 
 SELECTORS = ("layer", "within", "param", "name", "path", "min_ndim", "when")
 """The keywords :func:`decay` and :func:`no_decay` accept, combined with AND."""
