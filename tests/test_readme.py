@@ -34,6 +34,14 @@ def test_demo_runs():
         check=True,
     )
     out = result.stdout
-    assert "decayed 12 of 15 leaves, 696 of 840 elements (82.9%)" in out
+    # The same policy on the same model in three frameworks.
+    assert "decayed 12 of 15 leaves, 696 of 840 elements (82.9%)" in out  # Equinox
+    assert out.count("decayed 16 of 19 leaves, 728 of 872 elements (83.5%)") == 2  # Linen, NNX
     assert "head/weight                    linear      Linear     weight     (16, 8)  yes" in out
-    assert "step 2: loss" in out
+    assert "block/attn/query/kernel  linear      DenseGeneral  weight     (8, 2, 4)  yes" in out
+    assert "block/attn/query/kernel  linear      LinearGeneral  weight     (8, 2, 4)  yes" in out
+    lines = out.splitlines()
+    for name in ("Equinox", "Linen", "NNX"):
+        [row] = [line for line in lines if line.startswith(f"  {name} ")]
+        losses = [float(x) for x in row.split()[1:]]
+        assert len(losses) == 2 and losses[1] < losses[0]
