@@ -217,10 +217,10 @@ class _Walk:
         shape = tuple(value.shape)
         expected = None if in_state else _expected_ndim(owner_node, owner, name)
         batch_axes = max(0, len(shape) - expected) if expected is not None else 0
-        broadcast_axes = 0
+        layout_axes = 0
         if name == "bias" and isinstance(owner_node, (_nn.Conv, _nn.ConvTranspose)):
             # Equinox keeps a conv bias as (out, 1, ..., 1) to broadcast over space.
-            broadcast_axes = owner_node.num_spatial_dims
+            layout_axes = owner_node.num_spatial_dims
         return Leaf(
             path=path.rstrip("/"),
             layer=owner.kind,
@@ -234,7 +234,7 @@ class _Walk:
             is_param=not in_state,
             kind_source=owner.source,
             batch_axes=batch_axes,
-            broadcast_axes=broadcast_axes,
+            layout_axes=layout_axes,
             matrix_axes=matrix_axes,
         )
 

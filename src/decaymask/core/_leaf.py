@@ -70,9 +70,11 @@ class Leaf:
     """How the layer kind was found: one of ``KIND_SOURCES``."""
     batch_axes: int = 0
     """Leading axes added by stacking layers (scan, vmap): not part of the layer."""
-    broadcast_axes: int = 0
-    """Trailing size-1 axes a framework keeps only for broadcasting (an Equinox conv
-    bias is ``(out, 1, 1)`` where Flax's is ``(out,)``): not counted by :attr:`ndim`."""
+    layout_axes: int = 0
+    """Axes a framework's layout adds beyond the layer's logical rank, not counted by
+    :attr:`ndim`: an Equinox conv bias ``(out, 1, 1)`` has 2 (Flax's is ``(out,)``), a
+    Flax attention bias ``(heads, head_dim)`` has 1 and its kernel ``(in, heads,
+    head_dim)`` has 1 (Equinox's are ``(out,)`` and ``(out, in)``)."""
     matrix_axes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
     """(reduction axes, output axes) of the array in one layer, batch axes not counted:
     the layout of a weight matrix, as Muon needs it. ``None`` where the adapter does
@@ -98,10 +100,10 @@ class Leaf:
     def ndim(self) -> int:
         """The rank of one layer's array, the same in every framework.
 
-        Stacked leading axes (:attr:`batch_axes`) and broadcasting axes
-        (:attr:`broadcast_axes`) do not count.
+        Stacked leading axes (:attr:`batch_axes`) and layout axes (:attr:`layout_axes`)
+        do not count: a bias is 1-D and a weight matrix 2-D in every framework.
         """
-        return len(self.shape) - self.batch_axes - self.broadcast_axes
+        return len(self.shape) - self.batch_axes - self.layout_axes
 
     def muon_axes(self) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
         """:attr:`matrix_axes` shifted past the stacked leading axes, as optax wants them."""
