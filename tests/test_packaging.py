@@ -60,6 +60,7 @@ PUBLIC = [
     "Rule",
     "SELECTORS",
     "UnmatchedRuleError",
+    "add_decayed_weights",
     "check_mask",
     "decay",
     "label",

@@ -8,10 +8,12 @@ from typing import Any
 
 from ._data import policy_from_data, policy_to_data, read_file
 from ._leaf import Leaf
+from ._table import LeafTable, as_table
 from ._report import Decision, Report
 from ._rules import DECAY_LABEL, NO_DECAY_LABEL, Rule
 from ._warnings import check_decisions
 
+_VALUE_ATTR = {"mask": "decay", "labels": "label", "rates": "rate"}
 NOT_A_PARAM = "state: never decayed"
 NOT_FLOATING = "not floating point: never decayed"
 DEFAULT = "default"
@@ -221,19 +223,33 @@ class Policy:
         from ..adapters import load
 
         adapter = load(framework)
-        leaves, rebuild = adapter.walk(tree, method=method, **kwargs)
-        decisions = self.decide_for_mask(
-            leaves, method=method, non_floating_fix=adapter.NON_FLOATING_FIX
-        )
-        if value == "mask":
-            return rebuild([d.decay for d in decisions])
-        if value == "labels":
-            return rebuild([d.label for d in decisions])
-        if value == "rates":
-            return rebuild([d.rate for d in decisions])
-        from ..adapters._common import muon_dimension_numbers
+        found, rebuild = adapter.walk(tree, method=method, **kwargs)
+        table = found if isinstance(found, LeafTable) else as_table(found)
+        fix = adapter.NON_FLOATING_FIX
+        if value == "muon" or any(rule.per_leaf for rule in self.rules):
+            decisions = self.decide(table)
+            check_decisions(self, table, decisions, method=method, non_floating_fix=fix)
+            if value == "muon":
+                from ..adapters._common import muon_dimension_numbers
 
-        return rebuild([muon_dimension_numbers(d, method) for d in decisions])
+                return rebuild([muon_dimension_numbers(d, method) for d in decisions])
+            return rebuild([getattr(d, _VALUE_ATTR[value]) for d in decisions])
+        # Every rule reads only what a key stands for: decide once per key.
+        first = table.representatives()
+        keys = list(first)
+        decisions = self.decide([table[i] for i in first.values()])
+        check_decisions(
+            self,
+            [d.leaf for d in decisions],
+            decisions,
+            method=method,
+            non_floating_fix=fix,
+            # Only warnings that list paths ask, and only for their few keys.
+            paths_like=lambda r: [table[i].path for i in table.indices_of({keys[r]})],
+        )
+        attr = _VALUE_ATTR[value]
+        by_key = {key: getattr(d, attr) for key, d in zip(keys, decisions)}
+        return rebuild([by_key[key] for key in table.keys])
 
     def for_equinox(self, tree: Any) -> Any:
         """The optax mask for an Equinox model or any pytree holding Equinox modules.

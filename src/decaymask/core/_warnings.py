@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from ._leaf import Leaf
@@ -58,6 +58,7 @@ def check_decisions(
     *,
     method: str,
     non_floating_fix: str,
+    paths_like: Callable[[int], list[str]] | None = None,
 ) -> None:
     """Warns (or raises, for a strict policy) where the user most likely made a mistake.
 
@@ -68,7 +69,11 @@ def check_decisions(
       method: the entry point the user called, for the messages (``"for_equinox"``).
       non_floating_fix: how to keep integer and bool arrays out of the params in this
         framework.
+      paths_like: where ``leaves`` stand for groups of alike leaves (one per key), the
+        paths of every leaf alike to ``leaves[i]``; by default just its own.
     """
+    if paths_like is None:
+        paths_like = lambda i: [leaves[i].path]  # noqa: E731
     unmatched = unmatched_rules(policy, leaves, decisions)
     if unmatched:
         lines = "; ".join(f"rule {i + 1} {policy.rules[i]!r}" for i in unmatched)
@@ -87,7 +92,12 @@ def check_decisions(
             raise UnmatchedRuleError(message)
         warnings.warn(message + " (strict=True makes this an error.)", PolicyWarning, stacklevel=4)
 
-    integers = [leaf.path for leaf in leaves if leaf.is_param and not leaf.floating]
+    integers = [
+        path
+        for i, leaf in enumerate(leaves)
+        if leaf.is_param and not leaf.floating
+        for path in paths_like(i)
+    ]
     if integers:
         warnings.warn(
             f"{method}: the params hold integer or bool arrays ({_some(integers)}); the "
@@ -110,9 +120,9 @@ def check_decisions(
             )
 
     unknown: dict[str | None, list[str]] = {}
-    for leaf in leaves:
+    for i, leaf in enumerate(leaves):
         if leaf.layer == "unknown" and leaf.is_param and leaf.floating:
-            unknown.setdefault(leaf.layer_type, []).append(leaf.path)
+            unknown.setdefault(leaf.layer_type, []).extend(paths_like(i))
     for type_name, paths in unknown.items():
         if type_name is None:
             message = (
