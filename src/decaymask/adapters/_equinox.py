@@ -11,7 +11,8 @@ import jax
 from ..core import _registry
 from ..core._infer import is_generic_norm_name, kind_from_name, role_from_name
 from ..core._leaf import Layer, Leaf
-from ._common import check_not_a_step_count, dtype_name, is_array_like, key_name
+from ..core._table import LeafTable
+from ._common import ARRAY_TYPES, check_not_a_step_count, dtype_name, is_array_like, key_name
 
 _nn = eqx.nn
 METHOD = "for_equinox"
@@ -56,6 +57,7 @@ def _class_kind(cls: type) -> tuple[str, str, _registry.Registration | None]:
     global _cache_generation
     if _cache_generation != _registry.generation:
         _class_cache.clear()
+        _layer_cache.clear()
         _cache_generation = _registry.generation
     found = _class_cache.get(cls)
     if found is None:
@@ -84,14 +86,22 @@ def _resolve_class_kind(cls: type) -> tuple[str, str, _registry.Registration | N
 
 def _module_layer(node: eqx.Module) -> Layer:
     cls = type(node)
+    kind, source, _ = _class_kind(cls)  # also drops the caches when the registry changed
+    cached = _layer_cache.get(cls)
+    if cached is not None:
+        return cached
     if isinstance(node, WRAPPERS):
         inner = _module_layer(node.layer)
         return Layer(inner.kind, cls.__name__, cls, inner.source)
-    kind, source, _ = _class_kind(cls)
     if kind == "norm":
         # A class named only "...Norm": a bias says layer norm, no bias says RMS norm.
         kind = "layer_norm" if _has_array(node, "bias") else "rms_norm"
-    return Layer(kind, cls.__name__, cls, source)
+        return Layer(kind, cls.__name__, cls, source)
+    layer = _layer_cache[cls] = Layer(kind, cls.__name__, cls, source)
+    return layer
+
+
+_layer_cache: dict[type, Layer] = {}
 
 
 def _has_array(node: Any, name: str) -> bool:
@@ -137,71 +147,101 @@ def _field_name(keys: tuple) -> str:
     return key_name(keys[-1]) if keys else ""
 
 
+_UNOWNED = Layer("unknown", None, None, "class")
+_INDEX_KEYS = (jax.tree_util.SequenceKey, jax.tree_util.FlattenedIndexKey)
+
+
+class _Context:
+    """What every array below one node shares: its owner, the modules around it."""
+
+    __slots__ = ("node", "owner", "ancestors", "owner_node", "in_state", "key")
+
+    def __init__(self, node, owner, ancestors, owner_node, in_state, key):
+        self.node = node
+        self.owner = owner
+        self.ancestors = ancestors
+        self.owner_node = owner_node
+        self.in_state = in_state
+        # Equal for contexts that decide alike; interned so that leaf keys hash fast.
+        self.key = key
+
+
+_getattr = object.__getattribute__  # Module.__getattribute__ does work fields never need
+
+
+def _child(node: Any, entry: Any) -> Any:
+    if isinstance(entry, jax.tree_util.GetAttrKey):
+        return _getattr(node, entry.name)
+    if isinstance(entry, jax.tree_util.SequenceKey):
+        return node[entry.idx]
+    if isinstance(entry, jax.tree_util.DictKey):
+        return node[entry.key]
+    # A custom pytree node: its children in flattening order.
+    children = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)[0]
+    for keys, child in children:
+        if keys[0] == entry:
+            return child
+    raise KeyError(entry)
+
+
 class _Walk:
-    """One pass over a pytree of Equinox modules, collecting leaves level by level."""
+    """One flatten of the tree; every array's owner found once per parent node."""
 
     def __init__(self, tree: Any):
-        self.leaves: list[Leaf] = []
-        if isinstance(tree, eqx.Module):
-            self.level = self._enter(tree, "", None, (), None, False)
-        else:
-            self.level = self._visit(tree, "", None, (), None, False)
+        flat, self.treedef = jax.tree_util.tree_flatten_with_path(tree)
+        self.size = len(flat)
+        self.contexts: dict[tuple, _Context] = {}
+        self.interned: dict[tuple, int] = {}
+        self.contexts[()] = self._enter(_Context(tree, None, (), None, False, 0), tree)
+        self.positions: list[int] = []
+        self.entries: list[tuple[tuple, Any, _Context]] = []
+        keys: list[tuple] = []
+        floating_of = _FLOATING
+        for position, (keypath, value) in enumerate(flat):
+            if not isinstance(value, ARRAY_TYPES):
+                continue
+            parent = keypath[:-1]
+            context = self.contexts.get(parent)
+            if context is None:
+                context = self._context(parent)
+            dtype = value.dtype
+            floating = floating_of.get(dtype)
+            if floating is None:
+                floating = floating_of[dtype] = dtype_name(value).startswith(_FLOATING_PREFIXES)
+            self.positions.append(position)
+            self.entries.append((keypath, value, context))
+            keys.append((context.key, keypath[-1], floating))
+        self.table = LeafTable(keys, self._build)
 
-    def _visit(
-        self,
-        node: Any,
-        prefix: str,
-        owner: Layer | None,
-        ancestors: tuple[Layer, ...],
-        owner_node: Any,
-        in_state: bool,
-    ) -> tuple:
-        entries, treedef = jax.tree_util.tree_flatten_with_path(
-            node, is_leaf=lambda x: x is not node and isinstance(x, eqx.Module)
-        )
-        items: list[Any] = []
-        for keys, value in entries:
-            path = prefix + "/".join(key_name(k) for k in keys)
-            if isinstance(value, eqx.Module):
-                items.append(self._enter(value, path + "/", owner, ancestors, owner_node, in_state))
-            elif is_array_like(value):
-                items.append(len(self.leaves))
-                self.leaves.append(
-                    self._leaf(path, keys, value, owner, ancestors, owner_node, in_state)
-                )
-            else:
-                items.append(None)
-        return treedef, items
+    def _context(self, prefix: tuple) -> _Context:
+        parent = self.contexts.get(prefix[:-1])
+        if parent is None:
+            parent = self._context(prefix[:-1])
+        node = _child(parent.node, prefix[-1])
+        context = self._enter(parent, node)
+        self.contexts[prefix] = context
+        return context
 
-    def _enter(
-        self,
-        module: eqx.Module,
-        prefix: str,
-        owner: Layer | None,
-        ancestors: tuple[Layer, ...],
-        owner_node: Any,
-        in_state: bool,
-    ) -> tuple:
-        if isinstance(module, _nn.StateIndex):
+    def _enter(self, parent: _Context, node: Any) -> _Context:
+        what = _node_kind(type(node))
+        if what is None:
+            return _Context(node, parent.owner, parent.ancestors, parent.owner_node, parent.in_state, parent.key)
+        if what == "state":
             # A StateIndex holds the initial value of some state of its layer.
-            return self._visit(module, prefix, owner, ancestors, owner_node, True)
-        layer = _module_layer(module)
-        inner = ancestors if owner is None else ancestors + (owner,)
-        return self._visit(module, prefix, layer, inner, module, in_state)
+            return _Context(node, parent.owner, parent.ancestors, parent.owner_node, True, self._intern(parent.owner, parent.ancestors, True))
+        layer = _module_layer(node)
+        ancestors = parent.ancestors if parent.owner is None else parent.ancestors + (parent.owner,)
+        return _Context(node, layer, ancestors, node, parent.in_state, self._intern(layer, ancestors, parent.in_state))
 
-    @staticmethod
-    def _leaf(
-        path: str,
-        keys: tuple,
-        value: Any,
-        owner: Layer | None,
-        ancestors: tuple[Layer, ...],
-        owner_node: Any,
-        in_state: bool,
-    ) -> Leaf:
-        if owner is None:
-            owner = Layer("unknown", None, None, "class")
-        name = _field_name(keys)
+    def _intern(self, owner: Layer | None, ancestors: tuple, in_state: bool) -> int:
+        return self.interned.setdefault((owner, ancestors, in_state), len(self.interned) + 1)
+
+    def _build(self, index: int) -> Leaf:
+        keypath, value, context = self.entries[index]
+        owner = context.owner or _UNOWNED
+        owner_node = context.owner_node
+        in_state = context.in_state
+        name = _field_name(keypath)
         registration = None
         if owner.source == "registered" and owner.cls is not None:
             registration = _registry.lookup_class(owner.cls)
@@ -222,7 +262,7 @@ class _Walk:
             # Equinox keeps a conv bias as (out, 1, ..., 1) to broadcast over space.
             layout_axes = owner_node.num_spatial_dims
         return Leaf(
-            path=path.rstrip("/"),
+            path="/".join(key_name(k) for k in keypath),
             layer=owner.kind,
             role=role,
             shape=shape,
@@ -230,7 +270,7 @@ class _Walk:
             name=name,
             layer_type=owner.type_name,
             layer_class=owner.cls,
-            ancestors=ancestors,
+            ancestors=context.ancestors,
             is_param=not in_state,
             kind_source=owner.source,
             batch_axes=batch_axes,
@@ -238,23 +278,44 @@ class _Walk:
             matrix_axes=matrix_axes,
         )
 
+    def rebuild(self, values: list[Any]) -> Any:
+        out: list[Any] = [None] * self.size
+        for position, value in zip(self.positions, values):
+            out[position] = value
+        return self.treedef.unflatten(out)
 
-def _rebuild(level: tuple, values: list[Any]) -> Any:
-    treedef, items = level
-    return treedef.unflatten(
-        [
-            values[item] if type(item) is int else None if item is None else _rebuild(item, values)
-            for item in items
-        ]
-    )
+
+_NODE_KINDS: dict[type, str | None] = {}
+
+
+def _node_kind(cls: type) -> str | None:
+    """``None`` for a plain container, ``"state"`` for a StateIndex, else ``"module"``.
+
+    Cached per class: ``isinstance`` against ``eqx.Module`` goes through ``ABCMeta``.
+    """
+    found = _NODE_KINDS.get(cls, _MISSING)
+    if found is _MISSING:
+        if not issubclass(cls, eqx.Module):
+            found = None
+        elif issubclass(cls, _nn.StateIndex):
+            found = "state"
+        else:
+            found = "module"
+        _NODE_KINDS[cls] = found
+    return found  # type: ignore[return-value]
+
+
+_MISSING = object()
+_FLOATING: dict[Any, bool] = {}
+_FLOATING_PREFIXES = ("float", "bfloat", "complex")
 
 
 def leaves(tree: Any) -> list[Leaf]:
     """The :class:`Leaf` records of every array in ``tree``, in flattening order."""
-    return walk(tree, method="leaves")[0]
+    return list(walk(tree, method="leaves")[0])
 
 
-def walk(tree: Any, *, method: str = METHOD) -> tuple[list[Leaf], Callable[[list[Any]], Any]]:
+def walk(tree: Any, *, method: str = METHOD) -> tuple[LeafTable, Callable[[list[Any]], Any]]:
     """The leaves of ``tree``, and a function that puts one value per leaf back in place.
 
     The rebuilt tree has the structure of ``tree`` with ``None`` at every non-array
@@ -262,7 +323,7 @@ def walk(tree: Any, *, method: str = METHOD) -> tuple[list[Leaf], Callable[[list
     """
     _check_input(tree, method)
     state = _Walk(tree)
-    return state.leaves, lambda values: _rebuild(state.level, values)
+    return state.table, state.rebuild
 
 
 NON_FLOATING_FIX = (
