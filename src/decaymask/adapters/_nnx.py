@@ -19,8 +19,7 @@ from flax import nnx
 from ..core import _registry
 from ..core._infer import is_generic_norm_name, kind_from_name, role_from_name
 from ..core._leaf import Layer, Leaf
-from ..core._policy import Policy
-from ..core._report import Report
+from ._common import key_name
 
 _graphlib = nnx.graphlib
 _get_node_impl = _graphlib.get_node_impl
@@ -55,7 +54,7 @@ KIND_TABLE: dict[type, str] = {
 # arrays, and the wrapper counts as a layer of the inner layer's kind.
 WRAPPERS: tuple[type, ...] = (nnx.WeightNorm, nnx.SpectralNorm)
 
-# Containers whose class is known not to be a layer: never "unknown"-by-name guesses.
+# Containers whose class is known not to be a layer: kind "unknown", not read off the name.
 _CONTAINERS: tuple[type, ...] = (
     nnx.Sequential,
     nnx.List,
@@ -135,100 +134,149 @@ def _module_layer(module: Any) -> Layer:
     return layer
 
 
-# The rank one layer gives each of its arrays: more leading axes are stacked axes
-# (nnx.vmap, nnx.scan). Only for the arrays of the classes below, which fix their shapes.
+# Layouts: the rank one layer gives each of its arrays (more leading axes are stacked
+# axes, from nnx.vmap or nnx.scan) and the (reduction, output) axes of its weight
+# matrices in Flax's (in, out) layouts. Only for the arrays of the classes below, whose
+# constructors fix those shapes; the attributes they keep (in_features, kernel_shape)
+# describe one layer even when the arrays are stacked.
+
+_Axes = tuple[tuple[int, ...], tuple[int, ...]]
+_Layout = Callable[[Any, str], tuple[Any, Any]]
+"""(rank of one layer's array, its matrix axes or None) from the layer and a name."""
+_IN_OUT: _Axes = ((0,), (1,))
+_NO_LAYOUT: tuple[None, None] = (None, None)
 
 
-def _ndim_linear_general(node: Any, name: str) -> int | None:
-    batch = len(node.batch_axis)
+def _layout_linear(node: Any, name: str) -> tuple[int | None, _Axes | None]:
     if name == "kernel":
-        return batch + len(node.in_features) + len(node.out_features)
-    if name == "bias":
-        return batch + len(node.out_features)
-    return None
+        return 2, _IN_OUT
+    return (1, None) if name == "bias" else _NO_LAYOUT
 
 
-def _ndim_einsum(node: Any, name: str) -> int | None:
+def _layout_embed(node: Any, name: str) -> tuple[int | None, _Axes | None]:
+    # (num, features): a lookup is a one-hot row times the table.
+    return (2, _IN_OUT) if name == "embedding" else _NO_LAYOUT
+
+
+def _layout_lora(node: Any, name: str) -> tuple[int | None, _Axes | None]:
+    # lora_a is (in, rank), lora_b is (rank, out): both (in, out) matrices.
+    return (2, _IN_OUT) if name in ("lora_a", "lora_b") else _NO_LAYOUT
+
+
+def _layout_linear_general(node: Any, name: str) -> tuple[int | None, _Axes | None]:
+    # (*batch, *in, *out): the batch_axis axes are separate matrices, part of the layer.
+    batch, n_in, n_out = len(node.batch_axis), len(node.in_features), len(node.out_features)
     if name == "kernel":
-        return len(node.kernel_shape)
+        reduction = tuple(range(batch, batch + n_in))
+        output = tuple(range(batch + n_in, batch + n_in + n_out))
+        return batch + n_in + n_out, (reduction, output)
+    return (batch + n_out, None) if name == "bias" else _NO_LAYOUT
+
+
+def _layout_einsum(node: Any, name: str) -> tuple[int | None, _Axes | None]:
+    # The einsum string decides which axes contract: no fixed matrix layout.
+    if name == "kernel":
+        return len(node.kernel_shape), None
     if name == "bias" and node.bias_shape is not None:
-        return len(node.bias_shape)
-    return None
+        return len(node.bias_shape), None
+    return _NO_LAYOUT
 
 
-def _ndim_conv(node: Any, name: str) -> int | None:
-    if name == "kernel":
-        return len(node.kernel_shape)
-    return 1 if name == "bias" else None
+def _layout_conv(node: Any, name: str) -> tuple[int | None, _Axes | None]:
+    if name == "bias":
+        return 1, None
+    if name != "kernel":
+        return _NO_LAYOUT
+    rank = len(node.kernel_shape)
+    window = tuple(range(rank - 2))
+    if getattr(node, "transpose_kernel", False):
+        # ConvTranspose(transpose_kernel=True) keeps (*window, out, in).
+        return rank, (window + (rank - 1,), (rank - 2,))
+    # (*window, in, out): a window position is part of the input of the matmul.
+    return rank, (window + (rank - 2,), (rank - 1,))
 
 
-def _ndim_matrix(node: Any, name: str) -> int | None:
-    if name in ("kernel", "embedding", "lora_a", "lora_b"):
-        return 2
-    return 1 if name == "bias" else None
+def _layout_norm(node: Any, name: str) -> tuple[int | None, _Axes | None]:
+    return (1, None) if name in ("scale", "bias", "mean", "var") else _NO_LAYOUT
 
 
-def _ndim_norm(node: Any, name: str) -> int | None:
-    return 1 if name in ("scale", "bias", "mean", "var") else None
+def _layout_prelu(node: Any, name: str) -> tuple[int | None, _Axes | None]:
+    return (0, None) if name == "negative_slope" else _NO_LAYOUT
 
 
-def _ndim_prelu(node: Any, name: str) -> int | None:
-    return 0 if name == "negative_slope" else None
-
-
-_NDIM_RULES: tuple[tuple[type | tuple[type, ...], Callable[[Any, str], int | None]], ...] = (
-    (nnx.LinearGeneral, _ndim_linear_general),
-    (nnx.Einsum, _ndim_einsum),
-    ((nnx.Conv, nnx.ConvTranspose), _ndim_conv),
-    ((nnx.Linear, nnx.Embed, nnx.LoRA), _ndim_matrix),
+# Most specific first: LoRALinear is a Linear, and the LoRA inside it has its own entry.
+_LAYOUTS: tuple[tuple[type | tuple[type, ...], _Layout], ...] = (
+    (nnx.LinearGeneral, _layout_linear_general),
+    (nnx.Einsum, _layout_einsum),
+    ((nnx.Conv, nnx.ConvTranspose), _layout_conv),
+    (nnx.Linear, _layout_linear),
+    (nnx.Embed, _layout_embed),
+    (nnx.LoRA, _layout_lora),
     (
         (nnx.LayerNorm, nnx.RMSNorm, nnx.GroupNorm, nnx.BatchNorm, nnx.InstanceNorm),
-        _ndim_norm,
+        _layout_norm,
     ),
-    (nnx.PReLU, _ndim_prelu),
+    (nnx.PReLU, _layout_prelu),
 )
 
-_ndim_cache: dict[type, Callable[[Any, str], int | None] | None] = {}
+_layout_cache: dict[type, _Layout | None] = {}
 
 
-def _ndim_rule(cls: type, source: str) -> Callable[[Any, str], int | None] | None:
+def _layout(cls: type, source: str) -> _Layout | None:
+    """The layout function of a layer class found in the kind table, else ``None``."""
     if source != "class":
         return None
-    if cls not in _ndim_cache:
-        _ndim_cache[cls] = next(
-            (rule for bases, rule in _NDIM_RULES if issubclass(cls, bases)), None
+    if cls not in _layout_cache:
+        _layout_cache[cls] = next(
+            (layout for bases, layout in _LAYOUTS if issubclass(cls, bases)), None
         )
-    return _ndim_cache[cls]
+    return _layout_cache[cls]
 
 
 # Values
 
 
-def _shape_dtype(value: Any) -> tuple[tuple[int, ...], str] | None:
-    """Shape and dtype name of an array-like value; ``None`` for ``None``.
+_dtype_names: dict[Any, str] = {}
 
-    Raises ``TypeError`` (without a message) for anything else: the caller words it.
-    """
+
+def _dtype_name(dtype: Any) -> str:
+    name = _dtype_names.get(dtype)
+    if name is None:
+        # Random keys (key<fry>) have no numpy name; their text is still a dtype name.
+        name = _dtype_names[dtype] = getattr(dtype, "name", None) or str(dtype)
+    return name
+
+
+# A variable holding None has no array, but nnx.state lists it and optax sees its box
+# at init: it gets a leaf of no elements that is never decayed, so that every value
+# rebuilt from the decisions (mask, label, rate) has a place there too.
+_EMPTY = ((0,), "none")
+
+
+def _shape_dtype(value: Any) -> tuple[tuple[int, ...], str] | None:
+    """Shape and dtype name of an array-like value; ``_EMPTY`` for ``None``; else ``None``."""
     if value is None:
-        return None
+        return _EMPTY
     dtype = getattr(value, "dtype", None)
     shape = getattr(value, "shape", None)
-    if dtype is None or shape is None:
-        if isinstance(value, (bool, int, float, complex)):
-            array = np.asarray(value)
-            return (), array.dtype.name
-        raise TypeError
-    # Random keys (key<fry>) have no numpy name; their text is still a dtype name.
-    return tuple(shape), getattr(dtype, "name", None) or str(dtype)
+    if dtype is not None and shape is not None:
+        return tuple(shape), _dtype_name(dtype)
+    if isinstance(value, (bool, int, float, complex)):
+        return (), np.asarray(value).dtype.name
+    return None
 
 
-def _bad_value(fn: str, path: str, holder: str, value: Any) -> TypeError:
+def _bad_value(fn: str, path: tuple, holder: str, value: Any) -> TypeError:
     return TypeError(
-        f"{fn}: {path!r} is {holder} holding {value!r} ({type(value).__name__}); "
-        f"expected an array, a jax.ShapeDtypeStruct, a Python number or None. Keep "
-        f"other values out of the selected variables (plain attributes, or a "
-        f"Variable type that wrt= does not select)."
+        f"{fn}: {_path_text(path)!r} is {holder} holding {value!r} "
+        f"({type(value).__name__}); expected an array, a jax.ShapeDtypeStruct, a Python "
+        f"number or None. Keep other values out of the selected variables: a plain "
+        f"attribute, or a Variable type that wrt= does not select."
     )
+
+
+def _holder(variable: Any, otherwise: str) -> str:
+    return f"an nnx.{type(variable).__name__}" if variable is not None else otherwise
 
 
 def _path_text(path: tuple) -> str:
@@ -248,8 +296,8 @@ def _leaf_name(path: tuple) -> str:
 
 _FILTER_FORMS = (
     "a Variable type (nnx.Param, nnx.LoRAParam, nnx.BatchStat, ...), a tag string, "
-    "nnx.PathContains(...), a callable (path, variable) -> bool, ..., True/False, "
-    "or a tuple of those"
+    "nnx.PathContains(...), nnx.All/Any/Not(...), a callable (path, value) -> bool, "
+    "..., True/False, or a tuple of those"
 )
 
 
@@ -268,6 +316,7 @@ def _check_filter(fn: str, item: Any) -> None:
         return
     if item is None or item is Ellipsis or isinstance(item, (str, bool)) or callable(item):
         return
+    # nnx.filterlib.to_predicate's own message fails to format for these.
     raise TypeError(
         f"{fn}(..., wrt={item!r}): expected {_FILTER_FORMS}; got {type(item).__name__}."
     )
@@ -292,46 +341,50 @@ class _Owner:
     ancestors: tuple[Layer, ...]
     """The modules around ``layer``, outermost first."""
     enclosing: tuple[Layer, ...]
-    """The modules around anything entered below: ``ancestors`` plus the owner and
-    the containers between it and this point."""
+    """The ancestors of anything entered below: ``ancestors``, the owner and the
+    containers between it and this point."""
     registration: _registry.Registration | None
     absorbing: bool
-    """A recurrent cell: the layers inside it are its own gates, not owners."""
+    """A recurrent cell: the layers inside it are its gates, not owners."""
     holder: Any
-    """The module whose attribute an array is: the owner, or a cell's inner layer."""
-    ndim_rule: Callable[[Any, str], int | None] | None
+    """The module an array is an attribute of: the owner, or a cell's gate layer."""
+    layout: _Layout | None
 
 
 class _Walk:
-    """One pass over an NNX module graph in ``nnx.state``'s flattening order."""
+    """One pass over an NNX module graph, in ``nnx.state``'s flattening order."""
 
     def __init__(self, root: Any, predicate: Callable[[tuple, Any], bool], fn: str):
         self.predicate = predicate
         self.fn = fn
         self.paths: list[tuple] = []
         """The path of every selected variable: the keys of the output State."""
-        self.slots: list[int] = []
-        """Per selected variable, its index in ``leaves``; -1 where it holds None."""
         self.leaves: list[Leaf] = []
-        self._first: dict[int, int] = {}  # id(variable) -> index in paths, -1 if left out
-        self._views: dict[int, list[Leaf]] = {}  # index in leaves -> other views
+        # id(variable) -> index in leaves, -1 where the filter left it out.
+        self._first: dict[int, int] = {}
+        self._views: dict[int, list[Leaf]] = {}  # index in leaves -> other owners' views
         self._walked: set[int] = set()  # ids of graph nodes walked at least once
-        self._active: set[int] = set()  # ids of graph nodes being walked (cycle guard)
+        self._active: set[int] = set()  # ids of graph nodes on the current path: cycles
         self._node(root, _get_node_impl(root), (), None, False)
         for index, views in self._views.items():
             self.leaves[index] = dataclasses.replace(
                 self.leaves[index], shared_with=tuple(views)
             )
 
-    def _node(self, node: Any, impl: Any, path: tuple, owner: _Owner | None, repeat: bool) -> None:
+    def rebuild(self, values: list[Any]) -> Any:
+        return nnx.from_flat_state(list(zip(self.paths, values)))
+
+    def _node(
+        self, node: Any, impl: Any, path: tuple, owner: _Owner | None, repeat: bool
+    ) -> None:
         graph_node = type(impl) is _GraphNodeImpl
         if graph_node:
             node_id = id(node)
             if node_id in self._active:
                 return
             if node_id in self._walked:
-                # A module reached again (shared): nnx.state lists its variables at
-                # the first path only, but this owner's view of them is decided too.
+                # A module reached again (shared): nnx.state lists its variables at the
+                # first path only, but this owner's view of them is decided too.
                 repeat = True
             self._walked.add(node_id)
             self._active.add(node_id)
@@ -339,99 +392,91 @@ class _Walk:
             owner = self._owner(node, owner)
         items, _ = impl.flatten(node)
         for key, value in items:
-            # The same classification as nnx's own graph flatten.
+            # The classification of nnx's own graph flatten, so that the walk selects
+            # what nnx.state(model, wrt) holds, at the same paths.
             data = False
             if type(value) is _StaticElem:
                 continue
             if type(value) is _DataElem:
                 value = value.value
                 data = True
-            child = path + (key,)
+            child = (*path, key)
             if isinstance(value, _Variable):
                 self._variable(value, child, owner)
                 continue
             child_impl = _get_node_impl(value)
             if child_impl is not None:
                 self._node(value, child_impl, child, owner, repeat)
-            elif not repeat and (
-                data or _is_array_ref(value) or isinstance(value, (jax.Array, np.ndarray))
+            elif (
+                not repeat
+                and (data or _is_array_ref(value) or isinstance(value, (jax.Array, np.ndarray)))
+                and self.predicate(child, value)
             ):
-                self._raw(value, child, owner)
+                # A raw array attribute: in nnx.state, but no Variable type to select it.
+                self._add(child, value, owner, None)
         if graph_node:
             self._active.discard(node_id)
 
     @staticmethod
     def _owner(module: Any, outer: _Owner | None) -> _Owner:
+        cls = type(module)
         if outer is not None and outer.absorbing:
-            # A cell's gate layers (LSTMCell.ii, GRUCell.dense_h, ...): the cell owns
-            # their arrays, so layer="recurrent" matches them as in Equinox.
-            source = _class_kind(type(module))[1]
+            # A cell's gates (LSTMCell.ii, GRUCell.dense_h, ...): the cell owns their
+            # arrays, as Equinox's GRUCell owns weight_ih, so layer="recurrent" matches.
             return dataclasses.replace(
-                outer, holder=module, ndim_rule=_ndim_rule(type(module), source)
+                outer, holder=module, layout=_layout(cls, _class_kind(cls)[1])
             )
         layer = _module_layer(module)
         enclosing = (outer.enclosing if outer is not None else ()) + (layer,)
         if outer is not None and isinstance(module, _NON_OWNING):
             return dataclasses.replace(outer, enclosing=enclosing)
-        _, _, registration = _class_kind(type(module))
         return _Owner(
             layer=layer,
             ancestors=outer.enclosing if outer is not None else (),
             enclosing=enclosing,
-            registration=registration,
+            registration=_class_kind(cls)[2],
             absorbing=layer.kind == "recurrent" and layer.source in ("class", "registered"),
             holder=module,
-            ndim_rule=_ndim_rule(type(module), layer.source),
+            layout=_layout(cls, layer.source),
         )
 
     def _variable(self, variable: Any, path: tuple, owner: _Owner | None) -> None:
         variable_id = id(variable)
         index = self._first.get(variable_id)
         if index is not None:
-            # Another reference to a variable already listed (a tied weight).
-            if index >= 0 and self.slots[index] >= 0:
-                leaf = self._leaf(path, variable.get_raw_value(), owner, variable)
-                if leaf is not None:
-                    self._views.setdefault(self.slots[index], []).append(leaf)
+            # Another reference to a variable already met (a tied weight): nnx.state
+            # lists it once, at its first path; this is one more view of it.
+            if index >= 0:
+                view = self._leaf(path, variable.get_raw_value(), owner, variable)
+                self._views.setdefault(index, []).append(view)
             return
         if not self.predicate(path, variable):
             self._first[variable_id] = -1
             return
-        self._first[variable_id] = len(self.paths)
+        self._first[variable_id] = len(self.leaves)
         self._add(path, variable.get_raw_value(), owner, variable)
 
-    def _raw(self, value: Any, path: tuple, owner: _Owner | None) -> None:
-        if self.predicate(path, value):
-            self._add(path, value, owner, None)
-
     def _add(self, path: tuple, value: Any, owner: _Owner | None, variable: Any) -> None:
-        leaf = self._leaf(path, value, owner, variable)
         self.paths.append(path)
-        if leaf is None:
-            self.slots.append(-1)
-        else:
-            self.slots.append(len(self.leaves))
-            self.leaves.append(leaf)
+        self.leaves.append(self._leaf(path, value, owner, variable))
 
-    def _leaf(self, path: tuple, value: Any, owner: _Owner | None, variable: Any) -> Leaf | None:
-        try:
-            found = _shape_dtype(value)
-        except TypeError:
-            holder = f"an nnx.{type(variable).__name__}" if variable is not None else "a value"
-            raise _bad_value(self.fn, _path_text(path), holder, value) from None
+    def _leaf(self, path: tuple, value: Any, owner: _Owner | None, variable: Any) -> Leaf:
+        found = _shape_dtype(value)
         if found is None:
-            return None
+            raise _bad_value(self.fn, path, _holder(variable, "an array attribute"), value)
         shape, dtype = found
         name = _leaf_name(path)
+        role = expected = axes = None
         if owner is None:
-            layer, ancestors, role = Layer("unknown", None, None, "class"), (), None
-            expected = None
+            layer, ancestors = Layer("unknown", None, None, "class"), ()
         else:
             layer, ancestors = owner.layer, owner.ancestors
             registration = owner.registration
-            role = registration.role_of(name) if registration is not None else None
-            rule = owner.ndim_rule
-            expected = rule(owner.holder, name) if rule is not None else None
+            if registration is not None:
+                role = registration.role_of(name)
+                axes = registration.matrix_axes_of(name)
+            elif owner.layout is not None:
+                expected, axes = owner.layout(owner.holder, name)
         if role is None:
             role = role_from_name(layer.kind, name)
         return Leaf(
@@ -446,9 +491,10 @@ class _Walk:
             ancestors=ancestors,
             # Only Params are parameters: BatchStat, Cache, RNG state and raw arrays in
             # the selection are state, never decayed.
-            is_param=isinstance(variable, _Param),
+            is_param=isinstance(variable, _Param) and value is not None,
             kind_source=layer.source,
             batch_axes=max(0, len(shape) - expected) if expected is not None else 0,
+            matrix_axes=axes,
         )
 
 
@@ -456,7 +502,7 @@ class _Walk:
 
 
 # Attention projections: their kernels have more than two axes but are not convolutions.
-_PROJECTIONS = frozenset({"query", "key", "value", "out", "qkv"})
+_PROJECTIONS = frozenset({"query", "key", "value", "out"})
 
 _name_layers: dict[str, Layer] = {}
 
@@ -472,40 +518,41 @@ def _level_kind(key: Any) -> str | None:
     return kind_from_name(key) if isinstance(key, str) else None
 
 
-def _kind_from_siblings(
-    own: str | None, arrays: dict[str, tuple[int, ...]], context: tuple[str | None, ...]
-) -> str:
-    """The kind of a layer known only by its key and the arrays it holds."""
-    names = arrays.keys()
-    if "embedding" in names:
-        return "embedding"
-    if "scale" in names:
-        if "mean" in names and "var" in names:
-            return "batch_norm"
-        return "layer_norm" if "bias" in names else "rms_norm"
-    if "kernel" in names:
-        if len(arrays["kernel"]) <= 2:
-            return "linear"
-        # More than two axes: a convolution, unless the layer is a multi-axis
-        # projection (attention, LinearGeneral with a multi-axis bias, or a stack of
-        # linear layers, whose bias is then 2-D too).
-        if (own is not None and (own in _PROJECTIONS or own.endswith("_proj"))) or (
-            "attention" in context
-        ):
-            return "linear"
-        bias = arrays.get("bias")
-        return "linear" if bias is not None and len(bias) >= 2 else "conv"
-    if "lora_a" in names or "lora_b" in names:
-        return "lora"
-    if "negative_slope" in names:
-        return "prelu"
-    return "unknown"
-
-
 def _norm_from_siblings(arrays: dict[str, tuple[int, ...]]) -> str:
     if "mean" in arrays and "var" in arrays:
         return "batch_norm"
     return "layer_norm" if "bias" in arrays else "rms_norm"
+
+
+def _is_projection(own: str | None) -> bool:
+    return own is not None and (own in _PROJECTIONS or own.endswith("_proj"))
+
+
+def _kind_from_siblings(
+    own: str | None, arrays: dict[str, tuple[int, ...]], levels: list[str | None]
+) -> str:
+    """The kind of a layer known only by its key and the arrays it holds."""
+    if "embedding" in arrays:
+        return "embedding"
+    if "mean" in arrays and "var" in arrays:
+        return "batch_norm"
+    if "scale" in arrays:
+        # scale beside bias: a layer norm; scale alone: an RMS norm.
+        return _norm_from_siblings(arrays)
+    if "kernel" in arrays:
+        if len(arrays["kernel"]) <= 2:
+            return "linear"
+        # More axes: a convolution, unless the layer is a multi-axis projection
+        # (attention, a LinearGeneral with a multi-axis bias, a stack of linear layers).
+        if _is_projection(own) or "attention" in levels:
+            return "linear"
+        bias = arrays.get("bias")
+        return "linear" if bias is not None and len(bias) >= 2 else "conv"
+    if "lora_a" in arrays or "lora_b" in arrays:
+        return "lora"
+    if "negative_slope" in arrays:
+        return "prelu"
+    return "unknown"
 
 
 def _name_owner(
@@ -514,66 +561,81 @@ def _name_owner(
     """The owner layer and its ancestors for the arrays held under ``parent``."""
     levels = [_level_kind(key) for key in parent]
     own = next((key for key in reversed(parent) if isinstance(key, str)), None)
-    kind = _level_kind(own) if own is not None else None
+    kind = _level_kind(own)
     if kind is None and own is not None and is_generic_norm_name(own):
         kind = _norm_from_siblings(arrays)
     if kind in (None, "linear"):
-        # Inside a module named as a recurrent cell, unnamed layers and dense gates
-        # are the cell's own (NNX cells hold Linear gates such as dense_i).
+        # Inside a module named as a recurrent cell, unnamed layers and dense gates are
+        # the cell's own, as with classes (NNX cells hold Linear gates like dense_i).
         for depth, level in enumerate(levels[:-1]):
             if level == "recurrent":
                 outer = tuple(_name_layer(k or "unknown") for k in levels[:depth])
                 return _name_layer("recurrent"), outer
     if kind is None:
-        kind = _kind_from_siblings(own, arrays, tuple(levels))
-    ancestors = tuple(_name_layer(k or "unknown") for k in levels[:-1])
-    return _name_layer(kind), ancestors
+        kind = _kind_from_siblings(own, arrays, levels)
+    return _name_layer(kind), tuple(_name_layer(k or "unknown") for k in levels[:-1])
+
+
+def _name_axes(kind: str, own: Any, name: str, rank: int) -> _Axes | None:
+    """The (in, out) layout of a weight matrix known only by names and rank."""
+    if rank == 2 and (
+        (name == "kernel" and kind in ("linear", "recurrent"))
+        or (name == "embedding" and kind == "embedding")
+        or (name in ("lora_a", "lora_b") and kind == "lora")
+    ):
+        return _IN_OUT
+    if name == "kernel" and kind == "conv" and rank >= 3:
+        return tuple(range(rank - 1)), (rank - 1,)
+    if name == "kernel" and kind == "linear" and rank == 3 and own in _PROJECTIONS:
+        # MultiHeadAttention: query/key/value are (in, heads, head_dim), out is
+        # (heads, head_dim, out).
+        return ((0, 1), (2,)) if own == "out" else ((0,), (1, 2))
+    return None
+
+
+def _is_param_by_name(variable: Any, value: Any, kind: str, name: str) -> bool:
+    if value is None:
+        return False
+    if variable is not None:
+        return isinstance(variable, _Param)
+    # A State of raw arrays (what optax hands a callable mask at update) carries no
+    # variable types: an array is a parameter unless Flax's names say it is a running
+    # statistic, so that the masks made at init and at update agree.
+    return not (kind == "batch_norm" and name in ("mean", "var"))
 
 
 def _entry_key(entry: Any) -> Any:
-    """A jax key-path entry as the raw key nnx uses (str or int)."""
+    """A jax key-path entry as the raw key nnx uses (a str or an int)."""
     if isinstance(entry, jax.tree_util.DictKey):
         return entry.key
     if isinstance(entry, jax.tree_util.SequenceKey):
         return entry.idx
-    if isinstance(entry, jax.tree_util.GetAttrKey):
-        return entry.name
-    if isinstance(entry, jax.tree_util.FlattenedIndexKey):
-        return entry.key
-    return str(entry)
+    return key_name(entry)
 
 
 def _is_variable(x: Any) -> bool:
     return isinstance(x, _Variable)
 
 
-def _state_walk(state: Any, fn: str) -> tuple[list[Leaf], list[int], Any]:
-    """Leaves of a State, the leaf index of every flattened entry (-1: holds None), and
-    the treedef that puts bools back in the State's own containers."""
+def _state_walk(state: Any, fn: str) -> tuple[list[Leaf], Callable[[list[Any]], Any]]:
     flat, treedef = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_variable)
-    entries: list[tuple[tuple, Any, Any, tuple[tuple[int, ...], str]]] = []
-    slots: list[int] = []
+    entries = []
     groups: dict[tuple, dict[str, tuple[int, ...]]] = {}
     for jax_path, item in flat:
         path = tuple(_entry_key(entry) for entry in jax_path)
         variable = item if isinstance(item, _Variable) else None
         value = item.get_raw_value() if variable is not None else item
-        try:
-            found = _shape_dtype(value)
-        except TypeError:
-            holder = f"an nnx.{type(variable).__name__}" if variable is not None else "a leaf"
-            raise _bad_value(fn, _path_text(path), holder, value) from None
+        found = _shape_dtype(value)
         if found is None:
-            slots.append(-1)
-            continue
-        slots.append(len(entries))
-        entries.append((path, value, variable, found))
-        groups.setdefault(path[:-1], {})[_leaf_name(path)] = found[0]
+            raise _bad_value(fn, path, _holder(variable, "a leaf"), value)
+        name = _leaf_name(path)
+        entries.append((path, name, variable, value, found))
+        groups.setdefault(path[:-1], {})[name] = found[0]
     owners = {parent: _name_owner(parent, arrays) for parent, arrays in groups.items()}
     leaves = []
-    for path, _, variable, (shape, dtype) in entries:
+    for path, name, variable, value, (shape, dtype) in entries:
         layer, ancestors = owners[path[:-1]]
-        name = _leaf_name(path)
+        own = next((key for key in reversed(path[:-1]) if isinstance(key, str)), None)
         leaves.append(
             Leaf(
                 path=_path_text(path),
@@ -583,25 +645,30 @@ def _state_walk(state: Any, fn: str) -> tuple[list[Leaf], list[int], Any]:
                 dtype=dtype,
                 name=name,
                 ancestors=ancestors,
-                # A State of raw arrays (what optax hands a callable mask at update)
-                # carries no variable types: every array counts as a parameter.
-                is_param=variable is None or isinstance(variable, _Param),
+                is_param=_is_param_by_name(variable, value, layer.kind, name),
                 kind_source="name",
+                matrix_axes=_name_axes(layer.kind, own, name, len(shape)),
             )
         )
-    return leaves, slots, treedef
+    return leaves, treedef.unflatten
 
 
 # Entry points
 
 
-def _check_tree(fn: str, tree: Any, wrt: Any) -> bool:
+NON_FLOATING_FIX = (
+    "Keep integer and bool arrays out of nnx.Param: hold them in another Variable type "
+    "(nnx.Variable, or a subclass of it) that the optimizer's wrt= does not select."
+)
+
+
+def _is_state(fn: str, tree: Any, wrt: Any) -> bool:
     """Whether ``tree`` is a State (else a module); raises for anything else."""
     if isinstance(tree, nnx.State):
         if wrt is not None:
             raise ValueError(
                 f"{fn}(state, wrt={wrt!r}): an nnx.State is already a selection of "
-                f"variables, so wrt= does not apply to it. Pass the module instead, "
+                f"variables, so wrt= does not apply to it. Pass the module, "
                 f"{fn}(model, wrt=...), or select first: {fn}(nnx.state(model, ...))."
             )
         return True
@@ -609,52 +676,76 @@ def _check_tree(fn: str, tree: Any, wrt: Any) -> bool:
         return False
     raise TypeError(
         f"{fn}: expected an nnx.Module or an nnx.State, got {type(tree).__name__}. "
-        f"For a Linen params dict pass the dict; for an Equinox model use "
+        f"For Linen params pass the params mapping; for an Equinox model use "
         f"policy.for_equinox(model)."
     )
+
+
+def walk(
+    tree: Any, *, wrt: Any = None, method: str = "for_flax", **unexpected: Any
+) -> tuple[list[Leaf], Callable[[list[Any]], Any]]:
+    """The leaves of an NNX module or State, and the function that puts one value per
+    leaf back, as an ``nnx.State`` shaped as ``nnx.state(tree, wrt)``.
+
+    For a State the values go back in the State's own containers, in place of its
+    variables or arrays. Arguments as :func:`leaves`; ``method`` names the entry point
+    in error messages.
+
+    Raises:
+      TypeError: as :func:`leaves`, and for Linen's ``module=``/``args=``/``kwargs=``.
+    """
+    is_state = _is_state(method, tree, wrt)
+    if unexpected:
+        given = ", ".join(f"{key}=..." for key in unexpected)
+        raise TypeError(
+            f"{method}(..., {given}): an nnx.Module or nnx.State takes only wrt= (the "
+            f"filter of the variables the optimizer updates); module=, args= and "
+            f"kwargs= are for Linen params."
+        )
+    if is_state:
+        return _state_walk(tree, method)
+    state = _Walk(tree, _predicate(method, wrt), method)
+    return state.leaves, state.rebuild
 
 
 def leaves(tree: Any, *, wrt: Any = None) -> list[Leaf]:
     """The :class:`Leaf` records of the arrays ``nnx.state(tree, wrt)`` holds, in order.
 
+    From a module, kinds come from the classes in the module graph: the nearest
+    enclosing module owns an array, and the modules around it are its ancestors
+    (``nnx.List``/``nnx.Dict`` never own: a variable held directly in one belongs to
+    the module holding it). Recurrent cells own the arrays of their gate layers.
+    From a State, kinds come from its keys and sibling arrays alone (``kind_source``
+    ``"name"``), with no stacked axes known; in a State of raw arrays, which carries
+    no variable types, every array is a parameter but a batch norm's ``mean`` and
+    ``var``.
+
     Args:
-      tree: an ``nnx.Module`` (kinds from classes) or an ``nnx.State`` (kinds from
-        names).
-      wrt: for a module, an NNX filter choosing the variables; ``nnx.Param`` (and its
-        subclasses, such as ``nnx.LoRAParam``) by default.
+      tree: an ``nnx.Module`` (abstract ones from ``nnx.eval_shape`` too) or an
+        ``nnx.State``, of variables or of raw arrays.
+      wrt: for a module, the NNX filter of the variables the optimizer updates;
+        ``nnx.Param`` (and its subclasses, such as ``nnx.LoRAParam``) by default.
+        Variables it selects that are not ``nnx.Param`` (``nnx.BatchStat``, ...) are
+        state, never decayed.
 
     Returns:
-      One leaf per array, in the State's flattening order. A variable reachable from
-      several modules appears once, at its first path; its other views are in
-      ``Leaf.shared_with``.
+      One leaf per entry of the State, in its flattening order. A variable reachable
+      from several modules appears once, at its first path; the other owners' views
+      of it are in ``Leaf.shared_with``. A variable holding ``None`` gets a leaf of
+      shape ``(0,)`` that is never decayed.
+
+    Raises:
+      TypeError: ``tree`` is neither a module nor a State, ``wrt`` is not an NNX
+        filter, or a selected variable holds something other than an array.
+      ValueError: ``wrt`` given with a State.
+
+    Example:
+      >>> from flax import nnx
+      >>> from decaymask.adapters import _nnx
+      >>> rngs = nnx.Rngs(0)
+      >>> model = nnx.Sequential(nnx.Linear(3, 4, rngs=rngs), nnx.LayerNorm(4, rngs=rngs))
+      >>> [(x.path, x.layer, x.role) for x in _nnx.leaves(model)]  # doctest: +NORMALIZE_WHITESPACE
+      [('layers/0/bias', 'linear', 'bias'), ('layers/0/kernel', 'linear', 'weight'),
+       ('layers/1/bias', 'layer_norm', 'bias'), ('layers/1/scale', 'layer_norm', 'scale')]
     """
-    if _check_tree("leaves", tree, wrt):
-        return _state_walk(tree, "leaves")[0]
-    return _Walk(tree, _predicate("leaves", wrt), "leaves").leaves
-
-
-def mask(policy: Policy, tree: Any, *, wrt: Any = None) -> Any:
-    """The optax mask: an ``nnx.State`` of Python bools shaped as ``nnx.state(tree, wrt)``.
-
-    For a State (what optax hands a callable mask), the bools replace its variables or
-    arrays in its own containers. A variable holding ``None`` gets ``False``.
-    """
-    if _check_tree("for_flax", tree, wrt):
-        leaves_, slots, treedef = _state_walk(tree, "for_flax")
-        decisions = policy.decide(leaves_)
-        return treedef.unflatten([slot >= 0 and decisions[slot].decay for slot in slots])
-    walk = _Walk(tree, _predicate("for_flax", wrt), "for_flax")
-    decisions = policy.decide(walk.leaves)
-    return nnx.from_flat_state(
-        [
-            (path, slot >= 0 and decisions[slot].decay)
-            for path, slot in zip(walk.paths, walk.slots)
-        ]
-    )
-
-
-def explain(policy: Policy, tree: Any, *, wrt: Any = None) -> Report:
-    """A :class:`Report` with one row per array of ``nnx.state(tree, wrt)``."""
-    if _check_tree("explain", tree, wrt):
-        return Report(policy.decide(_state_walk(tree, "explain")[0]), policy=policy)
-    return Report(policy.decide(_Walk(tree, _predicate("explain", wrt), "explain").leaves), policy=policy)
+    return walk(tree, wrt=wrt, method="leaves")[0]

@@ -227,8 +227,7 @@ class Policy:
         table = found if isinstance(found, LeafTable) else as_table(found)
         fix = adapter.NON_FLOATING_FIX
         if value == "muon" or any(rule.per_leaf for rule in self.rules):
-            decisions = self.decide(table)
-            check_decisions(self, table, decisions, method=method, non_floating_fix=fix)
+            decisions = self.decide_for_mask(table, method=method, non_floating_fix=fix)
             if value == "muon":
                 from ..adapters._common import muon_dimension_numbers
 
