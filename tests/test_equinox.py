@@ -407,3 +407,15 @@ def test_conv_bias_counts_as_one_dimensional():
     text = str(policy.explain(conv)).splitlines()
     assert text[2].endswith("rule 2: no_decay(name='weight') [name= is framework vocabulary]")
     assert text[3].endswith("default [min_ndim counts 1 of its 3 axes]")
+
+
+def test_prng_key_arrays_are_never_decayed():
+    class Noisy(eqx.Module):
+        key: jax.Array
+        weight: jax.Array
+
+    report = dm.Policy(dm.decay()).explain(Noisy(jax.random.key(0), jnp.ones((2, 2))))
+    assert [(r.path, r.dtype, r.decay, r.why) for r in report] == [
+        ("key", "key<fry>", False, "not floating point: never decayed"),
+        ("weight", "float32", True, "rule 1: decay()"),
+    ]

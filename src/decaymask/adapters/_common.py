@@ -37,7 +37,11 @@ def is_array_like(x: Any) -> bool:
 
 
 def dtype_name(x: Any) -> str:
-    return np.dtype(x.dtype).name
+    try:
+        return np.dtype(x.dtype).name
+    except TypeError:
+        # Extended dtypes (jax PRNG keys, ``key<fry>``) are not numpy dtypes.
+        return str(x.dtype)
 
 
 def shape_of(x: Any) -> tuple[int, ...]:
