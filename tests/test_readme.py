@@ -45,3 +45,19 @@ def test_demo_runs():
         [row] = [line for line in lines if line.startswith(f"  {name} ")]
         losses = [float(x) for x in row.split()[1:]]
         assert len(losses) == 2 and losses[1] < losses[0]
+
+
+def test_readme_python_examples_run(tmp_path, monkeypatch):
+    """Every ```python block of the README, in order, in one namespace."""
+    import warnings
+
+    text = (ROOT / "README.md").read_text()
+    blocks = [part.split("```", 1)[0] for part in text.split("```python\n")[1:]]
+    assert len(blocks) >= 10
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    with warnings.catch_warnings():
+        # The examples must run clean: no PolicyWarning, no library warning.
+        warnings.simplefilter("error")
+        for block in blocks:
+            exec(compile(block, "README.md", "exec"), namespace)
