@@ -229,8 +229,9 @@ def test_layer_attributes_give_the_rank_and_layout_of_one_layer():
     assert rows == {
         ("linear", "bias"): (1, 0, None),
         ("linear", "kernel"): (2, 0, ((0,), (1,))),
-        ("general", "bias"): (2, 0, None),
-        ("general", "kernel"): (4, 0, ((0, 1), (2, 3))),
+        # Logical ranks: a LinearGeneral kernel is one matrix, its bias one vector.
+        ("general", "bias"): (1, 0, None),
+        ("general", "kernel"): (2, 0, ((0, 1), (2, 3))),
         ("conv", "bias"): (1, 0, None),
         ("conv", "kernel"): (4, 0, ((0, 1, 2), (3,))),
         ("transposed", "bias"): (1, 0, None),
@@ -437,8 +438,8 @@ def test_vmap_stacked_layers_have_batch_axes():
     assert seen == [
         ("conv/bias", (3, 3), 1, 1, None),
         ("conv/kernel", (3, 3, 2, 3), 1, 3, ((1, 2), (3,))),
-        ("general/bias", (3, 2, 2), 1, 2, None),
-        ("general/kernel", (3, 2, 2, 2), 1, 3, ((1,), (2, 3))),
+        ("general/bias", (3, 2, 2), 1, 1, None),
+        ("general/kernel", (3, 2, 2, 2), 1, 2, ((1,), (2, 3))),
         ("linear/bias", (3, 4), 1, 1, None),
         ("linear/kernel", (3, 2, 4), 1, 2, ((1,), (2,))),
         ("norm/bias", (3, 4), 1, 1, None),
@@ -453,16 +454,17 @@ def test_min_ndim_counts_one_layer_of_a_stack_where_names_alone_cannot():
     assert by_class == {
         "conv/bias": False,
         "conv/kernel": True,
-        "general/bias": True,  # a LinearGeneral's bias is (2, 2) in one layer too
+        "general/bias": False,  # a LinearGeneral's (2, 2) bias is one vector
         "general/kernel": True,
         "linear/bias": False,
         "linear/kernel": True,
         "norm/bias": False,
         "norm/scale": False,
     }
-    # A State knows no stacked axes: every stacked array has at least 2.
+    # A State knows no stacked axes: every stacked array has at least 2, but a linear
+    # layer's bias is one vector by name, however many axes it has.
     by_name = decays_of(policy.explain(nnx.state(model, nnx.Param)))
-    assert by_name == dict.fromkeys(by_class, True)
+    assert by_name == {**dict.fromkeys(by_class, True), "linear/bias": False, "general/bias": False}
     assert_optimizer_decays(model, policy.for_flax(model), by_class)
     assert_optimizer_decays(model, policy.for_flax, by_name)
 

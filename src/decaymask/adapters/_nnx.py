@@ -173,6 +173,15 @@ def _layout_linear_general(node: Any, name: str) -> tuple[int | None, _Axes | No
     return (batch + n_out, None) if name == "bias" else _NO_LAYOUT
 
 
+def _general_layout_axes(node: Any, name: str) -> int:
+    """Axes a LinearGeneral's layout adds to one matrix: ``(in, heads, head_dim)`` is a
+    matrix, ``(heads, head_dim)`` a bias vector, as an Equinox Linear's are."""
+    n_in, n_out = len(node.in_features), len(node.out_features)
+    if name == "kernel":
+        return n_in - 1 + n_out - 1
+    return n_out - 1 if name == "bias" else 0
+
+
 def _layout_einsum(node: Any, name: str) -> tuple[int | None, _Axes | None]:
     # The einsum string decides which axes contract: no fixed matrix layout.
     if name == "kernel":
@@ -467,6 +476,7 @@ class _Walk:
         shape, dtype = found
         name = _leaf_name(path)
         role = expected = axes = None
+        layout_axes = 0
         if owner is None:
             layer, ancestors = Layer("unknown", None, None, "class"), ()
         else:
@@ -477,9 +487,12 @@ class _Walk:
                 axes = registration.matrix_axes_of(name)
             elif owner.layout is not None:
                 expected, axes = owner.layout(owner.holder, name)
+                if isinstance(owner.holder, nnx.LinearGeneral):
+                    layout_axes = _general_layout_axes(owner.holder, name)
         if role is None:
             role = role_from_name(layer.kind, name)
         return Leaf(
+            layout_axes=layout_axes,
             path=_path_text(path),
             layer=layer.kind,
             role=role,
@@ -593,6 +606,18 @@ def _name_axes(kind: str, own: Any, name: str, rank: int) -> _Axes | None:
     return None
 
 
+def _name_layout_axes(kind: str, name: str, shape: tuple, axes: _Axes | None) -> int:
+    """Layout axes known by names: a linear layer's kernel is one matrix however many
+    axes its in and out features take, and its bias one vector."""
+    if kind != "linear":
+        return 0
+    if name == "kernel" and axes is not None:
+        return len(axes[0]) + len(axes[1]) - 2
+    if name == "bias":
+        return max(0, len(shape) - 1)
+    return 0
+
+
 def _is_param_by_name(variable: Any, value: Any, kind: str, name: str) -> bool:
     if value is None:
         return False
@@ -636,6 +661,7 @@ def _state_walk(state: Any, fn: str) -> tuple[list[Leaf], Callable[[list[Any]], 
     for path, name, variable, value, (shape, dtype) in entries:
         layer, ancestors = owners[path[:-1]]
         own = next((key for key in reversed(path[:-1]) if isinstance(key, str)), None)
+        axes = _name_axes(layer.kind, own, name, len(shape))
         leaves.append(
             Leaf(
                 path=_path_text(path),
@@ -647,7 +673,8 @@ def _state_walk(state: Any, fn: str) -> tuple[list[Leaf], Callable[[list[Any]], 
                 ancestors=ancestors,
                 is_param=_is_param_by_name(variable, value, layer.kind, name),
                 kind_source="name",
-                matrix_axes=_name_axes(layer.kind, own, name, len(shape)),
+                matrix_axes=axes,
+                layout_axes=_name_layout_axes(layer.kind, name, shape, axes),
             )
         )
     return leaves, treedef.unflatten
