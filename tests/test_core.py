@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 
 import pytest
@@ -259,3 +260,27 @@ def test_vocabulary():
     assert dm.KINDS[-1] == "unknown" and "norm" in dm.GROUPS
     assert dm.GROUPS["norm"] == ("layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm")
     assert dm.ROLES == ("weight", "bias", "scale", "embedding", "other")
+
+
+def test_report_markdown_json_and_html():
+    policy = dm.Policy(dm.decay(layer="linear", param="weight", rate=0.5), dm.label("frozen", layer="embedding"))
+    report = policy.report(LEAVES)
+    assert report.to_markdown().splitlines()[:3] == [
+        "| path | kind | via | class | role | shape | decay | label | rate | rule |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| `fc/kernel` | linear | given | - | weight | (4, 2) | yes | decay | 0.5 | rule 1: decay(layer='linear', param='weight', rate=0.5) |",
+    ]
+    assert report.to_markdown().endswith("\n\ndecayed 1 of 5 leaves, 8 of 34 elements (23.5%)\n")
+    data = json.loads(report.to_json())
+    assert data["totals"] == {"leaves": 5, "leaves_decayed": 1, "elements": 34, "elements_decayed": 8}
+    assert data["rows"][4] == {
+        "path": "embed/embedding", "kind": "embedding", "via": "given", "class": None,
+        "role": "embedding", "shape": [10, 2], "dtype": "float32", "decay": False,
+        "label": "frozen", "rate": 0.0, "rule": None, "why": "default",
+    }
+    html = report._repr_html_()
+    assert html.startswith("<table><thead><tr><th>path</th><th>kind</th>")
+    assert "<td><code>fc/kernel</code></td>" in html and "<td><b>yes</b></td>" in html
+    assert html.endswith("<p>decayed 1 of 5 leaves, 8 of 34 elements (23.5%)</p>")
+    hostile = dm.Policy().report([dm.Leaf("a/<b>&c", layer="linear")])
+    assert "<td><code>a/&lt;b&gt;&amp;c</code></td>" in hostile._repr_html_()

@@ -7,6 +7,8 @@ Equinox, in Flax Linen and in Flax NNX.
 
 from __future__ import annotations
 
+import functools
+
 import decaymask as dm
 
 SEED_POLICY = dm.Policy(
@@ -18,6 +20,14 @@ VOCAB, WIDTH, HEADS, SEQ = 16, 8, 2, 12
 
 def equinox_model():
     """The tiny LM in Equinox."""
+    import jax
+
+    return _equinox_class()(jax.random.key(0))
+
+
+@functools.cache
+def _equinox_class():
+    # Built once: two models of one factory must share their classes (and treedefs).
     import equinox as eqx
     import jax
 
@@ -54,13 +64,19 @@ def equinox_model():
             x = self.block(jax.vmap(self.embed)(tokens))
             return jax.vmap(self.head)(jax.vmap(self.final_norm)(x))
 
-    return TinyLM(jax.random.key(0))
+    return TinyLM
 
 
 def linen_model():
     """The tiny LM in Flax Linen: ``(module, example_args)``."""
-    import flax.linen as nn
     import jax.numpy as jnp
+
+    return _linen_class()(), (jnp.zeros((SEQ,), jnp.int32),)
+
+
+@functools.cache
+def _linen_class():
+    import flax.linen as nn
 
     class Block(nn.Module):
         @nn.compact
@@ -79,11 +95,18 @@ def linen_model():
             x = Block(name="block")(x)
             return nn.Dense(VOCAB, name="head")(nn.LayerNorm(name="final_norm")(x))
 
-    return TinyLM(), (jnp.zeros((SEQ,), jnp.int32),)
+    return TinyLM
 
 
 def nnx_model():
     """The tiny LM in Flax NNX."""
+    from flax import nnx
+
+    return _nnx_class()(nnx.Rngs(0))
+
+
+@functools.cache
+def _nnx_class():
     from flax import nnx
 
     class Block(nnx.Module):
@@ -108,7 +131,7 @@ def nnx_model():
         def __call__(self, tokens):
             return self.head(self.final_norm(self.block(self.embed(tokens))))
 
-    return TinyLM(nnx.Rngs(0))
+    return TinyLM
 
 
 def _data():
