@@ -125,3 +125,19 @@ def test_for_flax_rejects_equinox_input():
     )
     with pytest.raises(TypeError, match=r"^for_flax: expected a Linen params or variables mapping"):
         dm.Policy().for_flax([1, 2])
+
+
+def test_a_partition_branch_view_does_not_warn_about_rules_of_other_branches():
+    import optax
+
+    model = eqx.nn.Linear(2, 2, key=KEY)
+    params = eqx.filter(model, eqx.is_inexact_array)
+    # What optax.partition hands the branch that owns only the weight.
+    view = eqx.tree_at(lambda m: m.bias, params, optax.MaskedNode())
+    policy = dm.Policy(dm.decay(param="weight"), dm.no_decay(param="bias"), strict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mask = policy.for_equinox(view)
+    assert mask.weight is True and mask.bias == optax.MaskedNode()
+    with pytest.raises(dm.UnmatchedRuleError):
+        policy.for_equinox({"w": eqx.nn.Linear(2, 2, use_bias=False, key=KEY)})

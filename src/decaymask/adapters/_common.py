@@ -87,3 +87,18 @@ def muon_dimension_numbers(decision: Any, method: str) -> Any:
 
     reduction, output = axes
     return MuonDimensionNumbers(reduction_axis=reduction, output_axis=output)
+
+
+def holds_masked_node(tree: Any) -> bool:
+    """Whether ``tree`` is one branch's view of the params inside ``optax.partition``
+    (or ``optax.contrib.muon``): the other branches' leaves are ``optax.MaskedNode``."""
+    import sys
+
+    optax = sys.modules.get("optax")
+    if optax is None:
+        return False
+    masked = optax.MaskedNode
+    return any(
+        isinstance(x, masked)
+        for x in jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, masked))
+    )

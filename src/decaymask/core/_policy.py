@@ -226,8 +226,15 @@ class Policy:
         found, rebuild = adapter.walk(tree, method=method, **kwargs)
         table = found if isinstance(found, LeafTable) else as_table(found)
         fix = adapter.NON_FLOATING_FIX
+        from ..adapters._common import holds_masked_node
+
+        partial_view = lambda: holds_masked_node(tree)  # noqa: E731
         if value == "muon" or any(rule.per_leaf for rule in self.rules):
-            decisions = self.decide_for_mask(table, method=method, non_floating_fix=fix)
+            decisions = self.decide(table)
+            check_decisions(
+                self, table, decisions, method=method, non_floating_fix=fix,
+                partial_view=partial_view,
+            )
             if value == "muon":
                 from ..adapters._common import muon_dimension_numbers
 
@@ -245,6 +252,7 @@ class Policy:
             non_floating_fix=fix,
             # Only warnings that list paths ask, and only for their few keys.
             paths_like=lambda r: [table[i].path for i in table.indices_of({keys[r]})],
+            partial_view=partial_view,
         )
         attr = _VALUE_ATTR[value]
         by_key = {key: getattr(d, attr) for key, d in zip(keys, decisions)}

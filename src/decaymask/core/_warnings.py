@@ -59,6 +59,7 @@ def check_decisions(
     method: str,
     non_floating_fix: str,
     paths_like: Callable[[int], list[str]] | None = None,
+    partial_view: Callable[[], bool] | None = None,
 ) -> None:
     """Warns (or raises, for a strict policy) where the user most likely made a mistake.
 
@@ -71,10 +72,15 @@ def check_decisions(
         framework.
       paths_like: where ``leaves`` stand for groups of alike leaves (one per key), the
         paths of every leaf alike to ``leaves[i]``; by default just its own.
+      partial_view: whether the tree is one branch's view of the params (optax hands
+        ``optax.partition`` branches the params with the other branches' leaves
+        masked out); a rule may then rightly match nothing here.
     """
     if paths_like is None:
         paths_like = lambda i: [leaves[i].path]  # noqa: E731
     unmatched = unmatched_rules(policy, leaves, decisions)
+    if unmatched and partial_view is not None and partial_view():
+        unmatched = []
     if unmatched:
         lines = "; ".join(f"rule {i + 1} {policy.rules[i]!r}" for i in unmatched)
         message = (
