@@ -7,6 +7,10 @@ from typing import Any
 import jax
 import numpy as np
 
+from ..core import _registry
+from ..core._infer import is_generic_norm_name, kind_from_name
+from ..core._leaf import Layer
+
 _KEY_TYPES = (
     jax.tree_util.GetAttrKey,
     jax.tree_util.DictKey,
@@ -102,3 +106,68 @@ def holds_masked_node(tree: Any) -> bool:
         isinstance(x, masked)
         for x in jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, masked))
     )
+
+
+class ClassKinds:
+    """The layer kind of a module class, as every adapter finds it.
+
+    The registry first (subclasses of a registered class count), then the framework's
+    kind table along the class's bases, then its name (``LlamaRMSNorm``). A wrapper
+    (WeightNorm) is ``"wrapper"`` and a bare ``...Norm`` name ``"norm"``: both are
+    resolved per instance by the adapter. Cached per class until the registry changes.
+    """
+
+    def __init__(
+        self,
+        table: dict[type, str],
+        wrappers: tuple[type, ...] = (),
+        containers: tuple[type, ...] = (),
+    ):
+        self.table = table
+        self.wrappers = wrappers
+        self.containers = containers
+        self._kinds: dict[type, tuple[str, str, _registry.Registration | None]] = {}
+        self._layers: dict[type, Layer] = {}
+        self._generation = -1
+
+    def __call__(self, cls: type) -> tuple[str, str, _registry.Registration | None]:
+        """(kind, how it was found, registration)."""
+        if self._generation != _registry.generation:
+            self._kinds.clear()
+            self._layers.clear()
+            self._generation = _registry.generation
+        found = self._kinds.get(cls)
+        if found is None:
+            found = self._kinds[cls] = self._resolve(cls)
+        return found
+
+    def layer(self, cls: type) -> Layer | None:
+        """The :class:`Layer` of every instance of ``cls``; ``None`` where it depends on
+        the instance (wrappers, bare norm names)."""
+        kind, source, _ = self(cls)
+        if kind in ("wrapper", "norm"):
+            return None
+        layer = self._layers.get(cls)
+        if layer is None:
+            layer = self._layers[cls] = Layer(kind, cls.__name__, cls, source)
+        return layer
+
+    def _resolve(self, cls: type) -> tuple[str, str, _registry.Registration | None]:
+        registration = _registry.lookup_class(cls)
+        if registration is not None:
+            return registration.kind, "registered", registration
+        for base in cls.__mro__:
+            kind = self.table.get(base)
+            if kind is not None:
+                return kind, "class", None
+            if base in self.wrappers:
+                # The wrapped layer decides; the name ("WeightNorm") would read as a norm.
+                return "wrapper", "class", None
+            if base in self.containers:
+                return "unknown", "class", None
+        guessed = kind_from_name(cls.__name__)
+        if guessed is not None:
+            return guessed, "name", None
+        if is_generic_norm_name(cls.__name__):
+            return "norm", "name", None
+        return "unknown", "class", None

@@ -9,10 +9,10 @@ import equinox as eqx
 import jax
 
 from ..core import _registry
-from ..core._infer import is_generic_norm_name, kind_from_name, role_from_name
+from ..core._infer import role_from_name
 from ..core._leaf import Layer, Leaf
 from ..core._table import LeafTable
-from ._common import ARRAY_TYPES, check_not_a_step_count, dtype_name, is_array_like, key_name
+from ._common import ARRAY_TYPES, ClassKinds, check_not_a_step_count, dtype_name, is_array_like, key_name
 
 _nn = eqx.nn
 METHOD = "for_equinox"
@@ -48,60 +48,21 @@ _CONTAINERS: tuple[type, ...] = (
     _nn.RotaryPositionalEmbedding,
 )
 
-_class_cache: dict[type, tuple[str, str, _registry.Registration | None]] = {}
-_cache_generation = -1
-
-
-def _class_kind(cls: type) -> tuple[str, str, _registry.Registration | None]:
-    """(kind, how it was found, registration) for a module class, cached per class."""
-    global _cache_generation
-    if _cache_generation != _registry.generation:
-        _class_cache.clear()
-        _layer_cache.clear()
-        _cache_generation = _registry.generation
-    found = _class_cache.get(cls)
-    if found is None:
-        found = _resolve_class_kind(cls)
-        _class_cache[cls] = found
-    return found
-
-
-def _resolve_class_kind(cls: type) -> tuple[str, str, _registry.Registration | None]:
-    registration = _registry.lookup_class(cls)
-    if registration is not None:
-        return registration.kind, "registered", registration
-    for base in cls.__mro__:
-        kind = KIND_TABLE.get(base)
-        if kind is not None:
-            return kind, "class", None
-        if base in _CONTAINERS:
-            return "unknown", "class", None
-    guessed = kind_from_name(cls.__name__)
-    if guessed is not None:
-        return guessed, "name", None
-    if is_generic_norm_name(cls.__name__):
-        return "norm", "name", None
-    return "unknown", "class", None
+_class_kind = ClassKinds(KIND_TABLE, WRAPPERS, _CONTAINERS)
 
 
 def _module_layer(node: eqx.Module) -> Layer:
     cls = type(node)
-    kind, source, _ = _class_kind(cls)  # also drops the caches when the registry changed
-    cached = _layer_cache.get(cls)
-    if cached is not None:
-        return cached
-    if isinstance(node, WRAPPERS):
+    layer = _class_kind.layer(cls)
+    if layer is not None:
+        return layer
+    kind, source, _ = _class_kind(cls)
+    if kind == "wrapper":
         inner = _module_layer(node.layer)
         return Layer(inner.kind, cls.__name__, cls, inner.source)
-    if kind == "norm":
-        # A class named only "...Norm": a bias says layer norm, no bias says RMS norm.
-        kind = "layer_norm" if _has_array(node, "bias") else "rms_norm"
-        return Layer(kind, cls.__name__, cls, source)
-    layer = _layer_cache[cls] = Layer(kind, cls.__name__, cls, source)
-    return layer
-
-
-_layer_cache: dict[type, Layer] = {}
+    # A class named only "...Norm": a bias says layer norm, no bias says RMS norm.
+    kind = "layer_norm" if _has_array(node, "bias") else "rms_norm"
+    return Layer(kind, cls.__name__, cls, source)
 
 
 def _has_array(node: Any, name: str) -> bool:

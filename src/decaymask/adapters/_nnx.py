@@ -19,7 +19,7 @@ from flax import nnx
 from ..core import _registry
 from ..core._infer import is_generic_norm_name, kind_from_name, role_from_name
 from ..core._leaf import Layer, Leaf
-from ._common import key_name
+from ._common import ClassKinds, key_name
 
 _graphlib = nnx.graphlib
 _get_node_impl = _graphlib.get_node_impl
@@ -76,45 +76,7 @@ _TRANSPARENT: tuple[type, ...] = (nnx.Rngs, nnx.RngStream)
 # Class kinds
 
 
-_class_cache: dict[type, tuple[str, str, _registry.Registration | None]] = {}
-_layer_cache: dict[type, Layer] = {}
-_cache_generation = -1
-
-
-def _class_kind(cls: type) -> tuple[str, str, _registry.Registration | None]:
-    """(kind, how it was found, registration) for a module class, cached per class."""
-    global _cache_generation
-    if _cache_generation != _registry.generation:
-        _class_cache.clear()
-        _layer_cache.clear()
-        _cache_generation = _registry.generation
-    found = _class_cache.get(cls)
-    if found is None:
-        found = _resolve_class_kind(cls)
-        _class_cache[cls] = found
-    return found
-
-
-def _resolve_class_kind(cls: type) -> tuple[str, str, _registry.Registration | None]:
-    registration = _registry.lookup_class(cls)
-    if registration is not None:
-        return registration.kind, "registered", registration
-    for base in cls.__mro__:
-        kind = KIND_TABLE.get(base)
-        if kind is not None:
-            return kind, "class", None
-        if base in WRAPPERS:
-            # Resolved per instance from the wrapped layer; the name ("WeightNorm")
-            # would otherwise read as a norm.
-            return "wrapper", "class", None
-        if base in _CONTAINERS:
-            return "unknown", "class", None
-    guessed = kind_from_name(cls.__name__)
-    if guessed is not None:
-        return guessed, "name", None
-    if is_generic_norm_name(cls.__name__):
-        return "norm", "name", None
-    return "unknown", "class", None
+_class_kind = ClassKinds(KIND_TABLE, WRAPPERS, _CONTAINERS)
 
 
 def _module_layer(module: Any) -> Layer:
@@ -128,10 +90,7 @@ def _module_layer(module: Any) -> Layer:
     if kind == "wrapper":
         inner = _module_layer(module.layer_instance)
         return Layer(inner.kind, cls.__name__, cls, inner.source)
-    layer = _layer_cache.get(cls)
-    if layer is None:
-        layer = _layer_cache[cls] = Layer(kind, cls.__name__, cls, source)
-    return layer
+    return _class_kind.layer(cls)  # type: ignore[return-value]
 
 
 # Layouts: the rank one layer gives each of its arrays (more leading axes are stacked
