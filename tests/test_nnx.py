@@ -462,9 +462,15 @@ def test_min_ndim_counts_one_layer_of_a_stack_where_names_alone_cannot():
         "norm/scale": False,
     }
     # A State knows no stacked axes: every stacked array has at least 2, but a linear
-    # layer's bias is one vector by name, however many axes it has.
+    # layer's bias is one vector by name, however many axes it has, and a conv's bias
+    # with more than one axis shows a stack.
     by_name = decays_of(policy.explain(nnx.state(model, nnx.Param)))
-    assert by_name == {**dict.fromkeys(by_class, True), "linear/bias": False, "general/bias": False}
+    assert by_name == {
+        **dict.fromkeys(by_class, True),
+        "linear/bias": False,
+        "general/bias": False,
+        "conv/bias": False,  # a conv's bias with two axes shows a stack
+    }
     assert_optimizer_decays(model, policy.for_flax(model), by_class)
     assert_optimizer_decays(model, policy.for_flax, by_name)
 

@@ -620,7 +620,14 @@ def _state_walk(state: Any, fn: str) -> tuple[list[Leaf], Callable[[list[Any]], 
     for path, name, variable, value, (shape, dtype) in entries:
         layer, ancestors = owners[path[:-1]]
         own = next((key for key in reversed(path[:-1]) if isinstance(key, str)), None)
-        axes = _name_axes(layer.kind, own, name, len(shape))
+        stacked = 0
+        if layer.kind == "conv":
+            # A conv's bias is (out,) in one layer: more axes are stacked layers. With no
+            # bias in sight (none, or masked out on one optax.partition branch) the
+            # kernel is read as one layer's.
+            bias = groups[path[:-1]].get("bias")
+            stacked = 0 if bias is None else max(0, len(bias) - 1)
+        axes = _name_axes(layer.kind, own, name, len(shape) - stacked)
         leaves.append(
             Leaf(
                 path=_path_text(path),
@@ -632,6 +639,7 @@ def _state_walk(state: Any, fn: str) -> tuple[list[Leaf], Callable[[list[Any]], 
                 ancestors=ancestors,
                 is_param=_is_param_by_name(variable, value, layer.kind, name),
                 kind_source="name",
+                batch_axes=stacked,
                 matrix_axes=axes,
                 layout_axes=_name_layout_axes(layer.kind, name, shape, axes),
             )
