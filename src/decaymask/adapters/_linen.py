@@ -53,19 +53,22 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import operator
 import re
 import reprlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 from flax.core import meta as _meta
+from flax.core.frozen_dict import FrozenDict
 from flax.core.scope import Scope
 
 from ..core import _registry
 from ..core._infer import is_generic_norm_name, kind_from_name, role_from_name
 from ..core._leaf import Layer, Leaf
+from ..core._table import LeafTable
 from ._common import dtype_name, is_array_like, key_name
 
 # Base classes: subclasses count as the base kind.
@@ -196,6 +199,7 @@ _DictKey = jax.tree_util.DictKey
 _box_types: dict[type, bool] = {}
 _array_types: dict[type, bool] = {}
 _dtype_names: dict[Any, str] = {}
+_FLOATING: dict[Any, bool] = {}
 
 
 def _is_box(x: Any) -> bool:
@@ -490,8 +494,338 @@ def _path_text(path: tuple[str, ...]) -> str:
     return "/".join(path)
 
 
-class _Walk:
-    """One pass over a Linen mapping: its leaves, and where each goes in the mask."""
+class _Reader:
+    """What both walks share: a module's kind from the trace, its names and its arrays,
+    and the :class:`Leaf` record of one array.
+
+    Subclasses set ``fn`` (the entry point, for messages) and ``trace``.
+    """
+
+    fn: str
+    trace: _Trace | None
+
+    def _infer(
+        self,
+        path: tuple[str, ...],
+        parent: _Module | None,
+        direct: Mapping[str, Any],
+        merged: Mapping[str, Any],
+        children: Collection[str],
+    ) -> _Module:
+        """The module at ``path``.
+
+        Args:
+          path: the module path.
+          parent: the module at ``path[:-1]``; ``None`` at the root.
+          direct: the arrays the module owns in ``params`` (in another collection where
+            it owns none there), by name.
+          merged: the arrays it owns in every collection, by name.
+          children: the keys of its submodules that hold arrays, in any collection.
+
+        Without a trace, the result depends on ``path`` only through the last key's
+        :func:`_key_traits` and whether ``path`` is empty: the names-only walk relies on
+        that to infer once per distinct (parent, traits, arrays, children).
+        """
+        key = path[-1] if path else ""
+        ancestors: tuple[Layer, ...] = ()
+        stacked = 0
+        in_attention = False
+        absorbed_by = None
+        if parent is not None:
+            ancestors = parent.ancestors + (parent.layer,) if parent.visible else parent.ancestors
+            stacked = parent.stacked
+            in_attention = parent.in_attention or parent.layer.kind == "attention"
+            absorbed_by = parent.absorbed_by or (parent if parent.wrapper else None)
+        auto, stacked_here = _auto_class(key)
+        stacked += stacked_here
+
+        cls = self.trace.classes.get(path) if self.trace is not None else None
+        registration = None
+        if cls is not None:
+            kind, source = _class_kind(cls)
+            type_name: str | None = cls.__name__
+            trusted = source in _TRUSTED
+            if source == "registered":
+                registration = _registry.lookup_class(cls)
+        else:
+            if (
+                self.trace is not None
+                and parent is not None
+                and parent.trusted
+                and parent.layer.kind != "unknown"
+            ):
+                # Not a module: arrays nested inside a known layer's own variable.
+                return dataclasses.replace(
+                    parent, absorbed_by=absorbed_by or parent, visible=False
+                )
+            type_name = auto
+            kind, source, registration = _auto_kind(auto)
+            trusted = kind is not None
+        if (kind is None or kind == "norm") and key and not trusted:
+            # The module's own name, where the class (or auto name) says nothing
+            # specific: `input_layernorm` holding an HF-style `weight`.
+            guess = kind_from_name(key)
+            if guess is None and kind is None and is_generic_norm_name(key):
+                guess = "norm"
+            if guess is not None:
+                kind, source = guess, "name"
+
+        wrapper = kind == "wrapper"
+        if wrapper:
+            kind, source = self._wrapped_kind(path, source, merged, children)
+        elif (
+            kind is None
+            or kind == "norm"
+            or (not trusted and kind in _KERNEL_OVERRIDES and "kernel" in direct)
+        ):
+            content = self._content_kind(direct, children, in_attention, stacked)
+            if content is not None:
+                kind, source = content, "name"
+            elif kind == "norm":
+                kind = "layer_norm" if "bias" in direct else "rms_norm"
+            elif kind is None:
+                kind = "unknown"
+                source = "class" if cls is not None else "name"
+        assert kind is not None
+        cell = kind == "recurrent" and (trusted or frozenset(children) in _GATE_SETS)
+        if (
+            cls is None
+            and kind == "linear"
+            and key in _ATTENTION_CHILDREN
+            and parent is not None
+            and parent.layer.type_name in _ATTENTION_NAMES
+        ):
+            type_name = "DenseGeneral"
+        if absorbed_by is None and parent is not None and parent.cell:
+            if kind in ("linear", "conv"):
+                absorbed_by = parent
+        layer = Layer(kind, type_name, cls, source)
+        return _Module(
+            layer=layer,
+            ancestors=ancestors,
+            stacked=stacked,
+            registration=registration,
+            cell=cell,
+            wrapper=wrapper,
+            in_attention=in_attention,
+            absorbed_by=absorbed_by,
+            # Without a trace the root is anonymous: nothing to match it by.
+            visible=bool(path) or self.trace is not None,
+            trusted=trusted,
+        )
+
+    def _wrapped_kind(
+        self,
+        path: tuple[str, ...],
+        source: str,
+        merged: Mapping[str, Any],
+        children: Collection[str],
+    ) -> tuple[str, str]:
+        """The kind of the layer a WeightNorm or SpectralNorm at ``path`` wraps."""
+        if self.trace is not None:
+            inner = self.trace.wrapped.get(path)
+            if inner is not None:
+                kind, inner_source = _class_kind(inner)
+                if kind not in (None, "norm", "wrapper"):
+                    return kind, inner_source
+            return "unknown", source
+        # WeightNorm keeps `Dense_0/kernel/scale`: one key naming the wrapped layer.
+        inside = set(children)
+        inside.update(k.split("/", 1)[0] for k in merged if "/" in k)
+        if len(inside) == 1:
+            (child,) = inside
+            auto, _ = _auto_class(child)
+            kind = _auto_kind(auto)[0]
+            if kind in (None, "wrapper"):
+                kind = kind_from_name(child)
+            if kind is not None:
+                return kind, source
+        return "unknown", source
+
+    def _content_kind(
+        self,
+        direct: Mapping[str, Any],
+        children: Collection[str],
+        in_attention: bool,
+        stacked: int,
+    ) -> str | None:
+        """The kind the arrays a module owns (or its gate children) make evident."""
+        if not direct:
+            names = frozenset(children)
+            if names in _GATE_SETS:
+                return "recurrent"
+            if _ATTENTION_CHILDREN <= names:
+                return "attention"
+            return None
+        if not _EMBED_NAMES.isdisjoint(direct):
+            return "embedding"
+        kernel = direct.get("kernel")
+        if kernel is None:
+            weight = direct.get("weight")
+            if weight is not None and len(weight.shape) - stacked >= 2:
+                kernel = weight
+        if kernel is not None:
+            if in_attention:
+                return "linear"
+            bias = direct.get("bias")
+            rank = len(kernel.shape) - stacked
+            # DenseGeneral's bias has the shape of its output axes, the kernel's last.
+            general = (
+                bias is not None
+                and 2 <= len(bias.shape) <= len(kernel.shape)
+                and tuple(kernel.shape[-len(bias.shape) :]) == tuple(bias.shape)
+            )
+            return "conv" if rank >= 3 and not general else "linear"
+        names = set(direct)
+        if "scale" in names and names <= {"scale", "bias"}:
+            return "layer_norm" if "bias" in names else "rms_norm"
+        if names == {"mean", "var"}:
+            return "batch_norm"
+        if names == {"negative_slope"}:
+            return "prelu"
+        return None
+
+    # Leaves.
+
+    def _leaf(
+        self,
+        collection: str,
+        path: tuple[str, ...],
+        key: str,
+        array: Any,
+        module: _Module,
+        direct: Mapping[str, Any],
+    ) -> Leaf:
+        """The record of the array ``key`` of the module ``module`` at ``path``, which
+        owns ``direct`` in ``params``."""
+        owner = module.absorbed_by or module
+        layer = owner.layer
+        # WeightNorm names its variables by path (`Dense_0/kernel/scale`).
+        name = key.rsplit("/", 1)[-1]
+        role = None
+        if owner.registration is not None:
+            role = owner.registration.role_of(name)
+        if role is None:
+            role = role_from_name(layer.kind, name)
+        shape = tuple(array.shape)
+        batch_axes = 0
+        known_rank = True
+        if self.trace is not None:
+            inner = self.trace.ndims.get((collection, path + (key,)))
+            if inner is not None:
+                batch_axes = max(0, len(shape) - inner)
+        elif module.stacked:
+            natural = _natural_ndim(module.layer, path[-1] if path else "", name)
+            if natural is not None:
+                batch_axes = min(module.stacked, max(0, len(shape) - natural))
+            known_rank = natural is not None
+        matrix_axes = None
+        if collection == "params" and known_rank:
+            matrix_axes = self._matrix_axes(
+                owner, module, path, name, len(shape) - batch_axes, direct
+            )
+        text = "/".join(path + (key,))
+        if collection != "params":
+            text = f"{collection}/{text}"
+        return Leaf(
+            path=text,
+            layer=layer.kind,
+            role=role,
+            shape=shape,
+            dtype=_dtype_name(array),
+            name=name,
+            layer_type=layer.type_name,
+            layer_class=layer.cls,
+            ancestors=owner.ancestors,
+            is_param=collection == "params",
+            kind_source=layer.source,
+            batch_axes=batch_axes,
+            matrix_axes=matrix_axes,
+        )
+
+    def _general_sizes(
+        self, direct: Mapping[str, Any], rank: int
+    ) -> tuple[int, int, int] | None:
+        """A DenseGeneral's axis counts read off its bias: the kernel's last axes."""
+        kernel, bias = direct.get("kernel"), direct.get("bias")
+        if kernel is None or bias is None:
+            return None
+        features = len(bias.shape)
+        stacked = len(kernel.shape) - rank
+        if not 0 < features < rank or bias.shape[stacked:] != kernel.shape[-features:]:
+            return None
+        return 0, rank - features, features
+
+    def _matrix_axes(
+        self,
+        owner: _Module,
+        module: _Module,
+        path: tuple[str, ...],
+        name: str,
+        rank: int,
+        direct: Mapping[str, Any],
+    ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        """(reduction, output) axes of a weight matrix in Linen's (in, out) layouts."""
+        if owner.registration is not None:
+            return owner.registration.matrix_axes_of(name)
+        if name not in ("kernel", "embedding"):
+            return None
+        layer = module.layer
+        base = _layout_base(layer)
+        if base is None:
+            # A layer known by kind only (a user-named module, a third-party class)
+            # keeps Linen's layouts: a 2-D kernel is (in, out), a conv's (*window, in,
+            # out). A multi-axis bias shows a DenseGeneral's output axes.
+            if layer.kind == "linear" and name == "kernel":
+                base = "Dense" if rank == 2 else "DenseGeneral"
+            elif layer.kind == "conv" and name == "kernel":
+                base = "Conv"
+            elif layer.kind == "embedding" and name == "embedding":
+                base = "Embed"
+        if base in ("Dense", "Embed") and rank == 2:
+            return (0,), (1,)
+        if base == "Conv" and rank >= 2:
+            # (*window, in, out): a window position is part of the input of the matmul.
+            return tuple(range(rank - 1)), (rank - 1,)
+        if base == "ConvLocal" and rank >= 2:
+            # (*out_window, window * in, out): one matrix per output position.
+            return (rank - 2,), (rank - 1,)
+        if base == "DenseGeneral":
+            sizes = self.trace.general.get(path) if self.trace is not None else None
+            if sizes is None and layer.cls is None:
+                if layer.type_name == "DenseGeneral" and path and path[-1] in _ATTENTION_LAYOUT:
+                    sizes = _ATTENTION_LAYOUT[path[-1]]
+                else:
+                    sizes = self._general_sizes(direct, rank)
+            if sizes is not None and sum(sizes) == rank:
+                batch, reduction, _ = sizes
+                return (
+                    tuple(range(batch, batch + reduction)),
+                    tuple(range(batch + reduction, rank)),
+                )
+        return None
+
+
+_FLOATING_PREFIXES = ("float", "bfloat", "complex")
+
+
+def _is_floating(array: Any) -> bool:
+    """Whether the array can decay at all (as :attr:`Leaf.floating`), once per dtype."""
+    dtype = array.dtype
+    floating = _FLOATING.get(dtype)
+    if floating is None:
+        floating = _FLOATING[dtype] = _dtype_name(array).startswith(_FLOATING_PREFIXES)
+    return floating
+
+
+class _Walk(_Reader):
+    """Any Linen mapping, with or without a trace: one flatten, modules by path.
+
+    Variables mappings (a module's arrays spread over collections) and traced models
+    take this walk; names-only params take :class:`_NamedWalk`, which gives the same
+    leaves, keys and masks faster. Trees this walk rejects are rejected here, with
+    messages that name the offending path.
+    """
 
     def __init__(
         self,
@@ -501,18 +835,6 @@ class _Walk:
         args: Any = (),
         kwargs: Any = None,
     ):
-        if not isinstance(tree, Mapping):
-            raise TypeError(
-                f"{fn}: expected a Linen params or variables mapping (dict or FrozenDict), "
-                f"got {type(tree).__name__}."
-            )
-        given_args = not (isinstance(args, tuple) and not args)
-        if module is None and (given_args or kwargs is not None):
-            raise TypeError(
-                f"{fn}(params, args=..., kwargs=...): these are example inputs for "
-                f"tracing module=, but no module= was given. Pass the model too: "
-                f"policy.{fn}(params, module=model, args=(x,))."
-            )
         self.fn = fn
         flat, self.treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_box)
         if len(flat) == 1 and flat[0][1] is tree:
@@ -540,7 +862,30 @@ class _Walk:
                     break
         self.modules: dict[tuple[str, ...], _Module] = {}
         # One leaf per flat position: a result is the treedef unflattened over them.
-        self.leaves = [self._leaf(*entry) for entry in entries]
+        self.leaves = LeafTable(self._keys(entries), lambda i: self._entry_leaf(*entries[i]))
+
+    def _keys(self, entries: list) -> list[int]:
+        """Per leaf, a key equal only for leaves a policy cannot tell apart by owner,
+        ancestors, role and name: alike blocks of a deep model share them. Small ints,
+        so that the core hashes them fast."""
+        owner_ids: dict[tuple[str, ...], int] = {}
+        interned: dict[tuple, int] = {}
+        key_ids: dict[tuple, int] = {}
+        keys = []
+        for collection, path, key, array in entries:
+            owner_id = owner_ids.get(path)
+            if owner_id is None:
+                module = self._module(path)
+                owner = module.absorbed_by or module
+                owner_id = owner_ids[path] = interned.setdefault(
+                    (owner.layer, owner.ancestors, owner.registration), len(interned)
+                )
+            keys.append(
+                key_ids.setdefault(
+                    (owner_id, collection, key, _is_floating(array)), len(key_ids)
+                )
+            )
+        return keys
 
     def _entries(self, keyed: list) -> list[tuple[str, tuple[str, ...], str, Any]]:
         """(collection, module path, key, array) per flat position."""
@@ -566,11 +911,15 @@ class _Walk:
             entries.append((collection, path, name, array))
         return entries
 
+    def _entry_leaf(self, collection: str, path: tuple[str, ...], key: str, array: Any) -> Leaf:
+        return self._leaf(
+            collection, path, key, array, self._module(path), self.direct.get(path, {})
+        )
+
     # The trace against the tree.
 
     def _traced_param_shapes(self) -> dict[str, tuple[int, ...]]:
-        assert self.trace is not None
-        traced = self.trace.variables
+        traced = self.trace.variables  # type: ignore[union-attr]
         flat, _ = jax.tree_util.tree_flatten_with_path(
             traced.get("params", {}), is_leaf=_is_box
         )
@@ -624,270 +973,406 @@ class _Walk:
         found = self.modules.get(path)
         if found is None:
             parent = self._module(path[:-1]) if path else None
-            found = self._infer(path, parent)
+            params = self.direct.get(path)
+            other = self.direct_other.get(path)
+            direct = params or other or {}
+            merged = {**params, **other} if params and other else direct
+            found = self._infer(path, parent, direct, merged, self.children.get(path, ()))
             self.modules[path] = found
         return found
 
-    def _infer(self, path: tuple[str, ...], parent: _Module | None) -> _Module:
-        key = path[-1] if path else ""
-        ancestors: tuple[Layer, ...] = ()
-        stacked = 0
-        in_attention = False
-        absorbed_by = None
-        if parent is not None:
-            ancestors = parent.ancestors + (parent.layer,) if parent.visible else parent.ancestors
-            stacked = parent.stacked
-            in_attention = parent.in_attention or parent.layer.kind == "attention"
-            absorbed_by = parent.absorbed_by or (parent if parent.wrapper else None)
-        auto, stacked_here = _auto_class(key)
-        stacked += stacked_here
 
-        cls = self.trace.classes.get(path) if self.trace is not None else None
-        registration = None
-        if cls is not None:
-            kind, source = _class_kind(cls)
-            type_name: str | None = cls.__name__
-            trusted = source in _TRUSTED
-            if source == "registered":
-                registration = _registry.lookup_class(cls)
-        else:
-            if (
-                self.trace is not None
-                and parent is not None
-                and parent.trusted
-                and parent.layer.kind != "unknown"
-            ):
-                # Not a module: arrays nested inside a known layer's own variable.
-                return dataclasses.replace(
-                    parent, absorbed_by=absorbed_by or parent, visible=False
-                )
-            type_name = auto
-            kind, source, registration = _auto_kind(auto)
-            trusted = kind is not None
-        if (kind is None or kind == "norm") and key and not trusted:
-            # The module's own name, where the class (or auto name) says nothing
-            # specific: `input_layernorm` holding an HF-style `weight`.
-            guess = kind_from_name(key)
-            if guess is None and kind is None and is_generic_norm_name(key):
-                guess = "norm"
-            if guess is not None:
-                kind, source = guess, "name"
+# The names-only walk of params.
 
-        wrapper = kind == "wrapper"
-        direct = self.direct.get(path) or self.direct_other.get(path) or {}
-        if wrapper:
-            kind, source = self._wrapped_kind(path, source)
-        elif (
-            kind is None
-            or kind == "norm"
-            or (not trusted and kind in _KERNEL_OVERRIDES and "kernel" in direct)
-        ):
-            content = self._content_kind(path, direct, in_attention, stacked)
-            if content is not None:
-                kind, source = content, "name"
-            elif kind == "norm":
-                kind = "layer_norm" if "bias" in direct else "rms_norm"
-            elif kind is None:
-                kind = "unknown"
-                source = "class" if cls is not None else "name"
-        assert kind is not None
-        cell = kind == "recurrent" and (
-            trusted or frozenset(self.children.get(path, ())) in _GATE_SETS
+
+class _Fallback(Exception):
+    """The tree holds something only :class:`_Walk` reads (or rejects) exactly."""
+
+
+# What a leaf's type is, decided once per type: isinstance against jax.Array and
+# AxisMetadata goes through their metaclasses. The sets let a whole module's values be
+# checked at once (set.issuperset over their types).
+_ARRAY, _BOX, _NEITHER = 1, 2, 0
+_leaf_kinds: dict[type, int] = {}
+_plain_types: set[type] = set()  # the types of _ARRAY
+_box_kinds: set[type] = set()  # the types of _BOX
+_leafy_types: set[type] = set()  # either
+
+
+def _leaf_kind(value: Any) -> int:
+    """Classifies the type of ``value`` (an array, a box, or neither) for good."""
+    found = _leaf_kinds[type(value)] = (
+        _BOX if _is_box(value) else _ARRAY if _is_array(value) else _NEITHER
+    )
+    if found is not _NEITHER:
+        (_plain_types if found is _ARRAY else _box_kinds).add(type(value))
+        _leafy_types.add(type(value))
+    return found
+
+
+# Module keys by what names-only inference reads of them (see _key_traits). The ids
+# are never reused, so that a walk's cache stays valid while the key map is cleared.
+_traits_of: dict[str, int] = {}
+_trait_ids: dict[tuple, int] = {}
+_TRAITS_KEPT = 1 << 16
+
+
+def _key_traits(key: str) -> int:
+    """An id equal for module keys that names-only inference cannot tell apart.
+
+    :meth:`_Reader._infer` reads a key only through its auto name, the kind its name
+    makes evident, whether it says "norm", whether it names an attention projection,
+    and whether it is empty: ``Block_0`` and ``Block_7`` share an id, and so do
+    ``Dense_0`` and ``Dense_1``.
+
+    Raises:
+      _Fallback: the key is not a string.
+    """
+    found = _traits_of.get(key)
+    if found is None:
+        if type(key) is not str:
+            raise _Fallback
+        auto, stacked = _auto_class(key)
+        traits = (
+            auto,
+            stacked,
+            kind_from_name(key),
+            is_generic_norm_name(key),
+            key in _ATTENTION_CHILDREN,
+            bool(key),
         )
-        if (
-            cls is None
-            and kind == "linear"
-            and key in _ATTENTION_CHILDREN
-            and parent is not None
-            and parent.layer.type_name in _ATTENTION_NAMES
-        ):
-            type_name = "DenseGeneral"
-        if absorbed_by is None and parent is not None and parent.cell:
-            if kind in ("linear", "conv"):
-                absorbed_by = parent
-        layer = Layer(kind, type_name, cls, source)
-        return _Module(
-            layer=layer,
-            ancestors=ancestors,
-            stacked=stacked,
-            registration=registration,
-            cell=cell,
-            wrapper=wrapper,
-            in_attention=in_attention,
-            absorbed_by=absorbed_by,
-            # Without a trace the root is anonymous: nothing to match it by.
-            visible=bool(path) or self.trace is not None,
-            trusted=trusted,
-        )
+        found = _trait_ids.setdefault(traits, len(_trait_ids))
+        if len(_traits_of) >= _TRAITS_KEPT:
+            _traits_of.clear()
+        _traits_of[key] = found
+    return found
 
-    def _wrapped_kind(self, path: tuple[str, ...], source: str) -> tuple[str, str]:
-        """The kind of the layer a WeightNorm or SpectralNorm at ``path`` wraps."""
-        if self.trace is not None:
-            inner = self.trace.wrapped.get(path)
-            if inner is not None:
-                kind, inner_source = _class_kind(inner)
-                if kind not in (None, "norm", "wrapper"):
-                    return kind, inner_source
-            return "unknown", source
-        # WeightNorm keeps `Dense_0/kernel/scale`: one key naming the wrapped layer.
-        direct = {**self.direct.get(path, {}), **self.direct_other.get(path, {})}
-        children = set(self.children.get(path, ()))
-        children.update(k.split("/", 1)[0] for k in direct if "/" in k)
-        if len(children) == 1:
-            (child,) = children
-            auto, _ = _auto_class(child)
-            kind = _auto_kind(auto)[0]
-            if kind in (None, "wrapper"):
-                kind = kind_from_name(child)
-            if kind is not None:
-                return kind, source
-        return "unknown", source
 
-    def _content_kind(
+class _Watched(dict):
+    """The arrays of a module, noting whether inference looked at one (its shape)."""
+
+    looked = False
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self.looked = True
+        return super().get(key, default)
+
+
+_LEAF, _DICT, _FROZEN = 0, 1, 2
+
+
+class _Resolved:
+    """What every module of one signature shares: its module, its arrays' keys, and
+    the layout of its mapping."""
+
+    __slots__ = ("emitted", "keys", "layout", "module", "names", "token")
+
+    def __init__(
         self,
+        module: _Module,
+        token: int,
+        keys: tuple[int, ...],
+        names: tuple[str, ...],
+        layout: tuple[tuple[str, int], ...] | None,
+    ):
+        self.module = module
+        self.token = token
+        self.keys = keys  # one per array the module owns, in key order
+        self.names = names  # the names of those arrays, in key order
+        # Every key in order with _LEAF, _DICT or _FROZEN; None where all are arrays.
+        self.layout = layout
+        self.emitted = False  # every one of its keys has a located first leaf
+
+
+_dtype_of = operator.attrgetter("dtype")
+
+
+class _NamedWalk(_Reader):
+    """Names-only params of plain dicts and FrozenDicts: one recursive pass, no flatten.
+
+    Modules with the same parent, key traits, array names and dtypes and submodule
+    keys (and, where inference reads them, the same kernel, weight and bias shapes)
+    share one signature and are inferred once: the blocks of a deep model cost a
+    dictionary lookup each. The walk keeps an int per leaf and, per module, a reference
+    to its signature's :class:`_Resolved`, which :meth:`rebuild` reads back in order
+    instead of walking the tree again. The first leaf of each key is located for the
+    core; any other leaf is found by walking once more, on demand. Nothing per leaf or
+    per module outlives the walk but those references, so that a large tree does not
+    wake the cyclic garbage collector.
+
+    Raises:
+      _Fallback: a value that is neither a mapping of these two types nor an array (or
+        a box around one), an empty mapping below the root, or a key that is not a
+        string: :class:`_Walk` reads or rejects the tree exactly.
+    """
+
+    def __init__(self, fn: str, tree: Mapping):
+        self.fn = fn
+        self.trace = None
+        self.tree = tree
+        self.keys: list[int] = []
+        self.plan: list[_Resolved] = []
+        # Signature -> _Resolved, or -> {shapes: _Resolved} where inference read shapes.
+        self.signatures: dict[tuple, Any] = {}
+        self.leaf_signatures: dict[tuple, Any] = {}
+        self.owner_ids: dict[tuple, int] = {}
+        self.key_ids: dict[tuple, int] = {}
+        self.tokens = 0
+        # Leaf index -> (path, name, array, module, direct): every key's first leaf.
+        self.located: dict[int, tuple] = {}
+        self.seen: set[int] = set()
+        self.complete = False
+        self._visit(tree._dict if type(tree) is FrozenDict else tree, (), None, False)
+        self.leaves = LeafTable(self.keys, self._build)
+
+    def _visit(
+        self,
+        node: dict,
         path: tuple[str, ...],
-        direct: dict[str, Any],
-        in_attention: bool,
-        stacked: int,
-    ) -> str | None:
-        """The kind the arrays a module owns (or its gate children) make evident."""
-        if not direct:
-            children = frozenset(self.children.get(path, ()))
-            if children in _GATE_SETS:
-                return "recurrent"
-            if _ATTENTION_CHILDREN <= children:
-                return "attention"
-            return None
-        if not _EMBED_NAMES.isdisjoint(direct):
-            return "embedding"
-        kernel = direct.get("kernel")
-        if kernel is None:
-            weight = direct.get("weight")
-            if weight is not None and len(weight.shape) - stacked >= 2:
-                kernel = weight
-        if kernel is not None:
-            if in_attention:
-                return "linear"
-            bias = direct.get("bias")
-            rank = len(kernel.shape) - stacked
-            # DenseGeneral's bias has the shape of its output axes, the kernel's last.
-            general = (
-                bias is not None
-                and 2 <= len(bias.shape) <= len(kernel.shape)
-                and tuple(kernel.shape[-len(bias.shape) :]) == tuple(bias.shape)
-            )
-            return "conv" if rank >= 3 and not general else "linear"
-        names = set(direct)
-        if "scale" in names and names <= {"scale", "bias"}:
-            return "layer_norm" if "bias" in names else "rms_norm"
-        if names == {"mean", "var"}:
-            return "batch_norm"
-        if names == {"negative_slope"}:
-            return "prelu"
-        return None
-
-    # Leaves.
-
-    def _leaf(self, collection: str, path: tuple[str, ...], key: str, array: Any) -> Leaf:
-        module = self._module(path)
-        owner = module.absorbed_by or module
-        layer = owner.layer
-        # WeightNorm names its variables by path (`Dense_0/kernel/scale`).
-        name = key.rsplit("/", 1)[-1]
-        role = None
-        if owner.registration is not None:
-            role = owner.registration.role_of(name)
-        if role is None:
-            role = role_from_name(layer.kind, name)
-        shape = tuple(array.shape)
-        batch_axes = 0
-        known_rank = True
-        if self.trace is not None:
-            inner = self.trace.ndims.get((collection, path + (key,)))
-            if inner is not None:
-                batch_axes = max(0, len(shape) - inner)
-        elif module.stacked:
-            natural = _natural_ndim(module.layer, path[-1] if path else "", name)
-            if natural is not None:
-                batch_axes = min(module.stacked, max(0, len(shape) - natural))
-            known_rank = natural is not None
-        matrix_axes = None
-        if collection == "params" and known_rank:
-            matrix_axes = self._matrix_axes(owner, module, path, name, len(shape) - batch_axes)
-        text = "/".join(path + (key,))
-        if collection != "params":
-            text = f"{collection}/{text}"
-        return Leaf(
-            path=text,
-            layer=layer.kind,
-            role=role,
-            shape=shape,
-            dtype=_dtype_name(array),
-            name=name,
-            layer_type=layer.type_name,
-            layer_class=layer.cls,
-            ancestors=owner.ancestors,
-            is_param=collection == "params",
-            kind_source=layer.source,
-            batch_axes=batch_axes,
-            matrix_axes=matrix_axes,
+        parent: _Resolved | None,
+        everything: bool,
+    ) -> None:
+        """Appends the keys of the arrays below ``node``, the module at ``path``."""
+        try:
+            names = sorted(node)
+        except Exception:  # noqa: BLE001 - whatever jax's own sort would raise instead
+            # Keys jax cannot sort either: its flatten says why.
+            raise _Fallback from None
+        direct: dict[str, Any] = {}
+        kinds: list[int] = []
+        dtypes: list[Any] = []
+        children: list[str] = []
+        for name in names:
+            value = node[name]
+            kind = type(value)
+            if kind is dict or kind is FrozenDict:
+                if not value:
+                    # Not a module to jax (it holds no array): only _Walk's children,
+                    # read off the paths of arrays, leave it out exactly.
+                    raise _Fallback
+                # Every mapping below holds something, and the walk falls back on
+                # anything but arrays: this submodule holds arrays.
+                kinds.append(_DICT if kind is dict else _FROZEN)
+                children.append(name)
+                continue
+            what = _leaf_kinds.get(kind)
+            if what is None:
+                what = _leaf_kind(value)
+            if what is _BOX:
+                value = _unbox(value)
+                what = _leaf_kinds.get(type(value))
+                if what is None:
+                    what = _leaf_kind(value)
+                if what is not _ARRAY:
+                    raise _Fallback
+            elif what is not _ARRAY:
+                raise _Fallback
+            direct[name] = value
+            kinds.append(_LEAF)
+            dtypes.append(value.dtype)
+        signature = (
+            parent.token if parent is not None else -1,
+            _key_traits(path[-1]) if path else -1,
+            tuple(names),
+            tuple(kinds),
+            tuple(dtypes),
         )
+        resolved = self.signatures.get(signature)
+        if type(resolved) is dict:
+            resolved = resolved.get(_shapes(direct))
+        if resolved is None:
+            layout = tuple(zip(names, kinds)) if children else None
+            resolved = self._resolve(
+                self.signatures, signature, path, parent, direct, children, layout
+            )
+        self.plan.append(resolved)
+        if not children:
+            if resolved.emitted and not everything:
+                self.keys.extend(resolved.keys)
+            else:
+                self._locate(resolved, path, direct, direct, everything)
+            return
+        own = iter(resolved.keys)
+        for name, kind in resolved.layout:  # type: ignore[union-attr]
+            if kind is not _LEAF:
+                value = node[name]
+                value = value if kind is _DICT else value._dict
+                self._child(value, path, name, resolved, everything)
+            elif resolved.emitted and not everything:
+                self.keys.append(next(own))
+            else:
+                next(own)
+                self._locate(resolved, path, {name: direct[name]}, direct, everything)
+        resolved.emitted = True
 
-    def _general_sizes(self, path: tuple[str, ...], rank: int) -> tuple[int, int, int] | None:
-        """A DenseGeneral's axis counts read off its bias: the kernel's last axes."""
-        direct = self.direct.get(path, {})
-        kernel, bias = direct.get("kernel"), direct.get("bias")
-        if kernel is None or bias is None:
-            return None
-        features = len(bias.shape)
-        stacked = len(kernel.shape) - rank
-        if not 0 < features < rank or bias.shape[stacked:] != kernel.shape[-features:]:
-            return None
-        return 0, rank - features, features
+    def _child(
+        self, node: dict, path: tuple[str, ...], name: str, parent: _Resolved, everything: bool
+    ) -> None:
+        """Visits the submodule ``name`` of the module at ``path``.
 
-    def _matrix_axes(
-        self, owner: _Module, module: _Module, path: tuple[str, ...], name: str, rank: int
-    ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-        """(reduction, output) axes of a weight matrix in Linen's (in, out) layouts."""
-        if owner.registration is not None:
-            return owner.registration.matrix_axes_of(name)
-        if name not in ("kernel", "embedding"):
-            return None
-        layer = module.layer
-        base = _layout_base(layer)
-        if base is None:
-            # A layer known by kind only (a user-named module, a third-party class)
-            # keeps Linen's layouts: a 2-D kernel is (in, out), a conv's (*window, in,
-            # out). A multi-axis bias shows a DenseGeneral's output axes.
-            if layer.kind == "linear" and name == "kernel":
-                base = "Dense" if rank == 2 else "DenseGeneral"
-            elif layer.kind == "conv" and name == "kernel":
-                base = "Conv"
-            elif layer.kind == "embedding" and name == "embedding":
-                base = "Embed"
-        if base in ("Dense", "Embed") and rank == 2:
-            return (0,), (1,)
-        if base == "Conv" and rank >= 2:
-            # (*window, in, out): a window position is part of the input of the matmul.
-            return tuple(range(rank - 1)), (rank - 1,)
-        if base == "ConvLocal" and rank >= 2:
-            # (*out_window, window * in, out): one matrix per output position.
-            return (rank - 2,), (rank - 1,)
-        if base == "DenseGeneral":
-            sizes = self.trace.general.get(path) if self.trace is not None else None
-            if sizes is None and layer.cls is None:
-                if layer.type_name == "DenseGeneral" and path and path[-1] in _ATTENTION_LAYOUT:
-                    sizes = _ATTENTION_LAYOUT[path[-1]]
-                else:
-                    sizes = self._general_sizes(path, rank)
-            if sizes is not None and sum(sizes) == rank:
-                batch, reduction, _ = sizes
-                return (
-                    tuple(range(batch, batch + reduction)),
-                    tuple(range(batch + reduction, rank)),
-                )
-        return None
+        A module that holds arrays (or boxes around arrays) of known types only, as
+        every layer of most models does, takes the short way: its signature is read
+        off its values in their own order, without sorting.
+        """
+        values = node.values()
+        arrays: Any = values
+        if not _plain_types.issuperset(map(type, values)):
+            if not _leafy_types.issuperset(map(type, values)):
+                self._visit(node, path + (name,), parent, everything)
+                return
+            # Boxes (nn.Partitioned): the arrays inside say what the module is.
+            arrays = [_unbox(v) if type(v) in _box_kinds else v for v in values]
+            if not _plain_types.issuperset(map(type, arrays)):
+                self._visit(node, path + (name,), parent, everything)
+                return
+        traits = _traits_of.get(name)
+        if traits is None:
+            traits = _key_traits(name)
+        signature = (parent.token, traits, tuple(node), tuple(map(_dtype_of, arrays)))
+        resolved = self.leaf_signatures.get(signature)
+        if type(resolved) is dict:
+            own = node if arrays is values else dict(zip(node, arrays))
+            resolved = resolved.get(_shapes(own))
+        if resolved is None:
+            try:
+                names = sorted(node)
+            except Exception:  # noqa: BLE001 - whatever jax's own sort would raise instead
+                raise _Fallback from None
+            own = dict(zip(node, arrays))
+            resolved = self._resolve(
+                self.leaf_signatures,
+                signature,
+                path + (name,),
+                parent,
+                {key: own[key] for key in names},
+                (),
+                None,
+            )
+        self.plan.append(resolved)
+        if resolved.emitted and not everything:
+            self.keys.extend(resolved.keys)
+        else:
+            own = dict(zip(node, arrays))
+            direct = {key: own[key] for key in resolved.names}
+            self._locate(resolved, path + (name,), direct, direct, everything)
 
+    def _locate(
+        self,
+        resolved: _Resolved,
+        path: tuple[str, ...],
+        arrays: dict[str, Any],
+        direct: dict[str, Any],
+        everything: bool,
+    ) -> None:
+        """Appends the keys of ``arrays`` (some of the module's ``direct``), noting
+        where each key first occurs (or, with ``everything``, where every leaf is)."""
+        keys = self.keys
+        own = dict(zip(resolved.names, resolved.keys))
+        module = resolved.module
+        for name, array in arrays.items():
+            key = own[name]
+            if everything or key not in self.seen:
+                self.seen.add(key)
+                self.located[len(keys)] = (path, name, array, module, direct)
+            keys.append(key)
+        if arrays is direct:
+            resolved.emitted = True
+
+    def _resolve(
+        self,
+        table: dict[tuple, Any],
+        signature: tuple,
+        path: tuple[str, ...],
+        parent: _Resolved | None,
+        direct: dict[str, Any],
+        children: list[str] | tuple[()],
+        layout: tuple[tuple[str, int], ...] | None,
+    ) -> _Resolved:
+        """Infers the module of a new signature, and the keys of the arrays it owns."""
+        for name in direct:
+            if type(name) is not str:
+                raise _Fallback
+        watched = _Watched(direct)
+        module = self._infer(
+            path, parent.module if parent is not None else None, watched, watched, children
+        )
+        owner = module.absorbed_by or module
+        owner_id = self.owner_ids.setdefault(
+            (owner.layer, owner.ancestors, owner.registration), len(self.owner_ids)
+        )
+        keys = tuple(
+            self.key_ids.setdefault((owner_id, name, _is_floating(array)), len(self.key_ids))
+            for name, array in direct.items()
+        )
+        resolved = _Resolved(module, self.tokens, keys, tuple(direct), layout)
+        self.tokens += 1
+        if watched.looked:
+            by_shapes = table.get(signature)
+            if type(by_shapes) is not dict:
+                by_shapes = table[signature] = {}
+            by_shapes[_shapes(direct)] = resolved
+        else:
+            table[signature] = resolved
+        return resolved
+
+    def _build(self, index: int) -> Leaf:
+        found = self.located.get(index)
+        if found is None and not self.complete:
+            # A leaf that is no key's first: locate every leaf, once.
+            keys, plan = self.keys, self.plan
+            self.keys, self.plan = [], []
+            tree = self.tree
+            self._visit(tree._dict if type(tree) is FrozenDict else tree, (), None, True)
+            assert self.keys == keys
+            self.keys, self.plan = keys, plan
+            self.complete = True
+            found = self.located[index]
+        path, name, array, module, direct = found
+        return self._leaf("params", path, name, array, module, direct)
+
+    def rebuild(self, values: list[Any]) -> Any:
+        """One value per leaf, in the tree's own containers (jax's key order)."""
+        if len(values) != len(self.keys):
+            raise ValueError(
+                f"{self.fn}: expected {len(self.keys)} values, one per leaf, got "
+                f"{len(values)}."
+            )
+        plan = iter(self.plan).__next__
+        built = _rebuilt(plan(), plan, iter(values))
+        if type(self.tree) is FrozenDict:
+            return FrozenDict(built, __unsafe_skip_copy__=True)
+        return built
+
+
+def _rebuilt(resolved: _Resolved, plan: Callable[[], _Resolved], values: Iterator) -> dict:
+    """The mapping of one module with the next values at its leaves, as jax's unflatten
+    builds it: keys in order, a new dict per level."""
+    if resolved.layout is None:
+        # zip takes a name before a value: it stops without consuming one too many.
+        return dict(zip(resolved.names, values))
+    out = {}
+    for name, kind in resolved.layout:
+        if kind is _LEAF:
+            out[name] = next(values)
+            continue
+        child = plan()
+        inner = (
+            dict(zip(child.names, values))
+            if child.layout is None
+            else _rebuilt(child, plan, values)
+        )
+        out[name] = inner if kind is _DICT else FrozenDict(inner, __unsafe_skip_copy__=True)
+    return out
+
+
+def _shapes(direct: Mapping[str, Any]) -> tuple:
+    """The shapes names-only inference reads, where it reads any."""
+    kernel, weight, bias = direct.get("kernel"), direct.get("weight"), direct.get("bias")
+    return (
+        None if kernel is None else tuple(kernel.shape),
+        None if weight is None else tuple(weight.shape),
+        None if bias is None else tuple(bias.shape),
+    )
 
 
 def _wanted(keyed: list, variables: bool) -> dict[tuple[str, ...], list[tuple[str, str]]]:
@@ -912,14 +1397,37 @@ def walk(
     args: Any = (),
     kwargs: Any = None,
     method: str = "for_flax",
-) -> tuple[list[Leaf], Callable[[list[Any]], Any]]:
+) -> tuple[LeafTable, Callable[[list[Any]], Any]]:
     """The leaves of a Linen mapping, and the function that puts one value per leaf back.
 
     The rebuilt tree has exactly the containers of ``tree`` (``dict`` or
     ``FrozenDict`` at every level) with one value at each array and at each
     ``nn.Partitioned`` box. Arguments as :func:`leaves`; ``method`` names the entry
     point in error messages.
+
+    Params read by names alone take :class:`_NamedWalk`, which never flattens the tree
+    and infers each distinct module once; variables, traced models and trees it does
+    not read exactly take :class:`_Walk`. Both give the same leaves, keys and masks.
     """
+    if not isinstance(tree, Mapping):
+        raise TypeError(
+            f"{method}: expected a Linen params or variables mapping (dict or FrozenDict), "
+            f"got {type(tree).__name__}."
+        )
+    given_args = not (isinstance(args, tuple) and not args)
+    if module is None and (given_args or kwargs is not None):
+        raise TypeError(
+            f"{method}(params, args=..., kwargs=...): these are example inputs for "
+            f"tracing module=, but no module= was given. Pass the model too: "
+            f"policy.{method}(params, module=model, args=(x,))."
+        )
+    if module is None and type(tree) in (dict, FrozenDict) and not _looks_like_variables(tree):
+        try:
+            named = _NamedWalk(method, tree)
+        except _Fallback:
+            pass
+        else:
+            return named.leaves, named.rebuild
     state = _Walk(method, tree, module, args, kwargs)
     return state.leaves, state.treedef.unflatten
 
@@ -962,4 +1470,4 @@ def leaves(
       layers_1/bias layer_norm bias
       layers_1/scale layer_norm scale
     """
-    return walk(tree, module=module, args=args, kwargs=kwargs, method="leaves")[0]
+    return list(walk(tree, module=module, args=args, kwargs=kwargs, method="leaves")[0])
