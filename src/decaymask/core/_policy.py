@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -220,6 +221,19 @@ class Policy:
 
     def _build(self, framework: str, method: str, tree: Any, kwargs: dict, value: str) -> Any:
         """Walks ``tree`` with the framework's adapter and puts one value per leaf back."""
+        # A build allocates a few containers per leaf and frees them all, with no cycles:
+        # collections triggered meanwhile would scan every object of the process (the
+        # model included) for nothing. Measured at 20,000 Equinox leaves: a third of the
+        # time went to the collector.
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._build_now(framework, method, tree, kwargs, value)
+        finally:
+            if enabled:
+                gc.enable()
+
+    def _build_now(self, framework: str, method: str, tree: Any, kwargs: dict, value: str) -> Any:
         from ..adapters import load
 
         adapter = load(framework)
