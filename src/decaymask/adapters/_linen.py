@@ -1113,10 +1113,13 @@ class _NamedWalk(_Reader):
         self.keys: list[int] = []
         self.plan: list[_Resolved] = []
         # Signature -> _Resolved, or -> {shapes: _Resolved} where inference read shapes.
+        # Modules read in key order (_visit) and layers read in their own order
+        # (_child) have signatures of different forms: one table each.
         self.signatures: dict[tuple, Any] = {}
         self.leaf_signatures: dict[tuple, Any] = {}
         self.owner_ids: dict[tuple, int] = {}
         self.key_ids: dict[tuple, int] = {}
+        # A _Resolved's token stands for its module in its children's signatures.
         self.tokens = 0
         # Leaf index -> (path, name, array, module, direct): every key's first leaf.
         self.located: dict[int, tuple] = {}
