@@ -528,7 +528,7 @@ def _eqx_leaf(in_module: bool) -> st.SearchStrategy:
         st.sampled_from([0, 0, 0, 2]),
     ).map(lambda l: l if l.id in EQX_STACKABLE else dataclasses.replace(l, stack=0))
     values = st.builds(Value, st.sampled_from(sorted(_VALUES)))
-    options = [layers, layers, values]
+    options = [layers, layers, layers, layers, values]
     if in_module:
         options.append(st.builds(Raw, _RAW_SHAPES, st.sampled_from(["float32", "int32", "numpy"])))
     return st.one_of(*options)
@@ -557,7 +557,8 @@ def _eqx_tree(depth: int, in_module: bool) -> st.SearchStrategy:
         st.one_of(st.none(), st.builds(Raw, st.sampled_from([(2, 3), (3,)]))),
         st.one_of(st.none(), st.builds(Raw, st.just((3,)))),
     )
-    return st.one_of(_eqx_leaf(in_module), seqs, maps, blocks, stages, holders)
+    leaf = _eqx_leaf(in_module)
+    return st.one_of(leaf, leaf, seqs, maps, blocks, stages, holders)
 
 
 @st.composite

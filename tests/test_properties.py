@@ -62,7 +62,6 @@ from strategies import (
     linen_has,
     linen_model,
     linen_specs,
-    nnx_has,
     nnx_specs,
     nonzero,
     oracle,
@@ -306,12 +305,6 @@ def test_nnx_mask_matches_the_oracle(spec, data):
 # Known differences, each as its smallest example.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the Linen adapter counts the (heads, head_dim) bias of an attention projection "
-    "as 2-D and its (in, heads, head_dim) kernel as 3-D; one layer's bias is 1-D and its "
-    "weight matrix 2-D in every framework (Leaf.ndim), as in Equinox and NNX",
-)
 @pytest.mark.parametrize("traced", [False, True], ids=["names", "classes"])
 def test_linen_attention_bias_counts_one_axis(traced):
     attention = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=4)

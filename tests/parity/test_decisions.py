@@ -53,13 +53,9 @@ POLICIES: dict[str, dm.Policy] = {
     "recurrent": dm.Policy(dm.decay(layer="recurrent", param="weight")),
 }
 
-LAYOUT_AXES = (
-    "the Linen and NNX adapters set no Leaf.layout_axes on DenseGeneral/LinearGeneral "
-    "arrays: a Flax attention or multi-axis bias (heads, head_dim) counts as 2-D and its "
-    "kernel (in, heads, head_dim) as 3-D, where Equinox's (out,) bias is 1-D and its "
-    "(out, in) weight 2-D, so min_ndim decides them differently"
-)
-KNOWN_DIFFERENCES = {"min_ndim_2": LAYOUT_AXES, "min_ndim_3": LAYOUT_AXES}
+KNOWN_DIFFERENCES: dict[str, str] = {}
+"""Policies the frameworks still decide differently, with why; empty since every
+adapter counts a layer's logical rank."""
 
 WEIGHT_DECAY = 0.25
 """Of the zero-gradient steps: a power of two, so a decayed update ``-0.25 * p`` is exact."""
@@ -236,7 +232,6 @@ def test_batch_norm_statistics_are_state_everywhere(mode):
         assert all(row.decay for row in report if row.leaf.is_param), framework
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=LAYOUT_AXES)
 @pytest.mark.parametrize("mode", MODES)
 def test_logical_ranks_agree(mode):
     """``Leaf.ndim``, the rank ``min_ndim`` reads, is one layer's logical rank everywhere."""

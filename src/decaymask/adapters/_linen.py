@@ -727,7 +727,16 @@ class _Reader:
         text = "/".join(path + (key,))
         if collection != "params":
             text = f"{collection}/{text}"
+        # A linear layer's kernel is one matrix and its bias one vector, however many
+        # axes a DenseGeneral's (or an attention projection's) features take.
+        layout_axes = 0
+        if layer.kind == "linear" and collection == "params":
+            if name == "kernel" and matrix_axes is not None:
+                layout_axes = len(matrix_axes[0]) + len(matrix_axes[1]) - 2
+            elif name == "bias":
+                layout_axes = max(0, len(shape) - batch_axes - 1)
         return Leaf(
+            layout_axes=layout_axes,
             path=text,
             layer=layer.kind,
             role=role,

@@ -628,6 +628,12 @@ def _state_walk(state: Any, fn: str) -> tuple[list[Leaf], Callable[[list[Any]], 
             bias = groups[path[:-1]].get("bias")
             stacked = 0 if bias is None else max(0, len(bias) - 1)
         axes = _name_axes(layer.kind, own, name, len(shape) - stacked)
+        if axes is None and layer.kind == "linear" and name == "kernel" and len(shape) > 2:
+            # A LinearGeneral: its bias is the kernel's trailing (output) axes.
+            bias = groups[path[:-1]].get("bias")
+            if bias is not None and 1 < len(bias) < len(shape) and shape[-len(bias):] == bias:
+                split = len(shape) - len(bias)
+                axes = tuple(range(split)), tuple(range(split, len(shape)))
         leaves.append(
             Leaf(
                 path=_path_text(path),
