@@ -284,13 +284,19 @@ def _about(leaf: Expect, key: str, anything: dict) -> st.SearchStrategy:
 
 
 @st.composite
-def rules(draw, leaves: list[Expect], extra_classes: tuple = (), min_ndim: bool = True):
+def rules(draw, leaves: list[Expect], extra_classes: tuple = (), min_ndim: bool = True,
+          default: bool = False):
     """A rule: mostly aimed at one array of the model (so that it matches it and maybe
     others), sometimes with values drawn from the whole vocabulary."""
     anything = _selector_strategies(leaves, extra_classes, min_ndim)
-    keys = [k for k in anything]
-    chosen = sorted(draw(st.lists(st.sampled_from(keys), max_size=3, unique=True)))
-    if leaves and draw(st.integers(0, 3)):
+    keys = list(anything)
+    # Every draw below shrinks towards a rule aimed at one array, with one selector.
+    if draw(st.integers(0, 9)) == 9:
+        chosen = []  # a rule with no selector: it matches everything
+    else:
+        chosen = sorted(draw(st.lists(st.sampled_from(keys), min_size=1, max_size=3,
+                                      unique=True)))
+    if leaves and draw(st.integers(0, 3)) != 3:
         leaf = draw(st.sampled_from(leaves))
         classes = sorted(set(_kinds_and_classes(leaves)[1]) | set(extra_classes),
                          key=lambda c: c.__qualname__)
@@ -301,13 +307,17 @@ def rules(draw, leaves: list[Expect], extra_classes: tuple = (), min_ndim: bool 
             (key, draw(anything[key] if key in _SINGLE else _one_or_two(anything[key])))
             for key in chosen
         )
-    return RuleSpec(draw(st.booleans()), selectors)
+    # Mostly against the default, so that the rule shows in the mask.
+    return RuleSpec(draw(st.sampled_from([not default, not default, not default, default])),
+                    selectors)
 
 
 @st.composite
 def policies(draw, leaves: list[Expect], extra_classes: tuple = (), min_ndim: bool = True):
-    drawn = draw(st.lists(rules(leaves, extra_classes, min_ndim), max_size=5))
-    return PolicySpec(tuple(drawn), draw(st.booleans()))
+    default = draw(st.booleans())
+    drawn = draw(st.lists(rules(leaves, extra_classes, min_ndim, default), min_size=1,
+                          max_size=5))
+    return PolicySpec(tuple(drawn), default)
 
 
 # Specs shared by the frameworks.
@@ -361,6 +371,7 @@ class Node:
     name: str | None = None  # Linen user name
 
 
+_FLAG = st.booleans().map(lambda b: not b)  # shrinks towards True: every optional array
 _VALUES = {"int": 3, "str": "relu", "fn": jax.nn.relu, "none": None, "float": 0.5}
 _RAW_SHAPES = st.sampled_from([(3,), (2, 3), (2,)])
 
@@ -524,8 +535,7 @@ _FIELD_KEYS = ("weight", "bias", "scale", "gain", "misc", "p", "q")
 
 def _eqx_leaf(in_module: bool) -> st.SearchStrategy:
     layers = st.builds(
-        Layer, st.sampled_from(EQX_LAYERS), st.booleans(), st.booleans(),
-        st.sampled_from([0, 0, 0, 2]),
+        Layer, st.sampled_from(EQX_LAYERS), _FLAG, _FLAG, st.sampled_from([0, 0, 0, 2]),
     ).map(lambda l: l if l.id in EQX_STACKABLE else dataclasses.replace(l, stack=0))
     values = st.builds(Value, st.sampled_from(sorted(_VALUES)))
     options = [layers, layers, layers, layers, values]
@@ -567,12 +577,14 @@ def eqx_specs(draw, max_depth: int = 3):
     root = draw(st.one_of(
         st.builds(
             lambda body, extra: Node("Block", (("body", body), ("extra", extra), ("tag", "root"))),
-            _eqx_tree(depth - 1, True), _eqx_tree(depth - 1, True),
+            st.lists(_eqx_tree(depth - 1, True), min_size=2, max_size=5).map(
+                lambda items: Seq(tuple(items))),
+            _eqx_tree(depth - 1, True),
         ),
         st.builds(lambda layers: Node("Stage", (("layers", layers),)), _eqx_tree(depth - 1, True)),
         # A plain pytree holding modules: a list, or a dict with at least one layer.
         st.builds(lambda items: Seq(tuple(items)), st.lists(_eqx_tree(depth - 1, False),
-                                                             min_size=1, max_size=3)),
+                                                             min_size=1, max_size=5)),
         st.builds(
             lambda first, rest: Map((("first", first), *rest)),
             st.builds(Layer, st.sampled_from(EQX_LAYERS)),
@@ -836,7 +848,7 @@ LINEN_EXTRA_CLASSES = (nn.Dense, nn.DenseGeneral, nn.LayerNorm, nn.Conv, LinenBl
 
 def _linen_layers(stackable: bool = False) -> st.SearchStrategy:
     ids = LINEN_STACKABLE if stackable else LINEN_LAYERS
-    base = st.builds(Layer, st.sampled_from(ids), st.booleans(), st.booleans())
+    base = st.builds(Layer, st.sampled_from(ids), _FLAG, _FLAG)
 
     @st.composite
     def named(draw):
@@ -866,7 +878,7 @@ def _linen_children(depth: int) -> st.SearchStrategy:
     options = [layers, layers]
     options.append(st.builds(
         Chain, st.lists(st.builds(Layer, st.sampled_from(["dense", "layer_norm", "rms_norm"]),
-                                  st.booleans(), st.booleans()),
+                                  _FLAG, _FLAG),
                         min_size=1, max_size=2).map(tuple)))
     options.append(st.builds(
         Lifted, st.sampled_from(["scan", "vmap"]),
@@ -876,12 +888,14 @@ def _linen_children(depth: int) -> st.SearchStrategy:
             Node, st.sampled_from(["Block", "Stage"]),
             st.deferred(lambda: _linen_children(depth - 1)),
             st.one_of(st.none(), st.sampled_from(LINEN_USER_NAMES))))
-    return st.lists(st.one_of(*options), min_size=1, max_size=3).map(_unique_names)
+    return st.lists(st.one_of(*options), min_size=1, max_size=4).map(_unique_names)
 
 
 @st.composite
 def linen_specs(draw, max_depth: int = 2):
-    return draw(_linen_children(draw(st.integers(0, max_depth))))
+    depth = draw(st.integers(0, max_depth))
+    first = draw(_linen_children(depth))
+    return _unique_names([*first, *draw(_linen_children(depth))])
 
 
 def linen_model(spec: tuple) -> tuple[nn.Module, tuple]:
@@ -1046,8 +1060,7 @@ _NNX_PARAM_NAMES = ("weight", "bias", "scale", "gain")
 
 def _nnx_layers() -> st.SearchStrategy:
     return st.builds(
-        Layer, st.sampled_from(NNX_LAYERS), st.booleans(), st.booleans(),
-        st.sampled_from([0, 0, 0, 0, 2]),
+        Layer, st.sampled_from(NNX_LAYERS), _FLAG, _FLAG, st.sampled_from([0, 0, 0, 0, 2]),
     ).map(lambda l: l if l.id in NNX_STACKABLE else dataclasses.replace(l, stack=0))
 
 
@@ -1073,7 +1086,7 @@ def _nnx_user(depth: int) -> st.SearchStrategy:
             lambda d: tuple(sorted(d.items())))),
     )
     attrs = st.tuples(
-        st.dictionaries(st.sampled_from(_NNX_ATTRS), value, min_size=1, max_size=3),
+        st.dictionaries(st.sampled_from(_NNX_ATTRS), value, min_size=2, max_size=4),
         st.dictionaries(st.sampled_from(_NNX_PARAM_NAMES), raw, max_size=2),
         st.dictionaries(st.sampled_from(("n", "label", "act")),
                         st.builds(Value, st.sampled_from(["int", "str", "fn"])), max_size=2),

@@ -59,7 +59,6 @@ from strategies import (
     eqx_specs,
     flat_by_path,
     linen_expects,
-    linen_has,
     linen_model,
     linen_specs,
     nnx_specs,
@@ -200,10 +199,7 @@ def test_linen_mask_matches_the_oracle(spec, data):
     params = variables["params"]
     assert set(flat_by_path(params)) == {e.path for e in by_class}
     leaves_before, treedef_before = jax.tree_util.tree_flatten(variables)
-    # Known difference, see test_linen_attention_bias_counts_one_axis: no rank rules there.
-    ranks = not linen_has(spec, ("attention",))
-
-    for policy_spec, policy in draw_policies(data, by_class, LINEN_EXTRA_CLASSES, ranks):
+    for policy_spec, policy in draw_policies(data, by_class, LINEN_EXTRA_CLASSES):
         with quiet():
             traced = policy.for_flax(params, module=module, args=args)
             named = policy.for_flax(params)
@@ -302,7 +298,7 @@ def test_nnx_mask_matches_the_oracle(spec, data):
     assert nnx.graphdef(model) == graphdef_before
 
 
-# Known differences, each as its smallest example.
+# Smallest examples of what the properties once found.
 
 
 @pytest.mark.parametrize("traced", [False, True], ids=["names", "classes"])
