@@ -721,25 +721,7 @@ def stacked_conv_dims(dims_of) -> Dims | None:
         return STACKED_CONV_1D
 
 
-@pytest.mark.parametrize(
-    "framework",
-    [
-        pytest.param(
-            "linen",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=AssertionError,
-                reason=(
-                    "by names alone, a stacked convolution kernel (layers, width, in, "
-                    "out) outside a Scan/Vmap auto name is read as a 2-D convolution: the "
-                    "stacked axis goes into the reduction axes, though the conv's 2-D "
-                    "bias shows it"
-                ),
-            ),
-        ),
-        "nnx_state",
-    ],
-)
+@pytest.mark.parametrize("framework", ["linen", "nnx_state"])
 def test_names_never_fold_a_stacked_axis_into_a_conv_window(framework):
     if framework == "linen":
         x = jnp.zeros((1, 5, 4))

@@ -719,6 +719,13 @@ class _Reader:
             if natural is not None:
                 batch_axes = min(module.stacked, max(0, len(shape) - natural))
             known_rank = natural is not None
+        elif layer.kind == "conv" and collection == "params" and layer.type_name != "ConvLocal":
+            # A conv's bias is (out,) in one layer (ConvLocal's has one per position):
+            # more axes show stacked layers (a user-named nn.scan), which must not widen
+            # the kernel's window.
+            bias = direct.get("bias")
+            if bias is not None and hasattr(bias, "shape"):
+                batch_axes = max(0, len(bias.shape) - 1)
         matrix_axes = None
         if collection == "params" and known_rank:
             matrix_axes = self._matrix_axes(
