@@ -3,8 +3,9 @@
 For each framework and model size, the same abstract transformer is masked by the
 recipe a user writes today and by decaymask's equivalent policy, in one process,
 alternating, median of ``--repeats`` runs (more for fast calls, ``--min-time``) after a
-warm-up. Both masks are checked to be equal leaf for leaf before anything is timed. Also timed: ``policy.explain`` and the
-Muon dimension numbers of ``dm.presets.muon()`` (median of ``--aux-repeats``).
+warm-up. Both masks are checked to be equal leaf for leaf before anything is timed.
+Also timed: ``policy.explain`` and the Muon dimension numbers of ``dm.presets.muon()``
+(median of ``--aux-repeats``).
 
     python benchmarks/bench_build.py                 # 100 .. 100,000 leaves (NNX to 20,000)
     python benchmarks/bench_build.py --quick         # 100 .. 4,000 leaves
@@ -12,9 +13,9 @@ Muon dimension numbers of ``dm.presets.muon()`` (median of ``--aux-repeats``).
     python benchmarks/bench_build.py --no-gc         # collector off in timed calls
     python benchmarks/bench_build.py --profile       # cProfile of decaymask at 4,000 leaves
 
-The default run takes about 4 minutes of CPU on the machine in README.md; NNX stops at
-20,000 leaves by default because its hand recipe alone takes about 17 s a call at
-100,000 (``--nnx-max 100000`` adds that size: about 3.5 more minutes).
+The default run takes under 3 minutes on the machine in README.md (2 CPU cores); NNX
+stops at 20,000 leaves by default because its hand recipe alone takes 10 to 20 s a call
+at 100,000 (``--nnx-max 100000`` adds that size: about 2.5 more minutes).
 
 Target: decaymask at most 1.2x the hand recipe from 4,000 leaves up.
 """
@@ -171,7 +172,7 @@ def main(argv=None) -> None:
     parser.add_argument("--aux-repeats", type=int, default=3,
                         help="timed runs of explain and Muon dims (default: %(default)s)")
     parser.add_argument("--nnx-max", type=int, default=20000,
-                        help="largest NNX size; the NNX hand recipe alone takes about 17 s "
+                        help="largest NNX size; the NNX hand recipe alone takes 10 to 20 s "
                              "a call at 100,000 leaves (default: %(default)s)")
     parser.add_argument("--no-gc", action="store_true",
                         help="keep the garbage collector off inside timed calls, as timeit "

@@ -7,13 +7,14 @@ from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
 
-from flax import nnx
-
 from ._common import check_not_a_step_count
 
 
 def _adapter(tree: Any, method: str = "for_flax") -> ModuleType:
-    if isinstance(tree, (nnx.Module, nnx.State)):
+    # flax.nnx takes most of a second to import: a Linen program never needs it, and an
+    # NNX object exists only once flax.nnx is loaded.
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is not None and isinstance(tree, (nnx.Module, nnx.State)):
         from . import _nnx
 
         return _nnx
