@@ -952,16 +952,6 @@ def linen_expects(spec: tuple, traced: bool) -> list[Expect]:
     return out
 
 
-def linen_has(spec: tuple, ids: tuple) -> bool:
-    for child in spec:
-        if isinstance(child, Layer) and child.id in ids:
-            return True
-        inner = getattr(child, "children", None) or getattr(child, "fields", None)
-        if inner and linen_has(inner, ids):
-            return True
-    return False
-
-
 # Flax NNX.
 
 
@@ -1178,13 +1168,3 @@ def _nnx_with_rngs(layer: Layer, rngs: nnx.Rngs) -> Any:
     if lid == "prelu":
         return nnx.PReLU()
     raise AssertionError(lid)
-
-
-def nnx_has(spec: Any, ids: tuple) -> bool:
-    if isinstance(spec, Layer):
-        return spec.id in ids
-    if isinstance(spec, Seq):
-        return any(nnx_has(c, ids) for c in spec.items)
-    if isinstance(spec, (Map, Node)):
-        return any(nnx_has(c, ids) for _, c in (spec.items if isinstance(spec, Map) else spec.fields))
-    return False
