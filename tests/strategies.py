@@ -8,6 +8,14 @@ around that layer, its role, its name, its rank in one layer, and whether it is 
 parameter. The oracle decides a drawn policy on those records with the rules as the
 design states them (the last matching rule wins, the default otherwise; state and
 non-floating arrays never decay). Nothing here calls decaymask to decide anything.
+
+The generators keep out what the design leaves open, so that the oracle never has to
+guess: Equinox stacks hold no PReLU (its slope may be an array of any shape, so a stack
+of scalar slopes looks like one vector slope); Linen layers that names alone cannot
+tell apart (norms holding only scale and bias) keep Flax's auto names, lifted blocks are
+auto-named and hold layers of a fixed rank, and user names say nothing about a kind;
+arrays held by user modules are named with the documented standard names (weight, bias,
+scale) or with names that are none of them.
 """
 
 from __future__ import annotations

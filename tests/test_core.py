@@ -259,7 +259,9 @@ def test_report_table_and_totals():
 def test_vocabulary():
     assert dm.KINDS[-1] == "unknown" and "norm" in dm.GROUPS
     assert dm.GROUPS["norm"] == ("layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm")
-    assert dm.ROLES == ("weight", "bias", "scale", "embedding", "other")
+    assert dm.ROLES == (
+        "weight", "bias", "scale", "embedding", "position", "token", "gain", "buffer", "other"
+    )
 
 
 def test_report_markdown_json_and_html():

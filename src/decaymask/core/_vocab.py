@@ -26,8 +26,28 @@ GROUPS: dict[str, tuple[str, ...]] = {
 }
 """Names that stand for several kinds at once."""
 
-ROLES: tuple[str, ...] = ("weight", "bias", "scale", "embedding", "other")
-"""What an array is for, whatever the framework calls it."""
+ROLES: tuple[str, ...] = (
+    "weight",
+    "bias",
+    "scale",
+    "embedding",
+    "position",
+    "token",
+    "gain",
+    "buffer",
+    "other",
+)
+"""What an array is for, whatever the framework calls it.
+
+``weight``: the matrix or kernel of a linear, convolution or recurrent layer.
+``bias``: an additive vector (any name whose last word is ``bias``).
+``scale``: a norm's multiplier. ``embedding``: a lookup table.
+``position``: a learned position embedding or position bias table.
+``token``: a learned token (class, register, mask, distillation tokens).
+``gain``: a multiplier that is not a norm scale (LayerScale, a weight-norm gain).
+``buffer``: a float array that is not trained (RoPE frequencies, sinusoidal tables).
+``other``: anything else.
+"""
 
 _KIND_SET = frozenset(KINDS)
 _ROLE_SET = frozenset(ROLES)
