@@ -155,8 +155,8 @@ def test_unknown_role_suggests_and_points_at_name():
     with pytest.raises(ValueError) as info:
         dm.no_decay(param="kernel")
     assert str(info.value) == (
-        "no_decay(param='kernel'): unknown parameter role 'kernel'. Valid roles: weight, "
-        "bias, scale, embedding, other. To match the framework's own attribute name "
+        "no_decay(param='kernel'): unknown parameter role 'kernel'. Did you mean 'weight'? "
+        "Valid roles: weight, bias, scale, embedding, position, token, gain, buffer, other. To match the framework's own attribute name "
         "instead, use name='kernel'."
     )
     with pytest.raises(ValueError, match=r"unknown parameter role 'biases'\. Did you mean 'bias'\?"):

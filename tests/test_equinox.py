@@ -250,7 +250,7 @@ def test_weight_norm_is_looked_through():
     assert [(r.path, r.layer, r.layer_type, r.role, r.decay) for r in report] == [
         ("layer/weight", "linear", "Linear", "weight", True),
         ("layer/bias", "linear", "Linear", "bias", True),
-        ("g", "linear", "WeightNorm", "other", True),
+        ("g", "linear", "WeightNorm", "gain", True),
     ]
     weights_only = dm.Policy(dm.decay(layer="linear", param="weight")).for_equinox(wn)
     assert (weights_only.layer.weight, weights_only.g) == (True, False)

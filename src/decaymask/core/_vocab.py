@@ -76,6 +76,24 @@ def check_kind(kind: object, *, where: str, groups: bool = True) -> str:
     )
 
 
+# Framework names people write for a role: the suggestion beats spelling likeness.
+_ROLE_ALIASES = {
+    "kernel": "weight",
+    "w": "weight",
+    "matrix": "weight",
+    "b": "bias",
+    "offset": "bias",
+    "embeddings": "embedding",
+    "table": "embedding",
+    "pos_embed": "position",
+    "positional": "position",
+    "cls_token": "token",
+    "gamma": "gain",
+    "layer_scale": "gain",
+    "freqs": "buffer",
+}
+
+
 def check_role(role: object, *, where: str) -> str:
     """Returns ``role`` if it names a role, else raises with the valid names."""
     if not isinstance(role, str):
@@ -86,7 +104,9 @@ def check_role(role: object, *, where: str) -> str:
     if role in _ROLE_SET:
         return role
     raise ValueError(
-        f"{where}: unknown parameter role {role!r}.{_suggest(role, ROLES)} "
+        f"{where}: unknown parameter role {role!r}."
+        + (f" Did you mean {_ROLE_ALIASES[role]!r}?" if role in _ROLE_ALIASES else _suggest(role, ROLES))
+        + " "
         f"Valid roles: {', '.join(ROLES)}. To match the framework's own attribute "
         f"name instead, use name={role!r}."
     )
