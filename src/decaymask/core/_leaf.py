@@ -7,9 +7,12 @@ import math
 
 from ._vocab import check_kind, check_role
 
-KIND_SOURCES = ("class", "registered", "name", "given")
+KIND_SOURCES = ("class", "registered", "name", "content", "ambiguous", "given")
 """How an adapter found a layer's kind: its class is in decaymask's table, the user
-registered it, it was read off a class or module name, or the caller said so."""
+registered it, a class or module name said it (the arrays agreeing or silent), the
+arrays it owns said it (the name silent or contradicted), names and arrays contradict
+and neither settles it (the kind is the arrays' best reading, and a warning says so),
+or the caller said so."""
 
 
 @dataclasses.dataclass(frozen=True)
