@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 import re
 
 import equinox as eqx
@@ -368,14 +369,18 @@ def test_stacked_layers_have_batch_axes():
 
 
 def test_mask_for_a_plain_pytree_of_modules():
-    tree = {"a": eqx.nn.Linear(2, 2, key=KEY), "b": (jnp.ones(2), 3)}
+    tree = {"a": eqx.nn.Linear(2, 2, key=KEY), "extra": (jnp.ones(2), 3)}
     with pytest.warns(dm.PolicyWarning) as record:
         mask = dm.Policy(dm.decay(layer="linear")).for_equinox(tree)
-    assert mask["a"].weight is True and mask["b"] == (False, None)
+    assert mask["a"].weight is True and mask["extra"] == (False, None)
     assert [str(w.message) for w in record] == [
-        "for_equinox: arrays outside any layer (b/0); rules on layer kinds never match "
-        "them. Select them by param=, name= or path=."
+        "for_equinox: arrays outside any layer (extra/0); rules on layer kinds never "
+        "match them. Select them by param=, name= or path=."
     ]
+    # An array whose name says what it is (a bias, a position table) needs no kind.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dm.Policy(dm.decay(layer="linear")).for_equinox({"a": tree["a"], "pos_embed": jnp.ones((4, 2))})
 
 
 def test_explain_table_text():

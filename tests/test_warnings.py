@@ -20,16 +20,65 @@ class Counted(eqx.Module):
     steps: jax.Array
 
 
-def test_rule_matching_nothing_warns():
-    policy = dm.Policy(dm.decay(layer="linear"), dm.no_decay(layer="embedding"))
+def test_rule_matching_nothing_warns_where_a_typo_is_plausible():
+    policy = dm.Policy(dm.decay(layer="linear"), dm.no_decay(path="embed/*"))
     with pytest.warns(dm.PolicyWarning) as record:
         policy.for_equinox(eqx.nn.Linear(2, 2, key=KEY))
     assert [str(w.message) for w in record] == [
-        "for_equinox: rule 2 no_decay(layer='embedding') matched no parameter of this "
+        "for_equinox: rule 2 no_decay(path='embed/*') matched no parameter of this "
         "tree. Check the kind, role, name or path it selects against "
         "policy.explain(tree), which lists what every array is. (strict=True makes "
         "this an error.)"
     ]
+    # The warning points at the caller's line, not at decaymask.
+    assert record[0].filename == __file__
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [dm.no_decay(path="nothing/*"), dm.no_decay(name="w_q"), dm.decay(within="attention"),
+     dm.decay(layer=eqx.nn.Embedding), dm.decay(within=eqx.nn.MLP)],
+    ids=["path", "name", "within-kind", "layer-class", "within-class"],
+)
+def test_selectors_of_the_users_own_words_warn_when_they_match_nothing(rule):
+    with pytest.warns(dm.PolicyWarning, match=r"matched no parameter of this tree"):
+        dm.Policy(dm.decay(layer="linear"), rule).for_equinox(eqx.nn.Linear(2, 2, key=KEY))
+
+
+def test_a_kind_or_role_the_tree_lacks_is_not_a_mistake():
+    # A bias-free model under a policy that spares biases, a CNN without embeddings.
+    model = eqx.nn.Linear(2, 2, use_bias=False, key=KEY)
+    policy = dm.Policy(dm.decay(), dm.no_decay(param="bias"), dm.no_decay(layer="embedding"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert policy.for_equinox(model).weight is True
+    for preset in (dm.presets.standard(), dm.presets.everything_but_bias_and_norm(),
+                   dm.presets.gpt(), dm.presets.muon()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            preset.for_equinox(model)
+    # strict=True asks to hear of every rule that matches nothing.
+    with pytest.raises(dm.UnmatchedRuleError, match=r"rule 2 no_decay\(param='bias'\)"):
+        dm.Policy(*policy.rules, strict=True).for_equinox(model)
+
+
+def test_explain_reports_the_warnings_a_mask_would_give():
+    model = Counted(eqx.nn.Linear(2, 2, key=KEY), jnp.zeros((), jnp.int32))
+    policy = dm.Policy(dm.decay(layer="linear"), dm.no_decay(path="typo/*"))
+    with pytest.warns(dm.PolicyWarning) as record:
+        policy.for_equinox(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = policy.explain(model)
+    assert [m.replace("explain:", "for_equinox:") for m in report.warnings] == [
+        str(w.message) for w in record
+    ]
+    assert len(report.warnings) == 2
+    assert str(report).splitlines()[-2:] == [f"warning: {m}" for m in report.warnings]
+    strict = dm.Policy(*policy.rules, strict=True)
+    assert strict.explain(model).warnings[0].startswith(
+        "explain: rule 2 no_decay(path='typo/*') matched no parameter"
+    )
 
 
 def test_rule_overridden_everywhere_still_counts_as_matching():

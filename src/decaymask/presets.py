@@ -14,66 +14,88 @@ from .core._policy import Policy
 from .core._rules import decay, no_decay
 
 
+# Arrays no recipe decays, whatever the layer: learned position tables and tokens
+# (timm's ``no_weight_decay()`` lists ``pos_embed``, ``cls_token``, ``reg_token``;
+# DINOv2 and MAE likewise), gains (LayerScale ``gamma``, weight-norm ``g``; timm's
+# ``ndim <= 1`` rule spares them), and buffers, which decay would shrink every step
+# even with zero gradients (Mamba marks ``A_log`` and ``D`` ``_no_weight_decay``: gains
+# here).
+_NEVER = ("position", "token", "gain", "buffer")
+
+
 def standard() -> Policy:
-    """Decays every parameter except biases, norm parameters and embeddings.
+    """Decays every parameter except biases, norm parameters, embeddings, position
+    tables, learned tokens, gains and buffers.
 
     The most common recipe in fine-tuning code: Hugging Face ``transformers``' Trainer
     excludes biases and layer-norm weights, and minGPT (Karpathy) additionally keeps
     embeddings out of decay. This preset is minGPT's choice over every layer kind:
     biases of every layer, every parameter of every norm (scales and biases) and
-    embedding tables are not decayed; everything else is, including parameters of
-    layers of unknown kind.
+    embedding tables are not decayed, nor are position tables, learned tokens, gains
+    and buffers (timm's ``no_weight_decay()``, DINOv2, MAE). Everything else decays:
+    weights of every layer, and arrays whose role stays ``other`` (PReLU slopes, LoRA
+    factors, arrays of layers decaymask does not know, for which it warns), because a
+    parameter nobody named is most often a weight.
 
     Example:
       >>> import decaymask as dm
       >>> dm.presets.standard()
       Policy(
           decay(),
-          no_decay(param='bias'),
+          no_decay(param=('bias', 'scale', 'embedding', 'position', 'token', 'gain', 'buffer')),
           no_decay(layer='norm'),
           no_decay(layer='embedding'),
       )
     """
     return Policy(
         decay(),
-        no_decay(param="bias"),
+        no_decay(param=("bias", "scale", "embedding", *_NEVER)),
         no_decay(layer="norm"),
         no_decay(layer="embedding"),
     )
 
 
 def everything_but_bias_and_norm() -> Policy:
-    """Decays every parameter except biases and norm parameters; embeddings decay.
+    """Decays every parameter except biases and norm parameters (and position tables,
+    learned tokens, gains and buffers); embedding tables decay.
 
     Hugging Face ``transformers``' Trainer (``get_decay_parameter_names``: no decay for
     ``bias`` and the weights of layer-norm layers) and timm's
-    ``param_groups_weight_decay`` (no decay for biases and 1-D parameters) both give
-    this on ordinary models. timm's ``ndim <= 1`` rule is replaced by roles: a stacked
+    ``param_groups_weight_decay`` (no decay for biases and 1-D parameters, nor for the
+    model's ``no_weight_decay()`` names: position embeddings and tokens) both give this
+    on ordinary models. timm's ``ndim <= 1`` rule is replaced by roles: a stacked
     (scanned) norm scale is 2-D and timm would decay it, and a 1-D parameter that is
-    neither a bias nor a norm parameter (PReLU slopes, say) would be spared; here the
-    first is spared and the second decays.
+    none of the roles above (PReLU slopes, say) would be spared; here the first is
+    spared and the second decays.
 
     Example:
       >>> import decaymask as dm
       >>> dm.presets.everything_but_bias_and_norm()
       Policy(
           decay(),
-          no_decay(param='bias'),
+          no_decay(param=('bias', 'scale', 'position', 'token', 'gain', 'buffer')),
           no_decay(layer='norm'),
       )
     """
-    return Policy(decay(), no_decay(param="bias"), no_decay(layer="norm"))
+    return Policy(
+        decay(),
+        no_decay(param=("bias", "scale", *_NEVER)),
+        no_decay(layer="norm"),
+    )
 
 
 def gpt() -> Policy:
     """Decays the weight matrices of linear layers and the embedding tables, nothing else.
 
     nanoGPT (Karpathy, ``configure_optimizers``) decays every parameter with two or more
-    axes: in a GPT those are exactly the linear weights (attention projections included)
-    and the token and position embeddings. This preset says so by kind and role, so
-    that it still means that where ``ndim`` would not: convolution kernels and stacked
+    axes: in a GPT those are the linear weights (attention projections included) and
+    the token and position embeddings. This preset says so by kind and role, so that it
+    still means that where ``ndim`` would not: convolution kernels and stacked
     (scanned) norm scales and biases have two or more axes, and nanoGPT's rule would
-    decay them; this preset does not.
+    decay them; this preset does not. Learned position tables (GPT-2's ``wpe``) are not
+    decayed, as in every other preset and in timm, DINOv2 and MAE: nanoGPT's decay of
+    ``wpe`` follows from its ``ndim`` rule, not from a choice; add
+    ``dm.decay(param="position")`` to restore it.
 
     Example:
       >>> import decaymask as dm

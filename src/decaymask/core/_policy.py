@@ -12,7 +12,7 @@ from ._leaf import Leaf
 from ._table import LeafTable, as_table
 from ._report import Decision, Report
 from ._rules import DECAY_LABEL, NO_DECAY_LABEL, Rule
-from ._warnings import check_decisions
+from ._warnings import check_decisions, find_problems
 
 _VALUE_ATTR = {"mask": "decay", "labels": "label", "rates": "rate"}
 NOT_A_PARAM = "state: never decayed"
@@ -363,5 +363,14 @@ class Policy:
         """
         from ..adapters import adapter_for
 
-        leaves, _ = adapter_for(tree).walk(tree, method="explain", **kwargs)
-        return Report(self.decide(leaves), policy=self, show_dims=show_dims)
+        adapter = adapter_for(tree)
+        leaves, _ = adapter.walk(tree, method="explain", **kwargs)
+        decisions = self.decide(leaves)
+        # The report lists what a mask would warn about; a strict policy's unmatched
+        # rules are listed too instead of raising, since a report shows everything.
+        messages, strict_error = find_problems(
+            self, leaves, decisions, method="explain", non_floating_fix=adapter.NON_FLOATING_FIX
+        )
+        if strict_error is not None:
+            messages.insert(0, strict_error)
+        return Report(decisions, policy=self, show_dims=show_dims, warnings=messages)

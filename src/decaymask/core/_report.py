@@ -102,10 +102,13 @@ class Report(Sequence[Decision]):
         policy: Policy | None = None,
         *,
         show_dims: bool = False,
+        warnings: Sequence[str] = (),
     ):
         self._rows = tuple(decisions)
         self.policy = policy
         self.show_dims = show_dims
+        self.warnings: tuple[str, ...] = tuple(warnings)
+        """What the mask built from the same tree would warn about, one message each."""
 
     @overload
     def __getitem__(self, index: int) -> Decision: ...
@@ -267,4 +270,5 @@ class Report(Sequence[Decision]):
         lines = [fmt(header), fmt(["-" * len(h) for h in header])]
         lines += [fmt(line) for line in cells]
         lines.append(self.summary())
+        lines += [f"warning: {message}" for message in self.warnings]
         return "\n".join(lines)

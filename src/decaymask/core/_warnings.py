@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 import warnings
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._leaf import Leaf
 from ._report import Decision
@@ -43,15 +44,39 @@ def unmatched_rules(policy: Policy, leaves: Sequence[Leaf], decisions: Sequence[
     ]
 
 
+# Kinds whose arrays are owned by layers inside them: `layer=` for these is a likely
+# misunderstanding of `within=`.
+_CONTAINER_KINDS = frozenset({"attention", "recurrent"})
+
+
+def _typo_prone(rule: Rule) -> bool:
+    """Whether a rule that matches nothing is a likely typo or misunderstanding.
+
+    Paths, framework names, classes and enclosing modules are the user's own words
+    about this tree; kinds and roles are the vocabulary, which a tree may simply lack
+    (no biases in a Llama, no embedding in a CNN).
+    """
+    if rule.path is not None or rule.name is not None or rule.within is not None:
+        return True
+    return any(not isinstance(item, str) for item in rule.layer or ())
+
+
 def _within_would_match(rule: Rule, leaves: Sequence[Leaf]) -> bool:
     """Whether the rule would match something with its ``layer=`` read as ``within=``."""
     if rule.layer is None or rule.within is not None:
+        return False
+    if not all(isinstance(item, str) and item in _CONTAINER_KINDS for item in rule.layer):
         return False
     moved = dataclasses.replace(rule, layer=None, within=rule.layer)
     return any(moved.matches(leaf) for leaf in leaves if leaf.is_param and leaf.floating)
 
 
-def check_decisions(
+# Roles whose meaning does not depend on the owner's kind: an unknown layer holding
+# only these is decided by role as well as any known layer.
+_SELF_EVIDENT_ROLES = frozenset({"bias", "scale", "embedding", "position", "token", "gain", "buffer"})
+
+
+def find_problems(
     policy: Policy,
     leaves: Sequence[Leaf],
     decisions: Sequence[Decision],
@@ -60,8 +85,8 @@ def check_decisions(
     non_floating_fix: str,
     paths_like: Callable[[int], list[str]] | None = None,
     partial_view: Callable[[], bool] | None = None,
-) -> None:
-    """Warns (or raises, for a strict policy) where the user most likely made a mistake.
+) -> tuple[list[str], str | None]:
+    """The warnings a tree and its decisions call for, and the strict error if any.
 
     Args:
       policy: the policy that decided.
@@ -75,28 +100,34 @@ def check_decisions(
       partial_view: whether the tree is one branch's view of the params (optax hands
         ``optax.partition`` branches the params with the other branches' leaves
         masked out); a rule may then rightly match nothing here.
+
+    Returns:
+      (warning messages, the message of an :class:`UnmatchedRuleError` for a strict
+      policy with a rule that matches nothing, or ``None``).
     """
     if paths_like is None:
         paths_like = lambda i: [leaves[i].path]  # noqa: E731
+    messages: list[str] = []
+    strict_error = None
     unmatched = unmatched_rules(policy, leaves, decisions)
     if unmatched and partial_view is not None and partial_view():
         unmatched = []
     if unmatched:
-        lines = "; ".join(f"rule {i + 1} {policy.rules[i]!r}" for i in unmatched)
-        message = (
-            f"{method}: {lines} matched no parameter of this tree. Check the kind, role, "
-            f"name or path it selects against policy.explain(tree), which lists what "
-            f"every array is."
-        )
-        for i in unmatched:
-            if _within_would_match(policy.rules[i], leaves):
+        check = "Check the kind, role, name or path it selects against policy.explain(tree), which lists what every array is."
+        if policy.strict:
+            lines = "; ".join(f"rule {i + 1} {policy.rules[i]!r}" for i in unmatched)
+            strict_error = f"{method}: {lines} matched no parameter of this tree. {check}"
+        hinted = [i for i in unmatched if _within_would_match(policy.rules[i], leaves)]
+        shown = [i for i in unmatched if _typo_prone(policy.rules[i]) or i in hinted]
+        if shown and not policy.strict:
+            lines = "; ".join(f"rule {i + 1} {policy.rules[i]!r}" for i in shown)
+            message = f"{method}: {lines} matched no parameter of this tree. {check}"
+            for i in hinted:
                 message += (
                     f" Rule {i + 1}: layer= selects the layer that owns an array, and "
                     f"these arrays are owned by layers inside it; within= selects those."
                 )
-        if policy.strict:
-            raise UnmatchedRuleError(message)
-        warnings.warn(message + " (strict=True makes this an error.)", PolicyWarning, stacklevel=4)
+            messages.append(message + " (strict=True makes this an error.)")
 
     integers = [
         path
@@ -105,41 +136,93 @@ def check_decisions(
         for path in paths_like(i)
     ]
     if integers:
-        warnings.warn(
+        messages.append(
             f"{method}: the params hold integer or bool arrays ({_some(integers)}); the "
             f"mask leaves them undecayed, but optax's other transformations still update "
-            f"them. {non_floating_fix}",
-            PolicyWarning,
-            stacklevel=4,
+            f"them. {non_floating_fix}"
         )
 
     for decision in decisions:
         if decision.conflicts:
             other = decision.conflicts[0]
-            warnings.warn(
+            messages.append(
                 f"{method}: {decision.path} is shared with {other.path}, and the policy "
                 f"decides them differently ({decision.path}: {decision.decided_by}; "
                 f"{other.path}: {other.decided_by}). The shared array follows {decision.path}. "
-                f"Add a rule that selects both views, e.g. by path.",
-                PolicyWarning,
-                stacklevel=4,
+                f"Add a rule that selects both views, e.g. by path."
             )
 
     unknown: dict[str | None, list[str]] = {}
+    unclear: set[str | None] = set()
+    ambiguous: dict[tuple[str, str | None], list[str]] = {}
     for i, leaf in enumerate(leaves):
-        if leaf.layer == "unknown" and leaf.is_param and leaf.floating:
+        if not (leaf.is_param and leaf.floating):
+            continue
+        if leaf.layer == "unknown":
             unknown.setdefault(leaf.layer_type, []).extend(paths_like(i))
+            if leaf.role not in _SELF_EVIDENT_ROLES:
+                unclear.add(leaf.layer_type)
+        if leaf.kind_source == "ambiguous":
+            ambiguous.setdefault((leaf.layer, leaf.layer_type), []).extend(paths_like(i))
     for type_name, paths in unknown.items():
+        if type_name not in unclear:
+            continue
         if type_name is None:
-            message = (
+            messages.append(
                 f"{method}: arrays outside any layer ({_some(paths)}); rules on layer "
                 f"kinds never match them. Select them by param=, name= or path=."
             )
         else:
-            message = (
+            messages.append(
                 f"{method}: layers of unknown kind own parameters ({type_name}: "
                 f"{_some(paths)}); rules on layer kinds never match them. Teach "
                 f"decaymask the layer with dm.register_layer({type_name}, kind, "
                 f"roles={{...}}), or select these by param=, name= or path=."
             )
-        warnings.warn(message, PolicyWarning, stacklevel=4)
+    for (kind, type_name), paths in ambiguous.items():
+        what = type_name or "a module"
+        messages.append(
+            f"{method}: the names and the arrays of {what} ({_some(paths)}) say different "
+            f"kinds; it is read as {kind} from its arrays. If that is wrong, teach "
+            f"decaymask the layer with dm.register_layer({type_name or 'cls'}, kind), "
+            f"or select these by path=."
+        )
+    return messages, strict_error
+
+
+def check_decisions(
+    policy: Policy,
+    leaves: Sequence[Leaf],
+    decisions: Sequence[Decision],
+    **options: Any,
+) -> list[str]:
+    """Warns (or raises, for a strict policy) where the user most likely made a mistake.
+
+    Takes the arguments of :func:`find_problems`; returns the messages it warned with.
+    """
+    messages, strict_error = find_problems(policy, leaves, decisions, **options)
+    if strict_error is not None:
+        raise UnmatchedRuleError(strict_error)
+    level = user_stacklevel()
+    for message in messages:
+        warnings.warn(message, PolicyWarning, stacklevel=level)
+    return messages
+
+
+# Frames of these packages are never the user's line: a callable mask is called by
+# optax inside jax transformations.
+_LIBRARY_PREFIXES = ("decaymask.", "optax.", "jax.", "jaxlib.", "equinox.", "flax.", "haiku.")
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning point at the first frame outside
+    decaymask and the libraries it is called from."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if not (name + ".").startswith(_LIBRARY_PREFIXES) and name != "decaymask":
+            return level
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return 1
