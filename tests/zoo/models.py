@@ -29,15 +29,11 @@ class Built:
 
 
 def _linen(name: str, model_cls: Callable, config: Any, args: tuple, kwargs: dict) -> Built:
-    model = model_cls(config, _do_init=False)
-    module = model.module
-
-    def init():
-        return module.init(jax.random.key(0), *args, **kwargs)
-
-    # transformers' own code broadcasts ranks freely; only our building runs here.
+    # transformers' own code broadcasts ranks freely (a bias added to a 3-D activation).
     with jax.numpy_rank_promotion("allow"):
-        variables = jax.eval_shape(init)
+        model = model_cls(config, _do_init=False)  # traces init abstractly, allocates nothing
+        module = model.module
+        variables = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))
     return Built(name, "linen", dict(variables["params"]), module, args, kwargs)
 
 

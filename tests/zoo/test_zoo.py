@@ -1,0 +1,137 @@
+"""Conformance of the presets on real third-party models, leaf by leaf.
+
+Every model is built abstractly from a tiny config; its reference (``reference.py``) is
+written from the model's own code. A failure lists every leaf where decaymask's mask
+differs from the reference, with what the reference says and what ``explain`` says.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+import decaymask as dm
+
+from . import compare, recipes
+from . import reference as ref
+from .models import EQUIMO, MODELS, TRANSFORMERS, build
+
+MODEL_MODES = [
+    (name, mode)
+    for name in MODELS
+    for mode in (["names", "traced"] if name in TRANSFORMERS else ["equinox"])
+]
+IDS = [f"{name}-{mode}" for name, mode in MODEL_MODES]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_reference_covers_every_leaf_once(name):
+    built = build(name)
+    labels = ref.labels(name, built.tree)
+    assert list(labels) == list(ref.array_leaves(built.tree))
+    for path, lab in labels.items():
+        assert lab.kind in dm.KINDS, f"{path}: kind {lab.kind!r} is not in the vocabulary"
+        assert lab.role in dm.ROLES, f"{path}: role {lab.role!r} is not in the vocabulary"
+
+
+def test_the_models_are_the_intended_ones():
+    """Guards the builders: the arrays that make these models worth testing exist."""
+    want = {
+        "gpt2": "transformer/h/0/attn/c_attn/kernel",
+        "roberta_prelayernorm": "roberta_prelayernorm/encoder/layer/0/attention/LayerNorm/scale",
+        "bart": "final_logits_bias",
+        "beit": "beit/encoder/layer/0/lambda_1",
+        "clip": "logit_scale",
+        "wav2vec2": "wav2vec2/encoder/pos_conv_embed/conv/weight_g",
+        "resnet": "resnet/encoder/stages/1/layers/0/shortcut/normalization/scale",
+        "equimo_vit": "reg_tokens",
+        "equimo_vssd": "blocks/0/blocks/0/attn/A_log",
+        "equimo_fastervit": "blocks/2/blocks/0/hat_ls3/gamma",
+        "equimo_mobilenet": "layers/0/se_conv/fc1/weight",
+    }
+    missing = {n: p for n, p in want.items() if p not in ref.array_leaves(build(n).tree)}
+    assert not missing, f"models lack the arrays they were built for: {missing}"
+    assert set(TRANSFORMERS) | set(EQUIMO) == set(MODELS)
+
+
+@pytest.mark.parametrize("preset", list(compare.PRESETS))
+@pytest.mark.parametrize(("name", "mode"), MODEL_MODES, ids=IDS)
+def test_preset_mask_matches_reference(name, mode, preset):
+    diffs = compare.mask_differences(name, mode, preset)
+    assert not diffs, compare.report(name, mode, f"presets.{preset}()", diffs)
+
+
+@pytest.mark.parametrize(("name", "mode"), MODEL_MODES, ids=IDS)
+def test_muon_dims_are_right_or_a_clear_error(name, mode):
+    """Under ``presets.muon()``: the reference's axes on every weight, or a ValueError
+    naming the leaf it cannot lay out; never wrong axes."""
+    try:
+        diffs = compare.muon_dims_differences(name, mode)
+    except ValueError as err:
+        leaves = ref.array_leaves(build(name).tree)
+        named = [p for p in leaves if p in str(err)]
+        assert named, f"{name} ({mode}): the ValueError names no leaf of the model: {err}"
+        return
+    assert not diffs, compare.report(name, mode, "muon dims", diffs)
+
+
+QUIET = [("llama", "names"), ("llama", "traced"), ("gpt2", "names"), ("gpt2", "traced"),
+         ("bert", "names"), ("bert", "traced"), ("equimo_mobilenet", "equinox")]
+
+
+@pytest.mark.parametrize("preset", list(compare.PRESETS))
+@pytest.mark.parametrize(("name", "mode"), QUIET, ids=[f"{n}-{m}" for n, m in QUIET])
+def test_presets_raise_no_warning(name, mode, preset):
+    built = build(name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compare.call(compare.PRESETS[preset](), built, mode, "for")
+    policy_warnings = [w for w in caught if issubclass(w.category, dm.PolicyWarning)]
+    assert not policy_warnings, f"presets.{preset}() on {name} ({mode}) warned:\n" + "\n".join(
+        f"  {w.message}" for w in policy_warnings
+    )
+
+
+@pytest.mark.parametrize(("name", "recipe"), list(recipes.RECIPES), ids=[
+    f"{n}-{r}" for n, r in recipes.RECIPES
+])
+def test_recipe_agrees_with_reference(name, recipe):
+    """The model's own training recipe gives the reference-derived mask of its preset,
+    except where ``recipes.DIFFERENCES`` documents why the preset differs."""
+    fn, preset = recipes.RECIPES[(name, recipe)]
+    tree = build(name).tree
+    labels = ref.labels(name, tree)
+    by_recipe = fn(tree)
+    by_preset = ref.expected_mask(name, tree, preset)
+    assert set(by_recipe) == set(by_preset)
+    unexplained = []
+    for path, decayed in by_recipe.items():
+        if decayed == by_preset[path]:
+            continue
+        lab = labels[path]
+        if not any(applies(lab, path, decayed, by_preset[path])
+                   for _, applies in recipes.DIFFERENCES):
+            unexplained.append(
+                f"  {path}: {lab.kind}/{lab.role}: recipe {decayed}, "
+                f"presets.{preset}() by the reference {by_preset[path]}"
+            )
+    assert not unexplained, f"{recipe} on {name} disagrees with the reference:\n" + "\n".join(
+        unexplained
+    )
+
+
+def test_every_documented_difference_occurs():
+    """A documented reason no model shows is stale."""
+    seen = set()
+    for (name, recipe), (fn, preset) in recipes.RECIPES.items():
+        tree = build(name).tree
+        labels = ref.labels(name, tree)
+        by_preset = ref.expected_mask(name, tree, preset)
+        for path, decayed in fn(tree).items():
+            if decayed != by_preset[path]:
+                for reason, applies in recipes.DIFFERENCES:
+                    if applies(labels[path], path, decayed, by_preset[path]):
+                        seen.add(reason)
+    stale = [reason for reason, _ in recipes.DIFFERENCES if reason not in seen]
+    assert not stale, f"documented differences no recipe shows: {stale}"
