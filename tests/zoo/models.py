@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from typing import Any, Callable
 
 import jax
@@ -222,4 +223,5 @@ EQUIMO: dict[str, Callable[[], Built]] = {
     f.__name__: f
     for f in (equimo_vit, equimo_convnext, equimo_vssd, equimo_fastervit, equimo_mobilenet)
 }
-MODELS.update(EQUIMO)
+if sys.version_info >= (3, 11):  # equimo 1.1.0 needs Python 3.11; so does its extra
+    MODELS.update(EQUIMO)
