@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import warnings
 from typing import Any
 
@@ -52,6 +53,14 @@ def policy_warnings_ignored():
         yield
 
 
+@functools.cache
+def cached(name: str, mode: str, preset: str, what: str) -> Any:
+    """``call`` with a fresh preset, PolicyWarnings ignored, computed once per run: the
+    traced mode traces ``module.init`` at every call, and several tests read one result."""
+    with policy_warnings_ignored():
+        return call(PRESETS[preset](), build(name), mode, what)
+
+
 def flat_values(tree: Any, is_leaf=None) -> dict[str, Any]:
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
     return {ref.path_text(p): v for p, v in flat}
@@ -80,10 +89,9 @@ class Difference:
         )
 
 
-def _rows(policy: dm.Policy, built: Built, mode: str) -> dict[str, Any]:
+def _rows(name: str, mode: str, preset: str) -> dict[str, Any]:
     try:
-        with policy_warnings_ignored():
-            return {row.path: row for row in call(policy, built, mode, "explain")}
+        return {row.path: row for row in cached(name, mode, preset, "explain")}
     except Exception:  # the failure shows what the mask said even when explain cannot run
         return {}
 
@@ -91,16 +99,14 @@ def _rows(policy: dm.Policy, built: Built, mode: str) -> dict[str, Any]:
 def mask_differences(name: str, mode: str, preset: str) -> list[Difference]:
     """Every leaf where the preset's mask differs from the reference-derived mask."""
     built = build(name)
-    policy = PRESETS[preset]()
     expected = ref.expected_mask(name, built.tree, preset)
     labels = ref.labels(name, built.tree)
-    with policy_warnings_ignored():
-        got = flat_values(call(policy, built, mode, "mask"))
+    got = flat_values(cached(name, mode, preset, "mask"))
     wrong = [p for p in expected if not _same_bool(got.get(p, "missing"), expected[p])]
     extra = [p for p in got if p not in expected]
     if not wrong and not extra:
         return []
-    rows = _rows(policy, built, mode)
+    rows = _rows(name, mode, preset)
     out = [Difference(p, labels[p], expected[p], got.get(p, "missing"), rows.get(p)) for p in wrong]
     out += [Difference(p, ref.Label("-", "-"), "no leaf", got[p], rows.get(p)) for p in extra]
     return out
@@ -123,14 +129,12 @@ def muon_dims_differences(name: str, mode: str) -> list[Difference]:
     from optax.contrib import MuonDimensionNumbers
 
     built = build(name)
-    policy = PRESETS["muon"]()
     leaves = ref.array_leaves(built.tree)
     labels = ref.labels(name, built.tree)
-    with policy_warnings_ignored():
-        dims = flat_values(
-            call(policy, built, mode, "muon_dims"),
-            is_leaf=lambda x: x is None or isinstance(x, MuonDimensionNumbers),
-        )
+    dims = flat_values(
+        cached(name, mode, "muon", "muon_dims"),
+        is_leaf=lambda x: x is None or isinstance(x, MuonDimensionNumbers),
+    )
     out = []
     for path, x in leaves.items():
         lab = labels[path]
@@ -145,7 +149,7 @@ def muon_dims_differences(name: str, mode: str) -> list[Difference]:
         if got != want:
             out.append(Difference(path, lab, _dims_text(want), _dims_text(got), None))
     if out:
-        rows = _rows(policy, built, mode)
+        rows = _rows(name, mode, "muon")
         out = [dataclasses.replace(d, row=rows.get(d.path)) for d in out]
     return out
 

@@ -134,7 +134,8 @@ def wav2vec2() -> Built:
                             num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2,
                             do_stable_layer_norm=True, feat_extract_norm="layer")
     audio = jnp.zeros((1, 400))
-    return _linen("wav2vec2", FlaxWav2Vec2ForCTC, config, (audio, jnp.ones((1, 400), jnp.int32)), {})
+    mask = jnp.ones((1, 400), jnp.int32)
+    return _linen("wav2vec2", FlaxWav2Vec2ForCTC, config, (audio, mask), {})
 
 
 def llama() -> Built:

@@ -109,8 +109,8 @@ DIFFERENCES: list[tuple[str, Callable[[Label, str, bool, bool], bool]]] = [
     ),
     (
         "the recipe's substring `layernorm` matches the root key `roberta_prelayernorm`, "
-        "so the last two keys of every array under it (`dense/kernel`, `word_embeddings/embedding`) "
-        "are spared wherever they occur, the LM head's included",
+        "so the last two keys of every array under it (`dense/kernel`, "
+        "`word_embeddings/embedding`) are spared wherever they occur, the LM head's included",
         lambda lab, path, recipe, preset: (
             lab.kind not in ref.NORMS and lab.role in ("weight", "embedding") and not recipe
             and preset

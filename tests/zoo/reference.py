@@ -158,7 +158,9 @@ REFERENCES["roberta_prelayernorm"] = [
         "embedding",
         "embedding",
     ),
-    Array(r"roberta_prelayernorm/embeddings/position_embeddings/embedding", "embedding", "position"),
+    Array(
+        r"roberta_prelayernorm/embeddings/position_embeddings/embedding", "embedding", "position"
+    ),
     # FlaxRobertaPreLayerNormLMHead: tied decoder, `self.bias` added to the logits.
     Array(r"lm_head/bias", "unknown", "bias"),
 ]
@@ -388,7 +390,9 @@ def labels(name: str, tree: Any) -> dict[str, Label]:
             out[path] = found[0][1]
     problems += [f"rule covers no leaf: {r}" for r, u in zip(rules, used) if not u]
     if problems:
-        raise ReferenceError(f"reference for {name} does not fit the model:\n" + "\n".join(problems))
+        raise ReferenceError(
+            f"reference for {name} does not fit the model:\n" + "\n".join(problems)
+        )
     return out
 
 

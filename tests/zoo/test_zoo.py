@@ -139,3 +139,21 @@ def test_every_documented_difference_occurs():
                         seen.add(reason)
     stale = [reason for reason, _ in recipes.DIFFERENCES if reason not in seen]
     assert not stale, f"documented differences no recipe shows: {stale}"
+
+
+@pytest.mark.parametrize(("name", "mode"), MODEL_MODES, ids=IDS)
+def test_masks_are_accepted_by_adamw(name, mode):
+    """Each preset's mask goes through ``optax.adamw``'s init and update, abstractly."""
+    import equinox as eqx
+    import jax
+    import optax
+
+    built = build(name)
+    params = built.tree
+    if mode == "equinox":
+        params = eqx.filter(params, lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    for preset in compare.PRESETS:
+        mask = compare.cached(name, mode, preset, "mask")
+        tx = optax.adamw(1.0, weight_decay=0.25, mask=mask)
+        updates = jax.eval_shape(lambda p: tx.update(p, tx.init(p), p)[0], params)
+        assert jax.tree.structure(updates) == jax.tree.structure(params)
