@@ -7,6 +7,7 @@ differs from the reference, with what the reference says and what ``explain`` sa
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 
@@ -84,17 +85,26 @@ def test_muon_dims_are_right_or_a_clear_error(name, mode):
 QUIET = [(n, m) for n, m in MODEL_MODES if n in ("llama", "gpt2", "bert", "equimo_mobilenet")]
 
 
+@functools.cache
+def _fresh(name):
+    """A second build of the model, so no result computed for another test is reused."""
+    return MODELS[name]()
+
+
 @pytest.mark.parametrize("preset", list(compare.PRESETS))
 @pytest.mark.parametrize(("name", "mode"), QUIET, ids=[f"{n}-{m}" for n, m in QUIET])
 def test_presets_raise_no_warning(name, mode, preset):
-    built = build(name)
+    built = _fresh(name)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         compare.call(compare.PRESETS[preset](), built, mode, "mask")
     policy_warnings = [w for w in caught if issubclass(w.category, dm.PolicyWarning)]
-    assert not policy_warnings, f"presets.{preset}() on {name} ({mode}) warned:\n" + "\n".join(
-        f"  {w.message}" for w in policy_warnings
-    )
+    if policy_warnings:
+        pytest.fail(
+            f"presets.{preset}() on {name} ({mode}) warned:\n"
+            + "\n".join(f"  {w.message}" for w in policy_warnings),
+            pytrace=False,
+        )
 
 
 @pytest.mark.parametrize(("name", "recipe"), list(recipes.RECIPES), ids=[
@@ -120,9 +130,11 @@ def test_recipe_agrees_with_reference(name, recipe):
                 f"  {path}: {lab.kind}/{lab.role}: recipe {decayed}, "
                 f"presets.{preset}() by the reference {by_preset[path]}"
             )
-    assert not unexplained, f"{recipe} on {name} disagrees with the reference:\n" + "\n".join(
-        unexplained
-    )
+    if unexplained:
+        pytest.fail(
+            f"{recipe} on {name} disagrees with the reference:\n" + "\n".join(unexplained),
+            pytrace=False,
+        )
 
 
 def test_every_documented_difference_occurs():
@@ -158,3 +170,19 @@ def test_masks_are_accepted_by_optax(name, mode):
         tx = optax.add_decayed_weights(0.25, mask=mask)
         updates = jax.eval_shape(lambda p: tx.update(p, tx.init(p), p)[0], params)
         assert jax.tree.structure(updates) == jax.tree.structure(params)
+
+
+def test_the_comparison_can_fail():
+    """A policy that decays everything differs from standard() exactly on the leaves the
+    reference spares, and the failure report names each of them."""
+    built = build("llama")
+    expected = ref.expected_mask("llama", built.tree, "standard")
+    spared = [p for p, decayed in expected.items() if not decayed]
+    assert spared and len(spared) < len(expected)
+    got = compare.flat_values(dm.Policy(dm.decay()).for_flax(built.tree))
+    differ = [p for p in expected if got[p] != expected[p]]
+    assert differ == spared
+    labels = ref.labels("llama", built.tree)
+    diffs = [compare.Difference(p, labels[p], False, True, None) for p in differ]
+    text = compare.report("llama", "names", "decay()", diffs)
+    assert all(p in text for p in spared)
