@@ -38,9 +38,7 @@ def call(policy: dm.Policy, built: Built, mode: str, what: str) -> Any:
         fn = getattr(policy, f"for_{suffix}")
     else:
         fn = getattr(policy, f"{what}_for_{suffix}")
-    if mode == "equinox":
-        return fn(built.tree)
-    if mode == "names":
+    if mode in ("equinox", "names"):
         return fn(built.tree)
     return fn(built.tree, module=built.module, args=built.args, kwargs=built.kwargs)
 

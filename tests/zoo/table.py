@@ -29,8 +29,9 @@ def _cell(fn, show: int) -> tuple[str, list[str]]:
     ]
 
 
-def _warning_count(name: str, mode: str) -> int:
-    count = 0
+def _warning_counts(name: str, mode: str) -> str:
+    """PolicyWarnings of each preset's mask, as std/ebbn/gpt/muon."""
+    counts = []
     for preset in compare.PRESETS.values():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -38,8 +39,8 @@ def _warning_count(name: str, mode: str) -> int:
                 compare.call(preset(), build(name), mode, "mask")
             except Exception:
                 pass
-        count += sum(issubclass(w.category, dm.PolicyWarning) for w in caught)
-    return count
+        counts.append(sum(issubclass(w.category, dm.PolicyWarning) for w in caught))
+    return "/".join(map(str, counts))
 
 
 def main() -> None:
@@ -68,15 +69,16 @@ def main() -> None:
                 count, shown = _cell(lambda: compare.muon_dims_differences(name, mode), args.show)
                 cells.append(count)
                 notes += [f"{name} {mode} dims: {s}" for s in shown]
-                rows.append([name, mode, str(leaves), *cells, str(_warning_count(name, mode))])
+                rows.append([name, mode, str(leaves), *cells, _warning_counts(name, mode)])
 
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, ["-" * w for w in widths], *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     print()
     print(f"std = standard, ebbn = everything_but_bias_and_norm; cells count leaves whose "
-          f"decision differs from the reference; warnings = PolicyWarnings over the four "
-          f"presets' masks. First {args.show} differences per cell:")
+          f"decision differs from the reference (muon dims: leaves whose dimension numbers "
+          f"differ, or the error); warnings = PolicyWarnings of each preset's mask "
+          f"(std/ebbn/gpt/muon). First {args.show} differences per cell:")
     for note in notes:
         print("  " + note)
 
