@@ -6,6 +6,13 @@ decaymask reports. ``labels(model)`` applies them and checks that every leaf is 
 exactly one rule and that every rule covers some leaf, so a leaf a new version adds, or a
 rule that went stale, is an error here rather than a silent gap.
 
+Judgement calls, each from how the code uses the array: a learned position table is role
+``position`` whether it is a bare parameter (ViT's ``position_embeddings``) or an
+``nn.Embed`` looked up with position ids (BERT's ``position_embeddings``, GPT-2's ``wpe``,
+BART's ``embed_positions``); CLIP's ``logit_scale`` (``exp`` of it multiplies the logits)
+and Mamba-2's ``D`` (``y + x * D``) are gains; Mamba-2's ``A_log`` has no role of its own
+(``other``); FasterViT's coordinate tables, read through ``stop_gradient``, are buffers.
+
 The preset oracles below follow the presets' documented meaning in the project's design
 notes, on these labels only. The recipes are the masks the models' own training code
 builds, written as code, to check the labels against something independent.
