@@ -116,10 +116,5 @@ DIFFERENCES: list[tuple[str, Callable[[Label, str, bool, bool], bool]]] = [
             and preset
         ),
     ),
-    (
-        "a 1-D array of role `other` (Mamba's `A_log`): timm's ndim rule and Mamba's "
-        "`_no_weight_decay` spare it; the preset decays what has no role it spares, as its "
-        "docstring says",
-        lambda lab, path, recipe, preset: lab.role == "other" and not recipe and preset,
-    ),
+
 ]

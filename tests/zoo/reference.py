@@ -10,8 +10,8 @@ Judgement calls, each from how the code uses the array: a learned position table
 ``position`` whether it is a bare parameter (ViT's ``position_embeddings``) or an
 ``nn.Embed`` looked up with position ids (BERT's ``position_embeddings``, GPT-2's ``wpe``,
 BART's ``embed_positions``); CLIP's ``logit_scale`` (``exp`` of it multiplies the logits)
-and Mamba-2's ``D`` (``y + x * D``) are gains; Mamba-2's ``A_log`` has no role of its own
-(``other``); FasterViT's coordinate tables, read through ``stop_gradient``, are buffers.
+and Mamba-2's ``D`` (``y + x * D``) are gains, and so is Mamba-2's ``A_log`` (``exp`` of
+it scales the state's decay; Mamba's own recipe marks it ``_no_weight_decay``); FasterViT's coordinate tables, read through ``stop_gradient``, are buffers.
 
 The preset oracles below follow the presets' documented meaning in the project's design
 notes, on these labels only. The recipes are the masks the models' own training code
@@ -315,7 +315,7 @@ REFERENCES["equimo_vssd"] = [
     eqx_linear(rf"{B}/(attn/(in_proj|out_proj|qkv|proj)|mlp/fc[12])|head"),
     # Mamba2Mixer: `softplus(dt + dt_bias)`; `A = -exp(A_log)`; `y + x * D` (the skip gain).
     Array(rf"{B}/attn/dt_bias", "unknown", "bias"),
-    Array(rf"{B}/attn/A_log", "unknown", "other"),
+    Array(rf"{B}/attn/A_log", "unknown", "gain"),
     Array(rf"{B}/attn/D", "unknown", "gain"),
 ]
 

@@ -271,7 +271,7 @@ _TOKEN_WORDS = frozenset({"token", "tokens"})
 _GAIN_NAMES = frozenset({"gamma", "g", "weight_g", "ls1", "ls2", "alpha", "logit_scale",
                          "layer_scale", "D", "A_log"})
 _GAIN_PREFIXES = ("lambda_", "gamma_", "ls_")
-_BUFFER_WORDS = frozenset({"freqs", "freq", "inv_freq", "periods", "sinusoidal", "sinusoid"})
+_BUFFER_WORDS = frozenset({"freqs", "freq", "periods", "sinusoidal", "sinusoid", "coords"})
 _BUFFER_NAMES = frozenset({"freqs", "inv_freq", "periods", "freqs_cis", "cos_cached",
                            "sin_cached", "sinusoidal_table"})
 _WEIGHT_NAMES = frozenset({"weight", "kernel", "w", "weight_ih", "weight_hh", "weight_v",
@@ -290,7 +290,8 @@ def role_from_name(kind: str, name: str, owner_name: str = "") -> str:
     ``dt_bias``), position tables and learned tokens by their words (``pos_embed``,
     ``relative_position_bias_table``, ``cls_token``), and an embedding layer whose own
     name says position (``position_embeddings``, ``wpe``, ``embed_positions``) holds
-    a position table.
+    a position table. ``owner_name`` may be the owner's key or its class name, or both
+    joined by a space.
     """
     ws = words(name)
     if name in _BUFFER_NAMES or _BUFFER_WORDS & set(ws):
@@ -299,17 +300,23 @@ def role_from_name(kind: str, name: str, owner_name: str = "") -> str:
         return "position"
     if name in _TOKEN_NAMES or (ws and ws[-1] in _TOKEN_WORDS):
         return "token"
+    if len(ws) == 2 and ws[0] in ("cls", "class") and ws[1] in ("embed", "embedding"):
+        # CLIP's `class_embedding`: one learned vector, concatenated before the patches.
+        return "token"
     if name in _BIAS_NAMES or (ws and ws[-1] == "bias") or (ws and ws[0] == "bias"):
         return "bias"
     if kind in _NORM_KINDS:
         if name in _SCALE_NAMES:
             return "scale"
         return "bias" if name == "offset" else "other"
+    if kind in ("embedding", "unknown") and (name in _TABLE_NAMES or name == "weight"):
+        # The table of a module whose own name says position (`position_embeddings`,
+        # GPT-2's `wpe`, BART's `embed_positions`, a `LearnedPosEmbed`).
+        owner = set(words(owner_name)) if owner_name else set()
+        if (_POSITION_WORDS & owner and owner & _TABLE_WORDS) or "wpe" in owner:
+            return "position"
     if kind == "embedding":
         if name in _TABLE_NAMES or name == "weight":
-            owner = words(owner_name) if owner_name else ()
-            if _POSITION_WORDS & set(owner) or (owner and owner[-1] == "wpe"):
-                return "position"
             return "embedding"
         return "other"
     if kind in ("prelu", "lora"):
@@ -323,3 +330,13 @@ def role_from_name(kind: str, name: str, owner_name: str = "") -> str:
     if name in _TABLE_NAMES:
         return "embedding"
     return "other"
+
+
+_INDEX_WORDS = frozenset({"index", "indices", "idx", "ids"})
+
+
+def is_index_name(name: str) -> bool:
+    """Whether an array's name says it holds indices (``relative_position_index``,
+    ``position_ids``): an integer array so named is a buffer, never a parameter."""
+    ws = words(name)
+    return bool(ws) and ws[-1] in _INDEX_WORDS

@@ -8,6 +8,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ._infer import is_index_name
 from ._leaf import Leaf
 from ._report import Decision
 
@@ -129,10 +130,12 @@ def find_problems(
                 )
             messages.append(message + " (strict=True makes this an error.)")
 
+    # Integer arrays named as indices (`relative_position_index`) are buffers a model
+    # keeps on purpose; other integer params most likely reach optax by mistake.
     integers = [
         path
         for i, leaf in enumerate(leaves)
-        if leaf.is_param and not leaf.floating
+        if leaf.is_param and not leaf.floating and not is_index_name(leaf.name)
         for path in paths_like(i)
     ]
     if integers:
