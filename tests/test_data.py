@@ -268,3 +268,15 @@ def test_policies_from_data_pickle():
     assert pickle.loads(pickle.dumps(POLICY)) == POLICY
     again = dm.Policy.from_dict(POLICY.to_dict())
     assert pickle.loads(pickle.dumps(again)) == POLICY
+
+
+class Renamed:
+    pass
+
+
+Renamed.__qualname__ = "POLICY"  # its module holds something else under that name
+
+
+def test_to_dict_refuses_an_import_path_that_names_something_else():
+    with pytest.raises(dm.PolicyDataError, match=r"^Policy.to_dict: rules\[0\].layer: <class 'test_data.POLICY'> is not what its import path test_data:POLICY names; define it at module level under its own name"):
+        dm.Policy(dm.decay(layer=Renamed)).to_dict()

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._rules import SELECTORS, Rule, _make, check_rate, type_name
+from ._rules import SELECTORS, Rule, _make, check_rate, importable, type_name
 
 if TYPE_CHECKING:
     from ._policy import Policy
@@ -98,6 +98,14 @@ def _dotted(obj: Any, key: str) -> str:
         raise PolicyDataError(
             f"Policy.to_dict: {key}: {obj!r} has no import path (a lambda or a local "
             f"definition); define it at module level to write the policy as data."
+        )
+    if not importable(obj):
+        # Its module holds another object (or nothing) under that name: the path would
+        # read back as something else.
+        raise PolicyDataError(
+            f"Policy.to_dict: {key}: {obj!r} is not what its import path "
+            f"{module}:{qualname} names; define it at module level under its own name "
+            f"to write the policy as data."
         )
     return f"{module}:{qualname}"
 

@@ -181,11 +181,11 @@ class Rule:
         for key in ("layer", "within", "when"):
             value = getattr(self, key)
             for item in value if isinstance(value, tuple) else (value,):
-                if item is not None and not _importable(item):
+                if item is not None and not importable(item):
                     raise pickle.PicklingError(
-                        f"cannot pickle {self!r}: {key}={_show(item)} is a lambda or a "
-                        f"local definition, which pickle cannot find by its import path. "
-                        f"Define it at module level."
+                        f"cannot pickle {self!r}: {key}={_show(item)} has no import path "
+                        f"pickle can follow (a lambda, a local definition, or a class "
+                        f"its module holds under another name). Define it at module level."
                     )
         return (Rule, tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
 
@@ -258,7 +258,7 @@ class Rule:
         return f"{'decay' if self.decay else 'no_decay'}({', '.join(parts)})"
 
 
-def _importable(obj: Any) -> bool:
+def importable(obj: Any) -> bool:
     """Whether pickle can find a class or function by its import path.
 
     Other objects (callable instances, partials, strings) are pickled by value, and
