@@ -60,3 +60,48 @@ def assert_decays_exactly(params: Any, updates: Any, decayed: dict[str, bool]) -
         if not np.array_equal(np.asarray(u[key]), expected):
             wrong.append(f"{key}: decay={decayed[key]}")
     assert not wrong, "updates differ from the zero-gradient rule:\n" + "\n".join(wrong)
+
+
+def build_while_registering(build, churn, *, threads: int = 8, seconds: float = 1.5) -> list:
+    """Calls ``build`` in ``threads`` threads at once, for about ``seconds``, while one
+    more thread calls ``churn`` (which registers and unregisters layers) in a loop.
+
+    The interpreter switches threads far more often than by default, so that a build
+    reading the registry or a cache meets a write in the middle. Returns every build's
+    result; the first error of any thread is raised.
+    """
+    import sys
+    import threading
+    import time
+
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    results: list = []
+
+    def loop(fn, keep):
+        try:
+            while not stop.is_set():
+                value = fn()
+                if keep:
+                    results.append(value)
+        except BaseException as err:  # noqa: BLE001 - handed to the test below
+            errors.append(err)
+            stop.set()
+
+    workers = [threading.Thread(target=loop, args=(build, True)) for _ in range(threads)]
+    workers.append(threading.Thread(target=loop, args=(churn, False)))
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for worker in workers:
+            worker.start()
+        stop.wait(seconds)
+        stop.set()
+        for worker in workers:
+            worker.join(timeout=60)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not any(worker.is_alive() for worker in workers), "a thread did not finish"
+    if errors:
+        raise errors[0]
+    return results

@@ -829,14 +829,16 @@ class LinenBlock(nn.Module):
         return x, None
 
 
-LinenBlock.__name__ = LinenBlock.__qualname__ = "Block"
+# The names the models show (Linen auto names read __name__); __qualname__ stays the
+# attribute's, so that policies naming these classes round-trip by import path.
+LinenBlock.__name__ = "Block"
 
 
 class LinenStage(LinenBlock):
     """A subclass: ``within=Block`` matches it where classes are known."""
 
 
-LinenStage.__name__ = LinenStage.__qualname__ = "Stage"
+LinenStage.__name__ = "Stage"
 
 
 class LinenModel(nn.Module):
@@ -848,7 +850,7 @@ class LinenModel(nn.Module):
         return x
 
 
-LinenModel.__name__ = LinenModel.__qualname__ = "Model"
+LinenModel.__name__ = "Model"
 LINEN_CLASSES = {"Block": LinenBlock, "Stage": LinenStage}
 LINEN_EXTRA_CLASSES = (nn.Dense, nn.DenseGeneral, nn.LayerNorm, nn.Conv, LinenBlock,
                        LinenStage, LinenModel)
@@ -976,7 +978,7 @@ class NStage(nnx.Module):
 
 
 for _cls, _name in ((NBlock, "Block"), (NStage, "Stage")):
-    _cls.__name__ = _cls.__qualname__ = _name
+    _cls.__name__ = _name  # as the Linen classes: __qualname__ is the import path
 NNX_CLASSES = {"Block": NBlock, "Stage": NStage}
 NNX_LAYERS = (
     "linear", "conv", "conv_t", "embed", "layer_norm", "rms_norm", "group_norm",

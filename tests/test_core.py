@@ -286,3 +286,162 @@ def test_report_markdown_json_and_html():
     assert html.endswith("<p>decayed 1 of 5 leaves, 8 of 34 elements (23.5%)</p>")
     hostile = dm.Policy().report([dm.Leaf("a/<b>&c", layer="linear")])
     assert "<td><code>a/&lt;b&gt;&amp;c</code></td>" in hostile._repr_html_()
+
+
+# Hostile but fair input: every case a clear answer.
+
+
+def big(leaf: dm.Leaf) -> bool:
+    return leaf.size > 4
+
+
+class Cutoff:
+    """A callable class with an import path: rules holding it pickle by reference."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Cutoff)
+
+    def __hash__(self) -> int:
+        return 1
+
+    def __call__(self, leaf: dm.Leaf) -> bool:
+        return leaf.size > 4
+
+
+@pytest.mark.parametrize("rate", [float("inf"), float("-inf"), float("nan"), -0.5])
+def test_rates_must_be_finite_and_non_negative(rate):
+    with pytest.raises(TypeError, match=r"decay\(rate=[-a-z0-9.]+\): expected a non-negative number .*, got "):
+        dm.decay(rate=rate)
+
+
+def test_numpy_rates_are_numbers():
+    np = pytest.importorskip("numpy")
+    assert dm.decay(rate=np.float32(0.5)).rate == 0.5
+    assert type(dm.decay(rate=np.float32(0.5)).rate) is float
+
+
+def test_bytes_patterns_are_refused_at_the_rule():
+    with pytest.raises(TypeError) as info:
+        dm.no_decay(path=re.compile(b"bias"))
+    assert str(info.value) == (
+        "no_decay(path=re.compile(b'bias')): a bytes pattern cannot search a canonical "
+        "path, which is a str. Compile a str pattern instead, e.g. re.compile('bias')."
+    )
+
+
+def test_unhashable_when_is_refused_at_the_rule():
+    class Threshold:
+        __hash__ = None  # type: ignore[assignment]
+
+        def __call__(self, leaf):
+            return True
+
+    with pytest.raises(TypeError, match=r"^decay\(when=<.*Threshold object at .*>\): the callable is not hashable \(test_core\..*Threshold\), and a rule is a hashable value"):
+        dm.decay(when=Threshold())
+    with pytest.raises(TypeError, match=r"^no_decay\(when=.*\): the callable is not hashable"):
+        dm.no_decay(when=Threshold())
+
+
+def test_an_error_inside_when_names_the_rule_and_the_leaf():
+    def broken(leaf):
+        raise ValueError("user bug")
+
+    policy = dm.Policy(dm.no_decay(layer="linear", when=broken))
+    with pytest.raises(RuntimeError) as info:
+        policy.decide(LEAVES)
+    assert str(info.value).startswith(
+        "no_decay(layer='linear', when=test_an_error_inside_when_names_the_rule_and_the_leaf."
+        "<locals>.broken): when= raised ValueError: user bug for the leaf 'fc/kernel'."
+    )
+    assert isinstance(info.value.__cause__, ValueError)
+
+
+def test_numpy_bools_count_as_bools():
+    np = pytest.importorskip("numpy")
+    policy = dm.Policy(dm.decay(when=lambda leaf: np.prod(leaf.shape) > 2))
+    assert decisions(policy) == [True, False, False, False, True]
+    assert dm.Policy(default=np.True_) == dm.Policy(default=True)
+    assert dm.Policy(strict=np.False_).strict is False
+    assert type(dm.Policy(default=np.True_).default) is bool
+    with pytest.raises(TypeError, match=r"when= returned array\(\[1\]\) \(numpy\.ndarray\) for 'fc/kernel'; it must return True or False\."):
+        dm.Policy(dm.decay(when=lambda leaf: np.array([1]))).decide([FC_W])
+    with pytest.raises(TypeError, match=r"Policy\(default=np\.float64\(1\.0\)\): expected True or False, got numpy\.float64\."):
+        dm.Policy(default=np.float64(1.0))  # type: ignore[arg-type]
+
+
+def test_selectors_are_keyword_only_parameters():
+    import inspect
+
+    for make in (dm.decay, dm.no_decay, dm.label):
+        parameters = inspect.signature(make).parameters
+        for key in dm.SELECTORS:
+            assert parameters[key].kind is inspect.Parameter.KEYWORD_ONLY, (make, key)
+            assert parameters[key].default is None
+    with pytest.raises(TypeError, match=r"^no_decay\(\) got unknown selector 'layr' \(did you mean 'layer'\?\)\. Valid selectors: layer= "):
+        dm.no_decay(layr="linear")  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match=r"^label\(\) got unknown selector 'parm' \(did you mean 'param'\?\)"):
+        dm.label("frozen", parm="bias")  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match=r"label\(rate=...\): a rate multiplies weight decay"):
+        dm.label("frozen", rate=0.5)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        dm.decay("linear")  # type: ignore[misc]
+    # The label's own name is positional, so the name= selector is free.
+    assert dm.label("kernels", name="kernel").name == ("kernel",)
+
+
+def _rules_for_pickling() -> list:
+    return [
+        dm.decay(layer=("linear", "conv"), param="weight", rate=0.5, label="fast"),
+        dm.no_decay(path=(re.compile("BIAS$", re.IGNORECASE), "ln/*"), min_ndim=1),
+        dm.label("frozen", layer="embedding"),
+        dm.decay(when=big),
+        dm.decay(when=Cutoff(), within=dm.Layer),
+    ]
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["copy", "deepcopy", "pickle"],
+)
+def test_rules_policies_and_reports_copy_and_pickle(how):
+    import copy
+    import pickle
+
+    duplicate = {
+        "copy": copy.copy,
+        "deepcopy": copy.deepcopy,
+        "pickle": lambda x: pickle.loads(pickle.dumps(x)),
+    }[how]
+    policy = dm.Policy(*_rules_for_pickling(), default=True, strict=True)
+    for rule in policy.rules:
+        again = duplicate(rule)
+        assert again == rule and hash(again) == hash(rule)
+    again = duplicate(policy)
+    assert again == policy and hash(again) == hash(policy)
+    assert [d.decay for d in again.decide(LEAVES)] == [d.decay for d in policy.decide(LEAVES)]
+    # The compiled path matchers are made again, flags and all.
+    assert decisions(duplicate(dm.Policy(dm.decay(path=re.compile("BIAS$", re.I))))) == [False, True, False, True, False]
+    report = policy.report(LEAVES)
+    copied = duplicate(report)
+    assert copied.policy == policy
+    assert [(r.path, r.decay, r.rule, r.why) for r in copied] == [
+        (r.path, r.decay, r.rule, r.why) for r in report
+    ]
+    assert str(copied) == str(report)
+
+
+def test_rules_without_an_import_path_name_themselves_when_pickled():
+    import copy
+    import pickle
+
+    class Local:
+        pass
+
+    for rule, shown in [
+        (dm.decay(when=lambda leaf: True), r"decay\(when=.*<lambda>\): when=.*<lambda>"),
+        (dm.no_decay(layer=Local), r"no_decay\(layer=.*Local\): layer=.*Local"),
+    ]:
+        with pytest.raises(pickle.PicklingError, match=r"^cannot pickle " + shown + r" has no import path pickle can follow \(a lambda, a local definition, or a class its module holds under another name\)\. Define it at module level\."):
+            pickle.dumps(dm.Policy(rule))
+        # Copies need no import path.
+        assert copy.deepcopy(dm.Policy(rule)) == dm.Policy(rule)

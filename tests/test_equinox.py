@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 import re
+import warnings
 
 import equinox as eqx
 import jax
@@ -424,3 +425,90 @@ def test_prng_key_arrays_are_never_decayed():
         ("key", "key<fry>", False, "not floating point: never decayed"),
         ("weight", "float32", True, "rule 1: decay()"),
     ]
+
+
+# Hostile but fair trees.
+
+
+@pytest.mark.parametrize(
+    "params",
+    [jnp.array([0.6, 0.7, 0.8]), jnp.float32(0.9), np.array([[0.6, 0.7]], np.float32)],
+    ids=["vector", "scalar", "numpy"],
+)
+def test_a_single_array_gets_one_bool(params):
+    policy = dm.Policy(dm.decay(param="other"))
+    outside = pytest.warns(dm.PolicyWarning, match=r"arrays outside any layer")
+    with outside:
+        assert policy.for_equinox(params) is True
+    with outside:
+        assert dm.Policy().for_equinox(params) is False
+    [row] = policy.explain(params)
+    assert (row.path, row.decay, row.layer) == ("", True, "unknown")
+    with outside:
+        updates = zero_grad_updates(params, policy.for_equinox)
+    assert_decays_exactly(params, updates, {"": True})
+
+
+def test_flax_modules_are_sent_to_for_flax():
+    import flax.linen as nn
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self):
+            self.lin = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+
+    for tree, name in [(Net(), "Net"), (nnx.Linear(2, 3, rngs=nnx.Rngs(0)), "Linear"),
+                       (nn.Dense(3), "Dense")]:
+        with pytest.raises(TypeError) as info:
+            SEED.for_equinox(tree)
+        assert str(info.value) == (
+            f"for_equinox: got a {name} from Flax; use policy.for_flax(...) for Flax "
+            f"params, variables, nnx.Module or nnx.State."
+        )
+    with pytest.raises(TypeError, match=r"^labels_for_equinox: got a Net from Flax; use policy.labels_for_flax\(...\)"):
+        SEED.labels_for_equinox(Net())
+
+
+def test_keys_holding_a_slash_give_distinct_escaped_paths():
+    keys = jax.random.split(jax.random.key(1), 3)
+    tree = {"a/b": eqx.nn.Linear(2, 2, key=keys[0]), "a": {"b": eqx.nn.Linear(2, 2, key=keys[1])},
+            "50%": eqx.nn.Linear(2, 2, key=keys[2])}
+    paths = [row.path for row in SEED.explain(tree)]
+    assert sorted(paths) == ["50%25/bias", "50%25/weight", "a%2Fb/bias", "a%2Fb/weight",
+                             "a/b/bias", "a/b/weight"]
+    nested = dm.Policy(dm.decay(path="a/b/*")).for_equinox(tree)
+    assert nested["a"]["b"].weight and not nested["a/b"].weight
+    slashed = dm.Policy(dm.decay(path=re.compile(r"^a%2Fb/"))).for_equinox(tree)
+    assert slashed["a/b"].weight and not slashed["a"]["b"].weight
+
+
+def test_masks_built_from_threads_while_layers_are_registered():
+    from helpers import build_while_registering
+
+    class Projection(eqx.Module):
+        w: jax.Array
+
+    class Spare(eqx.Module):
+        w: jax.Array
+
+    tree = {"proj": Projection(jnp.ones((2, 2))), "model": Model(jax.random.key(2))}
+    plain = SEED.for_equinox
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dm.PolicyWarning)
+        expected = plain(tree)
+        dm.register_layer(Projection, "linear")
+        registered = plain(tree)
+        dm.unregister_layer(Projection)
+
+        def churn():
+            dm.register_layer(Projection, "linear")
+            dm.register_layer(Spare, "conv")
+            dm.unregister_layer(Projection)
+            dm.unregister_layer(Spare)
+
+        results = build_while_registering(lambda: plain(tree), churn)
+        after = plain(tree)
+    assert not expected["proj"].w and registered["proj"].w
+    same = lambda a, b: jax.tree.leaves(a) == jax.tree.leaves(b)  # noqa: E731
+    assert results and all(same(m, expected) or same(m, registered) for m in results)
+    assert same(after, expected)

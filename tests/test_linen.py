@@ -587,10 +587,11 @@ def test_weight_norm_and_spectral_norm_own_as_the_wrapped_kind(by_class):
     variables = variables_of("wrapped")
     kwargs = traced("wrapped") if by_class else {}
     rows = {row.path: row for row in SEED.explain(variables, **kwargs)}
-    scale = rows["WeightNorm_0/Dense_0/kernel/scale"]
+    # Flax names the gain by a path inside one key: its "/" is escaped.
+    scale = rows["WeightNorm_0/Dense_0%2Fkernel%2Fscale"]
     assert (scale.layer, scale.layer_type, scale.role) == ("linear", "WeightNorm", "scale")
     assert scale.leaf.name == "scale"
-    u = rows["batch_stats/SpectralNorm_0/Dense_1/kernel/u"]
+    u = rows["batch_stats/SpectralNorm_0/Dense_1%2Fkernel%2Fu"]
     assert (u.layer, u.leaf.is_param, u.decay) == ("linear", False, False)
 
 
@@ -891,3 +892,112 @@ def test_error_in_the_model_names_the_trace():
     with pytest.raises(TypeError) as info:
         SEED.for_flax(variables_of("tied")["params"], module=Tied(), args=(1, 2))
     assert any("traced Tied.init" in note for note in getattr(info.value, "__notes__", []))
+
+
+# Hostile but fair trees.
+
+
+def _dense(features_in=2, features_out=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "kernel": jnp.asarray(rng.uniform(0.5, 1.5, (features_in, features_out)), jnp.float32),
+        "bias": jnp.asarray(rng.uniform(0.5, 1.5, (features_out,)), jnp.float32),
+    }
+
+
+def test_int_and_tuple_keys_work_and_are_named():
+    params = {"blocks": {0: {"Dense_0": _dense(seed=1)}, 1: {"Dense_0": _dense(seed=2)}}}
+    mask = LINEAR.for_flax(params)
+    assert mask == {"blocks": {0: {"Dense_0": {"kernel": True, "bias": True}},
+                               1: {"Dense_0": {"kernel": True, "bias": True}}}}
+    assert [row.path for row in CLASSIC.explain(params)] == [
+        "blocks/0/Dense_0/bias", "blocks/0/Dense_0/kernel",
+        "blocks/1/Dense_0/bias", "blocks/1/Dense_0/kernel",
+    ]
+    selected = dm.Policy(dm.decay(path="blocks/1/*")).for_flax(params)
+    assert selected["blocks"][1]["Dense_0"]["kernel"] and not selected["blocks"][0]["Dense_0"]["kernel"]
+    updates = zero_grad_updates(params, LINEAR.for_flax)
+    assert_decays_exactly(params, updates, flat_with_paths(mask))
+
+    tupled = {("head", 1): _dense(seed=3), ("head", 2): _dense(seed=4)}
+    rows = {row.path: row for row in CLASSIC.explain(tupled)}
+    assert set(rows) == {"('head', 1)/kernel", "('head', 1)/bias", "('head', 2)/kernel",
+                         "('head', 2)/bias"}
+    assert rows["('head', 1)/kernel"].decay and not rows["('head', 1)/bias"].decay
+    mask = CLASSIC.for_flax(tupled)
+    assert mask == {key: {"kernel": True, "bias": False} for key in tupled}
+    assert_decays_exactly(tupled, zero_grad_updates(tupled, mask), flat_with_paths(mask))
+
+
+def test_keys_holding_a_slash_give_distinct_escaped_paths():
+    params = {"a/b": {"Dense_0": _dense(seed=1)}, "a": {"b": {"Dense_0": _dense(seed=2)}},
+              "100%": {"Dense_0": _dense(seed=3)}}
+    paths = [row.path for row in LINEAR.explain(params)]
+    assert sorted(paths) == [
+        "100%25/Dense_0/bias", "100%25/Dense_0/kernel",
+        "a%2Fb/Dense_0/bias", "a%2Fb/Dense_0/kernel",
+        "a/b/Dense_0/bias", "a/b/Dense_0/kernel",
+    ]
+    # A glob matches the escaped text: each rule selects one of the two.
+    nested = dm.Policy(dm.decay(path="a/b/*")).for_flax(params)
+    slashed = dm.Policy(dm.decay(path="a%2Fb/*")).for_flax(params)
+    assert nested["a"]["b"]["Dense_0"]["kernel"] and not nested["a/b"]["Dense_0"]["kernel"]
+    assert slashed["a/b"]["Dense_0"]["kernel"] and not slashed["a"]["b"]["Dense_0"]["kernel"]
+    variables = {"params": params, "batch_stats": {"a/b": {"mean": jnp.ones(2)}}}
+    assert "batch_stats/a%2Fb/mean" in {row.path for row in LINEAR.explain(variables)}
+
+
+def _nested(depth: int, frozen: bool) -> dict:
+    # Built from the inside out: FrozenDict(...) of a deep dict recurses itself.
+    wrap = (lambda d: FrozenDict(d, __unsafe_skip_copy__=True)) if frozen else dict
+    params = wrap({"Dense_0": wrap(_dense(seed=depth))})
+    for level in range(depth):
+        params = wrap({f"Block_{level % 2}": params})
+    return params
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["dict", "FrozenDict"])
+def test_depth_is_not_limited_by_the_python_stack(frozen):
+    params = _nested(500, frozen)
+    mask = LINEAR.for_flax(params)
+    assert type(mask) is type(params)
+    assert jax.tree.structure(mask) == jax.tree.structure(params)
+    assert jax.tree.leaves(mask) == [True, True]
+    [kernel] = [row for row in CLASSIC.explain(params) if row.leaf.name == "kernel"]
+    assert kernel.path.count("/") == 501 and kernel.layer == "linear"
+    updates = zero_grad_updates(params, mask)
+    assert_decays_exactly(params, updates, flat_with_paths(mask))
+
+
+def test_masks_built_from_threads_while_layers_are_registered():
+    from helpers import build_while_registering
+
+    class Proj(nn.Module):
+        pass
+
+    class Spare(nn.Module):
+        pass
+
+    params = {f"Proj_{i}": _dense(seed=i) for i in range(8)}
+    params.update({f"LayerNorm_{i}": {"scale": jnp.ones(3), "bias": jnp.ones(3)} for i in range(8)})
+    expected = SEED.for_flax(params)
+    # Many registered classes: a lookup by class name reads all of them.
+    padding = [type(f"Padding{i}", (nn.Module,), {}) for i in range(500)]
+    for cls in padding:
+        dm.register_layer(cls, "linear")
+    try:
+
+        def churn():
+            dm.register_layer(Proj, "linear")
+            dm.register_layer(Spare, "conv")
+            dm.unregister_layer(Proj)
+            dm.unregister_layer(Spare)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", dm.PolicyWarning)
+            results = build_while_registering(lambda: SEED.for_flax(params), churn)
+    finally:
+        for cls in padding:
+            dm.unregister_layer(cls)
+    assert results and all(mask == expected for mask in results)
+    assert SEED.for_flax(params) == expected

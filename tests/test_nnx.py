@@ -888,3 +888,21 @@ def test_error_for_a_variable_holding_no_array():
 def test_docstring_examples_run():
     result = doctest.testmod(_nnx, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_keys_holding_a_slash_give_distinct_escaped_paths():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.layers = nnx.Dict({"a/b": nnx.Linear(2, 2, rngs=rngs),
+                                    "5%": nnx.Linear(2, 2, rngs=rngs)})
+            self.a = nnx.Dict({"b": nnx.Linear(2, 2, rngs=rngs)})
+
+    model = Net(nnx.Rngs(0))
+    policy = dm.Policy(dm.decay(param="weight"))
+    expected = ["a/b/bias", "a/b/kernel", "layers/5%25/bias", "layers/5%25/kernel",
+                "layers/a%2Fb/bias", "layers/a%2Fb/kernel"]
+    assert sorted(row.path for row in policy.explain(model)) == expected
+    assert sorted(row.path for row in policy.explain(nnx.state(model, nnx.Param))) == expected
+    mask = dm.Policy(dm.decay(path="layers/a%2Fb/*")).for_flax(model)
+    assert mask["layers"]["a/b"]["kernel"] and not mask["layers"]["5%"]["kernel"]
+    assert not mask["a"]["b"]["kernel"]

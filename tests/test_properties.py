@@ -16,6 +16,10 @@ each draw the mask must:
    model was built, not from decaymask;
 5. leave the input model unchanged.
 
+Each drawn policy may first go through ``to_dict``/``from_dict`` (via JSON) or a pickle
+round trip, which must give an equal policy; and the mask of a drawn policy is built now
+and then from 8 threads at once, each result equal to the one built alone.
+
 Hypothesis settings come from a profile chosen by the environment variable
 ``DECAYMASK_HYPOTHESIS_PROFILE``: ``ci`` (the default: few examples, derandomized, no
 example database, so that a failure reproduces) or ``thorough`` (many random examples)::
@@ -26,7 +30,10 @@ example database, so that a failure reproduces) or ``thorough`` (many random exa
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import pickle
+import threading
 import warnings
 
 import equinox as eqx
@@ -133,15 +140,62 @@ POLICIES_PER_MODEL = 4
 """Policies checked on each drawn model: a model costs far more to build than a policy."""
 
 
+ROUND_TRIPS = {
+    "as built": lambda policy: policy,
+    "to_dict/from_dict": lambda policy: dm.Policy.from_dict(
+        json.loads(json.dumps(policy.to_dict()))
+    ),
+    "pickle": lambda policy: pickle.loads(pickle.dumps(policy)),
+}
+
+
 def draw_policies(data, expects, extra_classes):
     drawn = data.draw(
         st.lists(policies(expects, extra_classes), min_size=1, max_size=POLICIES_PER_MODEL),
         label="policies",
     )
     for policy_spec in drawn:
-        policy = policy_spec.build()
-        note(repr(policy))
+        built = policy_spec.build()
+        how = data.draw(st.sampled_from(sorted(ROUND_TRIPS)), label="round trip")
+        policy = ROUND_TRIPS[how](built)
+        assert policy == built and hash(policy) == hash(built), how
+        note(f"{how}: {policy!r}")
         yield policy_spec, policy
+
+
+THREADS = 8
+
+
+def assert_same_from_threads(data, build, expected) -> None:
+    """Now and then, ``build()`` in 8 threads released at once: every result must be
+    ``expected`` (the mask built alone)."""
+    if not data.draw(st.booleans(), label="from 8 threads"):
+        return
+    barrier = threading.Barrier(THREADS)
+    results: list = [None] * THREADS
+    errors: list = []
+
+    def run(i):
+        try:
+            barrier.wait(timeout=60)
+            results[i] = build()
+        except BaseException as err:  # noqa: BLE001 - raised below, in the test's thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(THREADS)]
+    # The warning filters are global: set once here, not per thread (catch_warnings in
+    # several threads at once restores them out of order).
+    with quiet():
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads), "a build did not finish"
+    if errors:
+        raise errors[0]
+    for result in results:
+        assert jax.tree.structure(result) == jax.tree.structure(expected)
+        assert flat_by_path(result) == flat_by_path(expected)
 
 
 @PROFILE
@@ -166,6 +220,7 @@ def test_equinox_mask_matches_the_oracle(spec, data):
         assert jax.tree.structure(mask) == jax.tree.structure(arrays)
         assert_bool_leaves(mask)
         assert_decisions(mask, expected)
+        assert_same_from_threads(data, lambda: policy.for_equinox(model), mask)
         assert_same_tree(abstract_mask, mask)
         assert [(row.path, row.decay) for row in report] == list(flat_by_path(mask).items())
 
@@ -210,6 +265,7 @@ def test_linen_mask_matches_the_oracle(spec, data):
             assert jax.tree.structure(mask) == jax.tree.structure(params)
             assert_bool_leaves(mask)
             assert_decisions(mask, oracle(policy_spec, expects))
+        assert_same_from_threads(data, lambda: policy.for_flax(params), named)
         # Abstract params (jax.ShapeDtypeStruct leaves) give the same mask.
         assert flat_by_path(abstract_named) == flat_by_path(named)
 
@@ -284,6 +340,7 @@ def test_nnx_mask_matches_the_oracle(spec, data):
             assert jax.tree.structure(each) == shape
             assert_bool_leaves(each)
         assert_decisions(mask, oracle(policy_spec, expects))
+        assert_same_from_threads(data, lambda: policy.for_flax(model), mask)
 
         if data.draw(st.booleans(), label="nnx.Optimizer"):
             _optimizer_step(model, mask)

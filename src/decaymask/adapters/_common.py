@@ -32,6 +32,20 @@ def key_name(entry: Any) -> str:
     return str(entry)
 
 
+def escape_key(key: str) -> str:
+    """One key as the canonical path writes it: a ``/`` inside it becomes ``%2F`` (and a
+    ``%`` becomes ``%25``), so that ``{"a/b": x}`` and ``{"a": {"b": x}}`` differ."""
+    if "/" in key or "%" in key:
+        return key.replace("%", "%25").replace("/", "%2F")
+    return key
+
+
+def path_text(keys: Any) -> str:
+    """The canonical path of a sequence of keys (strings, ints, tuples, or jax key-path
+    entries): each key as :func:`key_name` writes it, escaped, joined with ``/``."""
+    return "/".join(escape_key(k if type(k) is str else key_name(k)) for k in keys)
+
+
 ARRAY_TYPES = (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)
 """What counts as an array leaf: concrete, traced and abstract arrays alike."""
 
@@ -108,6 +122,28 @@ def holds_masked_node(tree: Any) -> bool:
     )
 
 
+class RegistryCache:
+    """Answers that depend on the registry, dropped whenever it changes.
+
+    Safe while other threads build masks or register layers: :meth:`table` hands out
+    the table of the registry's current generation, and a change of generation brings
+    a new table rather than clearing the old one, so an answer worked out from the old
+    registry lands only in a table no one reads any more.
+    """
+
+    def __init__(self) -> None:
+        self._state: tuple[int, dict] = (-1, {})
+
+    def table(self) -> dict:
+        # The generation is read before any answer is worked out from the registry,
+        # which moves it only after its tables are updated.
+        generation = _registry.generation
+        state = self._state
+        if state[0] != generation:
+            state = self._state = (generation, {})
+        return state[1]
+
+
 class ClassKinds:
     """The layer kind of a module class, as every adapter finds it.
 
@@ -126,30 +162,27 @@ class ClassKinds:
         self.table = table
         self.wrappers = wrappers
         self.containers = containers
-        self._kinds: dict[type, tuple[str, str, _registry.Registration | None]] = {}
-        self._layers: dict[type, Layer] = {}
-        self._generation = -1
+        self._kinds = RegistryCache()  # class -> (kind, source, registration)
+        self._layers = RegistryCache()  # class -> Layer
 
     def __call__(self, cls: type) -> tuple[str, str, _registry.Registration | None]:
         """(kind, how it was found, registration)."""
-        if self._generation != _registry.generation:
-            self._kinds.clear()
-            self._layers.clear()
-            self._generation = _registry.generation
-        found = self._kinds.get(cls)
+        kinds = self._kinds.table()
+        found = kinds.get(cls)
         if found is None:
-            found = self._kinds[cls] = self._resolve(cls)
+            found = kinds[cls] = self._resolve(cls)
         return found
 
     def layer(self, cls: type) -> Layer | None:
         """The :class:`Layer` of every instance of ``cls``; ``None`` where it depends on
         the instance (wrappers, bare norm names)."""
-        kind, source, _ = self(cls)
-        if kind in ("wrapper", "norm"):
-            return None
-        layer = self._layers.get(cls)
+        layers = self._layers.table()
+        layer = layers.get(cls)
         if layer is None:
-            layer = self._layers[cls] = Layer(kind, cls.__name__, cls, source)
+            kind, source, _ = self(cls)
+            if kind in ("wrapper", "norm"):
+                return None
+            layer = layers[cls] = Layer(kind, cls.__name__, cls, source)
         return layer
 
     def _resolve(self, cls: type) -> tuple[str, str, _registry.Registration | None]:

@@ -12,7 +12,7 @@ from ..core import _registry
 from ..core._infer import role_from_name
 from ..core._leaf import Layer, Leaf
 from ..core._table import LeafTable
-from ._common import ARRAY_TYPES, ClassKinds, check_not_a_step_count, dtype_name, is_array_like, key_name
+from ._common import ARRAY_TYPES, ClassKinds, check_not_a_step_count, dtype_name, is_array_like, key_name, path_text
 
 _nn = eqx.nn
 METHOD = "for_equinox"
@@ -171,7 +171,8 @@ class _Walk:
                 floating = floating_of[dtype] = dtype_name(value).startswith(_FLOATING_PREFIXES)
             self.positions.append(position)
             self.entries.append((keypath, value, context))
-            keys.append((context.key, keypath[-1], floating))
+            # A single array as the whole tree has an empty key path.
+            keys.append((context.key, keypath[-1] if keypath else None, floating))
         self.table = LeafTable(keys, self._build)
 
     def _context(self, prefix: tuple) -> _Context:
@@ -223,7 +224,7 @@ class _Walk:
             # Equinox keeps a conv bias as (out, 1, ..., 1) to broadcast over space.
             layout_axes = owner_node.num_spatial_dims
         return Leaf(
-            path="/".join(key_name(k) for k in keypath),
+            path=path_text(keypath),
             layer=owner.kind,
             role=role,
             shape=shape,
@@ -297,7 +298,8 @@ def _check_input(tree: Any, method: str) -> None:
     """Flax objects handed to the Equinox entry point get the right method named."""
     check_not_a_step_count(tree, method)
     flax_method = method.replace("equinox", "flax")
-    if type(tree).__module__.startswith("flax."):
+    # A user's nnx.Module or linen.Module subclass lives in the user's module.
+    if any(c.__module__.startswith("flax.") for c in type(tree).__mro__):
         raise TypeError(
             f"{method}: got a {type(tree).__name__} from Flax; use "
             f"policy.{flax_method}(...) for Flax params, variables, nnx.Module or "

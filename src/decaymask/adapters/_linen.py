@@ -69,7 +69,7 @@ from ..core import _registry
 from ..core._infer import is_generic_norm_name, kind_from_name, role_from_name
 from ..core._leaf import Layer, Leaf
 from ..core._table import LeafTable
-from ._common import dtype_name, is_array_like, key_name
+from ._common import RegistryCache, dtype_name, is_array_like, key_name, path_text
 
 # Base classes: subclasses count as the base kind.
 KIND_TABLE: dict[type, str] = {
@@ -224,7 +224,10 @@ def _dtype_name(x: Any) -> str:
 
 
 def _keys(keys: tuple) -> tuple[str, ...]:
-    return tuple(k.key if type(k) is _DictKey else key_name(k) for k in keys)
+    # Keys that are not strings (ints, tuples: jax and optax take them) read as text.
+    return tuple(
+        k.key if type(k) is _DictKey and type(k.key) is str else key_name(k) for k in keys
+    )
 
 
 def _unbox(x: Any) -> Any:
@@ -253,8 +256,7 @@ def _auto_class(key: str) -> tuple[str | None, int]:
 
 
 # Per-class answers, dropped whenever the registry changes.
-_class_cache: dict[type, tuple[str | None, str]] = {}
-_cache_generation = -1
+_class_cache = RegistryCache()  # class -> (kind, source)
 
 
 def _class_kind(cls: type) -> tuple[str | None, str]:
@@ -263,14 +265,10 @@ def _class_kind(cls: type) -> tuple[str | None, str]:
     The kind is ``"wrapper"`` for :data:`WRAPPERS` and may be ``"norm"`` for a class
     whose name says only that it is a norm.
     """
-    global _cache_generation
-    if _cache_generation != _registry.generation:
-        _class_cache.clear()
-        _cache_generation = _registry.generation
-    found = _class_cache.get(cls)
+    table = _class_cache.table()
+    found = table.get(cls)
     if found is None:
-        found = _resolve_class_kind(cls)
-        _class_cache[cls] = found
+        found = table[cls] = _resolve_class_kind(cls)
     return found
 
 
@@ -294,8 +292,7 @@ def _resolve_class_kind(cls: type) -> tuple[str | None, str]:
     return None, "class"
 
 
-_auto_cache: dict[str | None, tuple[str | None, str, _registry.Registration | None]] = {}
-_auto_generation = -1
+_auto_cache = RegistryCache()  # auto name -> (kind, source, registration)
 
 
 def _auto_kind(auto: str | None) -> tuple[str | None, str, _registry.Registration | None]:
@@ -304,11 +301,8 @@ def _auto_kind(auto: str | None) -> tuple[str | None, str, _registry.Registratio
     The kind is ``None`` where neither the registry nor :data:`KIND_TABLE` knows the
     class name, and ``"wrapper"`` for :data:`WRAPPERS`.
     """
-    global _auto_generation
-    if _auto_generation != _registry.generation:
-        _auto_cache.clear()
-        _auto_generation = _registry.generation
-    found = _auto_cache.get(auto)
+    table = _auto_cache.table()
+    found = table.get(auto)
     if found is None:
         registration = _registry.lookup_name(auto) if auto is not None else None
         if registration is not None:
@@ -317,7 +311,7 @@ def _auto_kind(auto: str | None) -> tuple[str | None, str, _registry.Registratio
             found = ("wrapper", "name", None)
         else:
             found = (_KIND_BY_NAME.get(auto), "name", None)  # type: ignore[arg-type]
-        _auto_cache[auto] = found
+        table[auto] = found
     return found
 
 
@@ -491,7 +485,7 @@ _GATE_SETS = frozenset(_CELL_GATES)
 
 
 def _path_text(path: tuple[str, ...]) -> str:
-    return "/".join(path)
+    return path_text(path)
 
 
 class _Reader:
@@ -731,9 +725,7 @@ class _Reader:
             matrix_axes = self._matrix_axes(
                 owner, module, path, name, len(shape) - batch_axes, direct
             )
-        text = "/".join(path + (key,))
-        if collection != "params":
-            text = f"{collection}/{text}"
+        text = path_text(path + (key,) if collection == "params" else (collection, *path, key))
         # A linear layer's kernel is one matrix and its bias one vector, however many
         # axes a DenseGeneral's (or an attention projection's) features take.
         layout_axes = 0
@@ -987,15 +979,22 @@ class _Walk(_Reader):
 
     def _module(self, path: tuple[str, ...]) -> _Module:
         found = self.modules.get(path)
-        if found is None:
-            parent = self._module(path[:-1]) if path else None
-            params = self.direct.get(path)
-            other = self.direct_other.get(path)
+        if found is not None:
+            return found
+        # The modules from the nearest one already inferred down to ``path``, outermost
+        # first: a loop, so that depth is not limited by the Python stack.
+        todo = [path]
+        while todo[-1] and todo[-1][:-1] not in self.modules:
+            todo.append(todo[-1][:-1])
+        for here in reversed(todo):
+            parent = self.modules[here[:-1]] if here else None
+            params = self.direct.get(here)
+            other = self.direct_other.get(here)
             direct = params or other or {}
             merged = {**params, **other} if params and other else direct
-            found = self._infer(path, parent, direct, merged, self.children.get(path, ()))
-            self.modules[path] = found
-        return found
+            found = self._infer(here, parent, direct, merged, self.children.get(here, ()))
+            self.modules[here] = found
+        return found  # type: ignore[return-value]
 
 
 # The names-only walk of params.
@@ -1103,6 +1102,9 @@ class _Resolved:
 _dtype_of = operator.attrgetter("dtype")
 
 
+_NAMED_DEPTH = 100  # levels of modules the recursive names-only walk takes
+
+
 class _NamedWalk(_Reader):
     """Names-only params of plain dicts and FrozenDicts: one recursive pass, no flatten.
 
@@ -1152,6 +1154,9 @@ class _NamedWalk(_Reader):
         everything: bool,
     ) -> None:
         """Appends the keys of the arrays below ``node``, the module at ``path``."""
+        if len(path) > _NAMED_DEPTH:
+            # This walk recurses once per level; _Walk is not limited by the stack.
+            raise _Fallback
         try:
             names = sorted(node)
         except Exception:  # noqa: BLE001 - whatever jax's own sort would raise instead

@@ -19,7 +19,7 @@ from flax import nnx
 from ..core import _registry
 from ..core._infer import is_generic_norm_name, kind_from_name, role_from_name
 from ..core._leaf import Layer, Leaf
-from ._common import ClassKinds, key_name
+from ._common import ClassKinds, key_name, path_text
 
 _graphlib = nnx.graphlib
 _get_node_impl = _graphlib.get_node_impl
@@ -248,7 +248,7 @@ def _holder(variable: Any, otherwise: str) -> str:
 
 
 def _path_text(path: tuple) -> str:
-    return "/".join(map(str, path))
+    return path_text(path)
 
 
 def _leaf_name(path: tuple) -> str:

@@ -6,10 +6,11 @@ import importlib
 import json
 import pathlib
 import re
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._rules import SELECTORS, Rule, _make
+from ._rules import SELECTORS, Rule, _make, check_rate, importable, type_name
 
 if TYPE_CHECKING:
     from ._policy import Policy
@@ -22,8 +23,38 @@ class PolicyDataError(ValueError):
     """Policy data that does not describe a policy; the message names the key."""
 
 
-def _import(path: str, key: str) -> Any:
-    """An object from ``"pkg.module:Name"`` or ``"pkg.module.Name"``."""
+# Flags a compiled pattern keeps through to_dict/from_dict, by their names in `re`.
+# UNICODE is left out: every str pattern has it.
+_FLAGS = ("ASCII", "IGNORECASE", "LOCALE", "MULTILINE", "DOTALL", "VERBOSE")
+
+
+def check_imports(fn: str, imports: Any) -> bool | tuple[str, ...]:
+    """The ``imports=`` argument as ``True`` or a tuple of module prefixes."""
+    if imports is True:
+        return True
+    if imports is False or imports is None:
+        return ()
+    if isinstance(imports, Sequence) and not isinstance(imports, str):
+        if all(isinstance(p, str) and p and not p.startswith(".") for p in imports):
+            return tuple(imports)
+    raise TypeError(
+        f"{fn}(imports={imports!r}): expected True (import any module) or a tuple of "
+        f"module prefixes, e.g. ('mylib',), got {type_name(imports)}."
+    )
+
+
+def _allowed(module_name: str, imports: bool | tuple[str, ...]) -> bool:
+    if imports is True:
+        return True
+    return any(module_name == p or module_name.startswith(p + ".") for p in imports)  # type: ignore[union-attr]
+
+
+def _import(path: str, key: str, imports: bool | tuple[str, ...]) -> Any:
+    """An object from ``"pkg.module:Name"`` or ``"pkg.module.Name"``.
+
+    A module already imported is looked up, which runs no code; any other is imported
+    only where ``imports`` allows it.
+    """
     module_name, sep, attr = path.partition(":")
     if not sep:
         module_name, _, attr = path.rpartition(".")
@@ -32,11 +63,30 @@ def _import(path: str, key: str) -> Any:
             f"{_WHERE}: {key}: {path!r} is not an import path; write 'package.module:Name' "
             f"or 'package.module.Name'."
         )
+    if module_name.startswith("."):
+        raise PolicyDataError(
+            f"{_WHERE}: {key}: {path!r} is a relative import path, which data cannot "
+            f"resolve; write the whole module path, e.g. 'package.module:Name'."
+        )
+    obj: Any = sys.modules.get(module_name)
+    if obj is None:
+        if not _allowed(module_name, imports):
+            top = module_name.split(".", 1)[0]
+            raise PolicyDataError(
+                f"{_WHERE}: {key}: {path!r} is in the module {module_name!r}, which is "
+                f"not imported, and importing a module runs its code. If you trust this "
+                f"data, allow it: Policy.from_dict(data, imports=({top!r},)) or "
+                f"Policy.from_file(path, imports=({top!r},)) (imports=True allows any "
+                f"module); or import {module_name} before loading the policy."
+            )
+        try:
+            obj = importlib.import_module(module_name)
+        except (ImportError, TypeError, ValueError) as err:
+            raise PolicyDataError(f"{_WHERE}: {key}: cannot import {path!r}: {err}.") from err
     try:
-        obj: Any = importlib.import_module(module_name)
         for part in attr.split("."):
             obj = getattr(obj, part)
-    except (ImportError, AttributeError) as err:
+    except AttributeError as err:
         raise PolicyDataError(f"{_WHERE}: {key}: cannot import {path!r}: {err}.") from err
     return obj
 
@@ -49,15 +99,23 @@ def _dotted(obj: Any, key: str) -> str:
             f"Policy.to_dict: {key}: {obj!r} has no import path (a lambda or a local "
             f"definition); define it at module level to write the policy as data."
         )
+    if not importable(obj):
+        # Its module holds another object (or nothing) under that name: the path would
+        # read back as something else.
+        raise PolicyDataError(
+            f"Policy.to_dict: {key}: {obj!r} is not what its import path "
+            f"{module}:{qualname} names; define it at module level under its own name "
+            f"to write the policy as data."
+        )
     return f"{module}:{qualname}"
 
 
-def _layers_from_data(value: Any, key: str) -> Any:
+def _layers_from_data(value: Any, key: str, imports: bool | tuple[str, ...]) -> Any:
     items = value if isinstance(value, list) else [value]
     out = []
     for item in items:
         if isinstance(item, str) and ("." in item or ":" in item):
-            cls = _import(item, key)
+            cls = _import(item, key, imports)
             if not isinstance(cls, type):
                 raise PolicyDataError(f"{_WHERE}: {key}: {item!r} is not a class.")
             out.append(cls)
@@ -71,21 +129,39 @@ def _paths_from_data(value: Any, key: str) -> Any:
     out = []
     for item in items:
         if isinstance(item, Mapping):
-            if set(item) != {"regex"} or not isinstance(item["regex"], str):
+            if (
+                "regex" not in item
+                or not set(item) <= {"regex", "flags"}
+                or not isinstance(item["regex"], str)
+            ):
                 raise PolicyDataError(
-                    f"{_WHERE}: {key}: expected a glob string or {{regex = '...'}}, got "
-                    f"{dict(item)!r}."
+                    f"{_WHERE}: {key}: expected a glob string or {{regex = '...'}} "
+                    f"(optionally with flags = ['IGNORECASE', ...]), got {dict(item)!r}."
                 )
+            flags = _flags_from_data(item.get("flags", []), f"{key}.flags")
             try:
-                out.append(re.compile(item["regex"]))
-            except re.error as err:
+                out.append(re.compile(item["regex"], flags))
+            except (re.error, ValueError) as err:
                 raise PolicyDataError(f"{_WHERE}: {key}: bad regex {item['regex']!r}: {err}.") from err
         else:
             out.append(item)
     return tuple(out) if isinstance(value, list) else out[0]
 
 
-def rule_from_data(data: Any, where: str) -> Rule:
+def _flags_from_data(value: Any, key: str) -> int:
+    names = value if isinstance(value, list) else None
+    if names is None or not all(isinstance(n, str) and n in _FLAGS for n in names):
+        raise PolicyDataError(
+            f"{_WHERE}: {key}: expected a list of re flag names ({', '.join(_FLAGS)}), "
+            f"got {value!r}."
+        )
+    flags = 0
+    for name in names:
+        flags |= getattr(re, name)
+    return flags
+
+
+def rule_from_data(data: Any, where: str, imports: bool | tuple[str, ...] = ()) -> Rule:
     if not isinstance(data, Mapping):
         raise PolicyDataError(
             f"{_WHERE}: {where}: expected a table of rule keys, got {type(data).__name__}."
@@ -96,6 +172,12 @@ def rule_from_data(data: Any, where: str) -> Rule:
             f"{_WHERE}: {where}: unknown key {unknown[0]!r}. Valid keys: "
             f"{', '.join(_RULE_KEYS)}."
         )
+    for k in _RULE_KEYS:
+        if k in data and data[k] is None:
+            raise PolicyDataError(
+                f"{_WHERE}: {where}.{k}: null (no value); give {k} a value or leave the "
+                f"key out."
+            )
     decay = data.get("decay")
     label = data.get("label")
     if decay is None and label is None:
@@ -109,11 +191,11 @@ def rule_from_data(data: Any, where: str) -> Rule:
     selectors: dict[str, Any] = {k: data[k] for k in SELECTORS if k in data}
     for key in ("layer", "within"):
         if key in selectors:
-            selectors[key] = _layers_from_data(selectors[key], f"{where}.{key}")
+            selectors[key] = _layers_from_data(selectors[key], f"{where}.{key}", imports)
     if "path" in selectors:
         selectors["path"] = _paths_from_data(selectors["path"], f"{where}.path")
     if "when" in selectors:
-        selectors["when"] = _import(str(selectors["when"]), f"{where}.when")
+        selectors["when"] = _import(str(selectors["when"]), f"{where}.when", imports)
     for key in ("param", "name"):
         if isinstance(selectors.get(key), list):
             selectors[key] = tuple(selectors[key])
@@ -122,14 +204,18 @@ def rule_from_data(data: Any, where: str) -> Rule:
     if "rate" in data:
         if decay is not True:
             raise PolicyDataError(f"{_WHERE}: {where}.rate: only decay = true rules take a rate.")
-        extra["rate"] = data["rate"]
+        try:
+            extra["rate"] = check_rate("decay", data["rate"])
+        except TypeError as err:
+            raise PolicyDataError(f"{_WHERE}: {where}.rate: {err}") from err
     try:
         return _make(fn, decay, selectors, **extra)
     except (TypeError, ValueError) as err:
         raise PolicyDataError(f"{_WHERE}: {where}: {err}") from err
 
 
-def policy_from_data(data: Any) -> tuple[list[Rule], bool, bool]:
+def policy_from_data(data: Any, *, imports: Any = ()) -> tuple[list[Rule], bool, bool]:
+    allowed = check_imports("Policy.from_dict", imports)
     if not isinstance(data, Mapping):
         raise PolicyDataError(
             f"{_WHERE}: expected a mapping with 'rules' (and optionally 'default', "
@@ -151,7 +237,11 @@ def policy_from_data(data: Any) -> tuple[list[Rule], bool, bool]:
         if not isinstance(value, bool):
             raise PolicyDataError(f"{_WHERE}: {key}: expected true or false, got {value!r}.")
         flags.append(value)
-    return [rule_from_data(r, f"rules[{i}]") for i, r in enumerate(rules)], flags[0], flags[1]
+    return (
+        [rule_from_data(r, f"rules[{i}]", allowed) for i, r in enumerate(rules)],
+        flags[0],
+        flags[1],
+    )
 
 
 def _selector_to_data(key: str, value: Any, where: str) -> Any:
@@ -159,7 +249,8 @@ def _selector_to_data(key: str, value: Any, where: str) -> Any:
         if isinstance(item, type):
             return _dotted(item, where)
         if isinstance(item, re.Pattern):
-            return {"regex": item.pattern}
+            flags = [name for name in _FLAGS if item.flags & getattr(re, name)]
+            return {"regex": item.pattern, "flags": flags} if flags else {"regex": item.pattern}
         if callable(item):
             return _dotted(item, where)
         return item
@@ -200,15 +291,25 @@ def read_file(path: str | pathlib.Path, key: str | None) -> Any:
                 import tomli as tomllib  # type: ignore[no-redef]
             except ImportError as err:
                 raise ImportError(f"{where}: reading TOML on Python 3.10 needs: pip install tomli") from err
-        data = tomllib.loads(text)
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise PolicyDataError(f"{where}: the file is not valid TOML: {err}.") from err
     elif suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise PolicyDataError(f"{where}: the file is not valid JSON: {err}.") from err
     elif suffix in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError as err:
             raise ImportError(f"{where}: reading YAML needs PyYAML: pip install pyyaml") from err
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            # safe_load also refuses tags such as !!python/object, which would run code.
+            raise PolicyDataError(f"{where}: the file is not valid (safe) YAML: {err}.") from err
     else:
         raise PolicyDataError(
             f"{where}: unknown file type {suffix!r}; expected .toml, .json, .yaml or .yml."

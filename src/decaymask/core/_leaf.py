@@ -53,7 +53,10 @@ class Leaf:
     """
 
     path: str
-    """The canonical path: keys joined with ``/``."""
+    """The canonical path: keys joined with ``/``, each key escaped so that the path
+    names one array: a ``/`` inside a key is written ``%2F`` and a ``%`` is written
+    ``%25`` (``{"a/b": x}`` is ``a%2Fb``, ``{"a": {"b": x}}`` is ``a/b``). ``path=``
+    selectors match this text."""
     layer: str = "unknown"
     """The kind of the layer that owns the array."""
     role: str = "other"

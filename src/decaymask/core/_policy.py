@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from ._data import policy_from_data, policy_to_data, read_file
 from ._leaf import Leaf
 from ._table import LeafTable, as_table
 from ._report import Decision, Report
-from ._rules import DECAY_LABEL, NO_DECAY_LABEL, Rule
+from ._rules import DECAY_LABEL, NO_DECAY_LABEL, Rule, as_bool, type_name
 from ._warnings import check_decisions, find_problems
 
 _VALUE_ATTR = {"mask": "decay", "labels": "label", "rates": "rate"}
@@ -28,7 +30,7 @@ class Policy:
     def __init__(self, *rules: Rule, default: bool = False, strict: bool = False):
         """Args:
           *rules: :class:`Rule` values from :func:`decay` and :func:`no_decay`.
-          default: the decision for leaves no rule matches.
+          default: the decision for leaves no rule matches (a numpy bool counts).
           strict: a rule that matches no parameter of a tree handed to a ``for_*``
             method raises :class:`UnmatchedRuleError` instead of a :class:`PolicyWarning`.
 
@@ -47,12 +49,16 @@ class Policy:
                     f"({type(rule).__name__}), not a rule. Make rules with "
                     f"dm.decay(...) or dm.no_decay(...).{hint}"
                 )
+        flags = []
         for key, value in (("default", default), ("strict", strict)):
-            if not isinstance(value, bool):
+            flag = as_bool(value)
+            if flag is None:
                 raise TypeError(
                     f"Policy({key}={value!r}): expected True or False, "
-                    f"got {type(value).__name__}."
+                    f"got {type_name(value)}."
                 )
+            flags.append(flag)
+        default, strict = flags
         set_ = object.__setattr__
         set_(self, "rules", tuple(rules))
         set_(self, "default", default)
@@ -61,6 +67,17 @@ class Policy:
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise dataclasses.FrozenInstanceError(f"Policy is immutable; cannot set {name!r}.")
+
+    # An immutable value: a copy is the policy itself; pickle rebuilds it from its rules.
+
+    def __copy__(self) -> Policy:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> Policy:
+        return self
+
+    def __reduce__(self) -> tuple:
+        return (_restore, (type(self), self.rules, self.default, self.strict))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Policy):
@@ -90,7 +107,8 @@ class Policy:
         """The policy as plain data (for TOML, JSON or YAML configs).
 
         Classes and ``when=`` callables are written as ``"module:QualName"`` import
-        paths, compiled patterns as ``{"regex": "..."}``.
+        paths, compiled patterns as ``{"regex": "..."}`` (with ``"flags": [...]``,
+        e.g. ``["IGNORECASE"]``, where they have any).
 
         Raises:
           PolicyDataError: a class or callable has no import path (a lambda, a local class).
@@ -103,30 +121,50 @@ class Policy:
         return policy_to_data(self)
 
     @classmethod
-    def from_dict(cls, data: Any) -> Policy:
+    def from_dict(cls, data: Any, *, imports: bool | Sequence[str] = ()) -> Policy:
         """The policy :meth:`to_dict` wrote, or one written by hand in the same form.
 
         Each rule is a table with ``decay = true|false`` and/or ``label = "..."``, an
         optional ``rate``, and the selectors of :func:`decay`. A selector value that
-        contains a dot or a colon in ``layer``/``within`` is a class import path.
+        contains a dot or a colon in ``layer``/``within`` is a class import path, and
+        ``when`` is always one.
+
+        Importing a module runs its code, so data (a config file someone else wrote)
+        imports nothing unless asked to: an import path into a module that is already
+        imported is resolved (that runs no code), any other is refused.
+
+        Args:
+          data: the mapping.
+          imports: the modules an import path may import: ``True`` for any, or a
+            tuple of module prefixes (``("mylib",)`` allows ``mylib`` and
+            ``mylib.layers``). By default none: only modules already imported.
 
         Raises:
-          PolicyDataError: (a ``ValueError``) the data does not describe a policy; the
-            message names the key, e.g. ``rules[1].layer``.
+          PolicyDataError: (a ``ValueError``) the data does not describe a policy, or
+            names a module it may not import; the message names the key, e.g.
+            ``rules[1].layer``.
         """
-        rules, default, strict = policy_from_data(data)
+        rules, default, strict = policy_from_data(data, imports=imports)
         return cls(*rules, default=default, strict=strict)
 
     @classmethod
-    def from_file(cls, path: Any, key: str | None = None) -> Policy:
+    def from_file(
+        cls, path: Any, key: str | None = None, *, imports: bool | Sequence[str] = ()
+    ) -> Policy:
         """The policy in a ``.toml``, ``.json``, ``.yaml`` or ``.yml`` file.
 
         Args:
           path: the file.
           key: a dotted key of the table that holds the policy, e.g.
             ``"optimizer.weight_decay"``; the whole file if ``None``.
+          imports: the modules the file's import paths may import, as in
+            :meth:`from_dict`; by default none.
+
+        Raises:
+          PolicyDataError: the file cannot be parsed (the parser's error is chained),
+            has no table ``key``, or its data is not a policy.
         """
-        return cls.from_dict(read_file(path, key))
+        return cls.from_dict(read_file(path, key), imports=imports)
 
     # The core.
 
@@ -225,13 +263,8 @@ class Policy:
         # collections triggered meanwhile would scan every object of the process (the
         # model included) for nothing. Measured at 20,000 Equinox leaves: a third of the
         # time went to the collector.
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
+        with _collector_paused():
             return self._build_now(framework, method, tree, kwargs, value)
-        finally:
-            if enabled:
-                gc.enable()
 
     def _build_now(self, framework: str, method: str, tree: Any, kwargs: dict, value: str) -> Any:
         from ..adapters import load
@@ -374,3 +407,31 @@ class Policy:
         if strict_error is not None:
             messages.insert(0, strict_error)
         return Report(decisions, policy=self, show_dims=show_dims, warnings=messages)
+
+
+def _restore(cls: type, rules: tuple, default: bool, strict: bool) -> Policy:
+    return cls(*rules, default=default, strict=strict)
+
+
+_paused = 0
+_paused_lock = threading.Lock()
+_was_enabled = False
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pauses the cyclic garbage collector while any thread builds; the first build to
+    start records whether it was on, and the last one to end turns it back on."""
+    global _paused, _was_enabled
+    with _paused_lock:
+        if _paused == 0:
+            _was_enabled = gc.isenabled()
+            gc.disable()
+        _paused += 1
+    try:
+        yield
+    finally:
+        with _paused_lock:
+            _paused -= 1
+            if _paused == 0 and _was_enabled:
+                gc.enable()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,9 +31,14 @@ class Registration:
         return None
 
 
+# Masks are built while other threads (data loaders, checkpointing) import modules and
+# register layers: the tables are never changed in place. A write replaces a table by an
+# updated copy under the lock, so a reader holding a table iterates a snapshot.
 _by_class: dict[type, Registration] = {}
 _by_name: dict[str, Registration] = {}
+_lock = threading.Lock()
 # Adapters cache per-class answers; they compare this counter to know when to drop them.
+# It moves after the tables: a cache made under the old count is dropped once it moves.
 generation = 0
 
 
@@ -72,7 +78,7 @@ def register_layer(
       >>> _ = dm.register_layer(Projection, "linear", roles={"w": "weight"})
       >>> dm.unregister_layer(Projection)
     """
-    global generation
+    global _by_class, _by_name, generation
     where = "register_layer"
     check_kind(kind, where=f"{where}(kind=...)", groups=False)
     if roles is None:
@@ -93,16 +99,19 @@ def register_layer(
     for name, axes in (matrix_axes or {}).items():
         axes_items.append((name, _check_axes(name, axes)))
     registration = Registration(kind, tuple(items), tuple(axes_items))
-    if isinstance(cls_or_class_name, type):
-        _by_class[cls_or_class_name] = registration
-    elif isinstance(cls_or_class_name, str) and cls_or_class_name:
-        _by_name[cls_or_class_name] = registration
-    else:
+    if not isinstance(cls_or_class_name, type) and not (
+        isinstance(cls_or_class_name, str) and cls_or_class_name
+    ):
         raise TypeError(
             f"{where}: expected a layer class or a class name, got "
             f"{cls_or_class_name!r} ({type(cls_or_class_name).__name__})."
         )
-    generation += 1
+    with _lock:
+        if isinstance(cls_or_class_name, type):
+            _by_class = {**_by_class, cls_or_class_name: registration}
+        else:
+            _by_name = {**_by_name, cls_or_class_name: registration}
+        generation += 1
     return cls_or_class_name
 
 
@@ -130,20 +139,27 @@ def unregister_layer(cls_or_class_name: type | str) -> None:
     Raises:
       KeyError: nothing was registered under that class or name.
     """
-    global generation
-    table: dict = _by_class if isinstance(cls_or_class_name, type) else _by_name
-    if cls_or_class_name not in table:
-        raise KeyError(f"unregister_layer: {cls_or_class_name!r} is not registered.")
-    del table[cls_or_class_name]
-    generation += 1
+    global _by_class, _by_name, generation
+    with _lock:
+        by_class = isinstance(cls_or_class_name, type)
+        table: dict = _by_class if by_class else _by_name
+        if cls_or_class_name not in table:
+            raise KeyError(f"unregister_layer: {cls_or_class_name!r} is not registered.")
+        rest = {key: value for key, value in table.items() if key != cls_or_class_name}
+        if by_class:
+            _by_class = rest
+        else:
+            _by_name = rest
+        generation += 1
 
 
 def lookup_class(cls: type) -> Registration | None:
     """The registration of ``cls`` or of its nearest registered base class."""
-    if not _by_class and not _by_name:
+    by_class, by_name = _by_class, _by_name
+    if not by_class and not by_name:
         return None
     for base in cls.__mro__:
-        found = _by_class.get(base) or _by_name.get(base.__name__)
+        found = by_class.get(base) or by_name.get(base.__name__)
         if found is not None:
             return found
     return None
@@ -153,7 +169,7 @@ def lookup_name(class_name: str) -> Registration | None:
     """The registration for a class known only by name (Linen auto names)."""
     found = _by_name.get(class_name)
     if found is None:
-        for cls, registration in _by_class.items():
+        for cls, registration in _by_class.items():  # a snapshot: never changed in place
             if cls.__name__ == class_name:
                 return registration
     return found

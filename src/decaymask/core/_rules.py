@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
+import math
+import numbers
+import pickle
 import re
-from collections.abc import Callable
-from typing import Any
+import sys
+import types
+from collections.abc import Callable, Sequence
+from typing import Any, ParamSpec, Union
 
 from ._leaf import Layer, Leaf
 from ._vocab import check_kind, check_role, kind_in
@@ -28,6 +34,35 @@ _SELECTOR_FORMS = {
 }
 
 
+LayerSelector = Union[str, type, Sequence[Union[str, type]]]
+"""A ``layer=`` or ``within=`` value: a kind, a group, a class, or several of those."""
+NameSelector = Union[str, Sequence[str]]
+"""A ``param=`` or ``name=`` value: one string or several."""
+PathSelector = Union[str, "re.Pattern[str]", Sequence[Union[str, "re.Pattern[str]"]]]
+"""A ``path=`` value: a glob, a compiled ``str`` pattern, or several of those."""
+
+
+def type_name(value: Any) -> str:
+    """The type of ``value`` as an error message names it: ``int``, ``numpy.bool``."""
+    cls = type(value)
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def as_bool(value: Any) -> bool | None:
+    """``value`` as a Python bool if it is one or a numpy bool, else ``None``.
+
+    The core imports no numpy: a numpy bool is recognised by its type's module and name.
+    """
+    if type(value) is bool:
+        return value
+    cls = type(value)
+    if cls.__module__ == "numpy" and cls.__name__ in ("bool", "bool_"):
+        return bool(value)
+    return None
+
+
 def _as_tuple(value: Any) -> tuple:
     if isinstance(value, (tuple, list)):
         return tuple(value)
@@ -37,7 +72,7 @@ def _as_tuple(value: Any) -> tuple:
 def _bad_value(fn: str, key: str, value: Any) -> TypeError:
     return TypeError(
         f"{fn}({key}={value!r}): expected {_SELECTOR_FORMS[key]}; "
-        f"got {type(value).__name__}."
+        f"got {type_name(value)}."
     )
 
 
@@ -73,6 +108,12 @@ def _coerce_paths(fn: str, value: Any) -> tuple:
     for item in items:
         if not isinstance(item, (str, re.Pattern)):
             raise _bad_value(fn, "path", item)
+        if isinstance(item, re.Pattern) and not isinstance(item.pattern, str):
+            raise TypeError(
+                f"{fn}(path={_show(item)}): a bytes pattern cannot search a canonical "
+                f"path, which is a str. Compile a str pattern instead, e.g. "
+                f"re.compile({item.pattern.decode('latin-1')!r})."
+            )
     return items
 
 
@@ -127,6 +168,27 @@ class Rule:
         paths = tuple(_compile_path(p) for p in self.path) if self.path else ()
         object.__setattr__(self, "_paths", paths)
 
+    # A rule is an immutable value: a copy is the rule itself, and pickle rebuilds it
+    # from its fields (the compiled path matchers are made again, not pickled).
+
+    def __copy__(self) -> Rule:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> Rule:
+        return self
+
+    def __reduce__(self) -> tuple:
+        for key in ("layer", "within", "when"):
+            value = getattr(self, key)
+            for item in value if isinstance(value, tuple) else (value,):
+                if item is not None and not importable(item):
+                    raise pickle.PicklingError(
+                        f"cannot pickle {self!r}: {key}={_show(item)} has no import path "
+                        f"pickle can follow (a lambda, a local definition, or a class "
+                        f"its module holds under another name). Define it at module level."
+                    )
+        return (Rule, tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
+
     @property
     def per_leaf(self) -> bool:
         """Whether the rule reads more than the owner's kind, class, role and name."""
@@ -158,13 +220,21 @@ class Rule:
         if self.min_ndim is not None and leaf.ndim < self.min_ndim:
             return False
         if self.when is not None:
-            result = self.when(leaf)
-            if not isinstance(result, bool):
+            try:
+                result = self.when(leaf)
+            except Exception as err:
+                raise RuntimeError(
+                    f"{self!r}: when= raised {type(err).__name__}: {err} for the leaf "
+                    f"{leaf.path!r}. Fix the callable (the error it raised is chained "
+                    f"above), or narrow the rule with other selectors."
+                ) from err
+            decided = as_bool(result)
+            if decided is None:
                 raise TypeError(
-                    f"{self!r}: when= returned {result!r} ({type(result).__name__}) for "
+                    f"{self!r}: when= returned {result!r} ({type_name(result)}) for "
                     f"{leaf.path!r}; it must return True or False."
                 )
-            return result
+            return decided
         return True
 
     def __repr__(self) -> str:
@@ -188,6 +258,26 @@ class Rule:
         return f"{'decay' if self.decay else 'no_decay'}({', '.join(parts)})"
 
 
+def importable(obj: Any) -> bool:
+    """Whether pickle can find a class or function by its import path.
+
+    Other objects (callable instances, partials, strings) are pickled by value, and
+    pickle says itself where it cannot.
+    """
+    if not isinstance(obj, (type, types.FunctionType)):
+        return True
+    qualname = obj.__qualname__
+    if "<" in qualname:
+        return False
+    module = sys.modules.get(obj.__module__ or "")
+    if module is None:
+        return True
+    found: Any = module
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    return found is obj
+
+
 def _show(value: Any) -> str:
     if isinstance(value, type):
         return value.__qualname__
@@ -202,34 +292,41 @@ def _check_label(fn: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise TypeError(
             f"{fn}(label={value!r}): expected a non-empty string naming a group of "
-            f"optax.partition, got {type(value).__name__}."
+            f"optax.partition, got {type_name(value)}."
         )
     return value
 
 
-def _check_rate(fn: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+def check_rate(fn: str, value: Any) -> float:
+    """A rate as a float; it must be a finite number >= 0.
+
+    Raises:
+      TypeError: anything else; an infinite or NaN rate would turn every decayed weight
+        into inf or NaN at the first step.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(
             f"{fn}(rate={value!r}): expected a non-negative number that multiplies the "
-            f"weight decay of the matching leaves, got {type(value).__name__}."
+            f"weight decay of the matching leaves, got {type_name(value)}."
+        )
+    if not (math.isfinite(value) and value >= 0):
+        raise TypeError(
+            f"{fn}(rate={value!r}): expected a non-negative number that multiplies the "
+            f"weight decay of the matching leaves, finite (inf or nan would turn every "
+            f"decayed weight into inf or nan), got {value!r}."
         )
     return float(value)
 
 
-def _make(
-    fn: str,
-    decay: bool | None,
-    selectors: dict[str, Any],
-    *,
-    label: str | None = None,
-    rate: float = 1.0,
-) -> Rule:
-    if "rate" in selectors:
+def _check_keywords(fn: str, keys: Sequence[str]) -> None:
+    """A rate where none is taken, or an unknown selector: the error listing every
+    valid selector (Python's own names only the bad keyword)."""
+    if "rate" in keys:
         raise TypeError(
             f"{fn}(rate=...): a rate multiplies weight decay, so only decay(...) rules "
             f"take one."
         )
-    unknown = [key for key in selectors if key not in SELECTORS]
+    unknown = [key for key in keys if key not in SELECTORS]
     if unknown:
         import difflib
 
@@ -242,6 +339,38 @@ def _make(
             + "; ".join(f"{k}= {_SELECTOR_FORMS[k]}" for k in SELECTORS)
             + "."
         )
+
+
+_P = ParamSpec("_P")
+
+
+def _checked_keywords(
+    fn: str, extra: tuple[str, ...]
+) -> Callable[[Callable[_P, Rule]], Callable[_P, Rule]]:
+    """Gives a misspelt keyword of ``fn`` the message of :func:`_check_keywords`; the
+    signature stays what type checkers read."""
+
+    def wrap(make: Callable[_P, Rule]) -> Callable[_P, Rule]:
+        @functools.wraps(make)
+        def checked(*args: _P.args, **kwargs: _P.kwargs) -> Rule:
+            if any(key not in SELECTORS and key not in extra for key in kwargs):
+                _check_keywords(fn, [key for key in kwargs if key not in extra])
+            return make(*args, **kwargs)
+
+        return checked
+
+    return wrap
+
+
+def _make(
+    fn: str,
+    decay: bool | None,
+    selectors: dict[str, Any],
+    *,
+    label: str | None = None,
+    rate: float = 1.0,
+) -> Rule:
+    _check_keywords(fn, list(selectors))
     fields: dict[str, Any] = {}
     for key in ("layer", "within"):
         if selectors.get(key) is not None:
@@ -260,15 +389,36 @@ def _make(
     if when is not None:
         if not callable(when):
             raise _bad_value(fn, "when", when)
+        try:
+            hash(when)
+        except TypeError:
+            raise TypeError(
+                f"{fn}(when={_show(when)}): the callable is not hashable "
+                f"({type_name(when)}), and a rule is a hashable value (policies are "
+                f"compared and used as cache keys). Pass a function, or give the class "
+                f"a __hash__ (e.g. a frozen dataclass)."
+            ) from None
         fields["when"] = when
     if label is not None:
         fields["label"] = _check_label(fn, label)
     if rate != 1.0:
-        fields["rate"] = _check_rate(fn, rate)
+        fields["rate"] = check_rate(fn, rate)
     return Rule(decay, **fields)
 
 
-def decay(*, rate: float = 1.0, label: str | None = None, **selectors: Any) -> Rule:
+@_checked_keywords("decay", ("rate", "label"))
+def decay(
+    *,
+    layer: LayerSelector | None = None,
+    within: LayerSelector | None = None,
+    param: NameSelector | None = None,
+    name: NameSelector | None = None,
+    path: PathSelector | None = None,
+    min_ndim: int | None = None,
+    when: Callable[[Leaf], bool] | None = None,
+    rate: float = 1.0,
+    label: str | None = None,
+) -> Rule:
     """A rule: leaves matching every given selector are decayed.
 
     Selectors, all optional and combined with AND; a tuple or list means "any of these":
@@ -283,16 +433,20 @@ def decay(*, rate: float = 1.0, label: str | None = None, **selectors: Any) -> R
       this is framework vocabulary, so prefer ``param`` for policies shared across
       frameworks.
     - ``path``: a glob over the canonical path (``"encoder/*"``), matched against the
-      whole path, or a compiled ``re.Pattern``, searched anywhere in it.
+      whole path, or a compiled ``str`` pattern (``re.Pattern``), searched anywhere in
+      it. A ``/`` or ``%`` inside one key is written ``%2F`` or ``%25`` in the path.
     - ``min_ndim``: the array has at least this many axes, not counting stacked axes.
-    - ``when``: a callable taking a :class:`Leaf` and returning a bool.
+    - ``when``: a hashable callable taking a :class:`Leaf` and returning a bool (a
+      numpy bool counts).
 
     Args:
+      layer, within, param, name, path, min_ndim, when: the selectors above; ``None``
+        leaves one out.
       rate: multiplies the weight decay of the matching leaves, for
-        :func:`decaymask.optax.add_decayed_weights` (a plain mask ignores it).
+        :func:`decaymask.optax.add_decayed_weights` (a plain mask ignores it); a
+        finite number >= 0.
       label: the group of the matching leaves in ``policy.labels_for_*`` (default
         ``"decay"``).
-      **selectors: the selectors above.
 
     Returns:
       A frozen, hashable :class:`Rule`.
@@ -306,10 +460,25 @@ def decay(*, rate: float = 1.0, label: str | None = None, **selectors: Any) -> R
       >>> dm.decay(layer="linear", param="weight")
       decay(layer='linear', param='weight')
     """
+    selectors = dict(
+        layer=layer, within=within, param=param, name=name, path=path,
+        min_ndim=min_ndim, when=when,
+    )
     return _make("decay", True, selectors, label=label, rate=rate)
 
 
-def no_decay(*, label: str | None = None, **selectors: Any) -> Rule:
+@_checked_keywords("no_decay", ("label",))
+def no_decay(
+    *,
+    layer: LayerSelector | None = None,
+    within: LayerSelector | None = None,
+    param: NameSelector | None = None,
+    name: NameSelector | None = None,
+    path: PathSelector | None = None,
+    min_ndim: int | None = None,
+    when: Callable[[Leaf], bool] | None = None,
+    label: str | None = None,
+) -> Rule:
     """A rule: leaves matching every given selector are not decayed.
 
     Takes the same selectors as :func:`decay`, and ``label`` (default ``"no_decay"``).
@@ -319,19 +488,40 @@ def no_decay(*, label: str | None = None, **selectors: Any) -> Rule:
       >>> dm.no_decay(layer="norm")
       no_decay(layer='norm')
     """
+    selectors = dict(
+        layer=layer, within=within, param=param, name=name, path=path,
+        min_ndim=min_ndim, when=when,
+    )
     return _make("no_decay", False, selectors, label=label)
 
 
-def label(name: str, **selectors: Any) -> Rule:
-    """A rule that only labels: matching leaves go to the group ``name``.
+@_checked_keywords("label", ())
+def label(
+    group: str,
+    /,
+    *,
+    layer: LayerSelector | None = None,
+    within: LayerSelector | None = None,
+    param: NameSelector | None = None,
+    name: NameSelector | None = None,
+    path: PathSelector | None = None,
+    min_ndim: int | None = None,
+    when: Callable[[Leaf], bool] | None = None,
+) -> Rule:
+    """A rule that only labels: matching leaves go to the group ``group``.
 
     Labels feed ``optax.partition`` through ``policy.labels_for_equinox`` and
     ``policy.labels_for_flax``. A label rule does not change whether a leaf decays: the
     mask is decided by the decay rules alone, and the label by the last rule of any kind.
+    Takes the same selectors as :func:`decay`.
 
     Example:
       >>> import decaymask as dm
       >>> dm.label("frozen", layer="embedding")
       label('frozen', layer='embedding')
     """
-    return _make("label", None, selectors, label=_check_label("label", name))
+    selectors = dict(
+        layer=layer, within=within, param=param, name=name, path=path,
+        min_ndim=min_ndim, when=when,
+    )
+    return _make("label", None, selectors, label=_check_label("label", group))
