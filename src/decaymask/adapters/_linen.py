@@ -66,7 +66,7 @@ from flax.core.frozen_dict import FrozenDict
 from flax.core.scope import Scope
 
 from ..core import _registry
-from ..core._infer import is_generic_norm_name, kind_from_name, role_from_name
+from ..core._infer import kind_from_name, name_kind, resolve_kind, role_from_name
 from ..core._leaf import Layer, Leaf
 from ..core._table import LeafTable
 from ._common import dtype_name, is_array_like, key_name
@@ -124,12 +124,6 @@ _CELL_GATES = (
     frozenset({"if", "in", "hf", "hn"}),  # MGUCell
     frozenset({"i", "h"}),  # SimpleCell
     frozenset({"ih", "hh"}),  # ConvLSTMCell
-)
-
-# Names a fuzzy name-derived kind cannot keep when the module owns a kernel.
-_KERNEL_OVERRIDES = frozenset(
-    {"embedding", "attention", "layer_norm", "rms_norm", "group_norm", "batch_norm",
-     "instance_norm", "norm"}
 )
 
 # The rank one layer gives an array, where only names are known: under a lifted
@@ -258,10 +252,10 @@ _cache_generation = -1
 
 
 def _class_kind(cls: type) -> tuple[str | None, str]:
-    """(kind, how it was found) for a module class; kind ``None`` where nothing knows it.
+    """(kind, how it was found) for a module class; kind ``None`` where neither the
+    registry nor :data:`KIND_TABLE` knows it (its name is then read with its arrays).
 
-    The kind is ``"wrapper"`` for :data:`WRAPPERS` and may be ``"norm"`` for a class
-    whose name says only that it is a norm.
+    The kind is ``"wrapper"`` for :data:`WRAPPERS`.
     """
     global _cache_generation
     if _cache_generation != _registry.generation:
@@ -286,11 +280,7 @@ def _resolve_class_kind(cls: type) -> tuple[str | None, str]:
             return kind, "class"
         if base in _CONTAINERS:
             return "unknown", "class"
-    guessed = kind_from_name(cls.__name__)
-    if guessed is not None:
-        return guessed, "name"
-    if is_generic_norm_name(cls.__name__):
-        return "norm", "name"
+    # Neither table nor registry: the class name is read with the arrays, per module.
     return None, "class"
 
 
@@ -353,6 +343,11 @@ class _Trace:
     ndims: dict[tuple[str, tuple[str, ...]], int]
     general: dict[tuple[str, ...], tuple[int, int, int]]
     variables: Any
+
+    def __post_init__(self) -> None:
+        # "params" first: a module's kind is read off its params where it has any.
+        others = sorted({collection for collection, _ in self.ndims} - {"params"})
+        self.collections = ("params", *others)
 
 
 def _trace(
@@ -472,6 +467,17 @@ class _Module:
     absorbed_by: _Module | None = None  # the module that owns this one's arrays
     visible: bool = True  # listed among ancestors
     trusted: bool = False  # kind from a table or the registry (class or auto name)
+    key: str = ""  # its own key: an embedding named for positions holds a position table
+    batch: int | None = None  # stacked axes its arrays prove (a user-named stack)
+
+
+def _owner_id(owner: _Module) -> tuple:
+    """What a policy can read of a leaf's owner: alike owners decide alike."""
+    # An embedding named for positions holds a position table (role_from_name).
+    named = owner.layer.kind == "embedding" and (
+        role_from_name("embedding", "embedding", owner.key) == "position"
+    )
+    return owner.layer, owner.ancestors, owner.registration, named
 
 
 def _looks_like_variables(tree: Mapping) -> bool:
@@ -486,7 +492,6 @@ def _looks_like_variables(tree: Mapping) -> bool:
     return True
 
 
-_EMBED_NAMES = frozenset({"embedding", "embeddings", "embedding_table"})
 _GATE_SETS = frozenset(_CELL_GATES)
 
 
@@ -541,12 +546,20 @@ class _Reader:
 
         cls = self.trace.classes.get(path) if self.trace is not None else None
         registration = None
+        # The name read with the arrays where no table knows the module: a traced class
+        # name that says something, else the auto name's class or the key.
+        name = auto or key
         if cls is not None:
             kind, source = _class_kind(cls)
             type_name: str | None = cls.__name__
-            trusted = source in _TRUSTED
+            trusted = kind is not None
             if source == "registered":
                 registration = _registry.lookup_class(cls)
+            said = name_kind(cls.__name__)
+            if said is not None and (said != "norm" or kind_from_name(key) is None):
+                # The class name's head word, unless it says only "norm" where the
+                # key says which (an `HFNorm` at `input_layernorm`).
+                name = cls.__name__
         else:
             if (
                 self.trace is not None
@@ -561,32 +574,18 @@ class _Reader:
             type_name = auto
             kind, source, registration = _auto_kind(auto)
             trusted = kind is not None
-        if (kind is None or kind == "norm") and key and not trusted:
-            # The module's own name, where the class (or auto name) says nothing
-            # specific: `input_layernorm` holding an HF-style `weight`.
-            guess = kind_from_name(key)
-            if guess is None and kind is None and is_generic_norm_name(key):
-                guess = "norm"
-            if guess is not None:
-                kind, source = guess, "name"
 
         wrapper = kind == "wrapper"
+        batch: int | None = None
         if wrapper:
             kind, source = self._wrapped_kind(path, source, merged, children)
-        elif (
-            kind is None
-            or kind == "norm"
-            or (not trusted and kind in _KERNEL_OVERRIDES and "kernel" in direct)
-        ):
-            content = self._content_kind(direct, children, in_attention, stacked)
-            if content is not None:
-                kind, source = content, "name"
-            elif kind == "norm":
-                kind = "layer_norm" if "bias" in direct else "rms_norm"
-            elif kind is None:
-                kind = "unknown"
+        elif kind is None:
+            kind, source, batch = self._read_kind(
+                path, name, parent, direct, children, stacked
+            )
+            if kind == "unknown":
+                # Nothing said what it is: the class (or the name) is all there was.
                 source = "class" if cls is not None else "name"
-        assert kind is not None
         cell = kind == "recurrent" and (trusted or frozenset(children) in _GATE_SETS)
         if (
             cls is None
@@ -612,7 +611,77 @@ class _Reader:
             # Without a trace the root is anonymous: nothing to match it by.
             visible=bool(path) or self.trace is not None,
             trusted=trusted,
+            key=key,
+            batch=batch,
         )
+
+    def _read_kind(
+        self,
+        path: tuple[str, ...],
+        name: str,
+        parent: _Module | None,
+        direct: Mapping[str, Any],
+        children: Collection[str],
+        stacked: int,
+    ) -> tuple[str, str, int | None]:
+        """(kind, evidence, stacked axes the arrays prove) of a module no table knows.
+
+        Names and content are read together (:func:`resolve_kind`), with what only
+        Linen shows: the rank each array has in one layer (from the trace, or past the
+        axes a ``Scan``/``Vmap`` auto name stacks), a bias whose leading axes repeat
+        the kernel's (layers stacked by a user-named ``nn.scan``/``nn.vmap``) or whose
+        shape is the kernel's last axes (a ``DenseGeneral``), and the projections of an
+        attention layer.
+        """
+        key = path[-1] if path else ""
+        if (
+            key in _ATTENTION_CHILDREN
+            and parent is not None
+            and parent.layer.kind == "attention"
+            and ("kernel" in direct or "weight" in direct)
+        ):
+            # An attention layer's query/key/value/out are its projections, however
+            # many axes their DenseGeneral kernels have.
+            return "linear", "name", None
+        ranks = self._ranks(path, direct, stacked)
+        batch = None
+        kernel, bias = direct.get("kernel"), direct.get("bias")
+        if self.trace is None and kernel is not None and bias is not None:
+            k, b = kernel.shape[stacked:], bias.shape[stacked:]
+            if len(b) >= 2 and len(k) > len(b) - 1:
+                # Either reading makes a linear layer where the kernel is 3-D; a
+                # deeper kernel under a stack reads as a stacked conv.
+                general = tuple(k[-len(b) :]) == tuple(b)
+                stack = tuple(k[: len(b) - 1]) == tuple(b[:-1]) and k[-1] == b[-1]
+                if stack and not general:
+                    batch = len(b) - 1
+                    ranks = {n: max(0, r - batch) for n, r in ranks.items()}
+                elif stack and general:
+                    as_stack = resolve_kind(
+                        name, {n: max(0, r - len(b) + 1) for n, r in ranks.items()}, children
+                    )
+                    as_general = resolve_kind(name, ranks, children)
+                    if as_stack[0] != as_general[0]:
+                        return as_general[0], "ambiguous", None
+        kind, evidence = resolve_kind(name, ranks, children)
+        return kind, evidence, batch
+
+    def _ranks(
+        self, path: tuple[str, ...], direct: Mapping[str, Any], stacked: int
+    ) -> dict[str, int]:
+        """The rank of each array a module owns, in one layer as far as is known."""
+        ranks = {}
+        ndims = self.trace.ndims if self.trace is not None else None
+        for name in direct:
+            shape = direct.get(name).shape  # get: a names-only walk keys modules by shape
+            inner = None
+            if ndims is not None:
+                for collection in self.trace.collections:  # type: ignore[union-attr]
+                    inner = ndims.get((collection, path + (name,)))
+                    if inner is not None:
+                        break
+            ranks[name] = inner if inner is not None else max(0, len(shape) - stacked)
+        return ranks
 
     def _wrapped_kind(
         self,
@@ -642,49 +711,6 @@ class _Reader:
                 return kind, source
         return "unknown", source
 
-    def _content_kind(
-        self,
-        direct: Mapping[str, Any],
-        children: Collection[str],
-        in_attention: bool,
-        stacked: int,
-    ) -> str | None:
-        """The kind the arrays a module owns (or its gate children) make evident."""
-        if not direct:
-            names = frozenset(children)
-            if names in _GATE_SETS:
-                return "recurrent"
-            if _ATTENTION_CHILDREN <= names:
-                return "attention"
-            return None
-        if not _EMBED_NAMES.isdisjoint(direct):
-            return "embedding"
-        kernel = direct.get("kernel")
-        if kernel is None:
-            weight = direct.get("weight")
-            if weight is not None and len(weight.shape) - stacked >= 2:
-                kernel = weight
-        if kernel is not None:
-            if in_attention:
-                return "linear"
-            bias = direct.get("bias")
-            rank = len(kernel.shape) - stacked
-            # DenseGeneral's bias has the shape of its output axes, the kernel's last.
-            general = (
-                bias is not None
-                and 2 <= len(bias.shape) <= len(kernel.shape)
-                and tuple(kernel.shape[-len(bias.shape) :]) == tuple(bias.shape)
-            )
-            return "conv" if rank >= 3 and not general else "linear"
-        names = set(direct)
-        if "scale" in names and names <= {"scale", "bias"}:
-            return "layer_norm" if "bias" in names else "rms_norm"
-        if names == {"mean", "var"}:
-            return "batch_norm"
-        if names == {"negative_slope"}:
-            return "prelu"
-        return None
-
     # Leaves.
 
     def _leaf(
@@ -706,7 +732,12 @@ class _Reader:
         if owner.registration is not None:
             role = owner.registration.role_of(name)
         if role is None:
-            role = role_from_name(layer.kind, name)
+            if module.wrapper and name == "scale" and "/" in key:
+                # WeightNorm's gain (`Dense_0/kernel/scale`), not a norm's scale:
+                # Equinox's WeightNorm calls it `g`, and both are gains.
+                role = "gain"
+            else:
+                role = role_from_name(layer.kind, name, owner.key)
         shape = tuple(array.shape)
         batch_axes = 0
         known_rank = True
@@ -719,6 +750,10 @@ class _Reader:
             if natural is not None:
                 batch_axes = min(module.stacked, max(0, len(shape) - natural))
             known_rank = natural is not None
+        elif module.batch is not None:
+            # A bias whose leading axes repeat the kernel's: layers stacked by a
+            # user-named nn.scan or nn.vmap, which must not widen the kernel's window.
+            batch_axes = min(module.batch, len(shape))
         elif layer.kind == "conv" and collection == "params" and layer.type_name != "ConvLocal":
             # A conv's bias is (out,) in one layer (ConvLocal's has one per position):
             # more axes show stacked layers (a user-named nn.scan), which must not widen
@@ -726,14 +761,19 @@ class _Reader:
             bias = direct.get("bias")
             if bias is not None and hasattr(bias, "shape"):
                 batch_axes = max(0, len(bias.shape) - 1)
-        matrix_axes = None
-        if collection == "params" and known_rank:
-            matrix_axes = self._matrix_axes(
-                owner, module, path, name, len(shape) - batch_axes, direct
-            )
         text = "/".join(path + (key,))
         if collection != "params":
             text = f"{collection}/{text}"
+        matrix_axes = None
+        if owner.registration is not None and collection == "params":
+            axes = owner.registration.matrix_axes_of(name)
+            if axes is not None:
+                batch_axes = self._registered_batch(text, shape, axes, batch_axes, known_rank)
+                matrix_axes = axes
+        elif collection == "params" and known_rank:
+            matrix_axes = self._matrix_axes(
+                owner, module, path, name, len(shape) - batch_axes, direct
+            )
         # A linear layer's kernel is one matrix and its bias one vector, however many
         # axes a DenseGeneral's (or an attention projection's) features take.
         layout_axes = 0
@@ -759,6 +799,37 @@ class _Reader:
             matrix_axes=matrix_axes,
         )
 
+    def _registered_batch(
+        self,
+        text: str,
+        shape: tuple[int, ...],
+        axes: tuple[tuple[int, ...], tuple[int, ...]],
+        batch_axes: int,
+        known_rank: bool,
+    ) -> int:
+        """The stacked axes of an array whose layout was registered, checked against it.
+
+        The registered axes describe one layer's array: leading axes beyond them are
+        stacked layers (``nn.scan``/``nn.vmap``), where the trace has not said so.
+
+        Raises:
+          ValueError: the array has fewer axes than the registered layout names.
+        """
+        needed = max((*axes[0], *axes[1])) + 1
+        if self.trace is None or not known_rank:
+            batch_axes = max(batch_axes, len(shape) - needed)
+        if len(shape) - batch_axes < needed:
+            where = f" ({batch_axes} of them stacked)" if batch_axes else ""
+            raise ValueError(
+                f"{self.fn}: {text} has shape {shape}{where}, but its layer was "
+                f"registered with matrix_axes {axes}, which name axis {needed - 1} of "
+                f"one layer's array. Fix: register the (reduction axes, output axes) of "
+                f"one layer's array of rank {len(shape) - batch_axes}, e.g. "
+                f"dm.register_layer(cls, kind, matrix_axes={{{text.rsplit('/', 1)[-1]!r}: "
+                f"((0,), (1,))}}) for an (in, out) matrix."
+            )
+        return batch_axes
+
     def _general_sizes(
         self, direct: Mapping[str, Any], rank: int
     ) -> tuple[int, int, int] | None:
@@ -781,23 +852,20 @@ class _Reader:
         rank: int,
         direct: Mapping[str, Any],
     ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-        """(reduction, output) axes of a weight matrix in Linen's (in, out) layouts."""
-        if owner.registration is not None:
-            return owner.registration.matrix_axes_of(name)
+        """(reduction, output) axes of a weight matrix in Linen's (in, out) layouts.
+
+        Only where a layout is known, never guessed: a class of :data:`KIND_TABLE` (by
+        the trace or by its auto name), an attention layer's projections and a Linen
+        cell's gates. A module known by its names or arrays only (a user-named module,
+        a third-party class such as GPT-2's ``(out, in)`` ``FlaxConv1D``) has none.
+        """
         if name not in ("kernel", "embedding"):
             return None
         layer = module.layer
         base = _layout_base(layer)
-        if base is None:
-            # A layer known by kind only (a user-named module, a third-party class)
-            # keeps Linen's layouts: a 2-D kernel is (in, out), a conv's (*window, in,
-            # out). A multi-axis bias shows a DenseGeneral's output axes.
-            if layer.kind == "linear" and name == "kernel":
-                base = "Dense" if rank == 2 else "DenseGeneral"
-            elif layer.kind == "conv" and name == "kernel":
-                base = "Conv"
-            elif layer.kind == "embedding" and name == "embedding":
-                base = "Embed"
+        if base is None and owner.cell and owner.trusted and name == "kernel":
+            # Linen's cells build their gates as Dense (ConvLSTMCell: Conv) layers.
+            base = {"linear": "Dense", "conv": "Conv"}.get(layer.kind)
         if base in ("Dense", "Embed") and rank == 2:
             return (0,), (1,)
         if base == "Conv" and rank >= 2:
@@ -894,7 +962,7 @@ class _Walk(_Reader):
                 module = self._module(path)
                 owner = module.absorbed_by or module
                 owner_id = owner_ids[path] = interned.setdefault(
-                    (owner.layer, owner.ancestors, owner.registration), len(interned)
+                    _owner_id(owner), len(interned)
                 )
             keys.append(
                 key_ids.setdefault(
@@ -1052,8 +1120,8 @@ def _key_traits(key: str) -> int:
         traits = (
             auto,
             stacked,
-            kind_from_name(key),
-            is_generic_norm_name(key),
+            name_kind(key),
+            role_from_name("embedding", "embedding", key),
             key in _ATTENTION_CHILDREN,
             bool(key),
         )
@@ -1266,6 +1334,7 @@ class _NamedWalk(_Reader):
                 {key: own[key] for key in names},
                 (),
                 None,
+                own,
             )
         self.plan.append(resolved)
         if resolved.emitted and not everything:
@@ -1306,8 +1375,13 @@ class _NamedWalk(_Reader):
         direct: dict[str, Any],
         children: list[str] | tuple[()],
         layout: tuple[tuple[str, int], ...] | None,
+        keyed_by: dict[str, Any] | None = None,
     ) -> _Resolved:
-        """Infers the module of a new signature, and the keys of the arrays it owns."""
+        """Infers the module of a new signature, and the keys of the arrays it owns.
+
+        Where inference read shapes, the module is filed under the shapes of
+        ``keyed_by`` (``direct`` in the order its later look-ups see), default
+        ``direct``."""
         for name in direct:
             if type(name) is not str:
                 raise _Fallback
@@ -1317,7 +1391,7 @@ class _NamedWalk(_Reader):
         )
         owner = module.absorbed_by or module
         owner_id = self.owner_ids.setdefault(
-            (owner.layer, owner.ancestors, owner.registration), len(self.owner_ids)
+            _owner_id(owner), len(self.owner_ids)
         )
         keys = tuple(
             self.key_ids.setdefault((owner_id, name, _is_floating(array)), len(self.key_ids))
@@ -1329,7 +1403,7 @@ class _NamedWalk(_Reader):
             by_shapes = table.get(signature)
             if type(by_shapes) is not dict:
                 by_shapes = table[signature] = {}
-            by_shapes[_shapes(direct)] = resolved
+            by_shapes[_shapes(direct if keyed_by is None else keyed_by)] = resolved
         else:
             table[signature] = resolved
         return resolved
@@ -1385,13 +1459,8 @@ def _rebuilt(resolved: _Resolved, plan: Callable[[], _Resolved], values: Iterato
 
 
 def _shapes(direct: Mapping[str, Any]) -> tuple:
-    """The shapes names-only inference reads, where it reads any."""
-    kernel, weight, bias = direct.get("kernel"), direct.get("weight"), direct.get("bias")
-    return (
-        None if kernel is None else tuple(kernel.shape),
-        None if weight is None else tuple(weight.shape),
-        None if bias is None else tuple(bias.shape),
-    )
+    """The shapes of a module's arrays, in the mapping's order, where inference read any."""
+    return tuple([value.shape for value in direct.values()])
 
 
 def _wanted(keyed: list, variables: bool) -> dict[tuple[str, ...], list[tuple[str, str]]]:
