@@ -1026,3 +1026,74 @@ def test_names_are_read_as_words_against_content(by_class):
     assert mask["SimpleNorm2d_0"]["weight"] is False
     assert mask["wpe"]["embedding"] is False
     check_step(params, mask)
+
+
+# Layers stacked by a user-named nn.scan or nn.vmap.
+
+
+class QProjLayer(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return nn.Dense(8, name="q_proj")(x), None
+
+
+class UserNamedStacks(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        layers = nn.scan(
+            QProjLayer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=4,
+        )(name="layers")
+        x, _ = layers(x, None)
+        experts = nn.vmap(
+            nn.Dense,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=None,
+            axis_size=3,
+        )(4, name="experts")
+        return experts(x)
+
+
+MODELS["user_stacks"] = (UserNamedStacks, (jnp.ones((1, 8)),))
+
+
+@pytest.mark.parametrize("by_class", [False, True], ids=["names", "classes"])
+def test_user_named_stacks_of_dense_are_linear(by_class):
+    params = variables_of("user_stacks")["params"]
+    assert params["layers"]["q_proj"]["kernel"].shape == (4, 8, 8)
+    assert params["experts"]["kernel"].shape == (3, 8, 4)
+    kwargs = traced("user_stacks") if by_class else {}
+    leaves = {leaf.path: leaf for leaf in _linen.leaves(params, **kwargs)}
+    for path in ("layers/q_proj", "experts"):
+        kernel, bias = leaves[f"{path}/kernel"], leaves[f"{path}/bias"]
+        assert (kernel.layer, kernel.role, kernel.batch_axes) == ("linear", "weight", 1)
+        assert (bias.layer, bias.role, bias.batch_axes, bias.ndim) == ("linear", "bias", 1, 1)
+        # A layout from the class only: names prove the stack, not the kernel's layout.
+        assert kernel.matrix_axes == (((0,), (1,)) if by_class else None)
+    for policy in (LINEAR, dm.presets.gpt()):
+        with warnings.catch_warnings():
+            # gpt()'s embedding rule on a model without embeddings: not the point here.
+            warnings.filterwarnings("ignore", r".*rule 2 decay\(layer='embedding'", dm.PolicyWarning)
+            mask = policy.for_flax(params, **kwargs)
+        assert mask["layers"]["q_proj"]["kernel"] is True
+        assert mask["experts"]["kernel"] is True
+        check_step(params, mask)
+
+
+def test_stack_or_dense_general_is_linear_either_way():
+    # (8, 8, 8) with a bias (8, 8): 8 stacked (8, 8) Dense layers, or one DenseGeneral
+    # from 8 inputs to (8, 8) outputs. Both are linear; which axes are stacked is not
+    # known, so neither stacked axes nor a layout are claimed.
+    params = {"layers": {"q_proj": {"kernel": jnp.ones((8, 8, 8)), "bias": jnp.ones((8, 8))}}}
+    leaves = {leaf.path: leaf for leaf in _linen.leaves(params)}
+    kernel = leaves["layers/q_proj/kernel"]
+    assert (kernel.layer, kernel.batch_axes, kernel.matrix_axes) == ("linear", 0, None)
+    assert kernel.kind_source == "content"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r".*rule 2 decay\(layer='embedding'", dm.PolicyWarning)
+        mask = dm.presets.gpt().for_flax(params)
+    assert mask == {"layers": {"q_proj": {"kernel": True, "bias": False}}}
+    check_step(params, mask)
