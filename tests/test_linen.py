@@ -1097,3 +1097,94 @@ def test_stack_or_dense_general_is_linear_either_way():
         mask = dm.presets.gpt().for_flax(params)
     assert mask == {"layers": {"q_proj": {"kernel": True, "bias": False}}}
     check_step(params, mask)
+
+
+# Muon layouts: never guessed.
+
+
+def test_scanned_layout_by_names_is_not_a_conv_layout():
+    # A maxtext-style scanned MLP (param_scan_axis=1): kernels (embed, layers, mlp). By
+    # names alone nothing shows which axis is stacked: no layout, a clear error.
+    params = {
+        "decoder": {
+            "layers": {
+                "mlp": {
+                    "wi": {"kernel": jnp.ones((8, 2, 16))},
+                    "wo": {"kernel": jnp.ones((16, 2, 8))},
+                }
+            }
+        }
+    }
+    leaves = _linen.leaves(params)
+    assert [leaf.matrix_axes for leaf in leaves] == [None, None]
+    with pytest.raises(
+        ValueError,
+        match=re.escape("decoder/layers/mlp/wi/kernel (conv, weight, shape (8, 2, 16))"),
+    ) as info:
+        dm.Policy(dm.decay(param="weight")).muon_dims_for_flax(params)
+    assert "module=model, args=(x,)" in str(info.value)
+    assert "dm.register_layer(cls, kind, matrix_axes=" in str(info.value)
+
+
+class Proj(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return x @ self.param("w", nn.initializers.ones, (x.shape[-1], 4))
+
+
+class ProjStack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        stacked = nn.vmap(
+            Proj,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=None,
+            axis_size=3,
+        )()
+        return stacked(x).sum(axis=0) + Proj()(x)
+
+
+MODELS["proj_stack"] = (ProjStack, (jnp.ones((1, 4)),))
+
+
+@pytest.mark.parametrize("by_class", [False, True], ids=["names", "classes"])
+def test_registered_layouts_shift_past_stacked_axes(by_class):
+    from optax.contrib import MuonDimensionNumbers
+
+    params = variables_of("proj_stack")["params"]
+    assert params["VmapProj_0"]["w"].shape == (3, 4, 4)
+    kwargs = traced("proj_stack") if by_class else {}
+    dm.register_layer(Proj, "linear", matrix_axes={"w": ((0,), (1,))})
+    try:
+        leaves = {leaf.path: leaf for leaf in _linen.leaves(params, **kwargs)}
+        dims = dm.presets.muon().muon_dims_for_flax(params, **kwargs)
+    finally:
+        dm.unregister_layer(Proj)
+    stacked = leaves["VmapProj_0/w"]
+    assert (stacked.batch_axes, stacked.matrix_axes, stacked.kind_source) == (
+        1,
+        ((0,), (1,)),
+        "registered",
+    )
+    assert dims["VmapProj_0"]["w"] == MuonDimensionNumbers((1,), (2,))
+    assert dims["Proj_0"]["w"] == MuonDimensionNumbers((0,), (1,))
+
+
+@pytest.mark.parametrize("by_class", [False, True], ids=["names", "classes"])
+def test_registered_layouts_are_checked_against_the_rank(by_class):
+    params = variables_of("proj_stack")["params"]
+    kwargs = traced("proj_stack") if by_class else {}
+    dm.register_layer(Proj, "linear", matrix_axes={"w": ((0,), (1, 2))})
+    try:
+        with pytest.raises(ValueError) as info:
+            dm.presets.muon().muon_dims_for_flax(params, **kwargs)
+    finally:
+        dm.unregister_layer(Proj)
+    assert str(info.value) == (
+        "muon_dims_for_flax: Proj_0/w has shape (4, 4), but its layer was registered "
+        "with matrix_axes ((0,), (1, 2)), which name axis 2 of one layer's array. Fix: "
+        "register the (reduction axes, output axes) of one layer's array of rank 2, e.g. "
+        "dm.register_layer(cls, kind, matrix_axes={'w': ((0,), (1,))}) for an (in, out) "
+        "matrix."
+    )
