@@ -1188,3 +1188,26 @@ def test_registered_layouts_are_checked_against_the_rank(by_class):
         "dm.register_layer(cls, kind, matrix_axes={'w': ((0,), (1,))}) for an (in, out) "
         "matrix."
     )
+
+
+def test_weight_norm_gains_decide_alike_across_frameworks():
+    import equinox as eqx
+
+    class Normed(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.WeightNorm(nn.Dense(4))(x)
+
+    x = jnp.ones((1, 3))
+    params = _fill(jax.eval_shape(Normed().init, jax.random.key(0), x))["params"]
+    equinox = eqx.nn.WeightNorm(eqx.nn.Linear(3, 4, key=jax.random.key(0)))
+    policy = dm.Policy(dm.decay(), dm.no_decay(param=("bias", "gain")))
+    for kwargs in ({}, {"module": Normed(), "args": (x,)}):
+        rows = {r.path: (r.layer, r.role, r.decay) for r in policy.explain(params, **kwargs)}
+        assert rows["WeightNorm_0/Dense_0/kernel/scale"] == ("linear", "gain", False)
+        assert rows["Dense_0/kernel"] == ("linear", "weight", True)
+        mask = policy.for_flax(params, **kwargs)
+        assert mask["WeightNorm_0"]["Dense_0/kernel/scale"] is False
+        check_step(params, mask)
+    rows = {r.path: (r.layer, r.role, r.decay) for r in policy.explain(equinox)}
+    assert rows["g"] == ("linear", "gain", False)
