@@ -1211,3 +1211,47 @@ def test_weight_norm_gains_decide_alike_across_frameworks():
         check_step(params, mask)
     rows = {r.path: (r.layer, r.role, r.decay) for r in policy.explain(equinox)}
     assert rows["g"] == ("linear", "gain", False)
+
+
+# Which mappings are variables, and which are not Linen at all.
+
+
+def test_equinox_modules_in_a_mapping_are_turned_away():
+    import equinox as eqx
+
+    tree = {"enc": eqx.nn.LayerNorm(4)}
+    with pytest.raises(TypeError, match=re.escape("'enc' is an Equinox LayerNorm")) as info:
+        SEED.for_flax(tree)
+    assert "policy.for_equinox(tree)" in str(info.value)
+    with pytest.raises(TypeError, match="policy.labels_for_equinox"):
+        SEED.labels_for_flax({"a": {"enc": eqx.nn.Linear(2, 2, key=jax.random.key(0))}})
+
+
+def test_a_submodule_named_params_is_not_a_collection():
+    kernel, bias = jnp.ones((2, 2)), jnp.ones((2,))
+    # Nothing but parameters: a params tree whose modules include one named "params".
+    params = {"params": {"kernel": kernel, "bias": bias}, "head": {"kernel": kernel, "bias": bias}}
+    report = LINEAR.explain(params)
+    assert [(row.path, row.leaf.is_param, row.decay) for row in report] == [
+        ("head/bias", True, True),
+        ("head/kernel", True, True),
+        ("params/bias", True, True),
+        ("params/kernel", True, True),
+    ]
+    mask = LINEAR.for_flax(params)
+    assert mask == {"params": {"kernel": True, "bias": True}, "head": {"kernel": True, "bias": True}}
+    check_step(params, mask)
+    # A collection of the user's (no parameter names in it) beside params: variables.
+    variables = {"params": {"Dense_0": {"kernel": kernel}}, "counter": {"count": bias}}
+    rows = [(row.path, row.leaf.is_param) for row in LINEAR.explain(variables)]
+    assert rows == [("counter/count", False), ("Dense_0/kernel", True)]
+    # Parameters at the params' own module paths under another key: either reading fits.
+    either = {"params": {"Dense_0": {"kernel": kernel}}, "ema": {"Dense_0": {"kernel": kernel}}}
+    with pytest.raises(ValueError) as info:
+        LINEAR.for_flax(either)
+    assert str(info.value) == (
+        "for_flax: cannot tell whether this mapping is a variables mapping (collections "
+        "'params', 'ema') or params whose top-level modules include one named 'params': "
+        "the arrays fit both. Fix: pass the model, policy.for_flax(tree, module=model, "
+        "args=(x,)), so that its trace decides, or pass variables['params'] alone."
+    )

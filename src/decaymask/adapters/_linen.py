@@ -4,9 +4,12 @@ The input is a params mapping or a whole variables mapping, as ``dict`` or
 ``FrozenDict``; the mask comes back in exactly the same containers (optax rejects a
 mix), with one bool at each ``nn.Partitioned`` box so that it is a prefix of the boxed
 params. A mapping is read as variables when it has a ``params`` key, every top-level
-value is a mapping and no other top-level key is a Flax auto name (``Dense_0``); with
-``module=``, the traced model decides instead, since a model may name a submodule
-``params``. Canonical paths join keys with ``/``; in variables, ``params`` paths drop
+value is a mapping and every other top-level key looks like a collection (a Flax
+collection name, or a mapping without arrays named like parameters); a key that is an
+auto name (``Dense_0``) or holds parameters is a module beside a submodule named
+``params``, and where both readings fit, the call asks for ``module=``. With
+``module=``, the traced model decides. Equinox modules inside a mapping are turned
+away (``for_equinox`` reads them). Canonical paths join keys with ``/``; in variables, ``params`` paths drop
 their ``params/`` prefix (a glob written for params works on both) and other
 collections keep theirs (``batch_stats/BatchNorm_0/mean``). Other collections are
 state: never decayed.
@@ -56,6 +59,7 @@ import inspect
 import operator
 import re
 import reprlib
+import sys
 from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
 
@@ -480,16 +484,87 @@ def _owner_id(owner: _Module) -> tuple:
     return owner.layer, owner.ancestors, owner.registration, named
 
 
-def _looks_like_variables(tree: Mapping) -> bool:
-    """A variables mapping: a ``params`` key, mappings only, no auto-named module key."""
+# Flax's own collections: a top-level key among these names a collection.
+_COLLECTIONS = frozenset(
+    {"params", "batch_stats", "cache", "intermediates", "losses", "perturbations"}
+)
+# Arrays by these names are parameters: a top-level key holding them is a module.
+_PARAM_NAMES = frozenset({"kernel", "bias", "scale", "embedding"})
+
+
+def _looks_like_variables(tree: Mapping) -> bool | None:
+    """Whether a mapping is a variables mapping (``True``) or params (``False``);
+    ``None`` where its keys and arrays cannot tell.
+
+    Variables have a ``params`` key and only mappings at the top. Every other top-level
+    key must look like a collection: one of Flax's (``batch_stats``, ``cache``, ...),
+    or a mapping that holds no array named like a parameter (a ``counter`` collection).
+    A key that holds parameters (``head`` with a ``kernel``) or is an auto name is a
+    module beside a submodule named ``params``; one that holds parameters in
+    submodules the ``params`` tree also has could be either (a copy of the params kept
+    in a collection of its own).
+    """
     if "params" not in tree:
         return False
+    others = []
     for key, value in tree.items():
         if not isinstance(value, Mapping):
             return False
-        if key != "params" and isinstance(key, str) and _AUTO_NAME.fullmatch(key):
+        if key == "params":
+            continue
+        if not isinstance(key, str) or _AUTO_NAME.fullmatch(key):
             return False
-    return True
+        if key not in _COLLECTIONS:
+            others.append(key)
+    if not others:
+        return True
+    readings = set()
+    for key in others:
+        if not _holds_param_names(tree[key]):
+            readings.add("collection")
+        elif (paths := _module_paths(tree[key])) != {()} and paths <= _module_paths(
+            tree["params"]
+        ):
+            readings.add("either")
+        else:
+            readings.add("module")
+    if readings == {"collection"}:
+        return True
+    if readings == {"module"}:
+        return False
+    return None
+
+
+def _holds_param_names(tree: Mapping) -> bool:
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            if _holds_param_names(value):
+                return True
+        elif key in _PARAM_NAMES:
+            return True
+    return False
+
+
+def _module_paths(tree: Mapping, path: tuple = ()) -> set[tuple]:
+    """The paths of the mappings in ``tree`` that hold arrays directly."""
+    found: set[tuple] = set()
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            found |= _module_paths(value, path + (key,))
+        else:
+            found.add(path)
+    return found
+
+
+def _undecidable(fn: str, tree: Mapping) -> ValueError:
+    others = sorted(str(k) for k in tree if k != "params")
+    return ValueError(
+        f"{fn}: cannot tell whether this mapping is a variables mapping (collections "
+        f"'params', {', '.join(map(repr, others))}) or params whose top-level modules "
+        f"include one named 'params': the arrays fit both. Fix: pass the model, "
+        f"policy.{fn}(tree, module=model, args=(x,)), so that its trace decides, or "
+        f"pass variables['params'] alone."
+    )
 
 
 _GATE_SETS = frozenset(_CELL_GATES)
@@ -902,6 +977,33 @@ def _is_floating(array: Any) -> bool:
     return floating
 
 
+def _check_not_equinox(fn: str, tree: Mapping, flat: list) -> None:
+    """Equinox modules in a mapping are flattened by their fields: read as Linen
+    names they would decide wrongly, so they are turned away.
+
+    Raises:
+      TypeError: a value of ``tree`` is an Equinox module.
+    """
+    eqx = sys.modules.get("equinox")
+    if eqx is None:
+        return
+    for keys, _ in flat:
+        for i, entry in enumerate(keys):
+            if type(entry) is _DictKey:
+                continue
+            node: Any = tree
+            for parent in keys[:i]:
+                node = node[parent.key]
+            if isinstance(node, eqx.Module):
+                where = _path_text(tuple(str(k.key) for k in keys[:i]))
+                raise TypeError(
+                    f"{fn}: {where!r} is an Equinox {type(node).__name__}, not Linen "
+                    f"params. Use policy.{fn.replace('flax', 'equinox')}(tree) for "
+                    f"Equinox models, and for mappings of them."
+                )
+            break
+
+
 class _Walk(_Reader):
     """Any Linen mapping, with or without a trace: one flatten, modules by path.
 
@@ -926,8 +1028,13 @@ class _Walk(_Reader):
                 f"{fn}: expected a Linen params or variables mapping (dict or FrozenDict), "
                 f"got {type(tree).__name__}, which jax treats as a single leaf."
             )
+        _check_not_equinox(fn, tree, flat)
         keyed = [(_keys(keys), value) for keys, value in flat]
-        self.variables = _looks_like_variables(tree)
+        reading = _looks_like_variables(tree)
+        if reading is None and module is None:
+            raise _undecidable(fn, tree)
+        # Undecided: the trace decides (_reading).
+        self.variables = reading is not False
         self.trace: _Trace | None = None
         traced_shapes: dict[str, tuple[int, ...]] = {}
         if module is not None:
@@ -1509,7 +1616,7 @@ def walk(
             f"tracing module=, but no module= was given. Pass the model too: "
             f"policy.{method}(params, module=model, args=(x,))."
         )
-    if module is None and type(tree) in (dict, FrozenDict) and not _looks_like_variables(tree):
+    if module is None and type(tree) in (dict, FrozenDict) and _looks_like_variables(tree) is False:
         try:
             named = _NamedWalk(method, tree)
         except _Fallback:
@@ -1528,9 +1635,10 @@ def leaves(
     Args:
       tree: a params mapping or a whole variables mapping (``{"params": ...,
         "batch_stats": ...}``), as ``dict`` or ``FrozenDict``. It is read as variables
-        when it has a ``params`` key, every top-level value is a mapping and no other
-        top-level key is a Flax auto name such as ``Dense_0``; with ``module=``, the
-        traced model decides (a model may name a submodule ``params``). Paths in
+        when it has a ``params`` key, every top-level value is a mapping and every
+        other top-level key looks like a collection (see the module docstring); with
+        ``module=``, the traced model decides (a model may name a submodule
+        ``params``). Paths in
         ``params`` drop the ``params/`` prefix; other collections keep theirs
         (``batch_stats/BatchNorm_0/mean``) and are never decayed.
       module: the ``flax.linen.Module`` that made the params, to find the exact class
@@ -1542,9 +1650,10 @@ def leaves(
       One :class:`Leaf` per array, in ``jax.tree_util`` flattening order.
 
     Raises:
-      TypeError: ``tree`` is not a mapping, a leaf is not an array, or
-        ``module=``/``args=``/``kwargs=`` are of the wrong type or missing.
-      ValueError: the traced model's params differ from ``tree``'s.
+      TypeError: ``tree`` is not a mapping, holds Equinox modules, a leaf is not an
+        array, or ``module=``/``args=``/``kwargs=`` are of the wrong type or missing.
+      ValueError: the traced model's params differ from ``tree``'s, or without
+        ``module=`` the tree fits both the variables and the params reading.
 
     Example:
       >>> import flax.linen as nn, jax, jax.numpy as jnp
