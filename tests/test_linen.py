@@ -1255,3 +1255,20 @@ def test_a_submodule_named_params_is_not_a_collection():
         "the arrays fit both. Fix: pass the model, policy.for_flax(tree, module=model, "
         "args=(x,)), so that its trace decides, or pass variables['params'] alone."
     )
+
+
+NORM_NAMES = ["conv_norm_out", "pre_self_attention_norm", "norm_final_attn", "mm_soft_embedding_norm"]
+
+
+@pytest.mark.parametrize("name", NORM_NAMES, ids=NORM_NAMES)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["scale", "scale+bias"])
+def test_norm_names_holding_another_kinds_word_are_norms(name, with_bias):
+    scale = jnp.ones((4,))
+    norm = {"scale": scale, **({"bias": scale} if with_bias else {})}
+    params = {name: norm, "Dense_0": {"kernel": jnp.ones((4, 4)), "bias": scale}}
+    kind = "layer_norm" if with_bias else "rms_norm"
+    rows = {leaf.path: (leaf.layer, leaf.role) for leaf in _linen.leaves(params)}
+    assert rows[f"{name}/scale"] == (kind, "scale")
+    mask = dm.presets.everything_but_bias_and_norm().for_flax(params)
+    assert mask[name]["scale"] is False
+    check_step(params, mask)
