@@ -1272,3 +1272,56 @@ def test_norm_names_holding_another_kinds_word_are_norms(name, with_bias):
     mask = dm.presets.everything_but_bias_and_norm().for_flax(params)
     assert mask[name]["scale"] is False
     check_step(params, mask)
+
+
+# Traces that see less than the params hold.
+
+
+class JitBody(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return MyProj(name="mix")(nn.LayerNorm(name="norm")(nn.Dense(3, name="proj")(x)))
+
+
+JittedBody = nn.jit(JitBody)
+
+
+def test_nn_jit_cached_call_is_traced_through():
+    x = jnp.ones((1, 3))
+    model = JittedBody()
+    variables = model.init(jax.random.key(0), x)
+    model.apply(variables, x)  # jax has now cached the compiled call
+    params = variables["params"]
+    kwargs = {"module": JittedBody(), "args": (x,)}
+    dm.register_layer(MyProj, "linear", roles={"w": "weight", "b": "bias"})
+    try:
+        leaves = {leaf.path: leaf for leaf in _linen.leaves(params, **kwargs)}
+    finally:
+        dm.unregister_layer(MyProj)
+    assert leaves["proj/kernel"].layer_class is nn.Dense
+    assert leaves["norm/scale"].layer_class is nn.LayerNorm
+    assert (leaves["mix/w"].layer_class, leaves["mix/w"].kind_source) == (MyProj, "registered")
+    mask = SEED.for_flax(params, **kwargs)
+    check_step(params, mask)
+
+
+class NestedParam(nn.Module):
+    """Owns one parameter whose value is a mapping: no module holds those arrays."""
+
+    @nn.compact
+    def __call__(self, x):
+        init = lambda key: {"kernel": jnp.ones((3, 3))}  # noqa: E731
+        return x @ self.param("block", init)["kernel"]
+
+
+def test_a_trace_that_sees_no_module_says_so():
+    x = jnp.ones((1, 3))
+    params = jax.eval_shape(NestedParam().init, jax.random.key(0), x)["params"]
+    with pytest.warns(dm.PolicyWarning) as record:
+        leaves = _linen.leaves(params, module=NestedParam(), args=(x,))
+    assert str(record[0].message).startswith(
+        "leaves(params, module=NestedParam(...)): the trace of NestedParam.init saw no "
+        "module at block, so names decided there, not classes or registrations."
+    )
+    assert record[0].filename == __file__
+    assert [(leaf.path, leaf.layer) for leaf in leaves] == [("block/kernel", "linear")]

@@ -60,6 +60,7 @@ import operator
 import re
 import reprlib
 import sys
+import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
 
@@ -360,8 +361,13 @@ def _trace(
     args: Any,
     kwargs: Any,
     wanted: dict[tuple[str, ...], list[tuple[str, str]]],
+    eager: bool = False,
 ) -> _Trace:
-    """Runs ``module.init(key, *args, **kwargs)`` under ``jax.eval_shape``, recording."""
+    """Runs ``module.init(key, *args, **kwargs)`` under ``jax.eval_shape``, recording.
+
+    With ``eager``, under ``jax.disable_jit()`` too: a call compiled by ``nn.jit`` that
+    jax has cached runs no Python, so the methods inside it are seen only then.
+    """
     if not isinstance(module, nn.Module):
         raise TypeError(
             f"{fn}(..., module={module!r}): expected a flax.linen.Module, got "
@@ -445,7 +451,11 @@ def _trace(
             return module.init(jax.random.key(0), *args, **kwargs)
 
     try:
-        variables = jax.eval_shape(init)
+        if eager:
+            with jax.disable_jit():
+                variables = jax.eval_shape(init)
+        else:
+            variables = jax.eval_shape(init)
     except Exception as err:
         if hasattr(err, "add_note"):
             err.add_note(
@@ -977,6 +987,25 @@ def _is_floating(array: Any) -> bool:
     return floating
 
 
+def _warn_unseen(fn: str, name: str, unseen: list[str]) -> None:
+    from ..core._warnings import PolicyWarning
+
+    shown = ", ".join(unseen[:3]) + (f" and {len(unseen) - 3} more" if len(unseen) > 3 else "")
+    # Point at the caller's line: the first frame outside decaymask.
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("decaymask"):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(
+        f"{fn}(params, module={name}(...)): the trace of {name}.init saw no module at "
+        f"{shown}, so names decided there, not classes or registrations. A method "
+        f"whose modules run outside Flax's interceptor (a custom jax transform around "
+        f"them) hides them; register those layers by class name "
+        f"(dm.register_layer('ClassName', kind)) so that names find them.",
+        PolicyWarning,
+        stacklevel=level,
+    )
+
+
 def _check_not_equinox(fn: str, tree: Mapping, flat: list) -> None:
     """Equinox modules in a mapping are flattened by their fields: read as Linen
     names they would decide wrongly, so they are turned away.
@@ -1038,12 +1067,18 @@ class _Walk(_Reader):
         self.trace: _Trace | None = None
         traced_shapes: dict[str, tuple[int, ...]] = {}
         if module is not None:
-            self.trace = _trace(fn, module, args, kwargs, _wanted(keyed, self.variables))
+            wanted = _wanted(keyed, self.variables)
+            self.trace = _trace(fn, module, args, kwargs, wanted)
             traced_shapes = self._traced_param_shapes()
             self.variables = self._reading(keyed, traced_shapes)
         entries = self._entries(keyed)
         if self.trace is not None:
             self._check_trace(entries, traced_shapes)
+            if self._unseen():
+                self.trace = _trace(fn, module, args, kwargs, wanted, eager=True)
+                unseen = self._unseen()
+                if unseen:
+                    _warn_unseen(fn, type(module).__name__, unseen)
         self.children: dict[tuple[str, ...], set[str]] = {}
         for path in list(self.direct) + list(self.direct_other):
             for i in range(len(path) - 1, -1, -1):
@@ -1108,6 +1143,15 @@ class _Walk(_Reader):
         )
 
     # The trace against the tree.
+
+    def _unseen(self) -> list[str]:
+        """Module paths holding params where the trace saw no module at all."""
+        seen = self.trace.classes  # type: ignore[union-attr]
+        unseen = []
+        for path in self.direct:
+            if path and not any(path[:i] in seen for i in range(1, len(path) + 1)):
+                unseen.append(_path_text(path))
+        return sorted(unseen)
 
     def _traced_param_shapes(self) -> dict[str, tuple[int, ...]]:
         traced = self.trace.variables  # type: ignore[union-attr]
