@@ -865,6 +865,8 @@ class _Reader:
         if layer.kind == "linear" and collection == "params":
             if name == "kernel" and matrix_axes is not None:
                 layout_axes = len(matrix_axes[0]) + len(matrix_axes[1]) - 2
+            elif name == "kernel":
+                layout_axes = max(0, len(shape) - batch_axes - 2)
             elif name == "bias":
                 layout_axes = max(0, len(shape) - batch_axes - 1)
         return Leaf(
