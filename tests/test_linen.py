@@ -1325,3 +1325,17 @@ def test_a_trace_that_sees_no_module_says_so():
     )
     assert record[0].filename == __file__
     assert [(leaf.path, leaf.layer) for leaf in leaves] == [("block/kernel", "linear")]
+
+
+def test_stacked_conv_or_dense_general_is_ambiguous():
+    # (4, 3, 4, 4) with a bias (4, 4): 4 stacked 1-D convs (window 3, 4 -> 4), or one
+    # DenseGeneral from (4, 3) inputs to (4, 4) outputs. Neither reading settles it.
+    params = {"blocks": {"mix": {"kernel": jnp.ones((4, 3, 4, 4)), "bias": jnp.ones((4, 4))}}}
+    leaves = {leaf.path: leaf for leaf in _linen.leaves(params)}
+    kernel = leaves["blocks/mix/kernel"]
+    assert (kernel.layer, kernel.kind_source, kernel.batch_axes, kernel.matrix_axes) == (
+        "linear",
+        "ambiguous",
+        0,
+        None,
+    )

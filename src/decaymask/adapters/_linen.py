@@ -1019,6 +1019,9 @@ def _check_not_equinox(fn: str, tree: Mapping, flat: list) -> None:
     if eqx is None:
         return
     for keys, _ in flat:
+        if keys and type(keys[-1]) is _DictKey and type(keys[0]) is _DictKey:
+            # Fields of a module (GetAttrKey) and list items end or start a path.
+            continue
         for i, entry in enumerate(keys):
             if type(entry) is _DictKey:
                 continue
