@@ -1339,3 +1339,16 @@ def test_stacked_conv_or_dense_general_is_ambiguous():
         0,
         None,
     )
+
+
+def test_a_conv_inside_a_module_named_attention_is_a_conv():
+    # Squeeze-excitation blocks (RegNet) keep 1x1 convs under a key named "attention".
+    conv = {"kernel": jnp.ones((1, 1, 8, 2)), "bias": jnp.ones((2,))}
+    params = {"attention": {"reduce": conv, "expand": {"kernel": jnp.ones((1, 1, 2, 8)), "bias": jnp.ones((8,))}}}
+    rows = {leaf.path: leaf.layer for leaf in _linen.leaves(params)}
+    assert rows == {
+        "attention/expand/bias": "conv",
+        "attention/expand/kernel": "conv",
+        "attention/reduce/bias": "conv",
+        "attention/reduce/kernel": "conv",
+    }

@@ -9,30 +9,30 @@ collection name, or a mapping without arrays named like parameters); a key that 
 auto name (``Dense_0``) or holds parameters is a module beside a submodule named
 ``params``, and where both readings fit, the call asks for ``module=``. With
 ``module=``, the traced model decides. Equinox modules inside a mapping are turned
-away (``for_equinox`` reads them). Canonical paths join keys with ``/``; in variables, ``params`` paths drop
-their ``params/`` prefix (a glob written for params works on both) and other
-collections keep theirs (``batch_stats/BatchNorm_0/mean``). Other collections are
-state: never decayed.
+away (``for_equinox`` reads them). Canonical paths join keys with ``/``; in
+variables, ``params`` paths drop their ``params/`` prefix (a glob written for params
+works on both) and other collections keep theirs (``batch_stats/BatchNorm_0/mean``).
+Other collections are state: never decayed.
 
 Linen params carry no classes, only keys. Without a module, every mapping level is read
-as a module and its kind comes from names, in this order:
+as a module, in this order:
 
 1. A Flax auto name (``Dense_3``) gives a class name (``Dense``); a lift prefix is
    dropped (``ScanBlock_0`` is a ``Block`` stacked by ``nn.scan``). A class name the
    user registered with ``dm.register_layer`` gives its kind (``"registered"``), then
-   a Linen class name from :data:`KIND_TABLE`.
-2. Otherwise the module or class name, if it makes the kind evident (``ln_f``,
-   ``input_layernorm``, ``LlamaRMSNorm_0``). A name that says only "norm" is a layer
-   norm when the module has a ``bias`` and an RMS norm when it has not. A name that
-   says embedding, attention or norm does not hold against a ``kernel`` the module owns
-   (``patch_embed`` holding a conv kernel is a conv).
-3. Otherwise the arrays the module owns: an ``embedding`` makes an embedding; a
-   ``kernel`` makes a linear layer, or a conv when the kernel has three or more axes of
-   its own (axes stacked by a ``Scan``/``Vmap`` ancestor do not count) and neither an
-   attention ancestor nor a multi-axis bias says ``DenseGeneral``; ``scale`` beside
-   ``bias`` makes a layer norm, ``scale`` alone an RMS norm; a module whose children are
-   exactly the gates of a Linen cell (``ir``, ``iz``, ``in``, ``hr``, ``hz``, ``hn``) is
-   recurrent, one with ``query``, ``key``, ``value`` and ``out`` children is attention.
+   a Linen class name from :data:`KIND_TABLE` (``"name"``).
+2. Otherwise the shared inference (:func:`decaymask.core._infer.resolve_kind`) reads
+   the class name (or the key: ``ln_f``, ``input_layernorm``) as words together with
+   what the module owns: the names of its arrays, the rank each has in one layer and
+   the keys of its submodules. Content decides where the two contradict (a
+   ``FlaxConv1D`` with a 2-D kernel is linear, a ``ProjNorm`` owning a kernel is not a
+   norm), and ``kind_source`` says which did (``"name"`` or ``"content"``). What only
+   Linen shows is added: axes stacked by a ``Scan``/``Vmap`` auto name do not count; a
+   bias whose leading axes repeat the kernel's shows layers stacked by a user-named
+   ``nn.scan``/``nn.vmap`` (their kernels keep one layer's rank) and a bias equal to
+   the kernel's last axes a ``DenseGeneral``; where both fit and say different kinds,
+   the leaf is ``"ambiguous"``. The ``query``/``key``/``value``/``out`` children of an
+   attention layer are its projections.
 
 Two kinds of module own the arrays of modules inside them. A recurrent cell (Linen's
 cells keep their gates in ``Dense`` or ``Conv`` children such as ``ii``/``hi``) owns
@@ -46,9 +46,17 @@ With ``module=`` and ``args=``, ``model.init`` is traced abstractly (``jax.eval_
 no arrays allocated) with a method interceptor that records the class of every module
 path and the rank each array has inside its layer (so arrays stacked by ``nn.scan`` or
 ``nn.vmap`` get ``batch_axes``; by names alone, only layers of a fixed rank under a
-``Scan``/``Vmap`` auto name get them). A class is looked up in the registry, then in
-:data:`KIND_TABLE` (subclasses count), then by its name, and where none of these knows
-it, the rules above decide, so the classes are never worse than the names.
+``Scan``/``Vmap`` auto name, or a stack a bias proves, get them). A class is looked up
+in the registry, then in :data:`KIND_TABLE` (subclasses count); any other class name is
+read with the module's arrays as in step 2, so the classes are never worse than the
+names. A call compiled by ``nn.jit`` that jax has cached runs no Python: where the
+trace saw no module at paths the params hold, it runs again with jit disabled, and a
+``PolicyWarning`` names the paths it still misses.
+
+Muon layouts (``matrix_axes``) are never guessed: they come from a class of
+:data:`KIND_TABLE` (traced, or by its auto name), a registration (checked against each
+array's rank, leading axes beyond it stacked), an attention layer's projections or a
+Linen cell's gates. A module known by its names or arrays only has none.
 """
 
 from __future__ import annotations
@@ -477,7 +485,6 @@ class _Module:
     registration: _registry.Registration | None = None
     cell: bool = False  # a recurrent cell: owns its linear/conv gate children
     wrapper: bool = False  # WeightNorm/SpectralNorm: owns what it keeps below it
-    in_attention: bool = False
     absorbed_by: _Module | None = None  # the module that owns this one's arrays
     visible: bool = True  # listed among ancestors
     trusted: bool = False  # kind from a table or the registry (class or auto name)
@@ -619,12 +626,10 @@ class _Reader:
         key = path[-1] if path else ""
         ancestors: tuple[Layer, ...] = ()
         stacked = 0
-        in_attention = False
         absorbed_by = None
         if parent is not None:
             ancestors = parent.ancestors + (parent.layer,) if parent.visible else parent.ancestors
             stacked = parent.stacked
-            in_attention = parent.in_attention or parent.layer.kind == "attention"
             absorbed_by = parent.absorbed_by or (parent if parent.wrapper else None)
         auto, stacked_here = _auto_class(key)
         stacked += stacked_here
@@ -691,7 +696,6 @@ class _Reader:
             registration=registration,
             cell=cell,
             wrapper=wrapper,
-            in_attention=in_attention,
             absorbed_by=absorbed_by,
             # Without a trace the root is anonymous: nothing to match it by.
             visible=bool(path) or self.trace is not None,
