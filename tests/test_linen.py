@@ -999,12 +999,9 @@ def test_names_are_read_as_words_against_content(by_class):
     params = variables_of("words")["params"]
     kwargs = traced("words") if by_class else {}
     leaves = _linen.leaves(params, **kwargs)
-    rows = {
-        leaf.path: (leaf.layer, leaf.role, leaf.kind_source, leaf.kind_source)
-        for leaf in leaves
-    }
+    rows = {leaf.path: (leaf.layer, leaf.role, leaf.kind_source) for leaf in leaves}
     expected = {
-        path: (kind, role, by_classes if by_class else by_names, by_classes if by_class else by_names)
+        path: (kind, role, by_classes if by_class else by_names)
         for path, (kind, role, by_names, by_classes) in WORDS_ROWS.items()
     }
     assert rows == expected
@@ -1076,7 +1073,9 @@ def test_user_named_stacks_of_dense_are_linear(by_class):
     for policy in (LINEAR, dm.presets.gpt()):
         with warnings.catch_warnings():
             # gpt()'s embedding rule on a model without embeddings: not the point here.
-            warnings.filterwarnings("ignore", r".*rule 2 decay\(layer='embedding'", dm.PolicyWarning)
+            warnings.filterwarnings(
+                "ignore", r".*rule 2 decay\(layer='embedding'", dm.PolicyWarning
+            )
             mask = policy.for_flax(params, **kwargs)
         assert mask["layers"]["q_proj"]["kernel"] is True
         assert mask["experts"]["kernel"] is True
@@ -1239,7 +1238,8 @@ def test_a_submodule_named_params_is_not_a_collection():
         ("params/kernel", True, True),
     ]
     mask = LINEAR.for_flax(params)
-    assert mask == {"params": {"kernel": True, "bias": True}, "head": {"kernel": True, "bias": True}}
+    linear = {"kernel": True, "bias": True}
+    assert mask == {"params": linear, "head": linear}
     check_step(params, mask)
     # A collection of the user's (no parameter names in it) beside params: variables.
     variables = {"params": {"Dense_0": {"kernel": kernel}}, "counter": {"count": bias}}
@@ -1257,7 +1257,12 @@ def test_a_submodule_named_params_is_not_a_collection():
     )
 
 
-NORM_NAMES = ["conv_norm_out", "pre_self_attention_norm", "norm_final_attn", "mm_soft_embedding_norm"]
+NORM_NAMES = [
+    "conv_norm_out",
+    "pre_self_attention_norm",
+    "norm_final_attn",
+    "mm_soft_embedding_norm",
+]
 
 
 @pytest.mark.parametrize("name", NORM_NAMES, ids=NORM_NAMES)
@@ -1344,7 +1349,8 @@ def test_stacked_conv_or_dense_general_is_ambiguous():
 def test_a_conv_inside_a_module_named_attention_is_a_conv():
     # Squeeze-excitation blocks (RegNet) keep 1x1 convs under a key named "attention".
     conv = {"kernel": jnp.ones((1, 1, 8, 2)), "bias": jnp.ones((2,))}
-    params = {"attention": {"reduce": conv, "expand": {"kernel": jnp.ones((1, 1, 2, 8)), "bias": jnp.ones((8,))}}}
+    expand = {"kernel": jnp.ones((1, 1, 2, 8)), "bias": jnp.ones((8,))}
+    params = {"attention": {"reduce": conv, "expand": expand}}
     rows = {leaf.path: leaf.layer for leaf in _linen.leaves(params)}
     assert rows == {
         "attention/expand/bias": "conv",
