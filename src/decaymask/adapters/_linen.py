@@ -494,10 +494,8 @@ class _Module:
 
 def _owner_id(owner: _Module) -> tuple:
     """What a policy can read of a leaf's owner: alike owners decide alike."""
-    # An embedding named for positions holds a position table (role_from_name).
-    named = owner.layer.kind == "embedding" and (
-        role_from_name("embedding", "embedding", owner.key) == "position"
-    )
+    # A table under a key that says position is a position table (role_from_name).
+    named = role_from_name("embedding", "embedding", owner.key) == "position"
     return owner.layer, owner.ancestors, owner.registration, named
 
 
