@@ -336,12 +336,19 @@ def test_muon_dims_keep_stacked_axes_as_batch_axes():
 
     params = freeze(variables_of("stacked")["params"])
     policy = dm.Policy(dm.decay(layer="linear", param="weight"))
-    for kwargs in ({}, traced("stacked")):
+    names_only = dm.Policy(
+        dm.decay(layer="linear", param="weight"), dm.no_decay(path="*/proj/*")
+    )
+    for policy, kwargs in ((names_only, {}), (policy, traced("stacked"))):
         dims = policy.muon_dims_for_flax(params, **kwargs)
         assert type(dims) is FrozenDict
         assert dims["ScanBlock_0"]["Dense_0"]["kernel"] == MuonDimensionNumbers((1,), (2,))
-        assert dims["CheckpointBlock_0"]["proj"]["kernel"] == MuonDimensionNumbers((0,), (1,))
         assert dims["ScanBlock_0"]["Dense_0"]["bias"] is None
+    # A user-named Dense: its layout is known from its class only.
+    dims = policy.muon_dims_for_flax(params, **traced("stacked"))
+    assert dims["CheckpointBlock_0"]["proj"]["kernel"] == MuonDimensionNumbers((0,), (1,))
+    with pytest.raises(ValueError, match=r"CheckpointBlock_0/proj/kernel .*module="):
+        policy.muon_dims_for_flax(params)
 
 
 def test_recurrent_cells_own_their_gates():
@@ -388,14 +395,17 @@ def test_names_agree_with_classes(name):
     by_class = _linen.leaves(variables, **traced(name))
     assert [leaf.path for leaf in by_name] == [leaf.path for leaf in by_class]
     for a, b in zip(by_name, by_class):
-        assert (a.layer, a.role, a.is_param, a.batch_axes, a.matrix_axes) == (
+        assert (a.layer, a.role, a.is_param, a.batch_axes) == (
             b.layer,
             b.role,
             b.is_param,
             b.batch_axes,
-            b.matrix_axes,
         ), (a, b)
-        assert b.kind_source in ("class", "name"), b
+        # Muon layouts are never guessed: by names, only Flax's auto names (a class of
+        # the table) give one, and the trace's classes give the same.
+        if a.matrix_axes is not None:
+            assert a.matrix_axes == b.matrix_axes, (a, b)
+        assert b.kind_source in ("class", "name", "content"), b
     for policy in (SEED, CLASSIC):
         with warnings.catch_warnings():
             # Some models own arrays of unknown kind or miss a rule's layer: not the
@@ -589,7 +599,8 @@ def test_weight_norm_and_spectral_norm_own_as_the_wrapped_kind(by_class):
     rows = {row.path: row for row in SEED.explain(variables, **kwargs)}
     # Flax names the gain by a path inside one key: its "/" is escaped.
     scale = rows["WeightNorm_0/Dense_0%2Fkernel%2Fscale"]
-    assert (scale.layer, scale.layer_type, scale.role) == ("linear", "WeightNorm", "scale")
+    # The gain WeightNorm keeps (Equinox's WeightNorm.g): not a norm's scale.
+    assert (scale.layer, scale.layer_type, scale.role) == ("linear", "WeightNorm", "gain")
     assert scale.leaf.name == "scale"
     u = rows["batch_stats/SpectralNorm_0/Dense_1%2Fkernel%2Fu"]
     assert (u.layer, u.leaf.is_param, u.decay) == ("linear", False, False)
@@ -635,8 +646,8 @@ THIRD_PARTY_ROWS = [
     ("FlaxBertLayerNorm_0/bias", "layer_norm", "bias"),
     ("FlaxBertLayerNorm_0/scale", "layer_norm", "scale"),
     ("LlamaRMSNorm_0/weight", "rms_norm", "scale"),
-    ("MyProj_0/b", "unknown", "bias"),
-    ("MyProj_0/w", "unknown", "weight"),
+    ("MyProj_0/b", "linear", "bias"),
+    ("MyProj_0/w", "linear", "weight"),
     ("attn_norm/scale", "rms_norm", "scale"),
     ("final_norm/bias", "layer_norm", "bias"),
     ("final_norm/scale", "layer_norm", "scale"),
@@ -660,6 +671,8 @@ def test_evident_names_need_no_registration(by_class):
     assert rows == THIRD_PARTY_ROWS
     sources = {leaf.path: leaf.kind_source for leaf in _linen.leaves(params, **kwargs)}
     assert sources["LlamaRMSNorm_0/weight"] == "name"
+    # A 2-D `w` beside a `b`: a linear layer by its arrays, whatever its class is called.
+    assert sources["MyProj_0/w"] == "content"
     assert sources["attn_norm/scale"] == ("class" if by_class else "name")
 
 
@@ -683,9 +696,12 @@ def test_registered_layers(registered, by_class):
         assert leaf.layer_class is (MyProj if by_class else None)
     assert mask["MyProj_0"] == {"w": True, "b": True}
     check_step(params, mask)
-    # Unregistered again: back to unknown.
+    # Unregistered again: back to what its arrays say.
     leaves = {leaf.path: leaf for leaf in _linen.leaves(params, **kwargs)}
-    assert leaves["MyProj_0/w"].layer == "unknown"
+    assert (leaves["MyProj_0/w"].layer, leaves["MyProj_0/w"].kind_source) == (
+        "linear",
+        "content",
+    )
 
 
 def test_user_named_modules_by_name():
@@ -1001,3 +1017,448 @@ def test_masks_built_from_threads_while_layers_are_registered():
             dm.unregister_layer(cls)
     assert results and all(mask == expected for mask in results)
     assert SEED.for_flax(params) == expected
+
+
+# Names read as words, checked against what each module owns.
+
+
+class FlaxConv1D(nn.Module):
+    """GPT-2's linear layer as transformers writes it: the kernel is (out, in)."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.ones, (self.features, x.shape[-1]))
+        y = x @ kernel.T
+        return y + _along_last(self.param("bias", nn.initializers.zeros, (self.features,)), y)
+
+
+class FlaxRobertaPreLayerNormSelfAttention(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        q, k, v = (nn.Dense(4, name=n)(x) for n in ("query", "key", "value"))
+        return q * k * v
+
+
+class FlaxRobertaPreLayerNormLMHead(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.LayerNorm(name="layer_norm")(nn.Dense(4, name="dense")(x))
+        return h + _along_last(self.param("bias", nn.initializers.zeros, (4,)), h)
+
+
+class SimpleNorm2d(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return x * _along_last(self.param("weight", nn.initializers.ones, (x.shape[-1],)), x)
+
+
+class ProjNorm(nn.Module):
+    """Its name ends in "Norm", but it owns a projection's kernel and bias."""
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.ones, (x.shape[-1], 4))
+        y = x @ kernel
+        return y + _along_last(self.param("bias", nn.initializers.zeros, (4,)), y)
+
+
+class Words(nn.Module):
+    @nn.compact
+    def __call__(self, x, tok):
+        h = FlaxConv1D(4)(x)
+        h = FlaxRobertaPreLayerNormSelfAttention()(h)
+        h = FlaxRobertaPreLayerNormLMHead()(h)
+        h = ProjNorm()(SimpleNorm2d()(h))
+        for name in ("position_embeddings", "wpe", "embed_positions", "wte"):
+            h = h + nn.Embed(6, 4, name=name)(tok).sum(axis=1)
+        return h
+
+
+MODELS["words"] = (Words, (jnp.ones((1, 3)), jnp.ones((1, 2), jnp.int32)))
+
+WORDS_ROWS = {
+    # path: (kind, role, evidence by names, evidence by classes)
+    "FlaxConv1D_0/bias": ("linear", "bias", "content", "content"),
+    "FlaxConv1D_0/kernel": ("linear", "weight", "content", "content"),
+    "FlaxRobertaPreLayerNormLMHead_0/bias": ("unknown", "bias", "name", "class"),
+    "FlaxRobertaPreLayerNormLMHead_0/dense/bias": ("linear", "bias", "name", "class"),
+    "FlaxRobertaPreLayerNormLMHead_0/dense/kernel": ("linear", "weight", "name", "class"),
+    "FlaxRobertaPreLayerNormLMHead_0/layer_norm/bias": ("layer_norm", "bias", "name", "class"),
+    "FlaxRobertaPreLayerNormLMHead_0/layer_norm/scale": ("layer_norm", "scale", "name", "class"),
+    **{
+        f"FlaxRobertaPreLayerNormSelfAttention_0/{p}/{n}": (
+            "linear", ROLE_OF[n], "name", "class"
+        )
+        for p in ("key", "query", "value")
+        for n in ("bias", "kernel")
+    },
+    "ProjNorm_0/bias": ("linear", "bias", "content", "content"),
+    "ProjNorm_0/kernel": ("linear", "weight", "content", "content"),
+    "SimpleNorm2d_0/weight": ("rms_norm", "scale", "name", "name"),
+    "embed_positions/embedding": ("embedding", "position", "name", "class"),
+    "position_embeddings/embedding": ("embedding", "position", "name", "class"),
+    "wpe/embedding": ("embedding", "position", "name", "class"),
+    "wte/embedding": ("embedding", "embedding", "name", "class"),
+}
+
+
+@pytest.mark.parametrize("by_class", [False, True], ids=["names", "classes"])
+def test_names_are_read_as_words_against_content(by_class):
+    params = variables_of("words")["params"]
+    kwargs = traced("words") if by_class else {}
+    leaves = _linen.leaves(params, **kwargs)
+    rows = {leaf.path: (leaf.layer, leaf.role, leaf.kind_source) for leaf in leaves}
+    expected = {
+        path: (kind, role, by_classes if by_class else by_names)
+        for path, (kind, role, by_names, by_classes) in WORDS_ROWS.items()
+    }
+    assert rows == expected
+    # GPT-2's (out, in) kernel: a linear layer whose layout nothing proves.
+    conv1d = next(leaf for leaf in leaves if leaf.path == "FlaxConv1D_0/kernel")
+    assert conv1d.matrix_axes is None
+    # The head's own bias belongs to a module of no known kind, but its role says what
+    # it is: no warning (pytest turns one into an error).
+    with pytest.raises(ValueError, match=re.escape("FlaxConv1D_0/kernel (FlaxConv1D, weight")):
+        dm.presets.muon(exclude="*embed*").muon_dims_for_flax(params, **kwargs)
+    mask = dm.presets.gpt().for_flax(params, **kwargs)
+    assert mask["FlaxConv1D_0"]["kernel"] is True
+    assert mask["SimpleNorm2d_0"]["weight"] is False
+    assert mask["wpe"]["embedding"] is False
+    check_step(params, mask)
+
+
+# Layers stacked by a user-named nn.scan or nn.vmap.
+
+
+class QProjLayer(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return nn.Dense(8, name="q_proj")(x), None
+
+
+class UserNamedStacks(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        layers = nn.scan(
+            QProjLayer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=4,
+        )(name="layers")
+        x, _ = layers(x, None)
+        experts = nn.vmap(
+            nn.Dense,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=None,
+            axis_size=3,
+        )(4, name="experts")
+        return experts(x)
+
+
+MODELS["user_stacks"] = (UserNamedStacks, (jnp.ones((1, 8)),))
+
+
+@pytest.mark.parametrize("by_class", [False, True], ids=["names", "classes"])
+def test_user_named_stacks_of_dense_are_linear(by_class):
+    params = variables_of("user_stacks")["params"]
+    assert params["layers"]["q_proj"]["kernel"].shape == (4, 8, 8)
+    assert params["experts"]["kernel"].shape == (3, 8, 4)
+    kwargs = traced("user_stacks") if by_class else {}
+    leaves = {leaf.path: leaf for leaf in _linen.leaves(params, **kwargs)}
+    for path in ("layers/q_proj", "experts"):
+        kernel, bias = leaves[f"{path}/kernel"], leaves[f"{path}/bias"]
+        assert (kernel.layer, kernel.role, kernel.batch_axes) == ("linear", "weight", 1)
+        assert (bias.layer, bias.role, bias.batch_axes, bias.ndim) == ("linear", "bias", 1, 1)
+        # A layout from the class only: names prove the stack, not the kernel's layout.
+        assert kernel.matrix_axes == (((0,), (1,)) if by_class else None)
+    for policy in (LINEAR, dm.presets.gpt()):
+        with warnings.catch_warnings():
+            # gpt()'s embedding rule on a model without embeddings: not the point here.
+            warnings.filterwarnings(
+                "ignore", r".*rule 2 decay\(layer='embedding'", dm.PolicyWarning
+            )
+            mask = policy.for_flax(params, **kwargs)
+        assert mask["layers"]["q_proj"]["kernel"] is True
+        assert mask["experts"]["kernel"] is True
+        check_step(params, mask)
+
+
+def test_stack_or_dense_general_is_linear_either_way():
+    # (8, 8, 8) with a bias (8, 8): 8 stacked (8, 8) Dense layers, or one DenseGeneral
+    # from 8 inputs to (8, 8) outputs. Both are linear; which axes are stacked is not
+    # known, so neither stacked axes nor a layout are claimed.
+    params = {"layers": {"q_proj": {"kernel": jnp.ones((8, 8, 8)), "bias": jnp.ones((8, 8))}}}
+    leaves = {leaf.path: leaf for leaf in _linen.leaves(params)}
+    kernel = leaves["layers/q_proj/kernel"]
+    assert (kernel.layer, kernel.batch_axes, kernel.matrix_axes) == ("linear", 0, None)
+    assert kernel.kind_source == "content"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r".*rule 2 decay\(layer='embedding'", dm.PolicyWarning)
+        mask = dm.presets.gpt().for_flax(params)
+    assert mask == {"layers": {"q_proj": {"kernel": True, "bias": False}}}
+    check_step(params, mask)
+
+
+# Muon layouts: never guessed.
+
+
+def test_scanned_layout_by_names_is_not_a_conv_layout():
+    # A maxtext-style scanned MLP (param_scan_axis=1): kernels (embed, layers, mlp). By
+    # names alone nothing shows which axis is stacked: no layout, a clear error.
+    params = {
+        "decoder": {
+            "layers": {
+                "mlp": {
+                    "wi": {"kernel": jnp.ones((8, 2, 16))},
+                    "wo": {"kernel": jnp.ones((16, 2, 8))},
+                }
+            }
+        }
+    }
+    leaves = _linen.leaves(params)
+    assert [leaf.matrix_axes for leaf in leaves] == [None, None]
+    with pytest.raises(
+        ValueError,
+        match=re.escape("decoder/layers/mlp/wi/kernel (conv, weight, shape (8, 2, 16))"),
+    ) as info:
+        dm.Policy(dm.decay(param="weight")).muon_dims_for_flax(params)
+    assert "module=model, args=(x,)" in str(info.value)
+    assert "dm.register_layer(cls, kind, matrix_axes=" in str(info.value)
+
+
+class Proj(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return x @ self.param("w", nn.initializers.ones, (x.shape[-1], 4))
+
+
+class ProjStack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        stacked = nn.vmap(
+            Proj,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=None,
+            axis_size=3,
+        )()
+        return stacked(x).sum(axis=0) + Proj()(x)
+
+
+MODELS["proj_stack"] = (ProjStack, (jnp.ones((1, 4)),))
+
+
+@pytest.mark.parametrize("by_class", [False, True], ids=["names", "classes"])
+def test_registered_layouts_shift_past_stacked_axes(by_class):
+    from optax.contrib import MuonDimensionNumbers
+
+    params = variables_of("proj_stack")["params"]
+    assert params["VmapProj_0"]["w"].shape == (3, 4, 4)
+    kwargs = traced("proj_stack") if by_class else {}
+    dm.register_layer(Proj, "linear", matrix_axes={"w": ((0,), (1,))})
+    try:
+        leaves = {leaf.path: leaf for leaf in _linen.leaves(params, **kwargs)}
+        dims = dm.presets.muon().muon_dims_for_flax(params, **kwargs)
+    finally:
+        dm.unregister_layer(Proj)
+    stacked = leaves["VmapProj_0/w"]
+    assert (stacked.batch_axes, stacked.matrix_axes, stacked.kind_source) == (
+        1,
+        ((0,), (1,)),
+        "registered",
+    )
+    assert dims["VmapProj_0"]["w"] == MuonDimensionNumbers((1,), (2,))
+    assert dims["Proj_0"]["w"] == MuonDimensionNumbers((0,), (1,))
+
+
+@pytest.mark.parametrize("by_class", [False, True], ids=["names", "classes"])
+def test_registered_layouts_are_checked_against_the_rank(by_class):
+    params = variables_of("proj_stack")["params"]
+    kwargs = traced("proj_stack") if by_class else {}
+    dm.register_layer(Proj, "linear", matrix_axes={"w": ((0,), (1, 2))})
+    try:
+        with pytest.raises(ValueError) as info:
+            dm.presets.muon().muon_dims_for_flax(params, **kwargs)
+    finally:
+        dm.unregister_layer(Proj)
+    assert str(info.value) == (
+        "muon_dims_for_flax: Proj_0/w has shape (4, 4), but its layer was registered "
+        "with matrix_axes ((0,), (1, 2)), which name axis 2 of one layer's array. Fix: "
+        "register the (reduction axes, output axes) of one layer's array of rank 2, e.g. "
+        "dm.register_layer(cls, kind, matrix_axes={'w': ((0,), (1,))}) for an (in, out) "
+        "matrix."
+    )
+
+
+def test_weight_norm_gains_decide_alike_across_frameworks():
+    import equinox as eqx
+
+    class Normed(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.WeightNorm(nn.Dense(4))(x)
+
+    x = jnp.ones((1, 3))
+    params = _fill(jax.eval_shape(Normed().init, jax.random.key(0), x))["params"]
+    equinox = eqx.nn.WeightNorm(eqx.nn.Linear(3, 4, key=jax.random.key(0)))
+    policy = dm.Policy(dm.decay(), dm.no_decay(param=("bias", "gain")))
+    for kwargs in ({}, {"module": Normed(), "args": (x,)}):
+        rows = {r.path: (r.layer, r.role, r.decay) for r in policy.explain(params, **kwargs)}
+        assert rows["WeightNorm_0/Dense_0%2Fkernel%2Fscale"] == ("linear", "gain", False)
+        assert rows["Dense_0/kernel"] == ("linear", "weight", True)
+        mask = policy.for_flax(params, **kwargs)
+        assert mask["WeightNorm_0"]["Dense_0/kernel/scale"] is False
+        check_step(params, mask)
+    rows = {r.path: (r.layer, r.role, r.decay) for r in policy.explain(equinox)}
+    assert rows["g"] == ("linear", "gain", False)
+
+
+# Which mappings are variables, and which are not Linen at all.
+
+
+def test_equinox_modules_in_a_mapping_are_turned_away():
+    import equinox as eqx
+
+    tree = {"enc": eqx.nn.LayerNorm(4)}
+    with pytest.raises(TypeError, match=re.escape("'enc' is an Equinox LayerNorm")) as info:
+        SEED.for_flax(tree)
+    assert "policy.for_equinox(tree)" in str(info.value)
+    with pytest.raises(TypeError, match="policy.labels_for_equinox"):
+        SEED.labels_for_flax({"a": {"enc": eqx.nn.Linear(2, 2, key=jax.random.key(0))}})
+
+
+def test_a_submodule_named_params_is_not_a_collection():
+    kernel, bias = jnp.ones((2, 2)), jnp.ones((2,))
+    # Nothing but parameters: a params tree whose modules include one named "params".
+    params = {"params": {"kernel": kernel, "bias": bias}, "head": {"kernel": kernel, "bias": bias}}
+    report = LINEAR.explain(params)
+    assert [(row.path, row.leaf.is_param, row.decay) for row in report] == [
+        ("head/bias", True, True),
+        ("head/kernel", True, True),
+        ("params/bias", True, True),
+        ("params/kernel", True, True),
+    ]
+    mask = LINEAR.for_flax(params)
+    linear = {"kernel": True, "bias": True}
+    assert mask == {"params": linear, "head": linear}
+    check_step(params, mask)
+    # A collection of the user's (no parameter names in it) beside params: variables.
+    variables = {"params": {"Dense_0": {"kernel": kernel}}, "counter": {"count": bias}}
+    rows = [(row.path, row.leaf.is_param) for row in LINEAR.explain(variables)]
+    assert rows == [("counter/count", False), ("Dense_0/kernel", True)]
+    # Parameters at the params' own module paths under another key: either reading fits.
+    either = {"params": {"Dense_0": {"kernel": kernel}}, "ema": {"Dense_0": {"kernel": kernel}}}
+    with pytest.raises(ValueError) as info:
+        LINEAR.for_flax(either)
+    assert str(info.value) == (
+        "for_flax: cannot tell whether this mapping is a variables mapping (collections "
+        "'params', 'ema') or params whose top-level modules include one named 'params': "
+        "the arrays fit both. Fix: pass the model, policy.for_flax(tree, module=model, "
+        "args=(x,)), so that its trace decides, or pass variables['params'] alone."
+    )
+
+
+NORM_NAMES = [
+    "conv_norm_out",
+    "pre_self_attention_norm",
+    "norm_final_attn",
+    "mm_soft_embedding_norm",
+]
+
+
+@pytest.mark.parametrize("name", NORM_NAMES, ids=NORM_NAMES)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["scale", "scale+bias"])
+def test_norm_names_holding_another_kinds_word_are_norms(name, with_bias):
+    scale = jnp.ones((4,))
+    norm = {"scale": scale, **({"bias": scale} if with_bias else {})}
+    params = {name: norm, "Dense_0": {"kernel": jnp.ones((4, 4)), "bias": scale}}
+    kind = "layer_norm" if with_bias else "rms_norm"
+    rows = {leaf.path: (leaf.layer, leaf.role) for leaf in _linen.leaves(params)}
+    assert rows[f"{name}/scale"] == (kind, "scale")
+    mask = dm.presets.everything_but_bias_and_norm().for_flax(params)
+    assert mask[name]["scale"] is False
+    check_step(params, mask)
+
+
+# Traces that see less than the params hold.
+
+
+class JitBody(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return MyProj(name="mix")(nn.LayerNorm(name="norm")(nn.Dense(3, name="proj")(x)))
+
+
+JittedBody = nn.jit(JitBody)
+
+
+def test_nn_jit_cached_call_is_traced_through():
+    x = jnp.ones((1, 3))
+    model = JittedBody()
+    variables = model.init(jax.random.key(0), x)
+    model.apply(variables, x)  # jax has now cached the compiled call
+    params = variables["params"]
+    kwargs = {"module": JittedBody(), "args": (x,)}
+    dm.register_layer(MyProj, "linear", roles={"w": "weight", "b": "bias"})
+    try:
+        leaves = {leaf.path: leaf for leaf in _linen.leaves(params, **kwargs)}
+    finally:
+        dm.unregister_layer(MyProj)
+    assert leaves["proj/kernel"].layer_class is nn.Dense
+    assert leaves["norm/scale"].layer_class is nn.LayerNorm
+    assert (leaves["mix/w"].layer_class, leaves["mix/w"].kind_source) == (MyProj, "registered")
+    mask = SEED.for_flax(params, **kwargs)
+    check_step(params, mask)
+
+
+class NestedParam(nn.Module):
+    """Owns one parameter whose value is a mapping: no module holds those arrays."""
+
+    @nn.compact
+    def __call__(self, x):
+        init = lambda key: {"kernel": jnp.ones((3, 3))}  # noqa: E731
+        return x @ self.param("block", init)["kernel"]
+
+
+def test_a_trace_that_sees_no_module_says_so():
+    x = jnp.ones((1, 3))
+    params = jax.eval_shape(NestedParam().init, jax.random.key(0), x)["params"]
+    with pytest.warns(dm.PolicyWarning) as record:
+        leaves = _linen.leaves(params, module=NestedParam(), args=(x,))
+    assert str(record[0].message).startswith(
+        "leaves(params, module=NestedParam(...)): the trace of NestedParam.init saw no "
+        "module at block, so names decided there, not classes or registrations."
+    )
+    assert record[0].filename == __file__
+    assert [(leaf.path, leaf.layer) for leaf in leaves] == [("block/kernel", "linear")]
+
+
+def test_stacked_conv_or_dense_general_is_ambiguous():
+    # (4, 3, 4, 4) with a bias (4, 4): 4 stacked 1-D convs (window 3, 4 -> 4), or one
+    # DenseGeneral from (4, 3) inputs to (4, 4) outputs. Neither reading settles it.
+    params = {"blocks": {"mix": {"kernel": jnp.ones((4, 3, 4, 4)), "bias": jnp.ones((4, 4))}}}
+    leaves = {leaf.path: leaf for leaf in _linen.leaves(params)}
+    kernel = leaves["blocks/mix/kernel"]
+    assert (kernel.layer, kernel.kind_source, kernel.batch_axes, kernel.matrix_axes) == (
+        "linear",
+        "ambiguous",
+        0,
+        None,
+    )
+
+
+def test_a_conv_inside_a_module_named_attention_is_a_conv():
+    # Squeeze-excitation blocks (RegNet) keep 1x1 convs under a key named "attention".
+    conv = {"kernel": jnp.ones((1, 1, 8, 2)), "bias": jnp.ones((2,))}
+    expand = {"kernel": jnp.ones((1, 1, 2, 8)), "bias": jnp.ones((8,))}
+    params = {"attention": {"reduce": conv, "expand": expand}}
+    rows = {leaf.path: leaf.layer for leaf in _linen.leaves(params)}
+    assert rows == {
+        "attention/expand/bias": "conv",
+        "attention/expand/kernel": "conv",
+        "attention/reduce/bias": "conv",
+        "attention/reduce/kernel": "conv",
+    }

@@ -109,12 +109,19 @@ def assert_trees_close(actual: Any, expected: Any) -> None:
         np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-6)
 
 
-def unknown_layout(path: str, owner: str, shape: tuple, rule: str, name: str) -> str:
+def unknown_layout(
+    path: str, owner: str, shape: tuple, rule: str, name: str, by_name: bool = False
+) -> str:
+    traced = (
+        "give the layer classes (Linen params: module=model, args=(x,); an NNX State: "
+        "the model itself), "
+    )
     return (
         f"muon_dims_for_flax: {path} ({owner}, weight, shape {shape}) is selected by {rule}, "
         f"but its matrix layout (reduction and output axes) is unknown. Fix: leave it out "
-        f"with a rule, e.g. dm.no_decay(path={path!r}), or teach the layout with "
-        f"dm.register_layer(cls, kind, matrix_axes={{{name!r}: ((...), (...))}})."
+        f"with a rule, e.g. dm.no_decay(path={path!r}), {traced if by_name else ''}or "
+        f"teach the layout with dm.register_layer(cls, kind, matrix_axes={{{name!r}: "
+        f"((...), (...))}})."
     )
 
 
@@ -221,13 +228,22 @@ def test_linen_stacked_layers_keep_the_stacked_axis_as_a_batch_axis(by_class):
     params = linen_params(Stacked(), x)
     assert params["ScanBlock_0"]["Dense_0"]["kernel"].shape == (2, 4, 4)
     assert params["VmapBlock_0"]["proj"]["kernel"].shape == (3, 4, 4)
-    dims = MATRICES.muon_dims_for_flax(params, **linen_kwargs(by_class, Stacked(), x))
+    kwargs = linen_kwargs(by_class, Stacked(), x)
+    policy = MATRICES
+    if not by_class:
+        # By names alone, a user-named Dense has no known layout: never guessed.
+        with pytest.raises(ValueError, match=r"ScanBlock_0/proj/kernel .*module=model"):
+            MATRICES.muon_dims_for_flax(params)
+        policy = dm.presets.muon(exclude="*/proj/*")
+    dims = policy.muon_dims_for_flax(params, **kwargs)
     expected = {}
     for stack in ("ScanBlock_0", "VmapBlock_0"):
         for layer in ("Dense_0", "proj"):
             expected |= {
                 f"{stack}/{layer}/bias": None,
-                f"{stack}/{layer}/kernel": STACKED_IN_OUT,
+                f"{stack}/{layer}/kernel": STACKED_IN_OUT
+                if by_class or layer != "proj"
+                else None,
             }
         expected |= {
             f"{stack}/LayerNorm_0/bias": None,
@@ -333,22 +349,14 @@ def test_linen_unknown_layout_is_an_error(by_class):
     assert flat(dims) == {"Einsum_0/bias": None, "Einsum_0/kernel": None}
 
     params = linen_params(Gated(), x)
-    # A layer of unknown kind warns that kind rules miss it; its layout is an error.
-    unknown_kind = (
-        "layers of unknown kind own parameters"
-        if by_class
-        else "arrays outside any layer"
-    )
-    with (
-        pytest.raises(ValueError) as info,
-        pytest.warns(dm.PolicyWarning, match=unknown_kind),
-    ):
+    # A 2-D `w` makes a linear layer by its content; its layout is still not known.
+    with pytest.raises(ValueError) as info:
         dm.Policy(dm.decay()).muon_dims_for_flax(
             params, **linen_kwargs(by_class, Gated(), x)
         )
-    owner = "Gate" if by_class else "unknown"
+    owner = "Gate" if by_class else "linear"
     assert str(info.value) == unknown_layout(
-        "gate/w", owner, (4, 4), "rule 1: decay()", "w"
+        "gate/w", owner, (4, 4), "rule 1: decay()", "w", by_name=not by_class
     )
 
 
@@ -468,7 +476,7 @@ def test_nnx_vmap_stacked_layers_keep_the_stacked_axis_as_a_batch_axis():
     with pytest.raises(ValueError) as info:
         MATRICES.muon_dims_for_flax(nnx.state(model, nnx.Param))
     assert str(info.value) == unknown_layout(
-        "linear/kernel", "linear", (3, 2, 4), PRESET_RULE, "kernel"
+        "linear/kernel", "linear", (3, 2, 4), PRESET_RULE, "kernel", by_name=True
     )
 
 
@@ -504,7 +512,7 @@ def test_nnx_unknown_layout_is_an_error():
         ):
             dm.Policy(dm.decay()).muon_dims_for_flax(tree)
         assert str(info.value) == unknown_layout(
-            "gate/w", owner, (4, 4), "rule 1: decay()", "w"
+            "gate/w", owner, (4, 4), "rule 1: decay()", "w", by_name=tree is not model
         )
 
 
@@ -521,7 +529,10 @@ def test_muon_preset_excludes_the_head():
 
     params = linen_params(Model(), x)
     both = {"Dense_0/bias": None, "Dense_0/kernel": IN_OUT, "head/bias": None}
-    assert flat(dm.presets.muon().muon_dims_for_flax(params)) == {
+    # The user-named head's layout comes from its class: traced.
+    assert flat(
+        dm.presets.muon().muon_dims_for_flax(params, module=Model(), args=(x,))
+    ) == {
         **both,
         "head/kernel": IN_OUT,
     }

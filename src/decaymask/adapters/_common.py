@@ -94,11 +94,17 @@ def muon_dimension_numbers(decision: Any, method: str) -> Any:
     axes = decision.leaf.muon_axes()
     if axes is None:
         leaf = decision.leaf
+        traced = (
+            "give the layer classes (Linen params: module=model, args=(x,); an NNX "
+            "State: the model itself), "
+            if method.endswith("flax") and leaf.layer_class is None and leaf.layer_type is None
+            else ""
+        )
         raise ValueError(
             f"{method}: {leaf.path} ({leaf.layer_type or leaf.layer}, {leaf.role}, shape "
             f"{leaf.shape}) is selected by {decision.decided_by}, but its matrix layout "
             f"(reduction and output axes) is unknown. Fix: leave it out with a rule, e.g. "
-            f"dm.no_decay(path={leaf.path!r}), or teach the layout with "
+            f"dm.no_decay(path={leaf.path!r}), {traced}or teach the layout with "
             f"dm.register_layer(cls, kind, matrix_axes={{{leaf.name!r}: ((...), (...))}})."
         )
     from optax.contrib import MuonDimensionNumbers

@@ -4,32 +4,35 @@ The input is a params mapping or a whole variables mapping, as ``dict`` or
 ``FrozenDict``; the mask comes back in exactly the same containers (optax rejects a
 mix), with one bool at each ``nn.Partitioned`` box so that it is a prefix of the boxed
 params. A mapping is read as variables when it has a ``params`` key, every top-level
-value is a mapping and no other top-level key is a Flax auto name (``Dense_0``); with
-``module=``, the traced model decides instead, since a model may name a submodule
-``params``. Canonical paths join keys with ``/``; in variables, ``params`` paths drop
-their ``params/`` prefix (a glob written for params works on both) and other
-collections keep theirs (``batch_stats/BatchNorm_0/mean``). Other collections are
-state: never decayed.
+value is a mapping and every other top-level key looks like a collection (a Flax
+collection name, or a mapping without arrays named like parameters); a key that is an
+auto name (``Dense_0``) or holds parameters is a module beside a submodule named
+``params``, and where both readings fit, the call asks for ``module=``. With
+``module=``, the traced model decides. Equinox modules inside a mapping are turned
+away (``for_equinox`` reads them). Canonical paths join keys with ``/``; in
+variables, ``params`` paths drop their ``params/`` prefix (a glob written for params
+works on both) and other collections keep theirs (``batch_stats/BatchNorm_0/mean``).
+Other collections are state: never decayed.
 
 Linen params carry no classes, only keys. Without a module, every mapping level is read
-as a module and its kind comes from names, in this order:
+as a module, in this order:
 
 1. A Flax auto name (``Dense_3``) gives a class name (``Dense``); a lift prefix is
    dropped (``ScanBlock_0`` is a ``Block`` stacked by ``nn.scan``). A class name the
    user registered with ``dm.register_layer`` gives its kind (``"registered"``), then
-   a Linen class name from :data:`KIND_TABLE`.
-2. Otherwise the module or class name, if it makes the kind evident (``ln_f``,
-   ``input_layernorm``, ``LlamaRMSNorm_0``). A name that says only "norm" is a layer
-   norm when the module has a ``bias`` and an RMS norm when it has not. A name that
-   says embedding, attention or norm does not hold against a ``kernel`` the module owns
-   (``patch_embed`` holding a conv kernel is a conv).
-3. Otherwise the arrays the module owns: an ``embedding`` makes an embedding; a
-   ``kernel`` makes a linear layer, or a conv when the kernel has three or more axes of
-   its own (axes stacked by a ``Scan``/``Vmap`` ancestor do not count) and neither an
-   attention ancestor nor a multi-axis bias says ``DenseGeneral``; ``scale`` beside
-   ``bias`` makes a layer norm, ``scale`` alone an RMS norm; a module whose children are
-   exactly the gates of a Linen cell (``ir``, ``iz``, ``in``, ``hr``, ``hz``, ``hn``) is
-   recurrent, one with ``query``, ``key``, ``value`` and ``out`` children is attention.
+   a Linen class name from :data:`KIND_TABLE` (``"name"``).
+2. Otherwise the shared inference (:func:`decaymask.core._infer.resolve_kind`) reads
+   the class name (or the key: ``ln_f``, ``input_layernorm``) as words together with
+   what the module owns: the names of its arrays, the rank each has in one layer and
+   the keys of its submodules. Content decides where the two contradict (a
+   ``FlaxConv1D`` with a 2-D kernel is linear, a ``ProjNorm`` owning a kernel is not a
+   norm), and ``kind_source`` says which did (``"name"`` or ``"content"``). What only
+   Linen shows is added: axes stacked by a ``Scan``/``Vmap`` auto name do not count; a
+   bias whose leading axes repeat the kernel's shows layers stacked by a user-named
+   ``nn.scan``/``nn.vmap`` (their kernels keep one layer's rank) and a bias equal to
+   the kernel's last axes a ``DenseGeneral``; where both fit and say different kinds,
+   the leaf is ``"ambiguous"``. The ``query``/``key``/``value``/``out`` children of an
+   attention layer are its projections.
 
 Two kinds of module own the arrays of modules inside them. A recurrent cell (Linen's
 cells keep their gates in ``Dense`` or ``Conv`` children such as ``ii``/``hi``) owns
@@ -43,9 +46,17 @@ With ``module=`` and ``args=``, ``model.init`` is traced abstractly (``jax.eval_
 no arrays allocated) with a method interceptor that records the class of every module
 path and the rank each array has inside its layer (so arrays stacked by ``nn.scan`` or
 ``nn.vmap`` get ``batch_axes``; by names alone, only layers of a fixed rank under a
-``Scan``/``Vmap`` auto name get them). A class is looked up in the registry, then in
-:data:`KIND_TABLE` (subclasses count), then by its name, and where none of these knows
-it, the rules above decide, so the classes are never worse than the names.
+``Scan``/``Vmap`` auto name, or a stack a bias proves, get them). A class is looked up
+in the registry, then in :data:`KIND_TABLE` (subclasses count); any other class name is
+read with the module's arrays as in step 2, so the classes are never worse than the
+names. A call compiled by ``nn.jit`` that jax has cached runs no Python: where the
+trace saw no module at paths the params hold, it runs again with jit disabled, and a
+``PolicyWarning`` names the paths it still misses.
+
+Muon layouts (``matrix_axes``) are never guessed: they come from a class of
+:data:`KIND_TABLE` (traced, or by its auto name), a registration (checked against each
+array's rank, leading axes beyond it stacked), an attention layer's projections or a
+Linen cell's gates. A module known by its names or arrays only has none.
 """
 
 from __future__ import annotations
@@ -56,6 +67,8 @@ import inspect
 import operator
 import re
 import reprlib
+import sys
+import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
 
@@ -66,7 +79,7 @@ from flax.core.frozen_dict import FrozenDict
 from flax.core.scope import Scope
 
 from ..core import _registry
-from ..core._infer import is_generic_norm_name, kind_from_name, role_from_name
+from ..core._infer import kind_from_name, name_kind, resolve_kind, role_from_name
 from ..core._leaf import Layer, Leaf
 from ..core._table import LeafTable
 from ._common import RegistryCache, dtype_name, is_array_like, key_name, path_text
@@ -124,12 +137,6 @@ _CELL_GATES = (
     frozenset({"if", "in", "hf", "hn"}),  # MGUCell
     frozenset({"i", "h"}),  # SimpleCell
     frozenset({"ih", "hh"}),  # ConvLSTMCell
-)
-
-# Names a fuzzy name-derived kind cannot keep when the module owns a kernel.
-_KERNEL_OVERRIDES = frozenset(
-    {"embedding", "attention", "layer_norm", "rms_norm", "group_norm", "batch_norm",
-     "instance_norm", "norm"}
 )
 
 # The rank one layer gives an array, where only names are known: under a lifted
@@ -260,10 +267,10 @@ _class_cache = RegistryCache()  # class -> (kind, source)
 
 
 def _class_kind(cls: type) -> tuple[str | None, str]:
-    """(kind, how it was found) for a module class; kind ``None`` where nothing knows it.
+    """(kind, how it was found) for a module class; kind ``None`` where neither the
+    registry nor :data:`KIND_TABLE` knows it (its name is then read with its arrays).
 
-    The kind is ``"wrapper"`` for :data:`WRAPPERS` and may be ``"norm"`` for a class
-    whose name says only that it is a norm.
+    The kind is ``"wrapper"`` for :data:`WRAPPERS`.
     """
     table = _class_cache.table()
     found = table.get(cls)
@@ -284,11 +291,7 @@ def _resolve_class_kind(cls: type) -> tuple[str | None, str]:
             return kind, "class"
         if base in _CONTAINERS:
             return "unknown", "class"
-    guessed = kind_from_name(cls.__name__)
-    if guessed is not None:
-        return guessed, "name"
-    if is_generic_norm_name(cls.__name__):
-        return "norm", "name"
+    # Neither table nor registry: the class name is read with the arrays, per module.
     return None, "class"
 
 
@@ -348,6 +351,11 @@ class _Trace:
     general: dict[tuple[str, ...], tuple[int, int, int]]
     variables: Any
 
+    def __post_init__(self) -> None:
+        # "params" first: a module's kind is read off its params where it has any.
+        others = sorted({collection for collection, _ in self.ndims} - {"params"})
+        self.collections = ("params", *others)
+
 
 def _trace(
     fn: str,
@@ -355,8 +363,13 @@ def _trace(
     args: Any,
     kwargs: Any,
     wanted: dict[tuple[str, ...], list[tuple[str, str]]],
+    eager: bool = False,
 ) -> _Trace:
-    """Runs ``module.init(key, *args, **kwargs)`` under ``jax.eval_shape``, recording."""
+    """Runs ``module.init(key, *args, **kwargs)`` under ``jax.eval_shape``, recording.
+
+    With ``eager``, under ``jax.disable_jit()`` too: a call compiled by ``nn.jit`` that
+    jax has cached runs no Python, so the methods inside it are seen only then.
+    """
     if not isinstance(module, nn.Module):
         raise TypeError(
             f"{fn}(..., module={module!r}): expected a flax.linen.Module, got "
@@ -440,7 +453,11 @@ def _trace(
             return module.init(jax.random.key(0), *args, **kwargs)
 
     try:
-        variables = jax.eval_shape(init)
+        if eager:
+            with jax.disable_jit():
+                variables = jax.eval_shape(init)
+        else:
+            variables = jax.eval_shape(init)
     except Exception as err:
         if hasattr(err, "add_note"):
             err.add_note(
@@ -462,25 +479,103 @@ class _Module:
     registration: _registry.Registration | None = None
     cell: bool = False  # a recurrent cell: owns its linear/conv gate children
     wrapper: bool = False  # WeightNorm/SpectralNorm: owns what it keeps below it
-    in_attention: bool = False
     absorbed_by: _Module | None = None  # the module that owns this one's arrays
     visible: bool = True  # listed among ancestors
     trusted: bool = False  # kind from a table or the registry (class or auto name)
+    key: str = ""  # its own key: an embedding named for positions holds a position table
+    batch: int | None = None  # stacked axes its arrays prove (a user-named stack)
 
 
-def _looks_like_variables(tree: Mapping) -> bool:
-    """A variables mapping: a ``params`` key, mappings only, no auto-named module key."""
+def _owner_id(owner: _Module) -> tuple:
+    """What a policy can read of a leaf's owner: alike owners decide alike."""
+    # A table under a key that says position is a position table (role_from_name).
+    named = role_from_name("embedding", "embedding", owner.key) == "position"
+    return owner.layer, owner.ancestors, owner.registration, named
+
+
+# Flax's own collections: a top-level key among these names a collection.
+_COLLECTIONS = frozenset(
+    {"params", "batch_stats", "cache", "intermediates", "losses", "perturbations"}
+)
+# Arrays by these names are parameters: a top-level key holding them is a module.
+_PARAM_NAMES = frozenset({"kernel", "bias", "scale", "embedding"})
+
+
+def _looks_like_variables(tree: Mapping) -> bool | None:
+    """Whether a mapping is a variables mapping (``True``) or params (``False``);
+    ``None`` where its keys and arrays cannot tell.
+
+    Variables have a ``params`` key and only mappings at the top. Every other top-level
+    key must look like a collection: one of Flax's (``batch_stats``, ``cache``, ...),
+    or a mapping that holds no array named like a parameter (a ``counter`` collection).
+    A key that holds parameters (``head`` with a ``kernel``) or is an auto name is a
+    module beside a submodule named ``params``; one that holds parameters in
+    submodules the ``params`` tree also has could be either (a copy of the params kept
+    in a collection of its own).
+    """
     if "params" not in tree:
         return False
+    others = []
     for key, value in tree.items():
         if not isinstance(value, Mapping):
             return False
-        if key != "params" and isinstance(key, str) and _AUTO_NAME.fullmatch(key):
+        if key == "params":
+            continue
+        if not isinstance(key, str) or _AUTO_NAME.fullmatch(key):
             return False
-    return True
+        if key not in _COLLECTIONS:
+            others.append(key)
+    if not others:
+        return True
+    readings = set()
+    for key in others:
+        if not _holds_param_names(tree[key]):
+            readings.add("collection")
+        elif (paths := _module_paths(tree[key])) != {()} and paths <= _module_paths(
+            tree["params"]
+        ):
+            readings.add("either")
+        else:
+            readings.add("module")
+    if readings == {"collection"}:
+        return True
+    if readings == {"module"}:
+        return False
+    return None
 
 
-_EMBED_NAMES = frozenset({"embedding", "embeddings", "embedding_table"})
+def _holds_param_names(tree: Mapping) -> bool:
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            if _holds_param_names(value):
+                return True
+        elif key in _PARAM_NAMES:
+            return True
+    return False
+
+
+def _module_paths(tree: Mapping, path: tuple = ()) -> set[tuple]:
+    """The paths of the mappings in ``tree`` that hold arrays directly."""
+    found: set[tuple] = set()
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            found |= _module_paths(value, path + (key,))
+        else:
+            found.add(path)
+    return found
+
+
+def _undecidable(fn: str, tree: Mapping) -> ValueError:
+    others = sorted(str(k) for k in tree if k != "params")
+    return ValueError(
+        f"{fn}: cannot tell whether this mapping is a variables mapping (collections "
+        f"'params', {', '.join(map(repr, others))}) or params whose top-level modules "
+        f"include one named 'params': the arrays fit both. Fix: pass the model, "
+        f"policy.{fn}(tree, module=model, args=(x,)), so that its trace decides, or "
+        f"pass variables['params'] alone."
+    )
+
+
 _GATE_SETS = frozenset(_CELL_GATES)
 
 
@@ -523,24 +618,30 @@ class _Reader:
         key = path[-1] if path else ""
         ancestors: tuple[Layer, ...] = ()
         stacked = 0
-        in_attention = False
         absorbed_by = None
         if parent is not None:
             ancestors = parent.ancestors + (parent.layer,) if parent.visible else parent.ancestors
             stacked = parent.stacked
-            in_attention = parent.in_attention or parent.layer.kind == "attention"
             absorbed_by = parent.absorbed_by or (parent if parent.wrapper else None)
         auto, stacked_here = _auto_class(key)
         stacked += stacked_here
 
         cls = self.trace.classes.get(path) if self.trace is not None else None
         registration = None
+        # The name read with the arrays where no table knows the module: a traced class
+        # name that says something, else the auto name's class or the key.
+        name = auto or key
         if cls is not None:
             kind, source = _class_kind(cls)
             type_name: str | None = cls.__name__
-            trusted = source in _TRUSTED
+            trusted = kind is not None
             if source == "registered":
                 registration = _registry.lookup_class(cls)
+            said = name_kind(cls.__name__)
+            if said is not None and (said != "norm" or kind_from_name(key) is None):
+                # The class name's head word, unless it says only "norm" where the
+                # key says which (an `HFNorm` at `input_layernorm`).
+                name = cls.__name__
         else:
             if (
                 self.trace is not None
@@ -555,32 +656,18 @@ class _Reader:
             type_name = auto
             kind, source, registration = _auto_kind(auto)
             trusted = kind is not None
-        if (kind is None or kind == "norm") and key and not trusted:
-            # The module's own name, where the class (or auto name) says nothing
-            # specific: `input_layernorm` holding an HF-style `weight`.
-            guess = kind_from_name(key)
-            if guess is None and kind is None and is_generic_norm_name(key):
-                guess = "norm"
-            if guess is not None:
-                kind, source = guess, "name"
 
         wrapper = kind == "wrapper"
+        batch: int | None = None
         if wrapper:
             kind, source = self._wrapped_kind(path, source, merged, children)
-        elif (
-            kind is None
-            or kind == "norm"
-            or (not trusted and kind in _KERNEL_OVERRIDES and "kernel" in direct)
-        ):
-            content = self._content_kind(direct, children, in_attention, stacked)
-            if content is not None:
-                kind, source = content, "name"
-            elif kind == "norm":
-                kind = "layer_norm" if "bias" in direct else "rms_norm"
-            elif kind is None:
-                kind = "unknown"
+        elif kind is None:
+            kind, source, batch = self._read_kind(
+                path, name, parent, direct, children, stacked
+            )
+            if kind == "unknown":
+                # Nothing said what it is: the class (or the name) is all there was.
                 source = "class" if cls is not None else "name"
-        assert kind is not None
         cell = kind == "recurrent" and (trusted or frozenset(children) in _GATE_SETS)
         if (
             cls is None
@@ -601,12 +688,81 @@ class _Reader:
             registration=registration,
             cell=cell,
             wrapper=wrapper,
-            in_attention=in_attention,
             absorbed_by=absorbed_by,
             # Without a trace the root is anonymous: nothing to match it by.
             visible=bool(path) or self.trace is not None,
             trusted=trusted,
+            key=key,
+            batch=batch,
         )
+
+    def _read_kind(
+        self,
+        path: tuple[str, ...],
+        name: str,
+        parent: _Module | None,
+        direct: Mapping[str, Any],
+        children: Collection[str],
+        stacked: int,
+    ) -> tuple[str, str, int | None]:
+        """(kind, evidence, stacked axes the arrays prove) of a module no table knows.
+
+        Names and content are read together (:func:`resolve_kind`), with what only
+        Linen shows: the rank each array has in one layer (from the trace, or past the
+        axes a ``Scan``/``Vmap`` auto name stacks), a bias whose leading axes repeat
+        the kernel's (layers stacked by a user-named ``nn.scan``/``nn.vmap``) or whose
+        shape is the kernel's last axes (a ``DenseGeneral``), and the projections of an
+        attention layer.
+        """
+        key = path[-1] if path else ""
+        if (
+            key in _ATTENTION_CHILDREN
+            and parent is not None
+            and parent.layer.kind == "attention"
+            and ("kernel" in direct or "weight" in direct)
+        ):
+            # An attention layer's query/key/value/out are its projections, however
+            # many axes their DenseGeneral kernels have.
+            return "linear", "name", None
+        ranks = self._ranks(path, direct, stacked)
+        batch = None
+        kernel, bias = direct.get("kernel"), direct.get("bias")
+        if self.trace is None and kernel is not None and bias is not None:
+            k, b = kernel.shape[stacked:], bias.shape[stacked:]
+            if len(b) >= 2 and len(k) > len(b) - 1:
+                # Either reading makes a linear layer where the kernel is 3-D; a
+                # deeper kernel under a stack reads as a stacked conv.
+                general = tuple(k[-len(b) :]) == tuple(b)
+                stack = tuple(k[: len(b) - 1]) == tuple(b[:-1]) and k[-1] == b[-1]
+                if stack and not general:
+                    batch = len(b) - 1
+                    ranks = {n: max(0, r - batch) for n, r in ranks.items()}
+                elif stack and general:
+                    as_stack = resolve_kind(
+                        name, {n: max(0, r - len(b) + 1) for n, r in ranks.items()}, children
+                    )
+                    as_general = resolve_kind(name, ranks, children)
+                    if as_stack[0] != as_general[0]:
+                        return as_general[0], "ambiguous", None
+        kind, evidence = resolve_kind(name, ranks, children)
+        return kind, evidence, batch
+
+    def _ranks(
+        self, path: tuple[str, ...], direct: Mapping[str, Any], stacked: int
+    ) -> dict[str, int]:
+        """The rank of each array a module owns, in one layer as far as is known."""
+        ranks = {}
+        ndims = self.trace.ndims if self.trace is not None else None
+        for name in direct:
+            shape = direct.get(name).shape  # get: a names-only walk keys modules by shape
+            inner = None
+            if ndims is not None:
+                for collection in self.trace.collections:  # type: ignore[union-attr]
+                    inner = ndims.get((collection, path + (name,)))
+                    if inner is not None:
+                        break
+            ranks[name] = inner if inner is not None else max(0, len(shape) - stacked)
+        return ranks
 
     def _wrapped_kind(
         self,
@@ -636,49 +792,6 @@ class _Reader:
                 return kind, source
         return "unknown", source
 
-    def _content_kind(
-        self,
-        direct: Mapping[str, Any],
-        children: Collection[str],
-        in_attention: bool,
-        stacked: int,
-    ) -> str | None:
-        """The kind the arrays a module owns (or its gate children) make evident."""
-        if not direct:
-            names = frozenset(children)
-            if names in _GATE_SETS:
-                return "recurrent"
-            if _ATTENTION_CHILDREN <= names:
-                return "attention"
-            return None
-        if not _EMBED_NAMES.isdisjoint(direct):
-            return "embedding"
-        kernel = direct.get("kernel")
-        if kernel is None:
-            weight = direct.get("weight")
-            if weight is not None and len(weight.shape) - stacked >= 2:
-                kernel = weight
-        if kernel is not None:
-            if in_attention:
-                return "linear"
-            bias = direct.get("bias")
-            rank = len(kernel.shape) - stacked
-            # DenseGeneral's bias has the shape of its output axes, the kernel's last.
-            general = (
-                bias is not None
-                and 2 <= len(bias.shape) <= len(kernel.shape)
-                and tuple(kernel.shape[-len(bias.shape) :]) == tuple(bias.shape)
-            )
-            return "conv" if rank >= 3 and not general else "linear"
-        names = set(direct)
-        if "scale" in names and names <= {"scale", "bias"}:
-            return "layer_norm" if "bias" in names else "rms_norm"
-        if names == {"mean", "var"}:
-            return "batch_norm"
-        if names == {"negative_slope"}:
-            return "prelu"
-        return None
-
     # Leaves.
 
     def _leaf(
@@ -700,7 +813,12 @@ class _Reader:
         if owner.registration is not None:
             role = owner.registration.role_of(name)
         if role is None:
-            role = role_from_name(layer.kind, name)
+            if module.wrapper and name == "scale" and "/" in key:
+                # WeightNorm's gain (`Dense_0/kernel/scale`), not a norm's scale:
+                # Equinox's WeightNorm calls it `g`, and both are gains.
+                role = "gain"
+            else:
+                role = role_from_name(layer.kind, name, owner.key)
         shape = tuple(array.shape)
         batch_axes = 0
         known_rank = True
@@ -713,6 +831,10 @@ class _Reader:
             if natural is not None:
                 batch_axes = min(module.stacked, max(0, len(shape) - natural))
             known_rank = natural is not None
+        elif module.batch is not None:
+            # A bias whose leading axes repeat the kernel's: layers stacked by a
+            # user-named nn.scan or nn.vmap, which must not widen the kernel's window.
+            batch_axes = min(module.batch, len(shape))
         elif layer.kind == "conv" and collection == "params" and layer.type_name != "ConvLocal":
             # A conv's bias is (out,) in one layer (ConvLocal's has one per position):
             # more axes show stacked layers (a user-named nn.scan), which must not widen
@@ -720,18 +842,25 @@ class _Reader:
             bias = direct.get("bias")
             if bias is not None and hasattr(bias, "shape"):
                 batch_axes = max(0, len(bias.shape) - 1)
+        text = path_text(path + (key,) if collection == "params" else (collection, *path, key))
         matrix_axes = None
-        if collection == "params" and known_rank:
+        if owner.registration is not None and collection == "params":
+            axes = owner.registration.matrix_axes_of(name)
+            if axes is not None:
+                batch_axes = self._registered_batch(text, shape, axes, batch_axes, known_rank)
+                matrix_axes = axes
+        elif collection == "params" and known_rank:
             matrix_axes = self._matrix_axes(
                 owner, module, path, name, len(shape) - batch_axes, direct
             )
-        text = path_text(path + (key,) if collection == "params" else (collection, *path, key))
         # A linear layer's kernel is one matrix and its bias one vector, however many
         # axes a DenseGeneral's (or an attention projection's) features take.
         layout_axes = 0
         if layer.kind == "linear" and collection == "params":
             if name == "kernel" and matrix_axes is not None:
                 layout_axes = len(matrix_axes[0]) + len(matrix_axes[1]) - 2
+            elif name == "kernel":
+                layout_axes = max(0, len(shape) - batch_axes - 2)
             elif name == "bias":
                 layout_axes = max(0, len(shape) - batch_axes - 1)
         return Leaf(
@@ -750,6 +879,37 @@ class _Reader:
             batch_axes=batch_axes,
             matrix_axes=matrix_axes,
         )
+
+    def _registered_batch(
+        self,
+        text: str,
+        shape: tuple[int, ...],
+        axes: tuple[tuple[int, ...], tuple[int, ...]],
+        batch_axes: int,
+        known_rank: bool,
+    ) -> int:
+        """The stacked axes of an array whose layout was registered, checked against it.
+
+        The registered axes describe one layer's array: leading axes beyond them are
+        stacked layers (``nn.scan``/``nn.vmap``), where the trace has not said so.
+
+        Raises:
+          ValueError: the array has fewer axes than the registered layout names.
+        """
+        needed = max((*axes[0], *axes[1])) + 1
+        if self.trace is None or not known_rank:
+            batch_axes = max(batch_axes, len(shape) - needed)
+        if len(shape) - batch_axes < needed:
+            where = f" ({batch_axes} of them stacked)" if batch_axes else ""
+            raise ValueError(
+                f"{self.fn}: {text} has shape {shape}{where}, but its layer was "
+                f"registered with matrix_axes {axes}, which name axis {needed - 1} of "
+                f"one layer's array. Fix: register the (reduction axes, output axes) of "
+                f"one layer's array of rank {len(shape) - batch_axes}, e.g. "
+                f"dm.register_layer(cls, kind, matrix_axes={{{text.rsplit('/', 1)[-1]!r}: "
+                f"((0,), (1,))}}) for an (in, out) matrix."
+            )
+        return batch_axes
 
     def _general_sizes(
         self, direct: Mapping[str, Any], rank: int
@@ -773,23 +933,20 @@ class _Reader:
         rank: int,
         direct: Mapping[str, Any],
     ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-        """(reduction, output) axes of a weight matrix in Linen's (in, out) layouts."""
-        if owner.registration is not None:
-            return owner.registration.matrix_axes_of(name)
+        """(reduction, output) axes of a weight matrix in Linen's (in, out) layouts.
+
+        Only where a layout is known, never guessed: a class of :data:`KIND_TABLE` (by
+        the trace or by its auto name), an attention layer's projections and a Linen
+        cell's gates. A module known by its names or arrays only (a user-named module,
+        a third-party class such as GPT-2's ``(out, in)`` ``FlaxConv1D``) has none.
+        """
         if name not in ("kernel", "embedding"):
             return None
         layer = module.layer
         base = _layout_base(layer)
-        if base is None:
-            # A layer known by kind only (a user-named module, a third-party class)
-            # keeps Linen's layouts: a 2-D kernel is (in, out), a conv's (*window, in,
-            # out). A multi-axis bias shows a DenseGeneral's output axes.
-            if layer.kind == "linear" and name == "kernel":
-                base = "Dense" if rank == 2 else "DenseGeneral"
-            elif layer.kind == "conv" and name == "kernel":
-                base = "Conv"
-            elif layer.kind == "embedding" and name == "embedding":
-                base = "Embed"
+        if base is None and owner.cell and owner.trusted and name == "kernel":
+            # Linen's cells build their gates as Dense (ConvLSTMCell: Conv) layers.
+            base = {"linear": "Dense", "conv": "Conv"}.get(layer.kind)
         if base in ("Dense", "Embed") and rank == 2:
             return (0,), (1,)
         if base == "Conv" and rank >= 2:
@@ -826,6 +983,55 @@ def _is_floating(array: Any) -> bool:
     return floating
 
 
+def _warn_unseen(fn: str, name: str, unseen: list[str]) -> None:
+    from ..core._warnings import PolicyWarning
+
+    shown = ", ".join(unseen[:3]) + (f" and {len(unseen) - 3} more" if len(unseen) > 3 else "")
+    # Point at the caller's line: the first frame outside decaymask.
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("decaymask"):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(
+        f"{fn}(params, module={name}(...)): the trace of {name}.init saw no module at "
+        f"{shown}, so names decided there, not classes or registrations. A method "
+        f"whose modules run outside Flax's interceptor (a custom jax transform around "
+        f"them) hides them; register those layers by class name "
+        f"(dm.register_layer('ClassName', kind)) so that names find them.",
+        PolicyWarning,
+        stacklevel=level,
+    )
+
+
+def _check_not_equinox(fn: str, tree: Mapping, flat: list) -> None:
+    """Equinox modules in a mapping are flattened by their fields: read as Linen
+    names they would decide wrongly, so they are turned away.
+
+    Raises:
+      TypeError: a value of ``tree`` is an Equinox module.
+    """
+    eqx = sys.modules.get("equinox")
+    if eqx is None:
+        return
+    for keys, _ in flat:
+        if keys and type(keys[-1]) is _DictKey and type(keys[0]) is _DictKey:
+            # Fields of a module (GetAttrKey) and list items end or start a path.
+            continue
+        for i, entry in enumerate(keys):
+            if type(entry) is _DictKey:
+                continue
+            node: Any = tree
+            for parent in keys[:i]:
+                node = node[parent.key]
+            if isinstance(node, eqx.Module):
+                where = _path_text(tuple(str(k.key) for k in keys[:i]))
+                raise TypeError(
+                    f"{fn}: {where!r} is an Equinox {type(node).__name__}, not Linen "
+                    f"params. Use policy.{fn.replace('flax', 'equinox')}(tree) for "
+                    f"Equinox models, and for mappings of them."
+                )
+            break
+
+
 class _Walk(_Reader):
     """Any Linen mapping, with or without a trace: one flatten, modules by path.
 
@@ -850,17 +1056,28 @@ class _Walk(_Reader):
                 f"{fn}: expected a Linen params or variables mapping (dict or FrozenDict), "
                 f"got {type(tree).__name__}, which jax treats as a single leaf."
             )
+        _check_not_equinox(fn, tree, flat)
         keyed = [(_keys(keys), value) for keys, value in flat]
-        self.variables = _looks_like_variables(tree)
+        reading = _looks_like_variables(tree)
+        if reading is None and module is None:
+            raise _undecidable(fn, tree)
+        # Undecided: the trace decides (_reading).
+        self.variables = reading is not False
         self.trace: _Trace | None = None
         traced_shapes: dict[str, tuple[int, ...]] = {}
         if module is not None:
-            self.trace = _trace(fn, module, args, kwargs, _wanted(keyed, self.variables))
+            wanted = _wanted(keyed, self.variables)
+            self.trace = _trace(fn, module, args, kwargs, wanted)
             traced_shapes = self._traced_param_shapes()
             self.variables = self._reading(keyed, traced_shapes)
         entries = self._entries(keyed)
         if self.trace is not None:
             self._check_trace(entries, traced_shapes)
+            if self._unseen():
+                self.trace = _trace(fn, module, args, kwargs, wanted, eager=True)
+                unseen = self._unseen()
+                if unseen:
+                    _warn_unseen(fn, type(module).__name__, unseen)
         self.children: dict[tuple[str, ...], set[str]] = {}
         for path in list(self.direct) + list(self.direct_other):
             for i in range(len(path) - 1, -1, -1):
@@ -886,7 +1103,7 @@ class _Walk(_Reader):
                 module = self._module(path)
                 owner = module.absorbed_by or module
                 owner_id = owner_ids[path] = interned.setdefault(
-                    (owner.layer, owner.ancestors, owner.registration), len(interned)
+                    _owner_id(owner), len(interned)
                 )
             keys.append(
                 key_ids.setdefault(
@@ -925,6 +1142,15 @@ class _Walk(_Reader):
         )
 
     # The trace against the tree.
+
+    def _unseen(self) -> list[str]:
+        """Module paths holding params where the trace saw no module at all."""
+        seen = self.trace.classes  # type: ignore[union-attr]
+        unseen = []
+        for path in self.direct:
+            if path and not any(path[:i] in seen for i in range(1, len(path) + 1)):
+                unseen.append(_path_text(path))
+        return sorted(unseen)
 
     def _traced_param_shapes(self) -> dict[str, tuple[int, ...]]:
         traced = self.trace.variables  # type: ignore[union-attr]
@@ -1051,8 +1277,8 @@ def _key_traits(key: str) -> int:
         traits = (
             auto,
             stacked,
-            kind_from_name(key),
-            is_generic_norm_name(key),
+            name_kind(key),
+            role_from_name("embedding", "embedding", key),
             key in _ATTENTION_CHILDREN,
             bool(key),
         )
@@ -1271,6 +1497,7 @@ class _NamedWalk(_Reader):
                 {key: own[key] for key in names},
                 (),
                 None,
+                own,
             )
         self.plan.append(resolved)
         if resolved.emitted and not everything:
@@ -1311,8 +1538,13 @@ class _NamedWalk(_Reader):
         direct: dict[str, Any],
         children: list[str] | tuple[()],
         layout: tuple[tuple[str, int], ...] | None,
+        keyed_by: dict[str, Any] | None = None,
     ) -> _Resolved:
-        """Infers the module of a new signature, and the keys of the arrays it owns."""
+        """Infers the module of a new signature, and the keys of the arrays it owns.
+
+        Where inference read shapes, the module is filed under the shapes of
+        ``keyed_by`` (``direct`` in the order its later look-ups see), default
+        ``direct``."""
         for name in direct:
             if type(name) is not str:
                 raise _Fallback
@@ -1322,7 +1554,7 @@ class _NamedWalk(_Reader):
         )
         owner = module.absorbed_by or module
         owner_id = self.owner_ids.setdefault(
-            (owner.layer, owner.ancestors, owner.registration), len(self.owner_ids)
+            _owner_id(owner), len(self.owner_ids)
         )
         keys = tuple(
             self.key_ids.setdefault((owner_id, name, _is_floating(array)), len(self.key_ids))
@@ -1334,7 +1566,7 @@ class _NamedWalk(_Reader):
             by_shapes = table.get(signature)
             if type(by_shapes) is not dict:
                 by_shapes = table[signature] = {}
-            by_shapes[_shapes(direct)] = resolved
+            by_shapes[_shapes(direct if keyed_by is None else keyed_by)] = resolved
         else:
             table[signature] = resolved
         return resolved
@@ -1390,13 +1622,8 @@ def _rebuilt(resolved: _Resolved, plan: Callable[[], _Resolved], values: Iterato
 
 
 def _shapes(direct: Mapping[str, Any]) -> tuple:
-    """The shapes names-only inference reads, where it reads any."""
-    kernel, weight, bias = direct.get("kernel"), direct.get("weight"), direct.get("bias")
-    return (
-        None if kernel is None else tuple(kernel.shape),
-        None if weight is None else tuple(weight.shape),
-        None if bias is None else tuple(bias.shape),
-    )
+    """The shapes of a module's arrays, in the mapping's order, where inference read any."""
+    return tuple([value.shape for value in direct.values()])
 
 
 def _wanted(keyed: list, variables: bool) -> dict[tuple[str, ...], list[tuple[str, str]]]:
@@ -1445,7 +1672,7 @@ def walk(
             f"tracing module=, but no module= was given. Pass the model too: "
             f"policy.{method}(params, module=model, args=(x,))."
         )
-    if module is None and type(tree) in (dict, FrozenDict) and not _looks_like_variables(tree):
+    if module is None and type(tree) in (dict, FrozenDict) and _looks_like_variables(tree) is False:
         try:
             named = _NamedWalk(method, tree)
         except _Fallback:
@@ -1464,9 +1691,10 @@ def leaves(
     Args:
       tree: a params mapping or a whole variables mapping (``{"params": ...,
         "batch_stats": ...}``), as ``dict`` or ``FrozenDict``. It is read as variables
-        when it has a ``params`` key, every top-level value is a mapping and no other
-        top-level key is a Flax auto name such as ``Dense_0``; with ``module=``, the
-        traced model decides (a model may name a submodule ``params``). Paths in
+        when it has a ``params`` key, every top-level value is a mapping and every
+        other top-level key looks like a collection (see the module docstring); with
+        ``module=``, the traced model decides (a model may name a submodule
+        ``params``). Paths in
         ``params`` drop the ``params/`` prefix; other collections keep theirs
         (``batch_stats/BatchNorm_0/mean``) and are never decayed.
       module: the ``flax.linen.Module`` that made the params, to find the exact class
@@ -1478,9 +1706,10 @@ def leaves(
       One :class:`Leaf` per array, in ``jax.tree_util`` flattening order.
 
     Raises:
-      TypeError: ``tree`` is not a mapping, a leaf is not an array, or
-        ``module=``/``args=``/``kwargs=`` are of the wrong type or missing.
-      ValueError: the traced model's params differ from ``tree``'s.
+      TypeError: ``tree`` is not a mapping, holds Equinox modules, a leaf is not an
+        array, or ``module=``/``args=``/``kwargs=`` are of the wrong type or missing.
+      ValueError: the traced model's params differ from ``tree``'s, or without
+        ``module=`` the tree fits both the variables and the params reading.
 
     Example:
       >>> import flax.linen as nn, jax, jax.numpy as jnp

@@ -197,7 +197,9 @@ def content_kind(arrays: Mapping[str, int], children: Collection[str] = ()) -> s
             return None
         rank = arrays[kernel]
         bias = arrays.get("bias", arrays.get("b"))
-        if rank <= 2:
+        if rank < 2:
+            return None  # not a matrix: a kernel of one axis says no layer
+        if rank == 2:
             return "linear"
         return "linear" if bias is not None and bias >= 2 else "conv"
     if "scale" in names and names <= {"scale", "bias", "offset"}:
