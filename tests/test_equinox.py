@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -419,3 +420,150 @@ def test_prng_key_arrays_are_never_decayed():
         ("key", "key<fry>", False, "not floating point: never decayed"),
         ("weight", "float32", True, "rule 1: decay()"),
     ]
+
+
+# Arrays in lists, tuples and custom pytree nodes: the mask is what explain shows.
+
+
+class ListMLP(eqx.Module):
+    weights: list
+    biases: list
+
+
+def _list_mlp() -> ListMLP:
+    return ListMLP([jnp.ones((4, 3)), jnp.ones((2, 4))], [jnp.ones(4), jnp.ones(2)])
+
+
+def test_arrays_in_list_fields_are_decided_by_their_field():
+    mlp = _list_mlp()
+    policy = dm.Policy(dm.decay(), dm.no_decay(param="bias"))
+    rows = policy.explain(mlp)
+    assert [(r.path, r.leaf.name, r.role, r.decay) for r in rows] == [
+        ("weights/0", "weights", "weight", True),
+        ("weights/1", "weights", "weight", True),
+        ("biases/0", "biases", "bias", False),
+        ("biases/1", "biases", "bias", False),
+    ]
+    with pytest.warns(dm.PolicyWarning) as record:
+        mask = dm.presets.everything_but_bias_and_norm().for_equinox(mlp)
+    assert any("unknown kind" in str(w.message) for w in record)
+    assert jax.tree.leaves(mask) == [True, True, False, False]
+    with pytest.warns(dm.PolicyWarning, match="unknown kind"):
+        mask = policy.for_equinox(mlp)
+    assert jax.tree.leaves(mask) == [r.decay for r in rows]
+    params = eqx.filter(mlp, eqx.is_inexact_array)
+    with pytest.warns(dm.PolicyWarning, match="unknown kind"):
+        updates = zero_grad_updates(params, policy.for_equinox(mlp))
+    assert_decays_exactly(
+        params,
+        updates,
+        {".weights[0]": True, ".weights[1]": True, ".biases[0]": False, ".biases[1]": False},
+    )
+
+
+def test_labels_and_rates_of_arrays_in_tuple_fields():
+    class Pair(eqx.Module):
+        kernels: tuple
+        bias: tuple
+
+    pair = Pair((jnp.ones((2, 2)), jnp.ones((2, 2))), (jnp.ones(2), jnp.ones(2)))
+    policy = dm.Policy(
+        dm.decay(rate=0.5, label="matrices"), dm.no_decay(param="bias", label="vectors")
+    )
+    with pytest.warns(dm.PolicyWarning, match="unknown kind"):
+        labels = policy.labels_for_equinox(pair)
+    with pytest.warns(dm.PolicyWarning, match="unknown kind"):
+        rates = policy.rates_for_equinox(pair)
+    rows = policy.explain(pair)
+    assert jax.tree.leaves(labels) == [r.label for r in rows] == ["matrices"] * 2 + ["vectors"] * 2
+    assert jax.tree.leaves(rates) == [r.rate for r in rows] == [0.5, 0.5, 0.0, 0.0]
+
+
+class NamedModule(eqx.Module):
+    """A named array as an Equinox module: the array, and its axis names as static data."""
+
+    array: jax.Array
+    axes: tuple = eqx.field(static=True)
+
+
+class NamedNode:
+    """A named array as a registered pytree class whose one child is keyed 0."""
+
+    def __init__(self, array, axes):
+        self.array = array
+        self.axes = axes
+
+
+jtu.register_pytree_node(NamedNode, lambda n: ((n.array,), n.axes), lambda axes, c: NamedNode(c[0], axes))
+
+
+class NamedKeyed:
+    """A named array as a registered pytree class whose one child is keyed ``array``."""
+
+    def __init__(self, array, axes):
+        self.array = array
+        self.axes = axes
+
+
+jtu.register_pytree_with_keys(
+    NamedKeyed,
+    lambda n: (((jtu.GetAttrKey("array"), n.array),), n.axes),
+    lambda axes, c: NamedKeyed(c[0], axes),
+)
+
+
+class NamedLinear(eqx.Module):
+    weight: Any
+    bias: Any
+
+
+class NamedLayerNorm(eqx.Module):
+    weight: Any
+    bias: Any
+
+
+class NamedNet(eqx.Module):
+    layers: list
+    norm: NamedLayerNorm
+
+
+def _named_net(named) -> NamedNet:
+    def linear(n_in, n_out):
+        return NamedLinear(named(jnp.ones((n_out, n_in)), ("out", "in")), named(jnp.ones(n_out), ("out",)))
+
+    return NamedNet(
+        [linear(3, 4), linear(4, 2)],
+        NamedLayerNorm(named(jnp.ones(2), ("out",)), named(jnp.zeros(2), ("out",))),
+    )
+
+
+NAMED_TYPES = pytest.mark.parametrize(
+    "named", [NamedModule, NamedNode, NamedKeyed], ids=["module", "keyed_0", "keyed_array"]
+)
+
+
+@NAMED_TYPES
+def test_named_arrays_are_named_by_the_field_holding_them(named):
+    net = _named_net(named)
+    policy = dm.presets.everything_but_bias_and_norm()
+    rows = policy.explain(net)
+    inner = "0" if named is NamedNode else "array"
+    assert [(r.path, r.leaf.name, r.layer, r.layer_type, r.role, r.decay) for r in rows] == [
+        (f"layers/0/weight/{inner}", "weight", "linear", "NamedLinear", "weight", True),
+        (f"layers/0/bias/{inner}", "bias", "linear", "NamedLinear", "bias", False),
+        (f"layers/1/weight/{inner}", "weight", "linear", "NamedLinear", "weight", True),
+        (f"layers/1/bias/{inner}", "bias", "linear", "NamedLinear", "bias", False),
+        (f"norm/weight/{inner}", "weight", "layer_norm", "NamedLayerNorm", "scale", False),
+        (f"norm/bias/{inner}", "bias", "layer_norm", "NamedLayerNorm", "bias", False),
+    ]
+    assert {tuple(a.type_name for a in r.leaf.ancestors) for r in rows} == {("NamedNet",)}
+    # No warning: the bias rule matches the biases.
+    mask = policy.for_equinox(net)
+    assert jax.tree.leaves(mask) == [r.decay for r in rows]
+    labels = policy.labels_for_equinox(net)
+    assert jax.tree.leaves(labels) == [r.label for r in rows]
+    params = eqx.filter(net, eqx.is_inexact_array)
+    updates = zero_grad_updates(params, policy.for_equinox)
+    assert jax.tree.leaves(
+        jax.tree.map(lambda p, u: bool(np.any(u != 0)), params, updates)
+    ) == [True, False, True, False, False, False]

@@ -110,3 +110,31 @@ def test_real_muon_step_with_callable_dims():
     np.testing.assert_allclose(ratio, 2.5, rtol=1e-4)
     # Biases go to Adam either way.
     np.testing.assert_array_equal(ours.layers[0].bias, default.layers[0].bias)
+
+
+class Named(eqx.Module):
+    """A named array: the array, and its axis names as static data."""
+
+    array: jax.Array
+    axes: tuple = eqx.field(static=True)
+
+
+class NamedProj(eqx.Module):
+    weight: Named
+    bias: Named
+
+
+def test_dims_of_named_arrays_follow_the_field_holding_them():
+    proj = NamedProj(Named(jnp.ones((4, 3)), ("out", "in")), Named(jnp.ones(4), ("out",)))
+    policy = dm.Policy(dm.decay(param="weight"))
+    dm.register_layer(NamedProj, "linear", matrix_axes={"weight": ((1,), (0,))})
+    try:
+        dims = policy.muon_dims_for_equinox(proj)
+        rows = policy.explain(proj)
+    finally:
+        dm.unregister_layer(NamedProj)
+    assert [(r.path, r.role, r.decay) for r in rows] == [
+        ("weight/array", "weight", True),
+        ("bias/array", "bias", False),
+    ]
+    assert dims.weight.array == Dims((1,), (0,)) and dims.bias.array is None

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
 from ..core import _registry
-from ..core._infer import is_generic_norm_name, kind_from_name
+from ..core._infer import is_generic_norm_name, kind_from_name, resolve_kind
 from ..core._leaf import Layer
 
 _KEY_TYPES = (
@@ -113,8 +114,10 @@ class ClassKinds:
 
     The registry first (subclasses of a registered class count), then the framework's
     kind table along the class's bases, then its name (``LlamaRMSNorm``). A wrapper
-    (WeightNorm) is ``"wrapper"`` and a bare ``...Norm`` name ``"norm"``: both are
-    resolved per instance by the adapter. Cached per class until the registry changes.
+    (WeightNorm) is ``"wrapper"``, resolved per instance by the adapter. A kind read
+    off the class name is checked per instance against what the instance owns
+    (:meth:`content_layer`): the name alone never decides. Cached per class until the
+    registry changes.
     """
 
     def __init__(
@@ -128,6 +131,7 @@ class ClassKinds:
         self.containers = containers
         self._kinds: dict[type, tuple[str, str, _registry.Registration | None]] = {}
         self._layers: dict[type, Layer] = {}
+        self._content: dict[tuple, Layer] = {}
         self._generation = -1
 
     def __call__(self, cls: type) -> tuple[str, str, _registry.Registration | None]:
@@ -135,6 +139,7 @@ class ClassKinds:
         if self._generation != _registry.generation:
             self._kinds.clear()
             self._layers.clear()
+            self._content.clear()
             self._generation = _registry.generation
         found = self._kinds.get(cls)
         if found is None:
@@ -143,13 +148,28 @@ class ClassKinds:
 
     def layer(self, cls: type) -> Layer | None:
         """The :class:`Layer` of every instance of ``cls``; ``None`` where it depends on
-        the instance (wrappers, bare norm names)."""
+        the instance (wrappers, kinds read off the class name)."""
         kind, source, _ = self(cls)
-        if kind in ("wrapper", "norm"):
+        if kind == "wrapper" or source == "name":
             return None
         layer = self._layers.get(cls)
         if layer is None:
             layer = self._layers[cls] = Layer(kind, cls.__name__, cls, source)
+        return layer
+
+    def content_layer(
+        self, cls: type, arrays: Mapping[str, int], children: Collection[str] = ()
+    ) -> Layer:
+        """The :class:`Layer` of an instance of a class whose kind its name says, checked
+        against what the instance owns: ``arrays`` maps the name of every array it owns
+        directly to its rank, ``children`` names its submodules. The evidence that
+        decided (``"name"`` or ``"content"``) is the layer's source.
+        """
+        key = (cls, tuple(sorted(arrays.items())), frozenset(children))
+        layer = self._content.get(key)
+        if layer is None:
+            kind, evidence = resolve_kind(cls.__name__, arrays, children)
+            layer = self._content[key] = Layer(kind, cls.__name__, cls, evidence)
         return layer
 
     def _resolve(self, cls: type) -> tuple[str, str, _registry.Registration | None]:

@@ -299,7 +299,7 @@ def role_from_name(kind: str, name: str, owner_name: str = "") -> str:
         return "position"
     if name in _TOKEN_NAMES or (ws and ws[-1] in _TOKEN_WORDS):
         return "token"
-    if name in _BIAS_NAMES or (ws and ws[-1] == "bias") or (ws and ws[0] == "bias"):
+    if name in _BIAS_NAMES or (ws and ws[-1] in ("bias", "biases")) or (ws and ws[0] == "bias"):
         return "bias"
     if kind in _NORM_KINDS:
         if name in _SCALE_NAMES:
