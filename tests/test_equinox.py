@@ -567,3 +567,53 @@ def test_named_arrays_are_named_by_the_field_holding_them(named):
     assert jax.tree.leaves(
         jax.tree.map(lambda p, u: bool(np.any(u != 0)), params, updates)
     ) == [True, False, True, False, False, False]
+
+
+# Kinds read off class names are checked against what the instance owns.
+
+
+class EncoderStableLayerNorm(eqx.Module):
+    layers: list
+
+
+class SimpleNorm2d(eqx.Module):
+    weight: jax.Array
+
+
+class Conv1D(eqx.Module):
+    """Named as a convolution, but its weight is an (out, in) matrix."""
+
+    weight: jax.Array
+    bias: jax.Array
+
+
+def test_class_name_kinds_are_checked_against_content():
+    model = EncoderStableLayerNorm(
+        [Conv1D(jnp.ones((4, 3)), jnp.ones(4)), SimpleNorm2d(jnp.ones(4))]
+    )
+    policy = dm.Policy(dm.decay(layer="linear", param="weight"), dm.no_decay(within="layer_norm"))
+    rows = policy.explain(model)
+    assert [
+        (r.path, r.layer, r.leaf.kind_source, r.role, [a.kind for a in r.leaf.ancestors], r.decay)
+        for r in rows
+    ] == [
+        # A conv by name, a linear layer by its 2-D weight.
+        ("layers/0/weight", "linear", "content", "weight", ["unknown"], True),
+        ("layers/0/bias", "linear", "content", "bias", ["unknown"], False),
+        # A norm by name, its weight a scale.
+        ("layers/1/weight", "rms_norm", "name", "scale", ["unknown"], False),
+    ]
+    # The outer module owns only submodules: its name does not make it a norm.
+    assert rows[0].leaf.ancestors[0].type_name == "EncoderStableLayerNorm"
+    params = eqx.filter(model, eqx.is_inexact_array)
+    with pytest.warns(dm.PolicyWarning, match=r"no_decay\(within='layer_norm'\) matched no parameter"):
+        mask = policy.for_equinox(model)
+    updates = zero_grad_updates(params, mask)
+    assert_decays_exactly(
+        params,
+        updates,
+        {".layers[0].weight": True, ".layers[0].bias": False, ".layers[1].weight": False},
+    )
+    # Muon never takes a layout from a name: the content-read linear layer has none.
+    with pytest.raises(ValueError, match="matrix layout"):
+        dm.presets.muon().muon_dims_for_equinox(model)

@@ -888,3 +888,48 @@ def test_error_for_a_variable_holding_no_array():
 def test_docstring_examples_run():
     result = doctest.testmod(_nnx, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+# Kinds read off class names are checked against what the instance owns.
+
+
+class SimpleNorm2d(nnx.Module):
+    def __init__(self):
+        self.weight = nnx.Param(jnp.ones(4))
+
+
+class Conv1D(nnx.Module):
+    """Named as a convolution, but its weight is an (out, in) matrix."""
+
+    def __init__(self):
+        self.weight = nnx.Param(jnp.ones((4, 3)))
+        self.bias = nnx.Param(jnp.ones(4))
+
+
+class EncoderStableLayerNorm(nnx.Module):
+    def __init__(self):
+        self.conv = Conv1D()
+        self.norm = SimpleNorm2d()
+
+
+def test_class_name_kinds_are_checked_against_content():
+    model = nonzero(EncoderStableLayerNorm())
+    policy = dm.Policy(dm.decay(layer="linear", param="weight"), dm.no_decay(within="layer_norm"))
+    rows = policy.explain(model)
+    assert [
+        (r.path, r.layer, r.leaf.kind_source, r.role, [a.type_name for a in r.leaf.ancestors], r.decay)
+        for r in rows
+    ] == [
+        # A conv by name, a linear layer by its 2-D weight.
+        ("conv/bias", "linear", "content", "bias", ["EncoderStableLayerNorm"], False),
+        ("conv/weight", "linear", "content", "weight", ["EncoderStableLayerNorm"], True),
+        # A norm by name, its weight a scale.
+        ("norm/weight", "rms_norm", "name", "scale", ["EncoderStableLayerNorm"], False),
+    ]
+    # The outer module owns only submodules: its name does not make it a norm.
+    assert rows[0].leaf.ancestors[0].kind == "unknown"
+    with pytest.warns(dm.PolicyWarning, match=r"no_decay\(within='layer_norm'\) matched no parameter"):
+        mask = policy.for_flax(model)
+    assert_optimizer_decays(model, mask, decays_of(rows))
+    with pytest.raises(ValueError, match="matrix layout"):
+        dm.presets.muon().muon_dims_for_flax(model)

@@ -82,15 +82,32 @@ _class_kind = ClassKinds(KIND_TABLE, WRAPPERS, _CONTAINERS)
 def _module_layer(module: Any) -> Layer:
     cls = type(module)
     kind, source, _ = _class_kind(cls)
-    if kind == "norm":
-        # A class named only "...Norm": a bias says layer norm, no bias says RMS norm.
-        bias = getattr(module, "bias", None)
-        kind = "layer_norm" if isinstance(bias, _Variable) else "rms_norm"
-        return Layer(kind, cls.__name__, cls, source)
     if kind == "wrapper":
         inner = _module_layer(module.layer_instance)
         return Layer(inner.kind, cls.__name__, cls, inner.source)
+    if source == "name":
+        # The class name said a kind: what the instance owns confirms or overrides it.
+        arrays, children = _content(module)
+        return _class_kind.content_layer(cls, arrays, children)
     return _class_kind.layer(cls)  # type: ignore[return-value]
+
+
+def _content(module: Any) -> tuple[dict[str, int], list[str]]:
+    """The rank of every array a module owns directly (its variables and raw array
+    attributes), and the attributes that hold modules."""
+    arrays: dict[str, int] = {}
+    children: list[str] = []
+    for name, value in vars(module).items():
+        if isinstance(value, _Variable):
+            value = value.get_raw_value()
+        if isinstance(value, nnx.Pytree):
+            if not isinstance(value, _TRANSPARENT):
+                children.append(name)
+            continue
+        shape = getattr(value, "shape", None)
+        if shape is not None and getattr(value, "dtype", None) is not None:
+            arrays[name] = len(shape)
+    return arrays, children
 
 
 # Layouts: the rank one layer gives each of its arrays (more leading axes are stacked
