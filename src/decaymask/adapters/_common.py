@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import jax
@@ -10,7 +10,7 @@ import numpy as np
 
 from ..core import _registry
 from ..core._infer import is_generic_norm_name, kind_from_name, resolve_kind
-from ..core._leaf import Layer
+from ..core._leaf import Layer, Leaf
 
 _KEY_TYPES = (
     jax.tree_util.GetAttrKey,
@@ -78,6 +78,7 @@ def muon_dimension_numbers(decision: Any, method: str) -> Any:
     """The ``MuonDimensionNumbers`` of a decided leaf, ``None`` where it is not selected."""
     if not decision.decay:
         return None
+    check_matrix_axes(decision.leaf, method)
     axes = decision.leaf.muon_axes()
     if axes is None:
         leaf = decision.leaf
@@ -92,6 +93,52 @@ def muon_dimension_numbers(decision: Any, method: str) -> Any:
 
     reduction, output = axes
     return MuonDimensionNumbers(reduction_axis=reduction, output_axis=output)
+
+
+def layout_rank(axes: tuple[tuple[int, ...], tuple[int, ...]]) -> int:
+    """The rank of one layer's array that a (reduction, output) layout names."""
+    return max(axes[0] + axes[1]) + 1
+
+
+def registered_batch_axes(registration: Any, array_of: Callable[[str], Any]) -> int | None:
+    """The stacked leading axes of a registered layer's arrays, or ``None`` if unknown.
+
+    A layer stacked by ``eqx.filter_vmap`` or ``nnx.vmap`` keeps its registered layout
+    for one layer: the axes an array has beyond the rank its registered matrix axes
+    name are stacked axes, the same for every array of the layer. ``array_of`` gives
+    the layer's array of a name (``None`` where it has none).
+    """
+    for name, axes in registration.matrix_axes:
+        array = array_of(name)
+        shape = getattr(array, "shape", None)
+        if shape is not None:
+            return max(0, len(shape) - layout_rank(axes))
+    return None
+
+
+def check_matrix_axes(leaf: Leaf, method: str) -> None:
+    """Raises if a leaf's matrix axes name an axis its array does not have.
+
+    Registered layouts are the user's: one written for another layout (or for a stack)
+    would reach optax as axes it cannot use, and optax's own error ("reduction axes and
+    output axes must be disjoint", or an index error) does not say which array or why.
+    """
+    axes = leaf.matrix_axes
+    if axes is None:
+        return
+    rank = len(leaf.shape) - leaf.batch_axes
+    if max(axes[0] + axes[1]) < rank:
+        return
+    stacked = f" past {leaf.batch_axes} stacked leading axes" if leaf.batch_axes else ""
+    where = leaf.layer_type or leaf.layer
+    raise ValueError(
+        f"{method}: {leaf.path} has shape {leaf.shape}, but the matrix axes of "
+        f"{where}.{leaf.name}, reduction {axes[0]} and output {axes[1]}, name an axis "
+        f"that one layer's array of {rank} axes{stacked} does not have. Fix: register "
+        f"the layout of one layer's array, with axes below {rank}: "
+        f"dm.register_layer({where}, {leaf.layer!r}, matrix_axes={{{leaf.name!r}: "
+        f"((...), (...))}}), or leave it out with dm.no_decay(path={leaf.path!r})."
+    )
 
 
 def holds_masked_node(tree: Any) -> bool:

@@ -12,7 +12,15 @@ from ..core import _registry
 from ..core._infer import role_from_name
 from ..core._leaf import Layer, Leaf
 from ..core._table import LeafTable
-from ._common import ARRAY_TYPES, ClassKinds, check_not_a_step_count, dtype_name, is_array_like, key_name
+from ._common import (
+    ARRAY_TYPES,
+    ClassKinds,
+    check_not_a_step_count,
+    dtype_name,
+    is_array_like,
+    key_name,
+    registered_batch_axes,
+)
 
 _nn = eqx.nn
 METHOD = "for_equinox"
@@ -109,6 +117,12 @@ def _is_array_wrapper(node: Any) -> bool:
         return False
     entry = found[0][0][0]
     return isinstance(entry, _INDEX_KEYS) or key_name(entry) in _WRAPPED_NAMES
+
+
+def _array_field(node: Any, field: str) -> Any:
+    """The array a module holds in ``field`` (through an array wrapper), or ``None``."""
+    value = getattr(node, field, None)
+    return value if is_array_like(value) else _wrapped_array(value)
 
 
 def _wrapped_array(node: Any) -> Any:
@@ -291,15 +305,23 @@ class _Walk:
         role = registration.role_of(name) if registration is not None else None
         if role is None:
             role = role_from_name(owner.kind, name, context.owner_name)
+        registered_batch = None
         if registration is not None:
             matrix_axes = registration.matrix_axes_of(name)
+            if registration.matrix_axes:
+                registered_batch = registered_batch_axes(
+                    registration, lambda field: _array_field(owner_node, field)
+                )
         elif not in_state and owner.source == "class":
             matrix_axes = _matrix_axes(owner_node, name)
         else:
             matrix_axes = None
         shape = tuple(value.shape)
         expected = None if in_state else _expected_ndim(owner_node, owner, name)
-        batch_axes = max(0, len(shape) - expected) if expected is not None else 0
+        if registered_batch is not None:
+            batch_axes = min(registered_batch, len(shape))
+        else:
+            batch_axes = max(0, len(shape) - expected) if expected is not None else 0
         layout_axes = 0
         if name == "bias" and isinstance(owner_node, (_nn.Conv, _nn.ConvTranspose)):
             # Equinox keeps a conv bias as (out, 1, ..., 1) to broadcast over space.

@@ -19,7 +19,7 @@ from flax import nnx
 from ..core import _registry
 from ..core._infer import is_generic_norm_name, kind_from_name, role_from_name
 from ..core._leaf import Layer, Leaf
-from ._common import ClassKinds, key_name
+from ._common import ClassKinds, key_name, registered_batch_axes
 
 _graphlib = nnx.graphlib
 _get_node_impl = _graphlib.get_node_impl
@@ -260,6 +260,10 @@ def _bad_value(fn: str, path: tuple, holder: str, value: Any) -> TypeError:
     )
 
 
+def _raw(value: Any) -> Any:
+    return value.get_raw_value() if isinstance(value, _Variable) else value
+
+
 def _holder(variable: Any, otherwise: str) -> str:
     return f"an nnx.{type(variable).__name__}" if variable is not None else otherwise
 
@@ -461,6 +465,12 @@ class _Walk:
             if registration is not None:
                 role = registration.role_of(name)
                 axes = registration.matrix_axes_of(name)
+                if registration.matrix_axes:
+                    stacked = registered_batch_axes(
+                        registration, lambda field: _raw(getattr(owner.holder, field, None))
+                    )
+                    if stacked is not None:
+                        expected = max(0, len(shape) - stacked)
             elif owner.layout is not None:
                 expected, axes = owner.layout(owner.holder, name)
                 if isinstance(owner.holder, nnx.LinearGeneral):
