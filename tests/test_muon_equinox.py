@@ -194,3 +194,12 @@ def test_registered_layout_of_another_rank_is_a_clear_error():
         "dm.register_layer(Flat, 'linear', matrix_axes={'w': ((...), (...))}), or leave "
         "it out with dm.no_decay(path='proj/w')."
     )
+
+
+def test_weight_norm_gain_is_never_a_muon_matrix():
+    for inner in (eqx.nn.Linear(3, 4, key=KEY), eqx.nn.Conv2d(3, 4, 3, key=KEY)):
+        wn = eqx.nn.WeightNorm(inner)
+        rows = MATRICES.explain(wn)
+        assert [(r.path, r.role, r.decay) for r in rows if r.path == "g"] == [("g", "gain", False)]
+        dims = MATRICES.muon_dims_for_equinox(wn)
+        assert dims.g is None and isinstance(dims.layer.weight, Dims)

@@ -780,3 +780,19 @@ def test_nnx_registered_layout_of_another_rank_is_a_clear_error():
         "dm.register_layer(NnxGate, 'linear', matrix_axes={'w': ((...), (...))}), or leave "
         "it out with dm.no_decay(path='gate/w')."
     )
+
+
+def test_nnx_weight_norm_scales_are_gains_never_muon_matrices():
+    model = nnx.WeightNorm(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(0))
+    rows = MATRICES.explain(model, wrt=...)
+    assert [(r.path, r.role, r.decay) for r in rows] == [
+        ("layer_instance/bias", "bias", False),
+        ("layer_instance/kernel", "weight", True),
+        ("scales/('kernel',)", "gain", False),
+    ]
+    dims = nnx.to_flat_state(MATRICES.muon_dims_for_flax(model, wrt=...))
+    assert [(path, value) for path, value in dims] == [
+        (("layer_instance", "bias"), None),
+        (("layer_instance", "kernel"), IN_OUT),
+        (("scales", ("kernel",)), None),
+    ]

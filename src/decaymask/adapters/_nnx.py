@@ -476,7 +476,11 @@ class _Walk:
                 if isinstance(owner.holder, nnx.LinearGeneral):
                     layout_axes = _general_layout_axes(owner.holder, name)
         if role is None:
-            role = role_from_name(layer.kind, name)
+            if name == "scales" and owner is not None and isinstance(owner.holder, nnx.WeightNorm):
+                # WeightNorm's learned norms of the wrapped layer's kernels: gains.
+                role = "gain"
+            else:
+                role = role_from_name(layer.kind, name)
         return Leaf(
             layout_axes=layout_axes,
             path=_path_text(path),
