@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import doctest
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import flax.linen as nn
 from flax import nnx
 
 import decaymask as dm
@@ -711,7 +713,7 @@ def test_names_agree_with_classes_except_where_a_name_says_too_little():
     by_class = {r.path: (r.layer, r.role, r.decay) for r in SEED.explain(model)}
     state_report = SEED.explain(nnx.state(model, nnx.Param))
     by_name = {r.path: (r.layer, r.role, r.decay) for r in state_report}
-    assert {r.leaf.kind_source for r in state_report} == {"name"}
+    assert {r.leaf.kind_source for r in state_report} == {"name", "content"}
     assert {r.layer_type for r in state_report} == {None}
     assert by_name.keys() == by_class.keys()
     differ = {p: (by_class[p], by_name[p]) for p in by_class if by_class[p] != by_name[p]}
@@ -933,3 +935,107 @@ def test_class_name_kinds_are_checked_against_content():
     assert_optimizer_decays(model, mask, decays_of(rows))
     with pytest.raises(ValueError, match="matrix layout"):
         dm.presets.muon().muon_dims_for_flax(model)
+
+
+# A State: names and ranks read by the shared inference.
+
+
+def test_state_names_are_checked_against_the_arrays_they_hold():
+    state = nnx.State(
+        {
+            # A ViT's patch embedding is a convolution: its kernel is 4-D.
+            "patch_embeddings": {"kernel": jnp.ones((4, 4, 3, 8)), "bias": jnp.ones(8)},
+            "position_embeddings": {"embedding": jnp.ones((5, 8))},
+            # A fused Linear + BatchNorm block: a matrix beside a scale is no layer norm.
+            "block": {"w": jnp.ones((8, 8)), "b": jnp.ones(8), "scale": jnp.ones(8), "bias": jnp.ones(8)},
+            "final_norm": {"scale": jnp.ones(8)},
+        }
+    )
+    policy = dm.presets.standard()
+    rows = policy.explain(state)
+    assert [(r.path, r.layer, r.leaf.kind_source, r.role, r.decay) for r in rows] == [
+        ("block/b", "unknown", "content", "bias", False),
+        ("block/bias", "unknown", "content", "bias", False),
+        ("block/scale", "unknown", "content", "scale", True),
+        ("block/w", "unknown", "content", "weight", True),
+        ("final_norm/scale", "rms_norm", "name", "scale", False),
+        ("patch_embeddings/bias", "conv", "content", "bias", False),
+        ("patch_embeddings/kernel", "conv", "content", "weight", True),
+        ("position_embeddings/embedding", "embedding", "name", "position", False),
+    ]
+    with pytest.warns(dm.PolicyWarning, match="block/b"):
+        mask = policy.for_flax(state)
+    assert jax.tree.leaves(mask) == [r.decay for r in rows]
+    with pytest.warns(dm.PolicyWarning, match="block/b"):
+        dims = nnx.to_flat_state(dm.Policy(dm.decay(layer="conv", param="weight")).muon_dims_for_flax(state))
+    assert dict(dims)[("patch_embeddings", "kernel")] == optax.contrib.MuonDimensionNumbers((0, 1, 2), (3,))
+
+
+def test_state_kernel_named_linear_with_conv_rank_is_ambiguous():
+    state = nnx.State({"dense": {"kernel": jnp.ones((3, 4, 5))}})
+    rows = dm.Policy(dm.decay(param="weight")).explain(state)
+    assert [(r.path, r.layer, r.leaf.kind_source) for r in rows] == [("dense/kernel", "conv", "ambiguous")]
+    # No layout is guessed for it (a warning about the contradiction may come too).
+    with pytest.raises(ValueError, match="matrix layout"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", dm.PolicyWarning)
+        dm.Policy(dm.decay(param="weight")).muon_dims_for_flax(state)
+
+
+# A Linen module bridged into NNX, raw arrays, and the two NNX paths side by side.
+
+
+class LinenTower(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):
+        x = nn.Embed(10, 8)(tokens)
+        x = nn.LayerNorm()(x)
+        return nn.Dense(4)(x)
+
+
+def test_bridged_linen_module_is_read_by_its_linen_names():
+    model = nnx.bridge.ToNNX(LinenTower(), rngs=nnx.Rngs(0))
+    nnx.bridge.lazy_init(model, jnp.zeros((1, 3), jnp.int32))
+    nonzero(model)
+    policy = dm.presets.standard()
+    rows = policy.explain(model)
+    assert [(r.path, r.layer, r.leaf.kind_source, r.role, r.decay) for r in rows] == [
+        ("Dense_0/bias", "linear", "name", "bias", False),
+        ("Dense_0/kernel", "linear", "name", "weight", True),
+        ("Embed_0/embedding", "embedding", "name", "embedding", False),
+        ("LayerNorm_0/bias", "layer_norm", "name", "bias", False),
+        ("LayerNorm_0/scale", "layer_norm", "name", "scale", False),
+    ]
+    assert {tuple(a.type_name for a in r.leaf.ancestors) for r in rows} == {("ToNNX",)}
+    # The State path reads the same names: both decide alike.
+    state_rows = policy.explain(nnx.state(model, nnx.Param))
+    assert [(r.path, r.layer, r.role, r.decay) for r in state_rows] == [
+        (r.path, r.layer, r.role, r.decay) for r in rows
+    ]
+    # No warning (no register_layer(ToNNX, ...) hint): every rule matches.
+    mask = policy.for_flax(model)
+    assert_optimizer_decays(model, mask, decays_of(rows))
+
+
+class WithRawArray(nnx.Module):
+    def __init__(self, rngs):
+        self.linear = nnx.Linear(3, 3, rngs=rngs)
+        self.mix = jnp.full((3, 3), 0.5)  # a raw array attribute, no Variable type
+
+
+def test_raw_array_attributes_selected_by_wrt_are_decided_like_params():
+    model = WithRawArray(nnx.Rngs(0))
+    policy = dm.Policy(dm.decay(), dm.no_decay(param="bias"))
+    rows = policy.explain(model, wrt=...)
+    assert [(r.path, r.role, r.leaf.is_param, r.decay) for r in rows] == [
+        ("linear/bias", "bias", True, False),
+        ("linear/kernel", "weight", True, True),
+        ("mix", "other", True, True),
+    ]
+    # The State of the same selection decides the same.
+    assert [r.decay for r in policy.explain(nnx.state(model, ...))] == [r.decay for r in rows]
+    with pytest.warns(dm.PolicyWarning, match=re.escape("(WithRawArray: mix)")):
+        mask = policy.for_flax(model, wrt=...)
+    before = np.asarray(model.mix)
+    optimizer = nnx.Optimizer(model, optax.adamw(1.0, weight_decay=WEIGHT_DECAY, mask=mask), wrt=...)
+    optimizer.update(model, jax.tree.map(jnp.zeros_like, nnx.state(model, ...)))
+    np.testing.assert_array_equal(np.asarray(model.mix), before - WEIGHT_DECAY * before)
