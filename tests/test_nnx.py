@@ -1039,3 +1039,61 @@ def test_raw_array_attributes_selected_by_wrt_are_decided_like_params():
     optimizer = nnx.Optimizer(model, optax.adamw(1.0, weight_decay=WEIGHT_DECAY, mask=mask), wrt=...)
     optimizer.update(model, jax.tree.map(jnp.zeros_like, nnx.state(model, ...)))
     np.testing.assert_array_equal(np.asarray(model.mix), before - WEIGHT_DECAY * before)
+
+
+class Gate(nnx.Module):
+    def __init__(self):
+        self.w = nnx.Param(jnp.ones((4, 4)))
+        self.offset = nnx.Param(jnp.zeros(4))
+
+
+class TowerBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.attn_norm = nnx.RMSNorm(8, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=8, decode=False, rngs=rngs)
+        self.mlp_norm = nnx.LayerNorm(8, rngs=rngs)
+        self.up = nnx.LoRALinear(8, 16, lora_rank=2, rngs=rngs)
+        self.down = nnx.Linear(16, 8, rngs=rngs)
+
+
+class Tower(nnx.Module):
+    def __init__(self, rngs):
+        self.tok = nnx.Embed(11, 8, rngs=rngs)
+        self.stem = nnx.Conv(3, 8, kernel_size=(3, 3), rngs=rngs)
+        self.bn = nnx.BatchNorm(8, rngs=rngs)
+        self.gn = nnx.GroupNorm(8, num_groups=2, rngs=rngs)
+        self.blocks = nnx.List([TowerBlock(rngs) for _ in range(2)])
+        self.gate = Gate()
+        self.final_norm = nnx.RMSNorm(8, rngs=rngs)
+        self.lm_head = nnx.Linear(8, 11, rngs=rngs)
+
+
+@pytest.mark.filterwarnings("ignore:.*unknown kind own parameters:decaymask.PolicyWarning")
+@pytest.mark.filterwarnings("ignore:.*arrays outside any layer:decaymask.PolicyWarning")
+@pytest.mark.filterwarnings(UNMATCHED)
+@pytest.mark.parametrize("preset", ["standard", "gpt", "everything_but_bias_and_norm"])
+def test_module_and_state_paths_decide_alike(preset):
+    model = nonzero(Tower(nnx.Rngs(0)))
+    policy = getattr(dm.presets, preset)()
+    by_class = policy.explain(model)
+    by_name = policy.explain(nnx.state(model, nnx.Param))
+    assert [(r.path, r.layer, r.role, r.decay) for r in by_name] == [
+        (r.path, r.layer, r.role, r.decay) for r in by_class
+    ]
+    # The mask of the module and the callable on the State agree, through nnx.Optimizer.
+    assert jax.tree.leaves(policy.for_flax(model)) == jax.tree.leaves(
+        policy.for_flax(nnx.state(model, nnx.Param))
+    ) == [r.decay for r in by_class]
+    assert_optimizer_decays(model, policy.for_flax, decays_of(by_class))
+    # Where the State has less evidence (no classes), the report says what decided.
+    assert {r.leaf.kind_source for r in by_class} == {"class"}
+    assert {r.layer_type for r in by_name} == {None}
+    content = {r.path for r in by_name if r.leaf.kind_source == "content"}
+    assert content == {
+        *(f"blocks/{i}/{layer}/{name}" for i in (0, 1)
+          for layer in ("attn/key", "attn/out", "attn/query", "attn/value", "down", "up")
+          for name in ("bias", "kernel")),
+        "gate/offset", "gate/w", "lm_head/bias", "lm_head/kernel", "stem/bias",
+        "stem/kernel", "tok/embedding",
+    }
+    assert {r.leaf.kind_source for r in by_name if r.path not in content} == {"name"}
