@@ -598,6 +598,10 @@ def _name_owner(
                 return _name_layer("recurrent"), cell_outer
     ranks = {name: len(shape) for name, shape in arrays.items()}
     kind, evidence = resolve_kind(own, ranks)
+    if kind == "linear" and _level_kind(own) == "conv" and ranks.get("kernel", 0) >= 3:
+        # A kernel of a conv's rank whose bias has more than one axis: a stack of
+        # convolutions (the bias's extra axes are the stacked ones), as the name says.
+        return _name_layer("conv", "name"), outer
     if kind == "conv" and "kernel" in ranks and _level_kind(own) != "conv":
         if _is_projection(own) or "attention" in levels:
             # A multi-axis projection of an attention layer (in, heads, head_dim).
