@@ -3,7 +3,7 @@
 A module is walked once, in the order ``nnx.state`` flattens it, so the walk sees the
 same variables at the same paths as ``nnx.state(model, wrt)`` and knows the class of
 every module on the way. A State carries no classes: kinds come from its keys and
-from sibling arrays, as for Linen params.
+the arrays each key holds, read by the shared inference.
 """
 
 from __future__ import annotations
@@ -791,8 +791,11 @@ def leaves(tree: Any, *, wrt: Any = None) -> list[Leaf]:
     enclosing module owns an array, and the modules around it are its ancestors
     (``nnx.List``/``nnx.Dict`` never own: a variable held directly in one belongs to
     the module holding it). Recurrent cells own the arrays of their gate layers.
-    From a State, kinds come from its keys and sibling arrays alone (``kind_source``
-    ``"name"``), with no stacked axes known; in a State of raw arrays, which carries
+    The variables of an ``nnx.bridge.ToNNX`` carry Linen's names, not classes: they
+    are read as a State's are. Raw array attributes the selection holds (``wrt=...``)
+    are decided like params. From a State, kinds come from its keys and sibling arrays
+    alone (``kind_source`` ``"name"`` or ``"content"``, ``"ambiguous"`` where they
+    contradict), with no stacked axes known; in a State of raw arrays, which carries
     no variable types, every array is a parameter but a batch norm's ``mean`` and
     ``var``.
 
