@@ -1097,3 +1097,20 @@ def test_module_and_state_paths_decide_alike(preset):
         "stem/kernel", "tok/embedding",
     }
     assert {r.leaf.kind_source for r in by_name if r.path not in content} == {"name"}
+
+
+def test_bridged_linen_module_with_every_variable_selected():
+    model = nnx.bridge.ToNNX(LinenTower(), rngs=nnx.Rngs(0))
+    nnx.bridge.lazy_init(model, jnp.zeros((1, 3), jnp.int32))
+    policy = dm.Policy(dm.decay(), dm.no_decay(layer=("norm", "embedding")))
+    mask = policy.for_flax(model, wrt=...)
+    assert jax.tree.structure(mask) == jax.tree.structure(
+        nnx.map_state(lambda p, v: 0, nnx.state(model, ...))
+    )
+    decided = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(mask)}
+    assert decided["Dense_0/kernel"] is True and decided["Embed_0/embedding"] is False
+    assert decided["LayerNorm_0/scale"] is False
+    # The bridge's random state is selected too, and never decayed.
+    assert {p: v for p, v in decided.items() if p.startswith("to_nnx__rngs")} and not any(
+        v for p, v in decided.items() if p.startswith("to_nnx__rngs")
+    )

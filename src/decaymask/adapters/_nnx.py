@@ -387,11 +387,14 @@ class _Walk:
         if isinstance(node, nnx.Pytree) and not isinstance(node, _TRANSPARENT):
             if _is_to_nnx(node) and not repeat:
                 # A Linen module in NNX: its variables carry Linen's names, not classes.
-                self._bridged(node, impl, path, owner)
-                if graph_node:
-                    self._active.discard(node_id)
-                return
-            owner = self._owner(node, owner)
+                around = (owner.enclosing if owner is not None else ()) + (_module_layer(node),)
+                bridged = (len(self.leaves), around)
+                owner = None
+            else:
+                bridged = None
+                owner = self._owner(node, owner)
+        else:
+            bridged = None
         items, _ = impl.flatten(node)
         for key, value in items:
             # The classification of nnx's own graph flatten, so that the walk selects
@@ -416,29 +419,15 @@ class _Walk:
             ):
                 # A raw array attribute: in nnx.state, but no Variable type to select it.
                 self._add(child, value, owner, None)
+        if bridged is not None:
+            self._read_by_name(path, *bridged)
         if graph_node:
             self._active.discard(node_id)
 
-    def _bridged(self, node: Any, impl: Any, path: tuple, owner: _Owner | None) -> None:
-        """The variables of an ``nnx.bridge.ToNNX``, read by their Linen names as a
-        State's are: the wrapper is no layer, and registering it could not help."""
-        layer = _module_layer(node)
-        around = (owner.enclosing if owner is not None else ()) + (layer,)
-        start = len(self.leaves)
-        items, _ = impl.flatten(node)
-        for key, value in items:
-            if type(value) is _StaticElem or key in ("to_nnx__module", "to_nnx__rngs"):
-                continue
-            if type(value) is _DataElem:
-                value = value.value
-            flat = jax.tree_util.tree_flatten_with_path(value, is_leaf=_is_variable)[0]
-            for jax_path, item in flat:
-                rel = (key, *(_entry_key(entry) for entry in jax_path))
-                child = (*path, *rel)
-                if isinstance(item, _Variable):
-                    self._variable(item, child, None)
-                elif isinstance(item, (jax.Array, np.ndarray)) and self.predicate(child, item):
-                    self._add(child, item, None, None)
+    def _read_by_name(self, path: tuple, start: int, around: tuple[Layer, ...]) -> None:
+        """Re-reads the leaves from ``start`` on, all below ``path`` (an
+        ``nnx.bridge.ToNNX``), by their Linen names as a State's are: the wrapper is no
+        layer, and registering it could not help."""
         entries = [
             (self.paths[i][len(path):], self.paths[i], None, None,
              (self.leaves[i].shape, self.leaves[i].dtype))
