@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import warnings
 import re
 import warnings
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -512,3 +512,200 @@ def test_masks_built_from_threads_while_layers_are_registered():
     same = lambda a, b: jax.tree.leaves(a) == jax.tree.leaves(b)  # noqa: E731
     assert results and all(same(m, expected) or same(m, registered) for m in results)
     assert same(after, expected)
+
+
+# Arrays in lists, tuples and custom pytree nodes: the mask is what explain shows.
+
+
+class ListMLP(eqx.Module):
+    weights: list
+    biases: list
+
+
+def _list_mlp() -> ListMLP:
+    return ListMLP([jnp.ones((4, 3)), jnp.ones((2, 4))], [jnp.ones(4), jnp.ones(2)])
+
+
+def test_arrays_in_list_fields_are_decided_by_their_field():
+    mlp = _list_mlp()
+    policy = dm.Policy(dm.decay(), dm.no_decay(param="bias"))
+    rows = policy.explain(mlp)
+    assert [(r.path, r.leaf.name, r.role, r.decay) for r in rows] == [
+        ("weights/0", "weights", "weight", True),
+        ("weights/1", "weights", "weight", True),
+        ("biases/0", "biases", "bias", False),
+        ("biases/1", "biases", "bias", False),
+    ]
+    with pytest.warns(dm.PolicyWarning) as record:
+        mask = dm.presets.everything_but_bias_and_norm().for_equinox(mlp)
+    assert any("unknown kind" in str(w.message) for w in record)
+    assert jax.tree.leaves(mask) == [True, True, False, False]
+    with pytest.warns(dm.PolicyWarning, match="unknown kind"):
+        mask = policy.for_equinox(mlp)
+    assert jax.tree.leaves(mask) == [r.decay for r in rows]
+    params = eqx.filter(mlp, eqx.is_inexact_array)
+    with pytest.warns(dm.PolicyWarning, match="unknown kind"):
+        updates = zero_grad_updates(params, policy.for_equinox(mlp))
+    assert_decays_exactly(
+        params,
+        updates,
+        {".weights[0]": True, ".weights[1]": True, ".biases[0]": False, ".biases[1]": False},
+    )
+
+
+def test_labels_and_rates_of_arrays_in_tuple_fields():
+    class Pair(eqx.Module):
+        kernels: tuple
+        bias: tuple
+
+    pair = Pair((jnp.ones((2, 2)), jnp.ones((2, 2))), (jnp.ones(2), jnp.ones(2)))
+    policy = dm.Policy(
+        dm.decay(rate=0.5, label="matrices"), dm.no_decay(param="bias", label="vectors")
+    )
+    with pytest.warns(dm.PolicyWarning, match="unknown kind"):
+        labels = policy.labels_for_equinox(pair)
+    with pytest.warns(dm.PolicyWarning, match="unknown kind"):
+        rates = policy.rates_for_equinox(pair)
+    rows = policy.explain(pair)
+    assert jax.tree.leaves(labels) == [r.label for r in rows] == ["matrices"] * 2 + ["vectors"] * 2
+    assert jax.tree.leaves(rates) == [r.rate for r in rows] == [0.5, 0.5, 0.0, 0.0]
+
+
+class NamedModule(eqx.Module):
+    """A named array as an Equinox module: the array, and its axis names as static data."""
+
+    array: jax.Array
+    axes: tuple = eqx.field(static=True)
+
+
+class NamedNode:
+    """A named array as a registered pytree class whose one child is keyed 0."""
+
+    def __init__(self, array, axes):
+        self.array = array
+        self.axes = axes
+
+
+jtu.register_pytree_node(NamedNode, lambda n: ((n.array,), n.axes), lambda axes, c: NamedNode(c[0], axes))
+
+
+class NamedKeyed:
+    """A named array as a registered pytree class whose one child is keyed ``array``."""
+
+    def __init__(self, array, axes):
+        self.array = array
+        self.axes = axes
+
+
+jtu.register_pytree_with_keys(
+    NamedKeyed,
+    lambda n: (((jtu.GetAttrKey("array"), n.array),), n.axes),
+    lambda axes, c: NamedKeyed(c[0], axes),
+)
+
+
+class NamedLinear(eqx.Module):
+    weight: Any
+    bias: Any
+
+
+class NamedLayerNorm(eqx.Module):
+    weight: Any
+    bias: Any
+
+
+class NamedNet(eqx.Module):
+    layers: list
+    norm: NamedLayerNorm
+
+
+def _named_net(named) -> NamedNet:
+    def linear(n_in, n_out):
+        return NamedLinear(named(jnp.ones((n_out, n_in)), ("out", "in")), named(jnp.ones(n_out), ("out",)))
+
+    return NamedNet(
+        [linear(3, 4), linear(4, 2)],
+        NamedLayerNorm(named(jnp.ones(2), ("out",)), named(jnp.zeros(2), ("out",))),
+    )
+
+
+NAMED_TYPES = pytest.mark.parametrize(
+    "named", [NamedModule, NamedNode, NamedKeyed], ids=["module", "keyed_0", "keyed_array"]
+)
+
+
+@NAMED_TYPES
+def test_named_arrays_are_named_by_the_field_holding_them(named):
+    net = _named_net(named)
+    policy = dm.presets.everything_but_bias_and_norm()
+    rows = policy.explain(net)
+    inner = "0" if named is NamedNode else "array"
+    assert [(r.path, r.leaf.name, r.layer, r.layer_type, r.role, r.decay) for r in rows] == [
+        (f"layers/0/weight/{inner}", "weight", "linear", "NamedLinear", "weight", True),
+        (f"layers/0/bias/{inner}", "bias", "linear", "NamedLinear", "bias", False),
+        (f"layers/1/weight/{inner}", "weight", "linear", "NamedLinear", "weight", True),
+        (f"layers/1/bias/{inner}", "bias", "linear", "NamedLinear", "bias", False),
+        (f"norm/weight/{inner}", "weight", "layer_norm", "NamedLayerNorm", "scale", False),
+        (f"norm/bias/{inner}", "bias", "layer_norm", "NamedLayerNorm", "bias", False),
+    ]
+    assert {tuple(a.type_name for a in r.leaf.ancestors) for r in rows} == {("NamedNet",)}
+    # No warning: the bias rule matches the biases.
+    mask = policy.for_equinox(net)
+    assert jax.tree.leaves(mask) == [r.decay for r in rows]
+    labels = policy.labels_for_equinox(net)
+    assert jax.tree.leaves(labels) == [r.label for r in rows]
+    params = eqx.filter(net, eqx.is_inexact_array)
+    updates = zero_grad_updates(params, policy.for_equinox)
+    assert jax.tree.leaves(
+        jax.tree.map(lambda p, u: bool(np.any(u != 0)), params, updates)
+    ) == [True, False, True, False, False, False]
+
+
+# Kinds read off class names are checked against what the instance owns.
+
+
+class EncoderStableLayerNorm(eqx.Module):
+    layers: list
+
+
+class SimpleNorm2d(eqx.Module):
+    weight: jax.Array
+
+
+class Conv1D(eqx.Module):
+    """Named as a convolution, but its weight is an (out, in) matrix."""
+
+    weight: jax.Array
+    bias: jax.Array
+
+
+def test_class_name_kinds_are_checked_against_content():
+    model = EncoderStableLayerNorm(
+        [Conv1D(jnp.ones((4, 3)), jnp.ones(4)), SimpleNorm2d(jnp.ones(4))]
+    )
+    policy = dm.Policy(dm.decay(layer="linear", param="weight"), dm.no_decay(within="layer_norm"))
+    rows = policy.explain(model)
+    assert [
+        (r.path, r.layer, r.leaf.kind_source, r.role, [a.kind for a in r.leaf.ancestors], r.decay)
+        for r in rows
+    ] == [
+        # A conv by name, a linear layer by its 2-D weight.
+        ("layers/0/weight", "linear", "content", "weight", ["unknown"], True),
+        ("layers/0/bias", "linear", "content", "bias", ["unknown"], False),
+        # A norm by name, its weight a scale.
+        ("layers/1/weight", "rms_norm", "name", "scale", ["unknown"], False),
+    ]
+    # The outer module owns only submodules: its name does not make it a norm.
+    assert rows[0].leaf.ancestors[0].type_name == "EncoderStableLayerNorm"
+    params = eqx.filter(model, eqx.is_inexact_array)
+    with pytest.warns(dm.PolicyWarning, match=r"no_decay\(within='layer_norm'\) matched no parameter"):
+        mask = policy.for_equinox(model)
+    updates = zero_grad_updates(params, mask)
+    assert_decays_exactly(
+        params,
+        updates,
+        {".layers[0].weight": True, ".layers[0].bias": False, ".layers[1].weight": False},
+    )
+    # Muon never takes a layout from a name: the content-read linear layer has none.
+    with pytest.raises(ValueError, match="matrix layout"):
+        dm.presets.muon().muon_dims_for_equinox(model)

@@ -110,3 +110,96 @@ def test_real_muon_step_with_callable_dims():
     np.testing.assert_allclose(ratio, 2.5, rtol=1e-4)
     # Biases go to Adam either way.
     np.testing.assert_array_equal(ours.layers[0].bias, default.layers[0].bias)
+
+
+class Named(eqx.Module):
+    """A named array: the array, and its axis names as static data."""
+
+    array: jax.Array
+    axes: tuple = eqx.field(static=True)
+
+
+class NamedProj(eqx.Module):
+    weight: Named
+    bias: Named
+
+
+def test_dims_of_named_arrays_follow_the_field_holding_them():
+    proj = NamedProj(Named(jnp.ones((4, 3)), ("out", "in")), Named(jnp.ones(4), ("out",)))
+    policy = dm.Policy(dm.decay(param="weight"))
+    dm.register_layer(NamedProj, "linear", matrix_axes={"weight": ((1,), (0,))})
+    try:
+        dims = policy.muon_dims_for_equinox(proj)
+        rows = policy.explain(proj)
+    finally:
+        dm.unregister_layer(NamedProj)
+    assert [(r.path, r.role, r.decay) for r in rows] == [
+        ("weight/array", "weight", True),
+        ("bias/array", "bias", False),
+    ]
+    assert dims.weight.array == Dims((1,), (0,)) and dims.bias.array is None
+
+
+class Projection(eqx.Module):
+    w: jax.Array
+    b: jax.Array
+
+    def __init__(self, key):
+        self.w = jax.random.normal(key, (3, 5))  # (in, out)
+        self.b = jnp.zeros(5)
+
+
+def test_registered_layout_is_shifted_past_stacked_axes():
+    stack = eqx.filter_vmap(Projection)(jax.random.split(KEY, 4))
+    policy = dm.Policy(dm.decay(param="weight"))
+    dm.register_layer(Projection, "linear", roles={"w": "weight", "b": "bias"}, matrix_axes={"w": ((0,), (1,))})
+    try:
+        dims = policy.muon_dims_for_equinox(stack)
+        rows = policy.explain(stack)
+        params = eqx.filter(stack, eqx.is_inexact_array)
+        grads = jax.tree.map(lambda p: jax.random.normal(KEY, p.shape), params)
+
+        def update(dims):
+            tx = optax.contrib.muon(1.0, muon_weight_dimension_numbers=dims)
+            return tx.update(grads, tx.init(params), params)[0]
+
+        ours = update(policy.muon_dims_for_equinox)
+    finally:
+        dm.unregister_layer(Projection)
+    assert [(r.path, r.shape, r.leaf.batch_axes, r.leaf.ndim) for r in rows] == [
+        ("w", (4, 3, 5), 1, 2),
+        ("b", (4, 5), 1, 1),
+    ]
+    assert dims.w == Dims((1,), (2,)) and dims.b is None
+    # Each layer of the stack is orthogonalised on its own, as hand-written dims say.
+    by_hand = update(eqx.tree_at(lambda p: (p.w, p.b), params, (Dims((1,), (2,)), None), is_leaf=lambda x: x is None))
+    np.testing.assert_array_equal(ours.w, by_hand.w)
+
+
+def test_registered_layout_of_another_rank_is_a_clear_error():
+    class Flat(eqx.Module):
+        w: jax.Array
+
+    policy = dm.Policy(dm.decay(param="weight"))
+    dm.register_layer(Flat, "linear", matrix_axes={"w": ((0,), (2,))})
+    try:
+        with pytest.raises(ValueError) as info:
+            policy.muon_dims_for_equinox({"proj": Flat(jnp.ones((3, 5)))})
+    finally:
+        dm.unregister_layer(Flat)
+    assert str(info.value) == (
+        "muon_dims_for_equinox: proj/w has shape (3, 5), but the matrix axes of Flat.w, "
+        "reduction (0,) and output (2,), name an axis that one layer's array of 2 axes "
+        "does not have. Fix: register the layout of one layer's array, with axes below 2: "
+        "dm.register_layer(Flat, 'linear', matrix_axes={'w': ((...), (...))}), or leave "
+        "it out with dm.no_decay(path='proj/w')."
+    )
+
+
+def test_weight_norm_gain_is_never_a_muon_matrix():
+    for inner in (eqx.nn.Linear(3, 4, key=KEY), eqx.nn.Conv2d(3, 4, 3, key=KEY)):
+        wn = eqx.nn.WeightNorm(inner)
+        rows = MATRICES.explain(wn)
+        assert [(r.path, r.role, r.decay) for r in rows if r.path == "g"] == [("g", "gain", False)]
+        dims = MATRICES.muon_dims_for_equinox(wn)
+        assert dims.g is None and isinstance(dims.layer.weight, Dims)

@@ -502,18 +502,19 @@ def test_nnx_unknown_layout_is_an_error():
         "mix/kernel", "Einsum", (2, 4, 3), PRESET_RULE, "kernel"
     )
     model = NnxGated()
-    for tree, owner, unknown_kind in (
-        (model, "NnxGate", "layers of unknown kind own parameters"),
-        (nnx.state(model, nnx.Param), "unknown", "arrays outside any layer"),
+    with (
+        pytest.raises(ValueError) as info,
+        pytest.warns(dm.PolicyWarning, match="layers of unknown kind own parameters"),
     ):
-        with (
-            pytest.raises(ValueError) as info,
-            pytest.warns(dm.PolicyWarning, match=unknown_kind),
-        ):
-            dm.Policy(dm.decay()).muon_dims_for_flax(tree)
-        assert str(info.value) == unknown_layout(
-            "gate/w", owner, (4, 4), "rule 1: decay()", "w", by_name=tree is not model
-        )
+        dm.Policy(dm.decay()).muon_dims_for_flax(model)
+    assert str(info.value) == unknown_layout("gate/w", "NnxGate", (4, 4), "rule 1: decay()", "w")
+    # By names, a 2-D ``w`` reads as a linear layer's matrix (content evidence), but
+    # names never prove a layout.
+    with pytest.raises(ValueError) as info:
+        dm.Policy(dm.decay()).muon_dims_for_flax(nnx.state(model, nnx.Param))
+    assert str(info.value) == unknown_layout(
+        "gate/w", "linear", (4, 4), "rule 1: decay()", "w", by_name=True
+    )
 
 
 # The preset
@@ -749,3 +750,61 @@ def test_names_never_fold_a_stacked_axis_into_a_conv_window(framework):
             lambda: flat(CONV_WEIGHTS.muon_dims_for_flax(state))["conv/kernel"]
         )
     assert dims == STACKED_CONV_1D
+
+
+class NnxProjection(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.w = nnx.Param(jax.random.normal(rngs.params(), (3, 5)))  # (in, out)
+        self.b = nnx.Param(jnp.zeros(5))
+
+
+def test_nnx_registered_layout_is_shifted_past_stacked_axes():
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(key):
+        return NnxProjection(nnx.Rngs(key))
+
+    stack = make(jax.random.split(jax.random.key(0), 4))
+    policy = dm.Policy(dm.decay(param="weight"))
+    dm.register_layer(NnxProjection, "linear", roles={"w": "weight", "b": "bias"}, matrix_axes={"w": ((0,), (1,))})
+    try:
+        dims = flat(policy.muon_dims_for_flax(stack))
+        rows = policy.explain(stack)
+    finally:
+        dm.unregister_layer(NnxProjection)
+    assert [(r.path, r.shape, r.leaf.batch_axes, r.leaf.ndim) for r in rows] == [
+        ("b", (4, 5), 1, 1),
+        ("w", (4, 3, 5), 1, 2),
+    ]
+    assert dims == {"b": None, "w": STACKED_IN_OUT}
+
+
+def test_nnx_registered_layout_of_another_rank_is_a_clear_error():
+    dm.register_layer(NnxGate, "linear", matrix_axes={"w": ((0, 1), (2,))})
+    try:
+        with pytest.raises(ValueError) as info:
+            dm.Policy(dm.decay(param="weight")).muon_dims_for_flax(NnxGated())
+    finally:
+        dm.unregister_layer(NnxGate)
+    assert str(info.value) == (
+        "muon_dims_for_flax: gate/w has shape (4, 4), but the matrix axes of NnxGate.w, "
+        "reduction (0, 1) and output (2,), name an axis that one layer's array of 2 axes "
+        "does not have. Fix: register the layout of one layer's array, with axes below 2: "
+        "dm.register_layer(NnxGate, 'linear', matrix_axes={'w': ((...), (...))}), or leave "
+        "it out with dm.no_decay(path='gate/w')."
+    )
+
+
+def test_nnx_weight_norm_scales_are_gains_never_muon_matrices():
+    model = nnx.WeightNorm(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(0))
+    rows = MATRICES.explain(model, wrt=...)
+    assert [(r.path, r.role, r.decay) for r in rows] == [
+        ("layer_instance/bias", "bias", False),
+        ("layer_instance/kernel", "weight", True),
+        ("scales/('kernel',)", "gain", False),
+    ]
+    dims = nnx.to_flat_state(MATRICES.muon_dims_for_flax(model, wrt=...))
+    assert [(path, value) for path, value in dims] == [
+        (("layer_instance", "bias"), None),
+        (("layer_instance", "kernel"), IN_OUT),
+        (("scales", ("kernel",)), None),
+    ]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import doctest
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import flax.linen as nn
 from flax import nnx
 
 import decaymask as dm
@@ -711,7 +713,7 @@ def test_names_agree_with_classes_except_where_a_name_says_too_little():
     by_class = {r.path: (r.layer, r.role, r.decay) for r in SEED.explain(model)}
     state_report = SEED.explain(nnx.state(model, nnx.Param))
     by_name = {r.path: (r.layer, r.role, r.decay) for r in state_report}
-    assert {r.leaf.kind_source for r in state_report} == {"name"}
+    assert {r.leaf.kind_source for r in state_report} == {"name", "content"}
     assert {r.layer_type for r in state_report} == {None}
     assert by_name.keys() == by_class.keys()
     differ = {p: (by_class[p], by_name[p]) for p in by_class if by_class[p] != by_name[p]}
@@ -906,3 +908,227 @@ def test_keys_holding_a_slash_give_distinct_escaped_paths():
     mask = dm.Policy(dm.decay(path="layers/a%2Fb/*")).for_flax(model)
     assert mask["layers"]["a/b"]["kernel"] and not mask["layers"]["5%"]["kernel"]
     assert not mask["a"]["b"]["kernel"]
+
+
+# Kinds read off class names are checked against what the instance owns.
+
+
+class SimpleNorm2d(nnx.Module):
+    def __init__(self):
+        self.weight = nnx.Param(jnp.ones(4))
+
+
+class Conv1D(nnx.Module):
+    """Named as a convolution, but its weight is an (out, in) matrix."""
+
+    def __init__(self):
+        self.weight = nnx.Param(jnp.ones((4, 3)))
+        self.bias = nnx.Param(jnp.ones(4))
+
+
+class EncoderStableLayerNorm(nnx.Module):
+    def __init__(self):
+        self.conv = Conv1D()
+        self.norm = SimpleNorm2d()
+
+
+def test_class_name_kinds_are_checked_against_content():
+    model = nonzero(EncoderStableLayerNorm())
+    policy = dm.Policy(dm.decay(layer="linear", param="weight"), dm.no_decay(within="layer_norm"))
+    rows = policy.explain(model)
+    assert [
+        (r.path, r.layer, r.leaf.kind_source, r.role, [a.type_name for a in r.leaf.ancestors], r.decay)
+        for r in rows
+    ] == [
+        # A conv by name, a linear layer by its 2-D weight.
+        ("conv/bias", "linear", "content", "bias", ["EncoderStableLayerNorm"], False),
+        ("conv/weight", "linear", "content", "weight", ["EncoderStableLayerNorm"], True),
+        # A norm by name, its weight a scale.
+        ("norm/weight", "rms_norm", "name", "scale", ["EncoderStableLayerNorm"], False),
+    ]
+    # The outer module owns only submodules: its name does not make it a norm.
+    assert rows[0].leaf.ancestors[0].kind == "unknown"
+    with pytest.warns(dm.PolicyWarning, match=r"no_decay\(within='layer_norm'\) matched no parameter"):
+        mask = policy.for_flax(model)
+    assert_optimizer_decays(model, mask, decays_of(rows))
+    with pytest.raises(ValueError, match="matrix layout"):
+        dm.presets.muon().muon_dims_for_flax(model)
+
+
+# A State: names and ranks read by the shared inference.
+
+
+def test_state_names_are_checked_against_the_arrays_they_hold():
+    state = nnx.State(
+        {
+            # A ViT's patch embedding is a convolution: its kernel is 4-D.
+            "patch_embeddings": {"kernel": jnp.ones((4, 4, 3, 8)), "bias": jnp.ones(8)},
+            "position_embeddings": {"embedding": jnp.ones((5, 8))},
+            # A fused Linear + BatchNorm block: a matrix beside a scale is no layer norm.
+            "block": {"w": jnp.ones((8, 8)), "b": jnp.ones(8), "scale": jnp.ones(8), "bias": jnp.ones(8)},
+            "final_norm": {"scale": jnp.ones(8)},
+        }
+    )
+    policy = dm.presets.standard()
+    rows = policy.explain(state)
+    assert [(r.path, r.layer, r.leaf.kind_source, r.role, r.decay) for r in rows] == [
+        ("block/b", "unknown", "content", "bias", False),
+        ("block/bias", "unknown", "content", "bias", False),
+        ("block/scale", "unknown", "content", "scale", False),
+        ("block/w", "unknown", "content", "weight", True),
+        ("final_norm/scale", "rms_norm", "name", "scale", False),
+        ("patch_embeddings/bias", "conv", "content", "bias", False),
+        ("patch_embeddings/kernel", "conv", "content", "weight", True),
+        ("position_embeddings/embedding", "embedding", "name", "position", False),
+    ]
+    with pytest.warns(dm.PolicyWarning, match="block/b"):
+        mask = policy.for_flax(state)
+    assert jax.tree.leaves(mask) == [r.decay for r in rows]
+    with pytest.warns(dm.PolicyWarning, match="block/b"):
+        dims = nnx.to_flat_state(dm.Policy(dm.decay(layer="conv", param="weight")).muon_dims_for_flax(state))
+    assert dict(dims)[("patch_embeddings", "kernel")] == optax.contrib.MuonDimensionNumbers((0, 1, 2), (3,))
+
+
+def test_state_kernel_named_linear_with_conv_rank_is_ambiguous():
+    state = nnx.State({"dense": {"kernel": jnp.ones((3, 4, 5))}})
+    rows = dm.Policy(dm.decay(param="weight")).explain(state)
+    assert [(r.path, r.layer, r.leaf.kind_source) for r in rows] == [("dense/kernel", "conv", "ambiguous")]
+    # No layout is guessed for it (a warning about the contradiction may come too).
+    with pytest.raises(ValueError, match="matrix layout"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", dm.PolicyWarning)
+        dm.Policy(dm.decay(param="weight")).muon_dims_for_flax(state)
+
+
+# A Linen module bridged into NNX, raw arrays, and the two NNX paths side by side.
+
+
+class LinenTower(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):
+        x = nn.Embed(10, 8)(tokens)
+        x = nn.LayerNorm()(x)
+        return nn.Dense(4)(x)
+
+
+def test_bridged_linen_module_is_read_by_its_linen_names():
+    model = nnx.bridge.ToNNX(LinenTower(), rngs=nnx.Rngs(0))
+    nnx.bridge.lazy_init(model, jnp.zeros((1, 3), jnp.int32))
+    nonzero(model)
+    policy = dm.presets.standard()
+    rows = policy.explain(model)
+    assert [(r.path, r.layer, r.leaf.kind_source, r.role, r.decay) for r in rows] == [
+        ("Dense_0/bias", "linear", "name", "bias", False),
+        ("Dense_0/kernel", "linear", "name", "weight", True),
+        ("Embed_0/embedding", "embedding", "name", "embedding", False),
+        ("LayerNorm_0/bias", "layer_norm", "name", "bias", False),
+        ("LayerNorm_0/scale", "layer_norm", "name", "scale", False),
+    ]
+    assert {tuple(a.type_name for a in r.leaf.ancestors) for r in rows} == {("ToNNX",)}
+    # The State path reads the same names: both decide alike.
+    state_rows = policy.explain(nnx.state(model, nnx.Param))
+    assert [(r.path, r.layer, r.role, r.decay) for r in state_rows] == [
+        (r.path, r.layer, r.role, r.decay) for r in rows
+    ]
+    # No warning (no register_layer(ToNNX, ...) hint): every rule matches.
+    mask = policy.for_flax(model)
+    assert_optimizer_decays(model, mask, decays_of(rows))
+
+
+class WithRawArray(nnx.Module):
+    def __init__(self, rngs):
+        self.linear = nnx.Linear(3, 3, rngs=rngs)
+        self.mix = jnp.full((3, 3), 0.5)  # a raw array attribute, no Variable type
+
+
+def test_raw_array_attributes_selected_by_wrt_are_decided_like_params():
+    model = WithRawArray(nnx.Rngs(0))
+    policy = dm.Policy(dm.decay(), dm.no_decay(param="bias"))
+    rows = policy.explain(model, wrt=...)
+    assert [(r.path, r.role, r.leaf.is_param, r.decay) for r in rows] == [
+        ("linear/bias", "bias", True, False),
+        ("linear/kernel", "weight", True, True),
+        ("mix", "other", True, True),
+    ]
+    # The State of the same selection decides the same.
+    assert [r.decay for r in policy.explain(nnx.state(model, ...))] == [r.decay for r in rows]
+    with pytest.warns(dm.PolicyWarning, match=re.escape("(WithRawArray: mix)")):
+        mask = policy.for_flax(model, wrt=...)
+    before = np.asarray(model.mix)
+    optimizer = nnx.Optimizer(model, optax.adamw(1.0, weight_decay=WEIGHT_DECAY, mask=mask), wrt=...)
+    optimizer.update(model, jax.tree.map(jnp.zeros_like, nnx.state(model, ...)))
+    np.testing.assert_array_equal(np.asarray(model.mix), before - WEIGHT_DECAY * before)
+
+
+class Gate(nnx.Module):
+    def __init__(self):
+        self.w = nnx.Param(jnp.ones((4, 4)))
+        self.offset = nnx.Param(jnp.zeros(4))
+
+
+class TowerBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.attn_norm = nnx.RMSNorm(8, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=8, decode=False, rngs=rngs)
+        self.mlp_norm = nnx.LayerNorm(8, rngs=rngs)
+        self.up = nnx.LoRALinear(8, 16, lora_rank=2, rngs=rngs)
+        self.down = nnx.Linear(16, 8, rngs=rngs)
+
+
+class Tower(nnx.Module):
+    def __init__(self, rngs):
+        self.tok = nnx.Embed(11, 8, rngs=rngs)
+        self.stem = nnx.Conv(3, 8, kernel_size=(3, 3), rngs=rngs)
+        self.bn = nnx.BatchNorm(8, rngs=rngs)
+        self.gn = nnx.GroupNorm(8, num_groups=2, rngs=rngs)
+        self.blocks = nnx.List([TowerBlock(rngs) for _ in range(2)])
+        self.gate = Gate()
+        self.final_norm = nnx.RMSNorm(8, rngs=rngs)
+        self.lm_head = nnx.Linear(8, 11, rngs=rngs)
+
+
+@pytest.mark.filterwarnings("ignore:.*unknown kind own parameters:decaymask.PolicyWarning")
+@pytest.mark.filterwarnings("ignore:.*arrays outside any layer:decaymask.PolicyWarning")
+@pytest.mark.filterwarnings(UNMATCHED)
+@pytest.mark.parametrize("preset", ["standard", "gpt", "everything_but_bias_and_norm"])
+def test_module_and_state_paths_decide_alike(preset):
+    model = nonzero(Tower(nnx.Rngs(0)))
+    policy = getattr(dm.presets, preset)()
+    by_class = policy.explain(model)
+    by_name = policy.explain(nnx.state(model, nnx.Param))
+    assert [(r.path, r.layer, r.role, r.decay) for r in by_name] == [
+        (r.path, r.layer, r.role, r.decay) for r in by_class
+    ]
+    # The mask of the module and the callable on the State agree, through nnx.Optimizer.
+    assert jax.tree.leaves(policy.for_flax(model)) == jax.tree.leaves(
+        policy.for_flax(nnx.state(model, nnx.Param))
+    ) == [r.decay for r in by_class]
+    assert_optimizer_decays(model, policy.for_flax, decays_of(by_class))
+    # Where the State has less evidence (no classes), the report says what decided.
+    assert {r.leaf.kind_source for r in by_class} == {"class"}
+    assert {r.layer_type for r in by_name} == {None}
+    content = {r.path for r in by_name if r.leaf.kind_source == "content"}
+    assert content == {
+        *(f"blocks/{i}/{layer}/{name}" for i in (0, 1)
+          for layer in ("attn/key", "attn/out", "attn/query", "attn/value", "down", "up")
+          for name in ("bias", "kernel")),
+        "gate/offset", "gate/w", "lm_head/bias", "lm_head/kernel", "stem/bias",
+        "stem/kernel", "tok/embedding",
+    }
+    assert {r.leaf.kind_source for r in by_name if r.path not in content} == {"name"}
+
+
+def test_bridged_linen_module_with_every_variable_selected():
+    model = nnx.bridge.ToNNX(LinenTower(), rngs=nnx.Rngs(0))
+    nnx.bridge.lazy_init(model, jnp.zeros((1, 3), jnp.int32))
+    policy = dm.Policy(dm.decay(), dm.no_decay(layer=("norm", "embedding")))
+    mask = policy.for_flax(model, wrt=...)
+    assert jax.tree.structure(mask) == jax.tree.structure(
+        nnx.map_state(lambda p, v: 0, nnx.state(model, ...))
+    )
+    decided = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(mask)}
+    assert decided["Dense_0/kernel"] is True and decided["Embed_0/embedding"] is False
+    assert decided["LayerNorm_0/scale"] is False
+    # The bridge's random state is selected too, and never decayed.
+    assert {p: v for p, v in decided.items() if p.startswith("to_nnx__rngs")} and not any(
+        v for p, v in decided.items() if p.startswith("to_nnx__rngs")
+    )

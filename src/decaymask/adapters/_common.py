@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
 from ..core import _registry
-from ..core._infer import is_generic_norm_name, kind_from_name
-from ..core._leaf import Layer
+from ..core._infer import is_generic_norm_name, kind_from_name, resolve_kind
+from ..core._leaf import Layer, Leaf
 
 _KEY_TYPES = (
     jax.tree_util.GetAttrKey,
@@ -91,6 +92,7 @@ def muon_dimension_numbers(decision: Any, method: str) -> Any:
     """The ``MuonDimensionNumbers`` of a decided leaf, ``None`` where it is not selected."""
     if not decision.decay:
         return None
+    check_matrix_axes(decision.leaf, method)
     axes = decision.leaf.muon_axes()
     if axes is None:
         leaf = decision.leaf
@@ -111,6 +113,52 @@ def muon_dimension_numbers(decision: Any, method: str) -> Any:
 
     reduction, output = axes
     return MuonDimensionNumbers(reduction_axis=reduction, output_axis=output)
+
+
+def layout_rank(axes: tuple[tuple[int, ...], tuple[int, ...]]) -> int:
+    """The rank of one layer's array that a (reduction, output) layout names."""
+    return max(axes[0] + axes[1]) + 1
+
+
+def registered_batch_axes(registration: Any, array_of: Callable[[str], Any]) -> int | None:
+    """The stacked leading axes of a registered layer's arrays, or ``None`` if unknown.
+
+    A layer stacked by ``eqx.filter_vmap`` or ``nnx.vmap`` keeps its registered layout
+    for one layer: the axes an array has beyond the rank its registered matrix axes
+    name are stacked axes, the same for every array of the layer. ``array_of`` gives
+    the layer's array of a name (``None`` where it has none).
+    """
+    for name, axes in registration.matrix_axes:
+        array = array_of(name)
+        shape = getattr(array, "shape", None)
+        if shape is not None:
+            return max(0, len(shape) - layout_rank(axes))
+    return None
+
+
+def check_matrix_axes(leaf: Leaf, method: str) -> None:
+    """Raises if a leaf's matrix axes name an axis its array does not have.
+
+    Registered layouts are the user's: one written for another layout (or for a stack)
+    would reach optax as axes it cannot use, and optax's own error ("reduction axes and
+    output axes must be disjoint", or an index error) does not say which array or why.
+    """
+    axes = leaf.matrix_axes
+    if axes is None:
+        return
+    rank = len(leaf.shape) - leaf.batch_axes
+    if max(axes[0] + axes[1]) < rank:
+        return
+    stacked = f" past {leaf.batch_axes} stacked leading axes" if leaf.batch_axes else ""
+    where = leaf.layer_type or leaf.layer
+    raise ValueError(
+        f"{method}: {leaf.path} has shape {leaf.shape}, but the matrix axes of "
+        f"{where}.{leaf.name}, reduction {axes[0]} and output {axes[1]}, name an axis "
+        f"that one layer's array of {rank} axes{stacked} does not have. Fix: register "
+        f"the layout of one layer's array, with axes below {rank}: "
+        f"dm.register_layer({where}, {leaf.layer!r}, matrix_axes={{{leaf.name!r}: "
+        f"((...), (...))}}), or leave it out with dm.no_decay(path={leaf.path!r})."
+    )
 
 
 def holds_masked_node(tree: Any) -> bool:
@@ -155,8 +203,10 @@ class ClassKinds:
 
     The registry first (subclasses of a registered class count), then the framework's
     kind table along the class's bases, then its name (``LlamaRMSNorm``). A wrapper
-    (WeightNorm) is ``"wrapper"`` and a bare ``...Norm`` name ``"norm"``: both are
-    resolved per instance by the adapter. Cached per class until the registry changes.
+    (WeightNorm) is ``"wrapper"``, resolved per instance by the adapter. A kind read
+    off the class name is checked per instance against what the instance owns
+    (:meth:`content_layer`): the name alone never decides. Cached per class until the
+    registry changes.
     """
 
     def __init__(
@@ -170,6 +220,9 @@ class ClassKinds:
         self.containers = containers
         self._kinds = RegistryCache()  # class -> (kind, source, registration)
         self._layers = RegistryCache()  # class -> Layer
+        # (class, arrays, children) -> Layer: only classes whose kind their name says,
+        # which a registration would take out of this path.
+        self._content: dict[tuple, Layer] = {}
 
     def __call__(self, cls: type) -> tuple[str, str, _registry.Registration | None]:
         """(kind, how it was found, registration)."""
@@ -181,14 +234,29 @@ class ClassKinds:
 
     def layer(self, cls: type) -> Layer | None:
         """The :class:`Layer` of every instance of ``cls``; ``None`` where it depends on
-        the instance (wrappers, bare norm names)."""
+        the instance (wrappers, kinds read off the class name)."""
         layers = self._layers.table()
         layer = layers.get(cls)
         if layer is None:
             kind, source, _ = self(cls)
-            if kind in ("wrapper", "norm"):
+            if kind == "wrapper" or source == "name":
                 return None
             layer = layers[cls] = Layer(kind, cls.__name__, cls, source)
+        return layer
+
+    def content_layer(
+        self, cls: type, arrays: Mapping[str, int], children: Collection[str] = ()
+    ) -> Layer:
+        """The :class:`Layer` of an instance of a class whose kind its name says, checked
+        against what the instance owns: ``arrays`` maps the name of every array it owns
+        directly to its rank, ``children`` names its submodules. The evidence that
+        decided (``"name"`` or ``"content"``) is the layer's source.
+        """
+        key = (cls, tuple(sorted(arrays.items())), frozenset(children))
+        layer = self._content.get(key)
+        if layer is None:
+            kind, evidence = resolve_kind(cls.__name__, arrays, children)
+            layer = self._content[key] = Layer(kind, cls.__name__, cls, evidence)
         return layer
 
     def _resolve(self, cls: type) -> tuple[str, str, _registry.Registration | None]:

@@ -12,7 +12,16 @@ from ..core import _registry
 from ..core._infer import role_from_name
 from ..core._leaf import Layer, Leaf
 from ..core._table import LeafTable
-from ._common import ARRAY_TYPES, ClassKinds, check_not_a_step_count, dtype_name, is_array_like, key_name, path_text
+from ._common import (
+    ARRAY_TYPES,
+    ClassKinds,
+    check_not_a_step_count,
+    dtype_name,
+    is_array_like,
+    key_name,
+    path_text,
+    registered_batch_axes,
+)
 
 _nn = eqx.nn
 METHOD = "for_equinox"
@@ -60,9 +69,67 @@ def _module_layer(node: eqx.Module) -> Layer:
     if kind == "wrapper":
         inner = _module_layer(node.layer)
         return Layer(inner.kind, cls.__name__, cls, inner.source)
-    # A class named only "...Norm": a bias says layer norm, no bias says RMS norm.
-    kind = "layer_norm" if _has_array(node, "bias") else "rms_norm"
-    return Layer(kind, cls.__name__, cls, source)
+    # The class name said a kind: what the instance owns confirms or overrides it.
+    arrays, children = _content(node)
+    return _class_kind.content_layer(cls, arrays, children)
+
+
+def _content(node: Any) -> tuple[dict[str, int], list[str]]:
+    """The rank of every array a module owns directly (in a list or tuple field, or
+    through an array wrapper), and the fields that hold modules."""
+    arrays: dict[str, int] = {}
+    children: list[str] = []
+    for keys, value in _children(node):
+        name = key_name(keys[0])
+        for item in value if type(value) in (list, tuple) else (value,):
+            if _node_kind(type(item)) == "module" and not _is_array_wrapper(item):
+                children.append(name)
+                continue
+            array = _wrapped_array(item) if not is_array_like(item) else item
+            if array is not None:
+                arrays[name] = max(arrays.get(name, 0), len(array.shape))
+    return arrays, children
+
+
+def _children(node: Any) -> list[tuple[tuple, Any]]:
+    """The immediate children of a pytree node with their keys."""
+    return jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)[0]
+
+
+# Field names a type holding one array gives it when the name says nothing of what the
+# array is for (a named-array type's ``array``): the field holding the type names it.
+_WRAPPED_NAMES = frozenset({"array", "value", "data", "val", "raw", "tensor", "_value", "_array"})
+_PLAIN_TYPES = (list, tuple, dict, type(None))
+
+
+def _is_array_wrapper(node: Any) -> bool:
+    """Whether ``node`` is a pytree node that only wraps one array (a named array with
+    its axis names as static data), not a layer: it owns nothing, and the array is
+    named by the field holding the node."""
+    cls = type(node)
+    if cls in _PLAIN_TYPES or is_array_like(node):
+        return False
+    if _node_kind(cls) is not None:
+        kind, source, _ = _class_kind(cls)
+        if kind != "unknown" or source != "class" or issubclass(cls, _CONTAINERS):
+            return False
+    found = [(keys, value) for keys, value in _children(node) if value is not None]
+    if len(found) != 1 or not is_array_like(found[0][1]):
+        return False
+    entry = found[0][0][0]
+    return isinstance(entry, _INDEX_KEYS) or key_name(entry) in _WRAPPED_NAMES
+
+
+def _array_field(node: Any, field: str) -> Any:
+    """The array a module holds in ``field`` (through an array wrapper), or ``None``."""
+    value = getattr(node, field, None)
+    return value if is_array_like(value) else _wrapped_array(value)
+
+
+def _wrapped_array(node: Any) -> Any:
+    if not _is_array_wrapper(node):
+        return None
+    return next(value for _, value in _children(node) if value is not None)
 
 
 def _has_array(node: Any, name: str) -> bool:
@@ -100,24 +167,19 @@ def _matrix_axes(node: Any, name: str) -> tuple[tuple[int, ...], tuple[int, ...]
     return None
 
 
-def _field_name(keys: tuple) -> str:
-    """The attribute or key an array is stored under, skipping sequence indices."""
-    for entry in reversed(keys):
-        if not isinstance(entry, (jax.tree_util.SequenceKey, jax.tree_util.FlattenedIndexKey)):
-            return key_name(entry)
-    return key_name(keys[-1]) if keys else ""
-
-
 _UNOWNED = Layer("unknown", None, None, "class")
 _INDEX_KEYS = (jax.tree_util.SequenceKey, jax.tree_util.FlattenedIndexKey)
 
 
 class _Context:
-    """What every array below one node shares: its owner, the modules around it."""
+    """What every array below one node shares: its owner, the modules around it, the
+    name its arrays take where their own key names nothing."""
 
-    __slots__ = ("node", "owner", "ancestors", "owner_node", "in_state", "key")
+    __slots__ = ("node", "owner", "ancestors", "owner_node", "in_state", "key", "field",
+                 "wrapper", "owner_name")
 
-    def __init__(self, node, owner, ancestors, owner_node, in_state, key):
+    def __init__(self, node, owner, ancestors, owner_node, in_state, key, field=None,
+                 wrapper=False, owner_name=""):
         self.node = node
         self.owner = owner
         self.ancestors = ancestors
@@ -125,6 +187,12 @@ class _Context:
         self.in_state = in_state
         # Equal for contexts that decide alike; interned so that leaf keys hash fast.
         self.key = key
+        # The field this node is held in, past list indices and array wrappers.
+        self.field = field
+        # An array wrapper (a named array): its child is named by ``field``.
+        self.wrapper = wrapper
+        # The field holding the owner module (``position_embeddings``).
+        self.owner_name = owner_name
 
 
 _getattr = object.__getattribute__  # Module.__getattribute__ does work fields never need
@@ -133,31 +201,37 @@ _getattr = object.__getattribute__  # Module.__getattribute__ does work fields n
 def _child(node: Any, entry: Any) -> Any:
     if isinstance(entry, jax.tree_util.GetAttrKey):
         return _getattr(node, entry.name)
-    if isinstance(entry, jax.tree_util.SequenceKey):
+    if isinstance(entry, jax.tree_util.SequenceKey) and type(node) in (list, tuple):
         return node[entry.idx]
-    if isinstance(entry, jax.tree_util.DictKey):
+    if isinstance(entry, jax.tree_util.DictKey) and isinstance(node, Mapping):
         return node[entry.key]
     # A custom pytree node: its children in flattening order.
-    children = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)[0]
-    for keys, child in children:
+    for keys, child in _children(node):
         if keys[0] == entry:
             return child
     raise KeyError(entry)
 
 
 class _Walk:
-    """One flatten of the tree; every array's owner found once per parent node."""
+    """One flatten of the tree; every array's owner found once per parent node.
+
+    Every leaf's key holds all a rule can read without the leaf's own path, rank or
+    value: the owner, its ancestors, whether it is state, the array's name (the field
+    it is held in, past list indices and array wrappers) and, for embeddings, the
+    owner's name (it decides a position table's role).
+    """
 
     def __init__(self, tree: Any):
         flat, self.treedef = jax.tree_util.tree_flatten_with_path(tree)
         self.size = len(flat)
         self.contexts: dict[tuple, _Context] = {}
         self.interned: dict[tuple, int] = {}
-        self.contexts[()] = self._enter(_Context(tree, None, (), None, False, 0), tree)
+        self.contexts[()] = self._enter(_Context(tree, None, (), None, False, 0), tree, None)
         self.positions: list[int] = []
-        self.entries: list[tuple[tuple, Any, _Context]] = []
+        self.entries: list[tuple[tuple, Any, _Context, str]] = []
         keys: list[tuple] = []
         floating_of = _FLOATING
+        index_keys = _INDEX_KEYS
         for position, (keypath, value) in enumerate(flat):
             if not isinstance(value, ARRAY_TYPES):
                 continue
@@ -165,14 +239,20 @@ class _Walk:
             context = self.contexts.get(parent)
             if context is None:
                 context = self._context(parent)
+            last = keypath[-1] if keypath else None
+            if last is None:
+                name = ""
+            elif context.wrapper or isinstance(last, index_keys):
+                name = context.field or key_name(last)
+            else:
+                name = key_name(last)
             dtype = value.dtype
             floating = floating_of.get(dtype)
             if floating is None:
                 floating = floating_of[dtype] = dtype_name(value).startswith(_FLOATING_PREFIXES)
             self.positions.append(position)
-            self.entries.append((keypath, value, context))
-            # A single array as the whole tree has an empty key path.
-            keys.append((context.key, keypath[-1] if keypath else None, floating))
+            self.entries.append((keypath, value, context, name))
+            keys.append((context.key, name, floating))
         self.table = LeafTable(keys, self._build)
 
     def _context(self, prefix: tuple) -> _Context:
@@ -180,45 +260,69 @@ class _Walk:
         if parent is None:
             parent = self._context(prefix[:-1])
         node = _child(parent.node, prefix[-1])
-        context = self._enter(parent, node)
+        context = self._enter(parent, node, prefix[-1])
         self.contexts[prefix] = context
         return context
 
-    def _enter(self, parent: _Context, node: Any) -> _Context:
+    def _enter(self, parent: _Context, node: Any, entry: Any) -> _Context:
+        if entry is None or parent.wrapper or isinstance(entry, _INDEX_KEYS):
+            field = parent.field
+        else:
+            field = key_name(entry)
         what = _node_kind(type(node))
+        if what == "module" and _is_array_wrapper(node):
+            what = None
         if what is None:
-            return _Context(node, parent.owner, parent.ancestors, parent.owner_node, parent.in_state, parent.key)
+            wrapper = type(node) not in _PLAIN_TYPES and _is_array_wrapper(node)
+            return _Context(node, parent.owner, parent.ancestors, parent.owner_node,
+                            parent.in_state, parent.key, field, wrapper, parent.owner_name)
         if what == "state":
             # A StateIndex holds the initial value of some state of its layer.
-            return _Context(node, parent.owner, parent.ancestors, parent.owner_node, True, self._intern(parent.owner, parent.ancestors, True))
+            return _Context(node, parent.owner, parent.ancestors, parent.owner_node, True,
+                            self._intern(parent.owner, parent.ancestors, True, ""), field,
+                            False, parent.owner_name)
         layer = _module_layer(node)
         ancestors = parent.ancestors if parent.owner is None else parent.ancestors + (parent.owner,)
-        return _Context(node, layer, ancestors, node, parent.in_state, self._intern(layer, ancestors, parent.in_state))
+        owner_name = field or ""
+        # Only an embedding's role reads its owner's name.
+        key_name_part = owner_name if layer.kind == "embedding" else ""
+        return _Context(node, layer, ancestors, node, parent.in_state,
+                        self._intern(layer, ancestors, parent.in_state, key_name_part),
+                        field, False, owner_name)
 
-    def _intern(self, owner: Layer | None, ancestors: tuple, in_state: bool) -> int:
-        return self.interned.setdefault((owner, ancestors, in_state), len(self.interned) + 1)
+    def _intern(self, owner: Layer | None, ancestors: tuple, in_state: bool, owner_name: str) -> int:
+        return self.interned.setdefault(
+            (owner, ancestors, in_state, owner_name), len(self.interned) + 1
+        )
 
     def _build(self, index: int) -> Leaf:
-        keypath, value, context = self.entries[index]
+        keypath, value, context, name = self.entries[index]
         owner = context.owner or _UNOWNED
         owner_node = context.owner_node
         in_state = context.in_state
-        name = _field_name(keypath)
         registration = None
         if owner.source == "registered" and owner.cls is not None:
             registration = _registry.lookup_class(owner.cls)
         role = registration.role_of(name) if registration is not None else None
         if role is None:
-            role = role_from_name(owner.kind, name)
+            role = role_from_name(owner.kind, name, context.owner_name)
+        registered_batch = None
         if registration is not None:
             matrix_axes = registration.matrix_axes_of(name)
+            if registration.matrix_axes:
+                registered_batch = registered_batch_axes(
+                    registration, lambda field: _array_field(owner_node, field)
+                )
         elif not in_state and owner.source == "class":
             matrix_axes = _matrix_axes(owner_node, name)
         else:
             matrix_axes = None
         shape = tuple(value.shape)
         expected = None if in_state else _expected_ndim(owner_node, owner, name)
-        batch_axes = max(0, len(shape) - expected) if expected is not None else 0
+        if registered_batch is not None:
+            batch_axes = min(registered_batch, len(shape))
+        else:
+            batch_axes = max(0, len(shape) - expected) if expected is not None else 0
         layout_axes = 0
         if name == "bias" and isinstance(owner_node, (_nn.Conv, _nn.ConvTranspose)):
             # Equinox keeps a conv bias as (out, 1, ..., 1) to broadcast over space.

@@ -3,12 +3,13 @@
 A module is walked once, in the order ``nnx.state`` flattens it, so the walk sees the
 same variables at the same paths as ``nnx.state(model, wrt)`` and knows the class of
 every module on the way. A State carries no classes: kinds come from its keys and
-from sibling arrays, as for Linen params.
+the arrays each key holds, read by the shared inference.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -17,9 +18,9 @@ import numpy as np
 from flax import nnx
 
 from ..core import _registry
-from ..core._infer import is_generic_norm_name, kind_from_name, role_from_name
+from ..core._infer import kind_from_name, resolve_kind, role_from_name
 from ..core._leaf import Layer, Leaf
-from ._common import ClassKinds, key_name, path_text
+from ._common import ClassKinds, key_name, path_text, registered_batch_axes
 
 _graphlib = nnx.graphlib
 _get_node_impl = _graphlib.get_node_impl
@@ -82,15 +83,32 @@ _class_kind = ClassKinds(KIND_TABLE, WRAPPERS, _CONTAINERS)
 def _module_layer(module: Any) -> Layer:
     cls = type(module)
     kind, source, _ = _class_kind(cls)
-    if kind == "norm":
-        # A class named only "...Norm": a bias says layer norm, no bias says RMS norm.
-        bias = getattr(module, "bias", None)
-        kind = "layer_norm" if isinstance(bias, _Variable) else "rms_norm"
-        return Layer(kind, cls.__name__, cls, source)
     if kind == "wrapper":
         inner = _module_layer(module.layer_instance)
         return Layer(inner.kind, cls.__name__, cls, inner.source)
+    if source == "name":
+        # The class name said a kind: what the instance owns confirms or overrides it.
+        arrays, children = _content(module)
+        return _class_kind.content_layer(cls, arrays, children)
     return _class_kind.layer(cls)  # type: ignore[return-value]
+
+
+def _content(module: Any) -> tuple[dict[str, int], list[str]]:
+    """The rank of every array a module owns directly (its variables and raw array
+    attributes), and the attributes that hold modules."""
+    arrays: dict[str, int] = {}
+    children: list[str] = []
+    for name, value in vars(module).items():
+        if isinstance(value, _Variable):
+            value = value.get_raw_value()
+        if isinstance(value, nnx.Pytree):
+            if not isinstance(value, _TRANSPARENT):
+                children.append(name)
+            continue
+        shape = getattr(value, "shape", None)
+        if shape is not None and getattr(value, "dtype", None) is not None:
+            arrays[name] = len(shape)
+    return arrays, children
 
 
 # Layouts: the rank one layer gives each of its arrays (more leading axes are stacked
@@ -243,6 +261,16 @@ def _bad_value(fn: str, path: tuple, holder: str, value: Any) -> TypeError:
     )
 
 
+def _is_to_nnx(node: Any) -> bool:
+    """Whether ``node`` is an ``nnx.bridge.ToNNX`` (its module is loaded if one exists)."""
+    bridge = sys.modules.get("flax.nnx.bridge.wrappers")
+    return bridge is not None and isinstance(node, bridge.ToNNX)
+
+
+def _raw(value: Any) -> Any:
+    return value.get_raw_value() if isinstance(value, _Variable) else value
+
+
 def _holder(variable: Any, otherwise: str) -> str:
     return f"an nnx.{type(variable).__name__}" if variable is not None else otherwise
 
@@ -357,7 +385,16 @@ class _Walk:
             self._walked.add(node_id)
             self._active.add(node_id)
         if isinstance(node, nnx.Pytree) and not isinstance(node, _TRANSPARENT):
-            owner = self._owner(node, owner)
+            if _is_to_nnx(node) and not repeat:
+                # A Linen module in NNX: its variables carry Linen's names, not classes.
+                around = (owner.enclosing if owner is not None else ()) + (_module_layer(node),)
+                bridged = (len(self.leaves), around)
+                owner = None
+            else:
+                bridged = None
+                owner = self._owner(node, owner)
+        else:
+            bridged = None
         items, _ = impl.flatten(node)
         for key, value in items:
             # The classification of nnx's own graph flatten, so that the walk selects
@@ -382,8 +419,27 @@ class _Walk:
             ):
                 # A raw array attribute: in nnx.state, but no Variable type to select it.
                 self._add(child, value, owner, None)
+        if bridged is not None:
+            self._read_by_name(path, *bridged)
         if graph_node:
             self._active.discard(node_id)
+
+    def _read_by_name(self, path: tuple, start: int, around: tuple[Layer, ...]) -> None:
+        """Re-reads the leaves from ``start`` on, all below ``path`` (an
+        ``nnx.bridge.ToNNX``), by their Linen names as a State's are: the wrapper is no
+        layer, and registering it could not help."""
+        entries = [
+            (self.paths[i][len(path):], self.paths[i], None, None,
+             (self.leaves[i].shape, self.leaves[i].dtype))
+            for i in range(start, len(self.leaves))
+        ]
+        for offset, leaf in enumerate(_leaves_by_name(entries, around)):
+            index = start + offset
+            # Whether it is a parameter is the variable's type, already read.
+            is_param = self.leaves[index].is_param and not (
+                leaf.layer == "batch_norm" and leaf.name in ("mean", "var")
+            )
+            self.leaves[index] = dataclasses.replace(leaf, is_param=is_param)
 
     @staticmethod
     def _owner(module: Any, outer: _Owner | None) -> _Owner:
@@ -444,12 +500,22 @@ class _Walk:
             if registration is not None:
                 role = registration.role_of(name)
                 axes = registration.matrix_axes_of(name)
+                if registration.matrix_axes:
+                    stacked = registered_batch_axes(
+                        registration, lambda field: _raw(getattr(owner.holder, field, None))
+                    )
+                    if stacked is not None:
+                        expected = max(0, len(shape) - stacked)
             elif owner.layout is not None:
                 expected, axes = owner.layout(owner.holder, name)
                 if isinstance(owner.holder, nnx.LinearGeneral):
                     layout_axes = _general_layout_axes(owner.holder, name)
         if role is None:
-            role = role_from_name(layer.kind, name)
+            if name == "scales" and owner is not None and isinstance(owner.holder, nnx.WeightNorm):
+                # WeightNorm's learned norms of the wrapped layer's kernels: gains.
+                role = "gain"
+            else:
+                role = role_from_name(layer.kind, name)
         return Leaf(
             layout_axes=layout_axes,
             path=_path_text(path),
@@ -461,9 +527,13 @@ class _Walk:
             layer_type=layer.type_name,
             layer_class=layer.cls,
             ancestors=ancestors,
-            # Only Params are parameters: BatchStat, Cache, RNG state and raw arrays in
-            # the selection are state, never decayed.
-            is_param=isinstance(variable, _Param) and value is not None,
+            # Params are parameters, and raw array attributes the selection holds (the
+            # optimizer trains them as it trains params) but a batch norm's running
+            # statistics; BatchStat, Cache and RNG state are state, never decayed.
+            is_param=(
+                isinstance(variable, _Param)
+                or (variable is None and not (layer.kind == "batch_norm" and name in ("mean", "var")))
+            ) and value is not None,
             kind_source=layer.source,
             batch_axes=max(0, len(shape) - expected) if expected is not None else 0,
             matrix_axes=axes,
@@ -476,13 +546,13 @@ class _Walk:
 # Attention projections: their kernels have more than two axes but are not convolutions.
 _PROJECTIONS = frozenset({"query", "key", "value", "out"})
 
-_name_layers: dict[str, Layer] = {}
+_name_layers: dict[tuple[str, str], Layer] = {}
 
 
-def _name_layer(kind: str) -> Layer:
-    layer = _name_layers.get(kind)
+def _name_layer(kind: str, source: str = "name") -> Layer:
+    layer = _name_layers.get((kind, source))
     if layer is None:
-        layer = _name_layers[kind] = Layer(kind, None, None, "name")
+        layer = _name_layers[(kind, source)] = Layer(kind, None, None, source)
     return layer
 
 
@@ -490,62 +560,46 @@ def _level_kind(key: Any) -> str | None:
     return kind_from_name(key) if isinstance(key, str) else None
 
 
-def _norm_from_siblings(arrays: dict[str, tuple[int, ...]]) -> str:
-    if "mean" in arrays and "var" in arrays:
-        return "batch_norm"
-    return "layer_norm" if "bias" in arrays else "rms_norm"
-
-
 def _is_projection(own: str | None) -> bool:
     return own is not None and (own in _PROJECTIONS or own.endswith("_proj"))
-
-
-def _kind_from_siblings(
-    own: str | None, arrays: dict[str, tuple[int, ...]], levels: list[str | None]
-) -> str:
-    """The kind of a layer known only by its key and the arrays it holds."""
-    if "embedding" in arrays:
-        return "embedding"
-    if "mean" in arrays and "var" in arrays:
-        return "batch_norm"
-    if "scale" in arrays:
-        # scale beside bias: a layer norm; scale alone: an RMS norm.
-        return _norm_from_siblings(arrays)
-    if "kernel" in arrays:
-        if len(arrays["kernel"]) <= 2:
-            return "linear"
-        # More axes: a convolution, unless the layer is a multi-axis projection
-        # (attention, a LinearGeneral with a multi-axis bias, a stack of linear layers).
-        if _is_projection(own) or "attention" in levels:
-            return "linear"
-        bias = arrays.get("bias")
-        return "linear" if bias is not None and len(bias) >= 2 else "conv"
-    if "lora_a" in arrays or "lora_b" in arrays:
-        return "lora"
-    if "negative_slope" in arrays:
-        return "prelu"
-    return "unknown"
 
 
 def _name_owner(
     parent: tuple, arrays: dict[str, tuple[int, ...]]
 ) -> tuple[Layer, tuple[Layer, ...]]:
-    """The owner layer and its ancestors for the arrays held under ``parent``."""
+    """The owner layer and its ancestors for the arrays held under ``parent``.
+
+    The owner's key and the names and ranks of the arrays it holds are read by the
+    shared inference (:func:`resolve_kind`); what only a State shows is added: the
+    gates of a module named as a recurrent cell are the cell's, and the multi-axis
+    kernels of attention projections are linear.
+    """
     levels = [_level_kind(key) for key in parent]
     own = next((key for key in reversed(parent) if isinstance(key, str)), None)
+    outer = tuple(_name_layer(k or "unknown") for k in levels[:-1])
     kind = _level_kind(own)
-    if kind is None and own is not None and is_generic_norm_name(own):
-        kind = _norm_from_siblings(arrays)
     if kind in (None, "linear"):
         # Inside a module named as a recurrent cell, unnamed layers and dense gates are
         # the cell's own, as with classes (NNX cells hold Linear gates like dense_i).
         for depth, level in enumerate(levels[:-1]):
             if level == "recurrent":
-                outer = tuple(_name_layer(k or "unknown") for k in levels[:depth])
-                return _name_layer("recurrent"), outer
-    if kind is None:
-        kind = _kind_from_siblings(own, arrays, levels)
-    return _name_layer(kind), tuple(_name_layer(k or "unknown") for k in levels[:-1])
+                cell_outer = tuple(_name_layer(k or "unknown") for k in levels[:depth])
+                return _name_layer("recurrent"), cell_outer
+    ranks = {name: len(shape) for name, shape in arrays.items()}
+    kind, evidence = resolve_kind(own, ranks)
+    if kind == "linear" and _level_kind(own) == "conv" and ranks.get("kernel", 0) >= 3:
+        # A kernel of a conv's rank whose bias has more than one axis: a stack of
+        # convolutions (the bias's extra axes are the stacked ones), as the name says.
+        return _name_layer("conv", "name"), outer
+    if kind == "conv" and "kernel" in ranks and _level_kind(own) != "conv":
+        if _is_projection(own) or "attention" in levels:
+            # A multi-axis projection of an attention layer (in, heads, head_dim).
+            return _name_layer("linear", "content"), outer
+        if _level_kind(own) == "linear":
+            # A kernel of three or more axes named as a linear layer: a stack of
+            # linear layers or a convolution, which names and ranks cannot tell.
+            return _name_layer("conv", "ambiguous"), outer
+    return _name_layer(kind, evidence), outer
 
 
 def _name_axes(kind: str, own: Any, name: str, rank: int) -> _Axes | None:
@@ -604,7 +658,6 @@ def _is_variable(x: Any) -> bool:
 def _state_walk(state: Any, fn: str) -> tuple[list[Leaf], Callable[[list[Any]], Any]]:
     flat, treedef = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_variable)
     entries = []
-    groups: dict[tuple, dict[str, tuple[int, ...]]] = {}
     for jax_path, item in flat:
         path = tuple(_entry_key(entry) for entry in jax_path)
         variable = item if isinstance(item, _Variable) else None
@@ -612,12 +665,23 @@ def _state_walk(state: Any, fn: str) -> tuple[list[Leaf], Callable[[list[Any]], 
         found = _shape_dtype(value)
         if found is None:
             raise _bad_value(fn, path, _holder(variable, "a leaf"), value)
-        name = _leaf_name(path)
-        entries.append((path, name, variable, value, found))
-        groups.setdefault(path[:-1], {})[name] = found[0]
+        entries.append((path, path, variable, value, found))
+    return _leaves_by_name(entries), treedef.unflatten
+
+
+def _leaves_by_name(entries: list[tuple], around: tuple[Layer, ...] = ()) -> list[Leaf]:
+    """Leaves whose kinds come from their keys and sibling arrays alone.
+
+    Each entry is (path to read names from, full path, variable or None, value,
+    (shape, dtype)); ``around`` are the modules enclosing the first path's root.
+    """
+    groups: dict[tuple, dict[str, tuple[int, ...]]] = {}
+    for path, _, _, _, found in entries:
+        groups.setdefault(path[:-1], {})[_leaf_name(path)] = found[0]
     owners = {parent: _name_owner(parent, arrays) for parent, arrays in groups.items()}
     leaves = []
-    for path, name, variable, value, (shape, dtype) in entries:
+    for path, full_path, variable, value, (shape, dtype) in entries:
+        name = _leaf_name(path)
         layer, ancestors = owners[path[:-1]]
         own = next((key for key in reversed(path[:-1]) if isinstance(key, str)), None)
         stacked = 0
@@ -627,7 +691,8 @@ def _state_walk(state: Any, fn: str) -> tuple[list[Leaf], Callable[[list[Any]], 
             # kernel is read as one layer's.
             bias = groups[path[:-1]].get("bias")
             stacked = 0 if bias is None else max(0, len(bias) - 1)
-        axes = _name_axes(layer.kind, own, name, len(shape) - stacked)
+        # Names and ranks that contradict give no layout: Muon never guesses.
+        axes = None if layer.source == "ambiguous" else _name_axes(layer.kind, own, name, len(shape) - stacked)
         if axes is None and layer.kind == "linear" and name == "kernel" and len(shape) > 2:
             # A LinearGeneral: its bias is the kernel's trailing (output) axes.
             bias = groups[path[:-1]].get("bias")
@@ -636,21 +701,21 @@ def _state_walk(state: Any, fn: str) -> tuple[list[Leaf], Callable[[list[Any]], 
                 axes = tuple(range(split)), tuple(range(split, len(shape)))
         leaves.append(
             Leaf(
-                path=_path_text(path),
+                path=_path_text(full_path),
                 layer=layer.kind,
-                role=role_from_name(layer.kind, name),
+                role=role_from_name(layer.kind, name, own or ""),
                 shape=shape,
                 dtype=dtype,
                 name=name,
-                ancestors=ancestors,
+                ancestors=around + ancestors,
                 is_param=_is_param_by_name(variable, value, layer.kind, name),
-                kind_source="name",
+                kind_source=layer.source,
                 batch_axes=stacked,
                 matrix_axes=axes,
                 layout_axes=_name_layout_axes(layer.kind, name, shape, axes),
             )
         )
-    return leaves, treedef.unflatten
+    return leaves
 
 
 # Entry points
@@ -715,8 +780,11 @@ def leaves(tree: Any, *, wrt: Any = None) -> list[Leaf]:
     enclosing module owns an array, and the modules around it are its ancestors
     (``nnx.List``/``nnx.Dict`` never own: a variable held directly in one belongs to
     the module holding it). Recurrent cells own the arrays of their gate layers.
-    From a State, kinds come from its keys and sibling arrays alone (``kind_source``
-    ``"name"``), with no stacked axes known; in a State of raw arrays, which carries
+    The variables of an ``nnx.bridge.ToNNX`` carry Linen's names, not classes: they
+    are read as a State's are. Raw array attributes the selection holds (``wrt=...``)
+    are decided like params. From a State, kinds come from its keys and sibling arrays
+    alone (``kind_source`` ``"name"`` or ``"content"``, ``"ambiguous"`` where they
+    contradict), with no stacked axes known; in a State of raw arrays, which carries
     no variable types, every array is a parameter but a batch norm's ``mean`` and
     ``var``.
 

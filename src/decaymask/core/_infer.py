@@ -305,7 +305,7 @@ def role_from_name(kind: str, name: str, owner_name: str = "") -> str:
     if len(ws) == 2 and ws[0] in ("cls", "class") and ws[1] in ("embed", "embedding"):
         # CLIP's `class_embedding`: one learned vector, concatenated before the patches.
         return "token"
-    if name in _BIAS_NAMES or (ws and ws[-1] == "bias") or (ws and ws[0] == "bias"):
+    if name in _BIAS_NAMES or (ws and ws[-1] in ("bias", "biases")) or (ws and ws[0] == "bias"):
         return "bias"
     if kind in _NORM_KINDS:
         if name in _SCALE_NAMES:
