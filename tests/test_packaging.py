@@ -110,3 +110,40 @@ def test_wheel_ships_only_the_package(tmp_path):
     assert top == {"decaymask", f"decaymask-{dm.__version__}.dist-info"}
     assert "decaymask/py.typed" in names
     assert not any("test" in n.split("/")[-1] for n in names)
+
+
+def _oldest_pins() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / ".ci" / "oldest.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name.lower()] = version
+    return pins
+
+
+def test_lower_bounds_are_the_oldest_set_ci_tests():
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = _oldest_pins()
+    bounds = {}
+    for requirement in (r for extra in project["optional-dependencies"].values() for r in extra):
+        found = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9.]+)", requirement)
+        if found:
+            bounds.setdefault(found[1].lower(), set()).add(found[2])
+    assert bounds and all(len(v) == 1 for v in bounds.values()), bounds
+    assert {name: v.pop() for name, v in bounds.items()} == {
+        name: version for name, version in pins.items() if name != "jaxlib"
+    }
+    assert pins["jaxlib"] == pins["jax"]
+    assert project["requires-python"] == ">=3.11"
+
+
+def test_readme_table_lists_the_oldest_set():
+    text = (ROOT / "README.md").read_text()
+    table = text.split("## Supported versions", 1)[1].split("\n## ", 1)[0]
+    pins = _oldest_pins()
+    for name in ("jax", "equinox", "flax", "optax", "pyyaml"):
+        [row] = [line for line in table.splitlines() if line.lower().startswith(f"| {name} ")]
+        assert f"| {pins[name]} |" in row, row
