@@ -86,6 +86,7 @@ MODULES = [
     "decaymask.core._rules",
     "decaymask.core._policy",
     "decaymask.core._registry",
+    "decaymask.core._report",
     "decaymask.presets",
     "decaymask._check",
 ]
