@@ -3,6 +3,7 @@ slices and filters render as Reports too."""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import sys
@@ -35,16 +36,32 @@ report
     "report.decayed",
     "report.not_decayed.filter(lambda row: row.role == 'scale')",
     "report[0].path, len(report), [row.decay for row in report][:3]",
+    "import sys; sys.executable, dm.__file__",
 ]
 
 
-def _run_notebook(tmp_path: pathlib.Path) -> list:
+def _kernel(tmp_path: pathlib.Path, monkeypatch) -> str:
+    """A kernel spec that runs this very interpreter (an installed "python3" spec may
+    name whichever `python` comes first on PATH)."""
+    spec = tmp_path / "jupyter" / "kernels" / "decaymask-test"
+    spec.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    (spec / "kernel.json").write_text(
+        json.dumps({"argv": argv, "display_name": "decaymask test", "language": "python"})
+    )
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    # The kernel imports the decaymask under test, whatever the install points at.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(sys.path))
+    return "decaymask-test"
+
+
+def _run_notebook(tmp_path: pathlib.Path, kernel: str) -> list:
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(source.strip()) for source in CELLS]
     client = nbclient.NotebookClient(
         nb,
         timeout=120,
-        kernel_name="python3",
+        kernel_name=kernel,
         resources={"metadata": {"path": str(tmp_path)}},
     )
     client.execute()
@@ -61,10 +78,9 @@ def _html(outputs: list) -> str:
     reason="nbclient, nbformat and ipykernel come with the test extra",
 )
 def test_a_report_renders_in_a_real_kernel(tmp_path, monkeypatch):
-    # The kernel imports the decaymask under test, whatever the install points at.
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(sys.path))
-    outputs = _run_notebook(tmp_path)
-    full, head, decayed, scales, plain = outputs
+    outputs = _run_notebook(tmp_path, _kernel(tmp_path, monkeypatch))
+    full, head, decayed, scales, plain, where = outputs
+    assert not [o for cell in outputs for o in cell if o.output_type == "error"]
     html = _html(full)
     assert html.startswith('<div class="decaymask-report"><style>')
     assert "<b>decayed 3 of 9 leaves, 192 of 240 elements (80.0%)</b>" in html
@@ -76,3 +92,7 @@ def test_a_report_renders_in_a_real_kernel(tmp_path, monkeypatch):
     assert "<b>decayed 0 of 3 leaves, 0 of 24 elements (0.0%)</b>" in _html(scales)
     [result] = [o for o in plain if o.output_type == "execute_result"]
     assert result["data"]["text/plain"] == "('block_0/dense/kernel', 9, [True, False, False])"
+    import decaymask
+
+    [result] = [o for o in where if o.output_type == "execute_result"]
+    assert result["data"]["text/plain"] == repr((sys.executable, decaymask.__file__))
