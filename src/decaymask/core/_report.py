@@ -307,7 +307,7 @@ class Report(Sequence[Decision]):
         """The notebook view: totals and warnings first, then the rows; decayed rows
         tinted and marked; a long report grouped by module, each group collapsed."""
         header, cells = self.table_rows()
-        warnings = [str(getattr(w, "message", w)) for w in getattr(self, "warnings", ())]
+        warnings = [str(getattr(w, "message", w)) for w in getattr(self, "warnings", None) or ()]
         parts = [f'<div class="{_HTML_CLASS}">', _HTML_STYLE]
         parts.append(
             f'<p class="dm-summary"><b>{escape(self.summary())}</b>'
