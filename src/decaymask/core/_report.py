@@ -307,7 +307,8 @@ class Report(Sequence[Decision]):
         """The notebook view: totals and warnings first, then the rows; decayed rows
         tinted and marked; a long report grouped by module, each group collapsed."""
         header, cells = self.table_rows()
-        warnings = [str(getattr(w, "message", w)) for w in getattr(self, "warnings", None) or ()]
+        found = getattr(self, "warnings", None) or ()
+        warnings = [str(getattr(w, "message", w)) for w in found]
         parts = [f'<div class="{_HTML_CLASS}">', _HTML_STYLE]
         parts.append(
             f'<p class="dm-summary"><b>{escape(self.summary())}</b>'
