@@ -84,7 +84,7 @@ def _reports() -> list[tuple[str, dm.Report]]:
             pass
     return [
         ("A short report: the demo's Equinox model, dm.presets.gpt()", short),
-        (f"A long report ({len(long)} rows): grouped by module, collapsed (two groups opened here)", long),
+        (f"A long report ({len(long)} rows): grouped by module, collapsed (two opened here)", long),
         ("A report with a warning", warned),
     ]
 
