@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -83,3 +87,210 @@ def test_explain_builds_no_parameter_memory():
         leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "shape")]
         assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves), factory
     assert dm.presets.standard() == dm.Policy.from_dict(dm.presets.standard().to_dict())
+
+
+# Every user mistake: one line on stderr, exit status 2, nothing on stdout.
+
+MODELS = '''
+import numpy as np
+
+
+def linen_dense():
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    return nn.Dense(3), (jnp.ones((1, 4)),)
+
+
+def numpy_step():
+    import equinox as eqx
+    import jax
+
+    linear = eqx.nn.Linear(4, 3, key=jax.random.key(0))
+    halved = np.asarray(linear.weight) * 0.5  # concrete: fails under jax.eval_shape
+    return eqx.tree_at(lambda m: m.weight, linear, jax.numpy.asarray(halved))
+
+
+def not_a_model():
+    return {"w": np.ones(3)}
+'''
+
+FILES = {
+    "layer.toml": 'rules = [{decay = true, layer = "linaer"}]\n',
+    "value.toml": 'rules = [{decay = "maybe", layer = "linear"}]\n',
+    "syntax.toml": 'rules = [{decay = true layer = "linear"}]\n',
+    "syntax.json": '{"rules": [\n',
+    "syntax.yaml": "rules:\n  - decay: true\n   layer: [linear\n",
+    "policy.txt": "rules = []\n",
+    "keyed.toml": '[a]\nrules = [{decay = true, layer = "linear"}]\n',
+}
+
+
+@pytest.fixture
+def models(tmp_path, monkeypatch):
+    (tmp_path / "my_models.py").write_text(MODELS)
+    for name, text in FILES.items():
+        (tmp_path / name).write_text(text)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    sys.modules.pop("my_models", None)
+
+
+LINEN = "my_models:linen_dense"
+MISTAKES = [
+    (["--framework", "equinox"], "--framework equinox: the factory returned a Linen (module, args) pair, not an Equinox module; give --framework linen or leave --framework out."),
+    (["--framework", "nnx"], "--framework nnx: the factory returned a Linen (module, args) pair, not an NNX module; give --framework linen or leave --framework out."),
+    (["--policy", "missing.toml"], "no policy file 'missing.toml' (not found); expected a .toml, .json, .yaml or .yml file."),
+    (["--policy", "."], "no policy file '.' (it is a directory); expected a .toml, .json, .yaml or .yml file."),
+    (["--policy", "layer.toml"], "layer.toml: Policy.from_dict: rules[0]: decay(layer='linaer'): unknown layer kind 'linaer'. Did you mean 'linear'? Valid kinds: "),
+    (["--policy", "value.toml"], "value.toml: Policy.from_dict: rules[0].decay: expected true or false, got 'maybe'."),
+    (["--policy", "syntax.toml"], "cannot read the policy file 'syntax.toml': TOMLDecodeError: Unclosed inline table (at line 1, column 24)"),
+    (["--policy", "syntax.json"], "cannot read the policy file 'syntax.json': JSONDecodeError: Expecting value: line 2 column 1 (char 12)"),
+    (["--policy", "syntax.yaml"], "cannot read the policy file 'syntax.yaml': ParserError: expected <block end>, but found '<block mapping start>' (at line 3, column 4)"),
+    (["--policy", "policy.txt"], "Policy.from_file('policy.txt'): unknown file type '.txt'; expected .toml, .json, .yaml or .yml."),
+    (["--policy", "keyed.toml", "--policy-key", "b"], "Policy.from_file('keyed.toml'): no table 'b' in the file (missing 'b')."),
+    (["--policy-key", "a"], "--policy-key a names a table in a policy file: give the file with --policy FILE."),
+]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    MISTAKES,
+    ids=["forced_equinox", "forced_nnx", "missing_file", "directory", "bad_layer", "bad_value",
+         "toml_syntax", "json_syntax", "yaml_syntax", "suffix", "missing_key", "key_without_file"],
+)
+def test_each_mistake_is_one_line(capsys, models, extra, message):
+    code, out, err = run(capsys, "explain", LINEN, *extra)
+    assert code == 2 and out == ""
+    assert err.startswith(f"python -m decaymask explain: error: {message}")
+    assert err.endswith("\n") and err.count("\n") == 1, err
+
+
+def test_the_factory_must_return_a_model(capsys, models):
+    code, out, err = run(capsys, "explain", "my_models:not_a_model")
+    assert (code, out) == (2, "")
+    assert err == (
+        "python -m decaymask explain: error: the factory returned a dict; expected an "
+        "Equinox module, an NNX module, or a Linen (module, args) pair.\n"
+    )
+
+
+def test_the_policy_key_reads_a_nested_table(capsys, models):
+    code, out, err = run(capsys, "explain", LINEN, "--policy", "keyed.toml", "--policy-key", "a")
+    assert code == 0 and err == ""
+    assert out.rstrip().endswith("decayed 2 of 2 leaves, 15 of 15 elements (100.0%)")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["explain", LINEN, "--framework", "jax"], "argument --framework: invalid choice: 'jax' (choose from 'auto', 'equinox', 'linen', 'nnx')"),
+        (["explain"], "the following arguments are required: factory"),
+    ],
+    ids=["choice", "missing_factory"],
+)
+def test_usage_mistakes_are_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert info.value.code == 2 and out == ""
+    assert err == f"python -m decaymask explain: error: {message} (see python -m decaymask explain --help)\n"
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"decaymask {dm.__version__}\n"
+
+
+def test_a_concrete_step_falls_back_to_a_concrete_build_and_says_so(capsys, models):
+    code, out, err = run(capsys, "explain", "my_models:numpy_step")
+    assert code == 0
+    assert err == (
+        "python -m decaymask explain: note: the abstract build failed "
+        "(TracerArrayConversionError: The numpy.ndarray conversion method __array__() was "
+        "called on traced array with shape float32[3,4]); building concretely instead, "
+        "with parameter memory. Give --concrete to skip the abstract attempt.\n"
+    )
+    assert out.splitlines()[0] == "equinox: my_models:numpy_step (built concretely)"
+    assert out.rstrip().endswith("decayed 1 of 2 leaves, 12 of 15 elements (80.0%)")
+    code, forced, err = run(capsys, "explain", "my_models:numpy_step", "--concrete")
+    assert (code, err, forced) == (0, "", out)
+
+
+@pytest.mark.parametrize("framework", ["equinox", "linen", "nnx"])
+def test_a_concrete_build_decides_as_the_abstract_one(capsys, framework):
+    factory = f"{DEMO}:{framework}_model"
+    _, abstract, _ = run(capsys, "explain", factory, "--format", "json")
+    code, concrete, err = run(capsys, "explain", factory, "--format", "json", "--concrete")
+    assert code == 0 and err == "" and json.loads(concrete) == json.loads(abstract)
+
+
+# Installs with one framework: the other one is blocked in a fresh interpreter.
+
+BLOCKED = """
+import sys
+sys.modules[{blocked!r}] = None
+from decaymask._cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _without(blocked: str, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", BLOCKED.format(blocked=blocked), *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+
+
+@pytest.mark.parametrize(
+    "blocked, factory, framework, head",
+    [
+        ("equinox", "nnx_model", "auto", "nnx: "),
+        ("equinox", "nnx_model", "nnx", "nnx: "),
+        ("equinox", "linen_model", "auto", "linen: "),
+        ("flax", "equinox_model", "auto", "equinox: "),
+        ("flax", "equinox_model", "equinox", "equinox: "),
+    ],
+    ids=["nnx", "nnx_forced", "linen", "equinox", "equinox_forced"],
+)
+def test_one_framework_installed_is_enough(blocked, factory, framework, head):
+    result = _without(blocked, "explain", f"{DEMO}:{factory}", "--framework", framework)
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout.startswith(head + f"{DEMO}:{factory}\n")
+    assert "decayed " in result.stdout.splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "blocked, argv, message",
+    [
+        ("equinox", ["explain", f"{DEMO}:nnx_model", "--framework", "equinox"],
+         "--framework equinox needs equinox, which is not installed: pip install 'decaymask[equinox]'."),
+        ("flax", ["explain", f"{DEMO}:equinox_model", "--framework", "nnx"],
+         "--framework nnx needs flax, which is not installed: pip install 'decaymask[flax]'."),
+        ("equinox", ["explain", f"{DEMO}:equinox_model"],
+         "the factory decaymask._demo:equinox_model imports equinox, which is not installed: pip install 'decaymask[equinox]' ("),
+        ("flax", ["explain", f"{DEMO}:linen_model"],
+         "the factory decaymask._demo:linen_model imports flax, which is not installed: pip install 'decaymask[flax]' ("),
+        ("flax", ["demo"],
+         "the demo runs one model in Equinox, Linen and NNX and needs both frameworks; flax is not installed: pip install 'decaymask[all]'. 'explain' works with either one alone."),
+    ],
+    ids=["forced_equinox", "forced_nnx", "equinox_factory", "linen_factory", "demo"],
+)
+def test_a_missing_framework_is_one_line(blocked, argv, message):
+    result = _without(blocked, *argv)
+    assert result.returncode == 2 and result.stdout == ""
+    command = argv[0]
+    assert result.stderr.startswith(f"python -m decaymask {command}: error: {message}")
+    assert result.stderr.count("\n") == 1, result.stderr
+
+
+def test_console_script_is_declared():
+    import tomllib
+
+    project = tomllib.loads((pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert project["project"]["scripts"] == {"decaymask": "decaymask._cli:main"}

@@ -86,6 +86,7 @@ MODULES = [
     "decaymask.core._rules",
     "decaymask.core._policy",
     "decaymask.core._registry",
+    "decaymask.core._report",
     "decaymask.presets",
     "decaymask._check",
 ]
@@ -109,4 +110,65 @@ def test_wheel_ships_only_the_package(tmp_path):
     top = {n.split("/")[0] for n in names}
     assert top == {"decaymask", f"decaymask-{dm.__version__}.dist-info"}
     assert "decaymask/py.typed" in names
+    assert f"decaymask-{dm.__version__}.dist-info/licenses/LICENSE" in names
+    license_text = zipfile.ZipFile(wheel).read(f"decaymask-{dm.__version__}.dist-info/licenses/LICENSE")
+    assert b"Apache License" in license_text and b"Version 2.0, January 2004" in license_text
     assert not any("test" in n.split("/")[-1] for n in names)
+
+
+def _oldest_pins() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / ".ci" / "oldest.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name.lower()] = version
+    return pins
+
+
+def test_lower_bounds_are_the_oldest_set_ci_tests():
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = _oldest_pins()
+    extras = project["optional-dependencies"]
+    bounds = {}
+    # The library's own extras and the test suite's; the docs build is not part of it.
+    for requirement in (r for name in ("equinox", "flax", "yaml", "test") for r in extras[name]):
+        found = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9.]+)", requirement)
+        if found:
+            bounds.setdefault(found[1].lower(), set()).add(found[2])
+    assert bounds and all(len(v) == 1 for v in bounds.values()), bounds
+    assert {name: v.pop() for name, v in bounds.items()} == {
+        name: version for name, version in pins.items() if name != "jaxlib"
+    }
+    assert pins["jaxlib"] == pins["jax"]
+    assert project["requires-python"] == ">=3.11"
+
+
+def test_readme_table_lists_the_oldest_set():
+    text = (ROOT / "README.md").read_text()
+    table = text.split("## Supported versions", 1)[1].split("\n## ", 1)[0]
+    pins = _oldest_pins()
+    for name in ("jax", "equinox", "flax", "optax", "pyyaml"):
+        [row] = [line for line in table.splitlines() if line.lower().startswith(f"| {name} ")]
+        assert f"| {pins[name]} |" in row, row
+
+
+def test_license_is_apache_2():
+    import tomllib
+
+    assert (ROOT / "LICENSE").read_text().split()[:4] == ["Apache", "License", "Version", "2.0,"]
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["license"] == "Apache-2.0"
+
+
+def test_api_reference_covers_the_public_names():
+    pages = "".join(p.read_text() for p in (ROOT / "docs").rglob("*.md"))
+    constants = {"GROUPS", "KINDS", "KIND_SOURCES", "ROLES", "SELECTORS"}
+    for name in PUBLIC:
+        if name in constants:
+            assert f"`decaymask.{name}`" in pages, name
+        elif name == "presets":
+            assert "::: decaymask.presets.standard" in pages
+        else:
+            assert f"::: decaymask.{name}\n" in pages, name

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
+import shlex
 import subprocess
 import sys
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -47,17 +51,82 @@ def test_demo_runs():
         assert len(losses) == 2 and losses[1] < losses[0]
 
 
-def test_readme_python_examples_run(tmp_path, monkeypatch):
-    """Every ```python block of the README, in order, in one namespace."""
+def _run_python_examples() -> None:
     import warnings
 
     text = (ROOT / "README.md").read_text()
     blocks = [part.split("```", 1)[0] for part in text.split("```python\n")[1:]]
     assert len(blocks) >= 10
-    monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     with warnings.catch_warnings():
         # The examples must run clean: no PolicyWarning, no library warning.
         warnings.simplefilter("error")
         for block in blocks:
             exec(compile(block, "README.md", "exec"), namespace)
+
+
+def test_readme_python_examples_run(tmp_path, monkeypatch):
+    """Every ```python block of the README, in order, in one namespace."""
+    monkeypatch.chdir(tmp_path)
+    _run_python_examples()
+
+
+def _shell_commands() -> list[str]:
+    """Every line of every ```bash block but the install commands of the first."""
+    text = (ROOT / "README.md").read_text()
+    lines = [
+        line.strip()
+        for block in text.split("```bash\n")[1:]
+        for line in block.split("```", 1)[0].splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    return [line for line in lines if line not in _readme_commands()]
+
+
+def _shell_env() -> dict[str, str]:
+    # The commands run with this interpreter and its scripts (the `decaymask` command).
+    env = dict(os.environ)
+    env["PATH"] = str(pathlib.Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *sys.path])
+    return env
+
+
+def _has_console_script() -> bool:
+    found = (pathlib.Path(sys.executable).parent / "decaymask").exists()
+    # CI installs the package (pip install -e '.[test]'), so there the command must exist.
+    assert found or not os.environ.get("CI"), "pip install -e . did not install `decaymask`"
+    return found
+
+
+def test_readme_shell_commands_run(tmp_path, monkeypatch):
+    """Every command the README shows runs as shown, in the directory where its Python
+    examples ran (one of them writes the train.toml a command reads)."""
+    commands = _shell_commands()
+    assert len(commands) >= 4 and any("--policy train.toml" in c for c in commands)
+    if not _has_console_script():
+        pytest.skip("the decaymask command is not installed beside this Python (pip install -e .)")
+    monkeypatch.chdir(tmp_path)
+    _run_python_examples()
+    for command in commands:
+        result = subprocess.run(
+            ["bash", "-c", command], cwd=tmp_path, env=_shell_env(), capture_output=True, text=True
+        )
+        assert result.returncode == 0 and result.stderr == "", (command, result.stderr)
+        assert result.stdout.strip(), command
+        if command.startswith("decaymask --version"):
+            assert result.stdout.startswith("decaymask ")
+        elif "--format markdown" not in command:
+            assert result.stdout.rstrip().splitlines()[-1].startswith("decayed "), command
+
+
+def test_readme_shows_the_real_error_line():
+    text = (ROOT / "README.md").read_text()
+    shown = text.split("\n$ decaymask ", 1)[1].split("```", 1)[0].strip().splitlines()
+    command, expected = shown[0], shown[1]
+    if not _has_console_script():
+        pytest.skip("the decaymask command is not installed beside this Python (pip install -e .)")
+    result = subprocess.run(
+        ["decaymask", *shlex.split(command)], env=_shell_env(), capture_output=True, text=True
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == expected + "\n"

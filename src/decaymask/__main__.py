@@ -1,4 +1,4 @@
-"""``python -m decaymask``: see ``python -m decaymask --help``."""
+"""``python -m decaymask``, the same as the ``decaymask`` command: see ``--help``."""
 
 import sys
 

@@ -113,6 +113,7 @@ def check_mask(mask: Any, params: Any) -> None:
     Raises:
       MaskMismatchError: the mask does not fit the params; the message says where, what
         each side has there, and how to build a mask that fits.
+      ImportError: jax is not installed; the message names the extras that bring it.
 
     Example:
       >>> import decaymask as dm, jax.numpy as jnp
@@ -129,6 +130,13 @@ def check_mask(mask: Any, params: Any) -> None:
         keys only in params (1): 'Dense_0'
       Fix: build the mask from the params collection alone: policy.for_flax(variables["params"]).
     """
+    try:
+        import jax  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            "check_mask needs jax, which comes with either framework: pip install "
+            "'decaymask[equinox]' or 'decaymask[flax]'."
+        ) from err
 
     if mask is None:
         return

@@ -1,18 +1,47 @@
-"""``python -m decaymask``: the demo, and ``explain`` for a model factory."""
+"""The command line (``decaymask`` or ``python -m decaymask``): the demo, and ``explain``
+for a model factory.
+
+Every mistake on the command line or in a policy file is one line on stderr and exit
+status 2; only a failure inside the user's own factory shows its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import pathlib
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 PRESETS = ("standard", "everything_but_bias_and_norm", "gpt", "muon")
 FRAMEWORKS = ("auto", "equinox", "linen", "nnx")
+_EXTRA = {"equinox": "equinox", "linen": "flax", "nnx": "flax"}
+_MODULE = {"equinox": "equinox", "linen": "flax.linen", "nnx": "flax.nnx"}
+_WHAT = {
+    "equinox": "an Equinox module",
+    "linen": "a Linen (module, args) pair",
+    "nnx": "an NNX module",
+}
 
 
 class CliError(Exception):
     """A command-line mistake: printed without a traceback, exit status 2."""
+
+
+def _prog() -> str:
+    return "decaymask" if pathlib.Path(sys.argv[0]).name == "decaymask" else "python -m decaymask"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line too, pointing at ``--help``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
 
 
 def _factory(spec: str) -> Any:
@@ -35,51 +64,157 @@ def _factory(spec: str) -> Any:
     return obj
 
 
-def _is_linen_pair(result: Any) -> bool:
-    import flax.linen as nn
+def _require(framework: str) -> None:
+    """Imports the framework a forced ``--framework`` needs, or says how to install it."""
+    try:
+        importlib.import_module(_MODULE[framework])
+    except ImportError as err:
+        raise CliError(
+            f"--framework {framework} needs {_MODULE[framework].split('.')[0]}, which is not "
+            f"installed: pip install 'decaymask[{_EXTRA[framework]}]'."
+        ) from err
 
-    return isinstance(result, tuple) and len(result) in (2, 3) and isinstance(result[0], nn.Module)
+
+def _kind_of(result: Any) -> str | None:
+    """The framework of a factory's result, read off the classes already imported (a
+    framework the factory did not import cannot have built it)."""
+    linen = sys.modules.get("flax.linen")
+    if (
+        linen is not None
+        and isinstance(result, tuple)
+        and len(result) in (2, 3)
+        and isinstance(result[0], linen.Module)
+    ):
+        return "linen"
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is not None and isinstance(result, nnx.Module):
+        return "nnx"
+    eqx = sys.modules.get("equinox")
+    if eqx is not None:
+        import jax
+
+        is_module = lambda x: isinstance(x, eqx.Module)  # noqa: E731
+        if any(is_module(x) for x in jax.tree_util.tree_leaves(result, is_leaf=is_module)):
+            return "equinox"
+    return None
+
+
+def _is_array(x: Any) -> bool:
+    import jax
+    import numpy as np
+
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _eval_shape(factory: Any) -> Any:
+    """``factory()`` under ``jax.eval_shape``: arrays come back as ``jax.ShapeDtypeStruct``,
+    everything else (modules, functions, ints) as built. Needs jax alone, so it works in
+    an install with only one framework."""
+    import jax
+
+    built: list[Any] = []
+
+    def arrays_only() -> list[Any]:
+        leaves, treedef = jax.tree_util.tree_flatten(factory())
+        dynamic = [_is_array(x) for x in leaves]
+        built.append((treedef, dynamic, [None if d else x for x, d in zip(leaves, dynamic)]))
+        return [x for x, d in zip(leaves, dynamic) if d]
+
+    arrays = iter(jax.eval_shape(arrays_only))
+    treedef, dynamic, static = built[0]
+    return jax.tree_util.tree_unflatten(
+        treedef, [next(arrays) if d else x for d, x in zip(dynamic, static)]
+    )
+
+
+def _is_tracer_error(err: BaseException) -> bool:
+    errors = sys.modules.get("jax.errors")
+    if errors is None:
+        return False
+    kinds = tuple(
+        getattr(errors, name)
+        for name in (
+            "TracerArrayConversionError",
+            "ConcretizationTypeError",
+            "TracerBoolConversionError",
+            "TracerIntegerConversionError",
+        )
+        if hasattr(errors, name)
+    )
+    return isinstance(err, kinds)
+
+
+@dataclasses.dataclass
+class Built:
+    """A built model: its framework, the tree ``explain`` reads, the keyword arguments
+    ``explain`` needs for it, and how it was built (``"abstract"`` or ``"concrete"``)."""
+
+    framework: str
+    tree: Any
+    kwargs: dict[str, Any]
+    build: str
+
+
+def build(factory: Any, framework: str = "auto", concrete: bool = False) -> Built:
+    """Builds the factory's model, abstractly (no parameter memory) unless ``concrete``.
+
+    Raises:
+      CliError: a forced framework is not installed or does not fit what the factory
+        returned, or the result is no model decaymask reads.
+    """
+    if framework != "auto":
+        _require(framework)
+    import jax
+
+    result = factory() if concrete else _eval_shape(factory)
+    found = _kind_of(result)
+    if framework == "linen" and found != "linen":
+        raise CliError(
+            f"for Linen the factory must return (module, args) or (module, args, kwargs) "
+            f"with example inputs; got {type(result).__name__}."
+        )
+    if found is None:
+        raise CliError(
+            f"the factory returned a {type(result).__name__}; expected an Equinox "
+            f"module, an NNX module, or a Linen (module, args) pair."
+        )
+    if framework not in ("auto", found):
+        raise CliError(
+            f"--framework {framework}: the factory returned {_WHAT[found]}, not "
+            f"{_WHAT[framework]}; give --framework {found} or leave --framework out."
+        )
+    how = "concrete" if concrete else "abstract"
+    if found == "nnx":
+        if concrete:
+            return Built("nnx", result, {}, how)
+        from flax import nnx
+
+        return Built("nnx", nnx.eval_shape(factory), {}, how)
+    if found == "linen":
+        module, args, *rest = result
+        kwargs = rest[0] if rest else {}
+        # The example inputs are small: make abstract ones concrete, so that both this
+        # init and explain's own trace of init can compute on them.
+        args, kwargs = jax.tree_util.tree_map(
+            lambda x: jax.numpy.zeros(x.shape, x.dtype)
+            if isinstance(x, jax.ShapeDtypeStruct)
+            else x,
+            (tuple(args), dict(kwargs)),
+        )
+
+        def init() -> Any:
+            return module.init(jax.random.key(0), *args, **kwargs)
+
+        variables = init() if concrete else jax.eval_shape(init)
+        return Built("linen", variables, {"module": module, "args": args, "kwargs": kwargs}, how)
+    return Built("equinox", result, {}, how)
 
 
 def build_abstract(factory: Any, framework: str) -> tuple[str, Any, dict[str, Any]]:
     """The model as abstract arrays (no parameter memory), its framework, and the
     keyword arguments ``explain`` needs for it."""
-    import equinox as eqx
-
-    if framework == "nnx":
-        from flax import nnx
-
-        return "nnx", nnx.eval_shape(factory), {}
-    result = eqx.filter_eval_shape(factory)
-    if framework == "auto":
-        if _is_linen_pair(result):
-            framework = "linen"
-        elif isinstance(result, eqx.Module):
-            framework = "equinox"
-        else:
-            from flax import nnx
-
-            if isinstance(result, nnx.Module):
-                return "nnx", nnx.eval_shape(factory), {}
-            raise CliError(
-                f"the factory returned a {type(result).__name__}; expected an Equinox "
-                f"module, an NNX module, or a Linen (module, args) pair."
-            )
-    if framework == "linen":
-        import jax
-
-        if not _is_linen_pair(result):
-            raise CliError(
-                f"for Linen the factory must return (module, args) or (module, args, "
-                f"kwargs) with example inputs; got {type(result).__name__}."
-            )
-        module, args, *rest = result
-        kwargs = rest[0] if rest else {}
-        variables = jax.eval_shape(
-            lambda: module.init(jax.random.key(0), *args, **kwargs)
-        )
-        return "linen", variables, {"module": module, "args": tuple(args), "kwargs": kwargs}
-    return framework, result, {}
+    built = build(factory, framework)
+    return built.framework, built.tree, built.kwargs
 
 
 def _policy(args: argparse.Namespace) -> Any:
@@ -87,31 +222,110 @@ def _policy(args: argparse.Namespace) -> Any:
 
     if args.policy and args.preset:
         raise CliError("give --policy FILE or --preset NAME, not both.")
-    if args.policy:
-        return dm.Policy.from_file(args.policy, key=args.policy_key)
-    return getattr(dm.presets, args.preset or "standard")()
+    if args.policy_key and not args.policy:
+        raise CliError(
+            f"--policy-key {args.policy_key} names a table in a policy file: give the file "
+            f"with --policy FILE."
+        )
+    if not args.policy:
+        return getattr(dm.presets, args.preset or "standard")()
+    path = pathlib.Path(args.policy)
+    if not path.is_file():
+        raise CliError(
+            f"no policy file {args.policy!r} "
+            f"({'it is a directory' if path.is_dir() else 'not found'}); expected a .toml, "
+            f".json, .yaml or .yml file."
+        )
+    try:
+        return dm.Policy.from_file(path, key=args.policy_key)
+    except (dm.PolicyDataError, ImportError) as err:
+        message = _one_line(str(err))
+        if args.policy not in message:
+            message = f"{args.policy}: {message}"
+        raise CliError(message) from err
+    except Exception as err:  # the file's own syntax: TOML, JSON or YAML errors
+        raise CliError(
+            f"cannot read the policy file {args.policy!r}: {type(err).__name__}: "
+            f"{_syntax_error(err)}"
+        ) from err
+
+
+def _syntax_error(err: Exception) -> str:
+    # YAML's messages quote the offending lines; its problem and position are enough.
+    problem, mark = getattr(err, "problem", None), getattr(err, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} (at line {mark.line + 1}, column {mark.column + 1})"
+    return _one_line(str(err))
+
+
+def _missing(spec: str, err: ImportError) -> str:
+    top = (err.name or "").split(".")[0]
+    extra = {"equinox": "equinox", "flax": "flax"}.get(top)
+    fix = f": pip install 'decaymask[{extra}]'" if extra else ""
+    return f"the factory {spec} imports {top or 'a module'}, which is not installed{fix} ({err})"
 
 
 def explain(args: argparse.Namespace) -> int:
+    import decaymask as dm
+
     policy = _policy(args)
-    framework, tree, kwargs = build_abstract(_factory(args.factory), args.framework)
-    report = policy.explain(tree, show_dims=args.dims, **kwargs)
+    factory = _factory(args.factory)
+    try:
+        built = build(factory, args.framework, concrete=args.concrete)
+    except ImportError as err:
+        raise CliError(_missing(args.factory, err)) from err
+    except Exception as err:
+        if args.concrete or not _is_tracer_error(err):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(
+            f"{_prog()} explain: note: the abstract build failed ({type(err).__name__}: "
+            f"{first}); building concretely instead, with parameter memory. Give "
+            f"--concrete to skip the abstract attempt.",
+            file=sys.stderr,
+        )
+        built = build(factory, args.framework, concrete=True)
+    try:
+        report = policy.explain(built.tree, show_dims=args.dims, **built.kwargs)
+    except (ImportError, dm.PolicyDataError, dm.UnmatchedRuleError) as err:
+        raise CliError(_one_line(str(err))) from err
     if args.format == "json":
         print(report.to_json(indent=2))
     elif args.format == "markdown":
         print(report.to_markdown(), end="")
     else:
-        print(f"{framework}: {args.factory}\n{policy!r}\n")
+        how = " (built concretely)" if built.build == "concrete" else ""
+        print(f"{built.framework}: {args.factory}{how}\n{policy!r}\n")
         print(report)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m decaymask",
+def _demo(steps: int) -> int:
+    for name in ("equinox", "flax"):
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise CliError(
+                f"the demo runs one model in Equinox, Linen and NNX and needs both "
+                f"frameworks; {name} is not installed: pip install 'decaymask[all]'. "
+                f"'explain' works with either one alone."
+            ) from err
+    from ._demo import run
+
+    run(steps=steps)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    prog = _prog()
+    parser = _Parser(
+        prog=prog,
         description="One weight-decay policy, a correct optax mask for Equinox and Flax.",
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"decaymask {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     demo = commands.add_parser(
         "demo", help="the same policy on an Equinox, a Linen and an NNX model, with adamw steps"
     )
@@ -128,17 +342,29 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--policy", help="a .toml, .json, .yaml or .yml file holding the policy")
     ex.add_argument("--policy-key", help="the dotted key of the policy's table in that file")
     ex.add_argument("--preset", choices=PRESETS, help="a preset policy (default: standard)")
-    ex.add_argument("--framework", choices=FRAMEWORKS, default="auto")
+    ex.add_argument(
+        "--framework",
+        choices=FRAMEWORKS,
+        default="auto",
+        help="the framework the factory's result must be (default: read off the result)",
+    )
     ex.add_argument("--format", choices=("table", "markdown", "json"), default="table")
     ex.add_argument("--dims", action="store_true", help="show Muon dimension numbers")
-    args = parser.parse_args(argv)
+    ex.add_argument(
+        "--concrete",
+        action="store_true",
+        help="build the model for real (parameter memory allocated) instead of abstractly; "
+        "used by itself, with a note, where the abstract build fails",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
         if args.command == "demo":
-            from ._demo import run
-
-            run(steps=args.steps)
-            return 0
+            return _demo(args.steps)
         return explain(args)
     except CliError as err:
-        print(f"python -m decaymask {args.command}: error: {err}", file=sys.stderr)
+        print(f"{_prog()} {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -19,11 +19,22 @@ _ADAPTERS = {
 }
 
 
-def load(name: str) -> ModuleType:
+_NO_TREE = object()
+
+
+def load(name: str, tree: Any = _NO_TREE, method: str | None = None) -> ModuleType:
     """The adapter module for ``name``, importing its framework on first use.
+
+    Args:
+      name: the adapter.
+      tree: what the entry point was given, if any: a tree of the other framework is
+        named as such rather than blamed on the missing framework.
+      method: the entry point, for the message.
 
     Raises:
       ImportError: the framework is not installed; the message names the extra.
+      TypeError: the framework is not installed and ``tree`` belongs to the other one;
+        the message names the method to use.
     """
     module_name, framework, extra = _ADAPTERS[name]
     module = sys.modules.get(module_name)
@@ -32,10 +43,48 @@ def load(name: str) -> ModuleType:
     try:
         importlib.import_module(framework)
     except ImportError as err:
+        wrong = _other_framework(name, tree, method) if tree is not _NO_TREE else None
+        if wrong is not None:
+            raise TypeError(wrong) from err
         raise ImportError(
             f"decaymask needs {framework} for this: pip install 'decaymask[{extra}]'"
         ) from err
     return importlib.import_module(module_name)
+
+
+def _installed(framework: str) -> bool:
+    try:
+        importlib.import_module(framework)
+    except ImportError:
+        return False
+    return True
+
+
+def _other_framework(name: str, tree: Any, method: str | None) -> str | None:
+    """The message the other framework's entry point would be named in, where ``tree``
+    plainly belongs to it (the same messages as with both frameworks installed)."""
+    method = method or f"for_{name}"
+    if name == "flax" and _holds_equinox_module(tree):
+        return (
+            f"{method}: got an Equinox {type(tree).__name__}; use "
+            f"policy.{method.replace('flax', 'equinox')}(model) for Equinox models and "
+            f"their params."
+        )
+    if name == "equinox":
+        flax_method = method.replace("equinox", "flax")
+        if type(tree).__module__.startswith("flax."):
+            return (
+                f"{method}: got a {type(tree).__name__} from Flax; use "
+                f"policy.{flax_method}(...) for Flax params, variables, nnx.Module or "
+                f"nnx.State."
+            )
+        if isinstance(tree, Mapping) and _installed("flax"):
+            return (
+                f"{method}: got a {type(tree).__name__} that holds no Equinox module, "
+                f"which looks like Flax Linen params; use policy.{flax_method}(params). "
+                f"For a pytree of Equinox modules, pass the modules themselves."
+            )
+    return None
 
 
 def _holds_equinox_module(tree: Any) -> bool:

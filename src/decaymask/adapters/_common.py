@@ -109,7 +109,16 @@ def muon_dimension_numbers(decision: Any, method: str) -> Any:
             f"dm.no_decay(path={leaf.path!r}), {traced}or teach the layout with "
             f"dm.register_layer(cls, kind, matrix_axes={{{leaf.name!r}: ((...), (...))}})."
         )
-    from optax.contrib import MuonDimensionNumbers
+    try:
+        from optax.contrib import MuonDimensionNumbers
+    except ImportError as err:
+        import optax
+
+        raise ImportError(
+            f"{method}: Muon dimension numbers need optax >= 0.2.6 "
+            f"(optax.contrib.MuonDimensionNumbers); optax {optax.__version__} is "
+            f"installed. Fix: pip install 'optax>=0.2.6'."
+        ) from err
 
     reduction, output = axes
     return MuonDimensionNumbers(reduction_axis=reduction, output_axis=output)

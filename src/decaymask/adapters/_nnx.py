@@ -655,6 +655,11 @@ def _is_variable(x: Any) -> bool:
     return isinstance(x, _Variable)
 
 
+def _is_masked_node(value: Any) -> bool:
+    optax = sys.modules.get("optax")
+    return optax is not None and isinstance(value, optax.MaskedNode)
+
+
 def _state_walk(state: Any, fn: str) -> tuple[list[Leaf], Callable[[list[Any]], Any]]:
     flat, treedef = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_variable)
     entries = []
@@ -662,6 +667,10 @@ def _state_walk(state: Any, fn: str) -> tuple[list[Leaf], Callable[[list[Any]], 
         path = tuple(_entry_key(entry) for entry in jax_path)
         variable = item if isinstance(item, _Variable) else None
         value = item.get_raw_value() if variable is not None else item
+        if _is_masked_node(value):
+            # One optax.partition (or contrib.muon) branch's view: another branch's
+            # leaf, which this branch leaves alone, like a variable holding None.
+            value = None
         found = _shape_dtype(value)
         if found is None:
             raise _bad_value(fn, path, _holder(variable, "a leaf"), value)

@@ -269,7 +269,7 @@ class Policy:
     def _build_now(self, framework: str, method: str, tree: Any, kwargs: dict, value: str) -> Any:
         from ..adapters import load
 
-        adapter = load(framework)
+        adapter = load(framework, tree, method)
         found, rebuild = adapter.walk(tree, method=method, **kwargs)
         table = found if isinstance(found, LeafTable) else as_table(found)
         fix = adapter.NON_FLOATING_FIX
