@@ -9,7 +9,7 @@ import equinox as eqx
 import jax
 
 from ..core import _registry
-from ..core._infer import role_from_name
+from ..core._infer import owner_says_position, role_from_name
 from ..core._leaf import Layer, Leaf
 from ..core._table import LeafTable
 from ._common import (
@@ -284,8 +284,8 @@ class _Walk:
         layer = _module_layer(node)
         ancestors = parent.ancestors if parent.owner is None else parent.ancestors + (parent.owner,)
         owner_name = field or ""
-        # Only an embedding's role reads its owner's name.
-        key_name_part = owner_name if layer.kind == "embedding" else ""
+        # A role reads its owner's name only to tell a position table.
+        key_name_part = "position" if owner_says_position(owner_name) else ""
         return _Context(node, layer, ancestors, node, parent.in_state,
                         self._intern(layer, ancestors, parent.in_state, key_name_part),
                         field, False, owner_name)

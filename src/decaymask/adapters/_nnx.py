@@ -515,7 +515,8 @@ class _Walk:
                 # WeightNorm's learned norms of the wrapped layer's kernels: gains.
                 role = "gain"
             else:
-                role = role_from_name(layer.kind, name)
+                own = next((k for k in reversed(path[:-1]) if isinstance(k, str)), "")
+                role = role_from_name(layer.kind, name, own)
         return Leaf(
             layout_axes=layout_axes,
             path=_path_text(path),

@@ -309,7 +309,10 @@ def read_file(path: str | pathlib.Path, key: str | None) -> Any:
             data = yaml.safe_load(text)
         except yaml.YAMLError as err:
             # safe_load also refuses tags such as !!python/object, which would run code.
-            raise PolicyDataError(f"{where}: the file is not valid (safe) YAML: {err}.") from err
+            # YAML's own message quotes the offending lines: its problem and place suffice.
+            problem, mark = getattr(err, "problem", None), getattr(err, "problem_mark", None)
+            said = f"{problem} (at line {mark.line + 1}, column {mark.column + 1})" if problem and mark else str(err)
+            raise PolicyDataError(f"{where}: the file is not valid (safe) YAML: {said}.") from err
     else:
         raise PolicyDataError(
             f"{where}: unknown file type {suffix!r}; expected .toml, .json, .yaml or .yml."

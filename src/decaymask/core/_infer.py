@@ -314,8 +314,7 @@ def role_from_name(kind: str, name: str, owner_name: str = "") -> str:
     if kind in ("embedding", "unknown") and (name in _TABLE_NAMES or name == "weight"):
         # The table of a module whose own name says position (`position_embeddings`,
         # GPT-2's `wpe`, BART's `embed_positions`, a `LearnedPosEmbed`).
-        owner = set(words(owner_name)) if owner_name else set()
-        if (_POSITION_WORDS & owner and owner & _TABLE_WORDS) or "wpe" in owner:
+        if owner_says_position(owner_name):
             return "position"
     if kind == "embedding":
         if name in _TABLE_NAMES or name == "weight":
@@ -332,6 +331,15 @@ def role_from_name(kind: str, name: str, owner_name: str = "") -> str:
     if name in _TABLE_NAMES:
         return "embedding"
     return "other"
+
+
+@functools.lru_cache(maxsize=8192)
+def owner_says_position(owner_name: str) -> bool:
+    """Whether a module's name says it holds a position table (``position_embeddings``,
+    ``wpe``, ``embed_positions``): the only way :func:`role_from_name` reads an owner's
+    name, so adapters that decide once per key need only this bit of it."""
+    owner = set(words(owner_name)) if owner_name else set()
+    return bool((_POSITION_WORDS & owner and owner & _TABLE_WORDS) or "wpe" in owner)
 
 
 _INDEX_WORDS = frozenset({"index", "indices", "idx", "ids"})
