@@ -709,3 +709,46 @@ def test_class_name_kinds_are_checked_against_content():
     # Muon never takes a layout from a name: the content-read linear layer has none.
     with pytest.raises(ValueError, match="matrix layout"):
         dm.presets.muon().muon_dims_for_equinox(model)
+
+
+# Arrays tied with eqx.nn.Shared: every owner is asked.
+
+
+class TiedLM(eqx.Module):
+    shared: eqx.nn.Shared
+
+    def __init__(self, key):
+        k1, k2 = jax.random.split(key)
+        embed = eqx.nn.Embedding(10, 4, key=k1)
+        head = eqx.nn.Linear(4, 10, use_bias=False, key=k2)
+        self.shared = eqx.nn.Shared((embed, head), lambda p: p[1].weight, lambda p: p[0].weight)
+
+
+def test_owners_of_a_shared_array_that_disagree_warn():
+    model = TiedLM(KEY)
+    policy = dm.presets.standard()
+    with pytest.warns(dm.PolicyWarning) as record:
+        mask = policy.for_equinox(model)
+    assert [str(w.message) for w in record] == [
+        "for_equinox: shared/pytree/0/weight is shared with shared/pytree/1/weight, and the "
+        "policy decides them differently (shared/pytree/0/weight: rule 4: "
+        "no_decay(layer='embedding'); shared/pytree/1/weight: rule 1: decay()). The shared "
+        "array follows shared/pytree/0/weight. Add a rule that selects both views, e.g. by path."
+    ]
+    assert jax.tree.leaves(mask) == [False]
+    [row] = policy.explain(model)
+    assert [(v.path, v.layer, v.role) for v in row.leaf.shared_with] == [
+        ("shared/pytree/1/weight", "linear", "weight")
+    ]
+    assert row.why.endswith("[shared with shared/pytree/1/weight, where rule 1: decay() would say decay]")
+    # Owners that agree, and the documented fix, are silent; so is the abstract model.
+    agreeing = dm.Policy(dm.decay(layer=("linear", "embedding")))
+    fixed = dm.Policy(*policy.rules, dm.no_decay(path="shared/pytree/1/weight"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert jax.tree.leaves(agreeing.for_equinox(model)) == [True]
+        assert jax.tree.leaves(fixed.for_equinox(model)) == [False]
+        abstract = eqx.filter_eval_shape(TiedLM, KEY)
+        assert jax.tree.leaves(agreeing.for_equinox(abstract)) == [True]
+    with pytest.warns(dm.PolicyWarning, match="is shared with"):
+        policy.for_equinox(eqx.filter_eval_shape(TiedLM, KEY))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -226,6 +227,9 @@ class _Walk:
         self.size = len(flat)
         self.contexts: dict[tuple, _Context] = {}
         self.interned: dict[tuple, int] = {}
+        self.shared: list[tuple[tuple, Any]] = []  # (key path, eqx.nn.Shared node)
+        if isinstance(tree, _nn.Shared):
+            self.shared.append(((), tree))
         self.contexts[()] = self._enter(_Context(tree, None, (), None, False, 0), tree, None)
         self.positions: list[int] = []
         self.entries: list[tuple[tuple, Any, _Context, str]] = []
@@ -253,13 +257,53 @@ class _Walk:
             self.positions.append(position)
             self.entries.append((keypath, value, context, name))
             keys.append((context.key, name, floating))
+        self.views: dict[int, tuple[Leaf, ...]] = {}
+        for prefix, node in self.shared:
+            self._find_views(prefix, node, keys)
         self.table = LeafTable(keys, self._build)
+
+    def _find_views(self, prefix: tuple, node: Any, keys: list[tuple]) -> None:
+        """The other places an ``eqx.nn.Shared`` array is used: the ``where`` nodes the
+        Shared removed and fills with ``get`` at call time, as leaves of their own
+        owners, so that owners deciding differently are reported (as NNX's are)."""
+        if not (callable(node.where) and callable(node.get)):
+            return  # filtered params: eqx.filter dropped the functions, as optax sees them
+        inside = _Walk(node())
+        at: dict[int, list[int]] = {}
+        for j, (_, value, _, _) in enumerate(inside.entries):
+            at.setdefault(id(value), []).append(j)
+        context = self.contexts[prefix]
+        outer = context.ancestors + ((context.owner,) if context.owner is not None else ())
+        base = prefix + (jax.tree_util.GetAttrKey("pytree"),)
+        here = {id(value): i for i, (keypath, value, _, _) in enumerate(self.entries)
+                if keypath[: len(base)] == base}
+        for identity, i in here.items():
+            places = at.get(identity, [])
+            if len(places) < 2:
+                continue
+            own = self.entries[i][0][len(base):]
+            views = tuple(
+                dataclasses.replace(
+                    view,
+                    path=path_text(base + keypath),
+                    ancestors=outer + view.ancestors,
+                )
+                for j in places
+                for keypath, view in ((inside.entries[j][0], inside.table[j]),)
+                if keypath != own
+            )
+            if views:
+                self.views[i] = views
+                # A leaf with views is decided on its own: its key is its own.
+                keys[i] = ("shared", i)
 
     def _context(self, prefix: tuple) -> _Context:
         parent = self.contexts.get(prefix[:-1])
         if parent is None:
             parent = self._context(prefix[:-1])
         node = _child(parent.node, prefix[-1])
+        if isinstance(node, _nn.Shared):
+            self.shared.append((prefix, node))
         context = self._enter(parent, node, prefix[-1])
         self.contexts[prefix] = context
         return context
@@ -342,6 +386,7 @@ class _Walk:
             batch_axes=batch_axes,
             layout_axes=layout_axes,
             matrix_axes=matrix_axes,
+            shared_with=self.views.get(index, ()),
         )
 
     def rebuild(self, values: list[Any]) -> Any:
