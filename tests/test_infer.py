@@ -75,6 +75,9 @@ def test_name_kind(name, kind):
         # Flax's fused Linear+BatchNorm block: neither a linear layer nor a norm.
         ("block", {"w": 2, "b": 1, "scale": 1, "bias": 1}, (), ("unknown", "content")),
         ("fc1", {"kernel": 2, "bias": 1}, (), ("linear", "content")),
+        # A lone 2-D weight is a table or a matrix: the name settles it.
+        ("LearnedPosEmbed", {"weight": 2}, (), ("embedding", "name")),
+        ("LearnedPosEmbed", {"weight": 2, "bias": 1}, (), ("linear", "content")),
         ("proj", {"kernel": 3, "bias": 2}, (), ("linear", "content")),
         ("cell", {}, ("ir", "iz", "in", "hr", "hz", "hn"), ("recurrent", "content")),
         ("attn", {}, ("q", "k"), ("attention", "name")),

@@ -252,6 +252,10 @@ def resolve_kind(
         return said, "name"
     if said is None:
         return seen, "content"
+    if said == "embedding" and seen == "linear" and set(arrays) == {"weight"} and arrays["weight"] == 2:
+        # A lone 2-D `weight` is a table as well as a matrix (Equinox's Embedding holds
+        # one): the name settles it (`LearnedPosEmbed`).
+        return said, "name"
     if said == seen or (said == "norm" and seen in _NORM_KINDS):
         return seen, "name"
     if said in _NORM_KINDS and seen in _NORM_KINDS:
