@@ -103,12 +103,12 @@ def test_html_a_report_under_one_root_groups_by_its_children():
     assert summaries[:2] == ["model/layer_0", "model/layer_1"] and len(summaries) == 50
 
 
-class _Warned(dm.Report):
-    warnings = ("rule 2 no_decay(path='decoder/*') matched no parameter <of> this tree",)
-
-
 def test_html_warnings_come_before_the_rows_escaped():
-    report = _Warned(POLICY.decide(_leaves(1)), POLICY)
+    report = dm.Report(
+        POLICY.decide(_leaves(1)),
+        POLICY,
+        warnings=("rule 2 no_decay(path='decoder/*') matched no parameter <of> this tree",),
+    )
     html = report._repr_html_()
     box = html.index('<div class="dm-warnings"><b>&#9888; 1 warning</b><ul><li>rule 2 '
                      "no_decay(path=&#x27;decoder/*&#x27;) matched no parameter &lt;of&gt; this tree</li></ul></div>")

@@ -310,8 +310,7 @@ class Report(Sequence[Decision]):
         """The notebook view: totals and warnings first, then the rows; decayed rows
         tinted and marked; a long report grouped by module, each group collapsed."""
         header, cells = self.table_rows()
-        found = getattr(self, "warnings", None) or ()
-        warnings = [str(getattr(w, "message", w)) for w in found]
+        warnings = list(self.warnings)
         parts = [f'<div class="{_HTML_CLASS}">', _HTML_STYLE]
         parts.append(
             f'<p class="dm-summary"><b>{escape(self.summary())}</b>'

@@ -427,8 +427,8 @@ def decay(
       layer class (subclasses match).
     - ``within``: a kind, group or class of the owning layer or of any module around it
       (``within="attention"``, ``within=MyBlock``).
-    - ``param``: the role of the array: ``weight``, ``bias``, ``scale``, ``embedding``,
-      ``other``.
+    - ``param``: the role of the array, one of ``dm.ROLES``: ``weight``, ``bias``,
+      ``scale``, ``embedding``, ``position``, ``token``, ``gain``, ``buffer``, ``other``.
     - ``name``: the framework's own attribute or key name (``"kernel"``, ``"weight"``);
       this is framework vocabulary, so prefer ``param`` for policies shared across
       frameworks.
@@ -443,7 +443,7 @@ def decay(
       layer, within, param, name, path, min_ndim, when: the selectors above; ``None``
         leaves one out.
       rate: multiplies the weight decay of the matching leaves, for
-        :func:`decaymask.optax.add_decayed_weights` (a plain mask ignores it); a
+        :func:`decaymask.add_decayed_weights` (a plain mask ignores it); a
         finite number >= 0.
       label: the group of the matching leaves in ``policy.labels_for_*`` (default
         ``"decay"``).
