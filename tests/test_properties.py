@@ -334,7 +334,14 @@ def test_nnx_mask_matches_the_oracle(spec, data):
         with quiet():
             mask = policy.for_flax(model)
             state_mask = policy.for_flax(nnx.state(model, nnx.Param))
+            report = policy.explain(model)
+            labels = policy.labels_for_flax(model)
+            rates = policy.rates_for_flax(model)
 
+        # Every output is what explain shows.
+        assert {row.path: row.decay for row in report} == flat_by_path(mask)
+        assert {row.path: row.label for row in report} == flat_by_path(labels)
+        assert {row.path: row.rate for row in report} == flat_by_path(rates)
         for each in (mask, state_mask):
             assert type(each) is nnx.State
             assert jax.tree.structure(each) == shape
