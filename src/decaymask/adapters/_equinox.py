@@ -16,6 +16,7 @@ from ..core._table import LeafTable
 from ._common import (
     ARRAY_TYPES,
     ClassKinds,
+    RegistryCache,
     check_not_a_step_count,
     dtype_name,
     is_array_like,
@@ -108,17 +109,50 @@ def _is_array_wrapper(node: Any) -> bool:
     its axis names as static data), not a layer: it owns nothing, and the array is
     named by the field holding the node."""
     cls = type(node)
-    if cls in _PLAIN_TYPES or is_array_like(node):
+    table = _wrapper_classes.table()
+    could = table.get(cls)
+    if could is None:
+        could = table[cls] = _could_wrap(cls)
+    if not could:
+        return False
+    if _node_kind(cls) is not None:
+        # A module's children are its dynamic fields: read them without a flatten.
+        values = _getattr(node, "__dict__")
+        found = [(name, values.get(name)) for name in _dynamic_fields(cls)]
+        found = [(name, value) for name, value in found if value is not None]
+        if len(found) != 1 or not is_array_like(found[0][1]):
+            return False
+        return found[0][0] in _WRAPPED_NAMES
+    children = [(keys, value) for keys, value in _children(node) if value is not None]
+    if len(children) != 1 or not is_array_like(children[0][1]):
+        return False
+    entry = children[0][0][0]
+    return isinstance(entry, _INDEX_KEYS) or key_name(entry) in _WRAPPED_NAMES
+
+
+# class -> whether its instances may wrap one array; a registration can change it.
+_wrapper_classes = RegistryCache()
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _could_wrap(cls: type) -> bool:
+    """Whether instances of ``cls`` may be array wrappers: not a plain container, not
+    an array, not a module of a known kind."""
+    if cls in _PLAIN_TYPES or issubclass(cls, ARRAY_TYPES):
         return False
     if _node_kind(cls) is not None:
         kind, source, _ = _class_kind(cls)
-        if kind != "unknown" or source != "class" or issubclass(cls, _CONTAINERS):
-            return False
-    found = [(keys, value) for keys, value in _children(node) if value is not None]
-    if len(found) != 1 or not is_array_like(found[0][1]):
-        return False
-    entry = found[0][0][0]
-    return isinstance(entry, _INDEX_KEYS) or key_name(entry) in _WRAPPED_NAMES
+        return kind == "unknown" and source == "class" and not issubclass(cls, _CONTAINERS)
+    return True
+
+
+def _dynamic_fields(cls: type) -> tuple[str, ...]:
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = tuple(
+            f.name for f in dataclasses.fields(cls) if not f.metadata.get("static", False)
+        )
+    return names
 
 
 def _array_field(node: Any, field: str) -> Any:
@@ -228,7 +262,7 @@ class _Walk:
         self.contexts: dict[tuple, _Context] = {}
         self.interned: dict[tuple, int] = {}
         self.shared: list[tuple[tuple, Any]] = []  # (key path, eqx.nn.Shared node)
-        if isinstance(tree, _nn.Shared):
+        if _is_shared(type(tree)):
             self.shared.append(((), tree))
         self.contexts[()] = self._enter(_Context(tree, None, (), None, False, 0), tree, None)
         self.positions: list[int] = []
@@ -236,6 +270,7 @@ class _Walk:
         keys: list[tuple] = []
         floating_of = _FLOATING
         index_keys = _INDEX_KEYS
+        attr_key = jax.tree_util.GetAttrKey
         for position, (keypath, value) in enumerate(flat):
             if not isinstance(value, ARRAY_TYPES):
                 continue
@@ -244,7 +279,9 @@ class _Walk:
             if context is None:
                 context = self._context(parent)
             last = keypath[-1] if keypath else None
-            if last is None:
+            if type(last) is attr_key and not context.wrapper:
+                name = last.name  # most leaves: a module's field
+            elif last is None:
                 name = ""
             elif context.wrapper or isinstance(last, index_keys):
                 name = context.field or key_name(last)
@@ -302,7 +339,7 @@ class _Walk:
         if parent is None:
             parent = self._context(prefix[:-1])
         node = _child(parent.node, prefix[-1])
-        if isinstance(node, _nn.Shared):
+        if _is_shared(type(node)):
             self.shared.append((prefix, node))
         context = self._enter(parent, node, prefix[-1])
         self.contexts[prefix] = context
@@ -314,10 +351,10 @@ class _Walk:
         else:
             field = key_name(entry)
         what = _node_kind(type(node))
-        if what == "module" and _is_array_wrapper(node):
+        wrapper = _is_array_wrapper(node)
+        if wrapper:
             what = None
         if what is None:
-            wrapper = type(node) not in _PLAIN_TYPES and _is_array_wrapper(node)
             return _Context(node, parent.owner, parent.ancestors, parent.owner_node,
                             parent.in_state, parent.key, field, wrapper, parent.owner_name)
         if what == "state":
@@ -414,6 +451,18 @@ def _node_kind(cls: type) -> str | None:
             found = "module"
         _NODE_KINDS[cls] = found
     return found  # type: ignore[return-value]
+
+
+_SHARED: dict[type, bool] = {}
+
+
+def _is_shared(cls: type) -> bool:
+    """Whether ``cls`` is an ``eqx.nn.Shared``, once per class (``isinstance`` against
+    a module class goes through ``ABCMeta``)."""
+    found = _SHARED.get(cls)
+    if found is None:
+        found = _SHARED[cls] = issubclass(cls, _nn.Shared)
+    return found
 
 
 _MISSING = object()
