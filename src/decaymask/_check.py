@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 ROOT = "<root>"
 """How a message names the root of the trees, where the path has no keys."""
@@ -311,9 +311,10 @@ class _Walk:
         """``x`` opened one level, or ``None`` when jax treats it as a leaf."""
         # is_leaf sees the node itself first, then each child: every child stays whole.
         entries, treedef = self.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
-        if treedef.num_nodes == 1 and treedef.num_leaves == 1:
+        # mypy cannot resolve jaxlib's PyTreeDef (its stub lives in a compiled module).
+        if treedef.num_nodes == 1 and treedef.num_leaves == 1:  # type: ignore[attr-defined, unused-ignore]
             return None
-        node_type, data = treedef.node_data()
+        node_type, data = treedef.node_data()  # type: ignore[attr-defined, unused-ignore]
         return _Node(node_type, data, [path[0] for path, _ in entries], [c for _, c in entries])
 
     def _compare(self, mask: Any, params: Any, path: tuple[str, ...], context: str) -> _Site | None:
@@ -379,6 +380,7 @@ def _same_data(a: Any, b: Any) -> bool:
 
 def _is_bool(x: Any) -> bool:
     import jax
+    import jax.core
     import numpy as np
 
     if isinstance(x, (bool, np.bool_)):
@@ -392,6 +394,7 @@ def _is_bool(x: Any) -> bool:
 
 def _leaf_trouble(x: Any) -> str:
     import jax
+    import jax.core
     import numpy as np
 
     if isinstance(x, jax.core.Tracer):
@@ -443,7 +446,7 @@ def _is_equinox(t: type) -> bool:
     return module is not None and issubclass(t, module)
 
 
-def _is_mapping(t: type | None) -> bool:
+def _is_mapping(t: type | None) -> TypeGuard[type]:
     return t is not None and issubclass(t, Mapping)
 
 

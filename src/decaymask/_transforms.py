@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import optax
 
 
-def add_decayed_weights(weight_decay: Any, rates: Any) -> Any:
+def add_decayed_weights(weight_decay: Any, rates: Any) -> optax.GradientTransformation:
     """``optax.add_decayed_weights`` with a rate per leaf: adds ``weight_decay * rate * p``.
 
     Use it where ``optax.adamw`` would apply its decay, with the rates of a policy whose
@@ -40,13 +42,13 @@ def add_decayed_weights(weight_decay: Any, rates: Any) -> Any:
         del params
         return optax.EmptyState()
 
-    def update_fn(updates: Any, state: optax.EmptyState, params: Any = None) -> tuple:
+    def update_fn(updates: Any, state: optax.OptState, params: Any = None) -> tuple[Any, optax.OptState]:
         if params is None:
             raise ValueError(
                 "dm.add_decayed_weights needs the params: call tx.update(updates, state, "
                 "params)."
             )
-        tree = rates(params) if isinstance(rates, Callable) else rates
+        tree = rates(params) if callable(rates) else rates
 
         def one(update: Any, param: Any, rate: Any) -> Any:
             if not isinstance(rate, (int, float)) or isinstance(rate, bool):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import jax
@@ -46,7 +46,7 @@ KIND_TABLE: dict[type, str] = {
 
 # Wrappers reparametrise one inner layer: the inner layer owns its arrays, and the
 # wrapper's own arrays (WeightNorm's `g`) belong to a layer of the inner layer's kind.
-WRAPPERS: tuple[type, ...] = (_nn.WeightNorm, _nn.SpectralNorm)
+WRAPPERS = (_nn.WeightNorm, _nn.SpectralNorm)
 
 # Containers whose class is known not to be a layer: never "unknown", never guessed.
 _CONTAINERS: tuple[type, ...] = (
@@ -69,7 +69,7 @@ def _module_layer(node: eqx.Module) -> Layer:
         return layer
     kind, source, _ = _class_kind(cls)
     if kind == "wrapper":
-        inner = _module_layer(node.layer)
+        inner = _module_layer(cast("eqx.nn.WeightNorm | eqx.nn.SpectralNorm", node).layer)
         return Layer(inner.kind, cls.__name__, cls, inner.source)
     # The class name said a kind: what the instance owns confirms or overrides it.
     arrays, children = _content(node)
@@ -430,7 +430,7 @@ class _Walk:
         out: list[Any] = [None] * self.size
         for position, value in zip(self.positions, values):
             out[position] = value
-        return self.treedef.unflatten(out)
+        return self.treedef.unflatten(out)  # type: ignore[attr-defined, unused-ignore]  # mypy cannot resolve jaxlib's PyTreeDef
 
 
 _NODE_KINDS: dict[type, str | None] = {}

@@ -68,9 +68,10 @@ import operator
 import re
 import reprlib
 import sys
+import types
 import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -754,7 +755,7 @@ class _Reader:
         ranks = {}
         ndims = self.trace.ndims if self.trace is not None else None
         for name in direct:
-            shape = direct.get(name).shape  # get: a names-only walk keys modules by shape
+            shape = cast(Any, direct.get(name)).shape  # get: a names-only walk keys modules by shape
             inner = None
             if ndims is not None:
                 for collection in self.trace.collections:  # type: ignore[union-attr]
@@ -988,6 +989,7 @@ def _warn_unseen(fn: str, name: str, unseen: list[str]) -> None:
 
     shown = ", ".join(unseen[:3]) + (f" and {len(unseen) - 3} more" if len(unseen) > 3 else "")
     # Point at the caller's line: the first frame outside decaymask.
+    frame: types.FrameType | None
     level, frame = 2, sys._getframe(1)
     while frame is not None and frame.f_globals.get("__name__", "").startswith("decaymask"):
         level, frame = level + 1, frame.f_back
@@ -1374,7 +1376,7 @@ class _NamedWalk(_Reader):
 
     def _visit(
         self,
-        node: dict,
+        node: Mapping[str, Any],
         path: tuple[str, ...],
         parent: _Resolved | None,
         everything: bool,
@@ -1443,10 +1445,12 @@ class _NamedWalk(_Reader):
                 self._locate(resolved, path, direct, direct, everything)
             return
         own = iter(resolved.keys)
-        for name, kind in resolved.layout:  # type: ignore[union-attr]
-            if kind is not _LEAF:
+        # A module with children always has a layout.
+        own_layout = cast("tuple[tuple[str, int], ...]", resolved.layout)
+        for name, child_kind in own_layout:
+            if child_kind is not _LEAF:
                 value = node[name]
-                value = value if kind is _DICT else value._dict
+                value = value if child_kind is _DICT else value._dict
                 self._child(value, path, name, resolved, everything)
             elif resolved.emitted and not everything:
                 self.keys.append(next(own))
@@ -1583,7 +1587,8 @@ class _NamedWalk(_Reader):
             self.keys, self.plan = keys, plan
             self.complete = True
             found = self.located[index]
-        path, name, array, module, direct = found
+        # Every leaf is located once the walk is complete.
+        path, name, array, module, direct = cast(tuple, found)
         return self._leaf("params", path, name, array, module, direct)
 
     def rebuild(self, values: list[Any]) -> Any:
@@ -1680,7 +1685,7 @@ def walk(
         else:
             return named.leaves, named.rebuild
     state = _Walk(method, tree, module, args, kwargs)
-    return state.leaves, state.treedef.unflatten
+    return state.leaves, state.treedef.unflatten  # type: ignore[attr-defined, unused-ignore]  # mypy cannot resolve jaxlib's PyTreeDef
 
 
 def leaves(

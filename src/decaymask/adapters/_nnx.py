@@ -492,6 +492,7 @@ class _Walk:
         name = _leaf_name(path)
         role = expected = axes = None
         layout_axes = 0
+        ancestors: tuple[Layer, ...]
         if owner is None:
             layer, ancestors = Layer("unknown", None, None, "class"), ()
         else:
@@ -676,7 +677,7 @@ def _state_walk(state: Any, fn: str) -> tuple[list[Leaf], Callable[[list[Any]], 
         if found is None:
             raise _bad_value(fn, path, _holder(variable, "a leaf"), value)
         entries.append((path, path, variable, value, found))
-    return _leaves_by_name(entries), treedef.unflatten
+    return _leaves_by_name(entries), treedef.unflatten  # type: ignore[attr-defined, unused-ignore]  # mypy cannot resolve jaxlib's PyTreeDef
 
 
 def _leaves_by_name(entries: list[tuple], around: tuple[Layer, ...] = ()) -> list[Leaf]:

@@ -288,7 +288,7 @@ def read_file(path: str | pathlib.Path, key: str | None) -> Any:
             import tomllib
         except ImportError:  # Python 3.10
             try:
-                import tomli as tomllib  # type: ignore[no-redef]
+                import tomli as tomllib  # type: ignore[no-redef,import-not-found,unused-ignore]
             except ImportError as err:
                 raise ImportError(f"{where}: reading TOML on Python 3.10 needs: pip install tomli") from err
         try:

@@ -186,7 +186,7 @@ def content_kind(arrays: Mapping[str, int], children: Collection[str] = ()) -> s
         if _ATTENTION_CHILDREN <= names:
             return "attention"
         return None
-    names = set(arrays)
+    names = frozenset(arrays)
     if names & _TABLE_NAMES and names <= _TABLE_NAMES | {"bias"}:
         return "embedding"
     kernel = next((n for n in ("kernel", "w") if n in arrays), None)

@@ -27,6 +27,14 @@ class Policy:
 
     __slots__ = ("rules", "default", "strict", "_hash")
 
+    rules: tuple[Rule, ...]
+    """The rules in the order given; the last one that matches a leaf decides it."""
+    default: bool
+    """The decision for a floating-point parameter no rule decides."""
+    strict: bool
+    """Whether a rule that matches no parameter raises instead of warning."""
+    _hash: int
+
     def __init__(self, *rules: Rule, default: bool = False, strict: bool = False):
         """Args:
           *rules: :class:`Rule` values from :func:`decay` and :func:`no_decay`.
@@ -73,10 +81,10 @@ class Policy:
     def __copy__(self) -> Policy:
         return self
 
-    def __deepcopy__(self, memo: dict) -> Policy:
+    def __deepcopy__(self, memo: dict[int, Any]) -> Policy:
         return self
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         return (_restore, (type(self), self.rules, self.default, self.strict))
 
     def __eq__(self, other: object) -> bool:
@@ -186,7 +194,7 @@ class Policy:
           ... ])]
           [True, False]
         """
-        cache: dict[tuple, tuple[int, ...]] = {}
+        cache: dict[tuple[Any, ...], tuple[int, ...]] = {}
         out = []
         for leaf in leaves:
             if not isinstance(leaf, Leaf):
@@ -202,7 +210,7 @@ class Policy:
             out.append(decision)
         return out
 
-    def _decide_one(self, leaf: Leaf, cache: dict[tuple, tuple[int, ...]]) -> Decision:
+    def _decide_one(self, leaf: Leaf, cache: dict[tuple[Any, ...], tuple[int, ...]]) -> Decision:
         key = (leaf.owner, leaf.ancestors, leaf.role, leaf.name)
         candidates = cache.get(key)
         if candidates is None:
@@ -214,7 +222,7 @@ class Policy:
             )
             cache[key] = candidates
         decidable = leaf.is_param and leaf.floating
-        label = None
+        label: str | None = None
         for i in candidates:
             rule = self.rules[i]
             if rule.per_leaf and not rule.matches_rest(leaf):
@@ -223,7 +231,7 @@ class Policy:
                 label = rule.group
             if rule.decay is not None and decidable:
                 rate = rule.rate if rule.decay else 0.0
-                return Decision(leaf, rule.decay, rule, f"rule {i + 1}", label=label, rate=rate)
+                return Decision(leaf, rule.decay, rule, f"rule {i + 1}", label=label or rule.group, rate=rate)
         if not leaf.is_param:
             return Decision(leaf, False, None, NOT_A_PARAM, label=label or NO_DECAY_LABEL)
         if not leaf.floating:
@@ -257,7 +265,7 @@ class Policy:
 
     # Framework entry points. The adapters are imported on first use.
 
-    def _build(self, framework: str, method: str, tree: Any, kwargs: dict, value: str) -> Any:
+    def _build(self, framework: str, method: str, tree: Any, kwargs: dict[str, Any], value: str) -> Any:
         """Walks ``tree`` with the framework's adapter and puts one value per leaf back."""
         # A build allocates a few containers per leaf and frees them all, with no cycles:
         # collections triggered meanwhile would scan every object of the process (the
@@ -266,7 +274,7 @@ class Policy:
         with _collector_paused():
             return self._build_now(framework, method, tree, kwargs, value)
 
-    def _build_now(self, framework: str, method: str, tree: Any, kwargs: dict, value: str) -> Any:
+    def _build_now(self, framework: str, method: str, tree: Any, kwargs: dict[str, Any], value: str) -> Any:
         from ..adapters import load
 
         adapter = load(framework, tree, method)
@@ -409,7 +417,7 @@ class Policy:
         return Report(decisions, policy=self, show_dims=show_dims, warnings=messages)
 
 
-def _restore(cls: type, rules: tuple, default: bool, strict: bool) -> Policy:
+def _restore(cls: type[Policy], rules: tuple[Rule, ...], default: bool, strict: bool) -> Policy:
     return cls(*rules, default=default, strict=strict)
 
 

@@ -63,7 +63,7 @@ def as_bool(value: Any) -> bool | None:
     return None
 
 
-def _as_tuple(value: Any) -> tuple:
+def _as_tuple(value: Any) -> tuple[Any, ...]:
     if isinstance(value, (tuple, list)):
         return tuple(value)
     return (value,)
@@ -76,7 +76,7 @@ def _bad_value(fn: str, key: str, value: Any) -> TypeError:
     )
 
 
-def _coerce_layers(fn: str, key: str, value: Any) -> tuple:
+def _coerce_layers(fn: str, key: str, value: Any) -> tuple[str | type, ...]:
     """The one place that turns a ``layer=`` or ``within=`` value into kinds and classes."""
     items = _as_tuple(value)
     if not items:
@@ -101,7 +101,7 @@ def _coerce_strings(fn: str, key: str, value: Any) -> tuple[str, ...]:
     return items
 
 
-def _coerce_paths(fn: str, value: Any) -> tuple:
+def _coerce_paths(fn: str, value: Any) -> tuple[str | re.Pattern[str], ...]:
     items = _as_tuple(value)
     if not items:
         raise ValueError(f"{fn}(path=()): an empty tuple matches nothing; leave path out.")
@@ -145,13 +145,20 @@ class Rule:
 
     decay: bool | None
     """Whether matching leaves decay; ``None`` for a rule that only labels."""
-    layer: tuple | None = None
-    within: tuple | None = None
+    layer: tuple[str | type, ...] | None = None
+    """The ``layer=`` selector as a tuple of kinds, groups and classes; ``None`` if unset."""
+    within: tuple[str | type, ...] | None = None
+    """The ``within=`` selector as a tuple of kinds, groups and classes; ``None`` if unset."""
     param: tuple[str, ...] | None = None
+    """The ``param=`` selector as a tuple of roles; ``None`` if unset."""
     name: tuple[str, ...] | None = None
-    path: tuple | None = None
+    """The ``name=`` selector as a tuple of names; ``None`` if unset."""
+    path: tuple[str | re.Pattern[str], ...] | None = None
+    """The ``path=`` selector as a tuple of globs and compiled patterns; ``None`` if unset."""
     min_ndim: int | None = None
+    """The ``min_ndim=`` selector; ``None`` if unset."""
     when: Callable[[Leaf], bool] | None = None
+    """The ``when=`` selector; ``None`` if unset."""
     label: str | None = None
     """The label of matching leaves for ``optax.partition``; see :attr:`group`."""
     rate: float = 1.0
@@ -174,10 +181,10 @@ class Rule:
     def __copy__(self) -> Rule:
         return self
 
-    def __deepcopy__(self, memo: dict) -> Rule:
+    def __deepcopy__(self, memo: dict[int, Any]) -> Rule:
         return self
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         for key in ("layer", "within", "when"):
             value = getattr(self, key)
             for item in value if isinstance(value, tuple) else (value,):
@@ -309,7 +316,7 @@ def check_rate(fn: str, value: Any) -> float:
             f"{fn}(rate={value!r}): expected a non-negative number that multiplies the "
             f"weight decay of the matching leaves, got {type_name(value)}."
         )
-    if not (math.isfinite(value) and value >= 0):
+    if not (math.isfinite(value) and float(value) >= 0):
         raise TypeError(
             f"{fn}(rate={value!r}): expected a non-negative number that multiplies the "
             f"weight decay of the matching leaves, finite (inf or nan would turn every "

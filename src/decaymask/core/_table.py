@@ -23,7 +23,7 @@ class LeafTable(Sequence[Leaf]):
 
     __slots__ = ("keys", "_build", "_built")
 
-    def __init__(self, keys: list[Hashable], build: Callable[[int], Leaf]):
+    def __init__(self, keys: Sequence[Hashable], build: Callable[[int], Leaf]):
         self.keys = keys
         self._build = build
         self._built: dict[int, Leaf] = {}
