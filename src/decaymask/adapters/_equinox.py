@@ -270,7 +270,6 @@ class _Walk:
         keys: list[tuple] = []
         floating_of = _FLOATING
         index_keys = _INDEX_KEYS
-        attr_key = jax.tree_util.GetAttrKey
         for position, (keypath, value) in enumerate(flat):
             if not isinstance(value, ARRAY_TYPES):
                 continue
@@ -279,9 +278,7 @@ class _Walk:
             if context is None:
                 context = self._context(parent)
             last = keypath[-1] if keypath else None
-            if type(last) is attr_key and not context.wrapper:
-                name = last.name  # most leaves: a module's field
-            elif last is None:
+            if last is None:
                 name = ""
             elif context.wrapper or isinstance(last, index_keys):
                 name = context.field or key_name(last)

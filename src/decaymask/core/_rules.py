@@ -428,27 +428,27 @@ def decay(
 ) -> Rule:
     """A rule: leaves matching every given selector are decayed.
 
-    Selectors, all optional and combined with AND; a tuple or list means "any of these":
-
-    - ``layer``: the kind or group of the owning layer (``"linear"``, ``"norm"``), or a
-      layer class (subclasses match).
-    - ``within``: a kind, group or class of the owning layer or of any module around it
-      (``within="attention"``, ``within=MyBlock``).
-    - ``param``: the role of the array, one of ``dm.ROLES``: ``weight``, ``bias``,
-      ``scale``, ``embedding``, ``position``, ``token``, ``gain``, ``buffer``, ``other``.
-    - ``name``: the framework's own attribute or key name (``"kernel"``, ``"weight"``);
-      this is framework vocabulary, so prefer ``param`` for policies shared across
-      frameworks.
-    - ``path``: a glob over the canonical path (``"encoder/*"``), matched against the
-      whole path, or a compiled ``str`` pattern (``re.Pattern``), searched anywhere in
-      it. A ``/`` or ``%`` inside one key is written ``%2F`` or ``%25`` in the path.
-    - ``min_ndim``: the array has at least this many axes, not counting stacked axes.
-    - ``when``: a hashable callable taking a :class:`Leaf` and returning a bool (a
-      numpy bool counts).
+    Selectors, all optional and combined with AND; a tuple or list means "any of these",
+    and ``None`` leaves a selector out.
 
     Args:
-      layer, within, param, name, path, min_ndim, when: the selectors above; ``None``
-        leaves one out.
+      layer: the kind or group of the owning layer (``"linear"``, ``"norm"``), or a
+        layer class (subclasses match).
+      within: a kind, group or class of the owning layer or of any module around it
+        (``within="attention"``, ``within=MyBlock``).
+      param: the role of the array, one of ``dm.ROLES``: ``weight``, ``bias``,
+        ``scale``, ``embedding``, ``position``, ``token``, ``gain``, ``buffer``,
+        ``other``.
+      name: the framework's own attribute or key name (``"kernel"``, ``"weight"``);
+        this is framework vocabulary, so prefer ``param`` for policies shared across
+        frameworks.
+      path: a glob over the canonical path (``"encoder/*"``), matched against the
+        whole path, or a compiled ``str`` pattern (``re.Pattern``), searched anywhere
+        in it. A ``/`` or ``%`` inside one key is written ``%2F`` or ``%25`` in the
+        path.
+      min_ndim: the array has at least this many axes, not counting stacked axes.
+      when: a hashable callable taking a :class:`Leaf` and returning a bool (a numpy
+        bool counts).
       rate: multiplies the weight decay of the matching leaves, for
         :func:`decaymask.add_decayed_weights` (a plain mask ignores it); a
         finite number >= 0.
