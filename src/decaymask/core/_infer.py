@@ -95,7 +95,7 @@ CONTAINER_WORDS = frozenset(
 _NORM_KINDS = frozenset(k for k in KINDS if k.endswith("_norm"))
 # Kinds whose modules hold other modules (the gates of a cell, the projections of an
 # attention layer): a name may say so of a module that owns no arrays itself.
-_CONTAINER_KINDS = frozenset({"attention", "recurrent"})
+CONTAINER_KINDS = frozenset({"attention", "recurrent"})
 
 
 @functools.lru_cache(maxsize=8192)
@@ -239,7 +239,7 @@ def resolve_kind(
         said = None
     seen = content_kind(arrays, children)
     if not arrays:
-        if said in _CONTAINER_KINDS:
+        if said in CONTAINER_KINDS:
             return said, "name"
         if seen is not None:
             return seen, "content"

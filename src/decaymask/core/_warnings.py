@@ -8,7 +8,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._infer import is_index_name
+from ._infer import CONTAINER_KINDS, is_index_name
 from ._leaf import Leaf
 from ._report import Decision
 
@@ -45,9 +45,8 @@ def unmatched_rules(policy: Policy, leaves: Sequence[Leaf], decisions: Sequence[
     ]
 
 
-# Kinds whose arrays are owned by layers inside them: `layer=` for these is a likely
-# misunderstanding of `within=`.
-_CONTAINER_KINDS = frozenset({"attention", "recurrent"})
+# `layer=` for a kind whose arrays are owned by layers inside it (CONTAINER_KINDS) is a
+# likely misunderstanding of `within=`.
 
 
 def _typo_prone(rule: Rule) -> bool:
@@ -66,7 +65,7 @@ def _within_would_match(rule: Rule, leaves: Sequence[Leaf]) -> bool:
     """Whether the rule would match something with its ``layer=`` read as ``within=``."""
     if rule.layer is None or rule.within is not None:
         return False
-    if not all(isinstance(item, str) and item in _CONTAINER_KINDS for item in rule.layer):
+    if not all(isinstance(item, str) and item in CONTAINER_KINDS for item in rule.layer):
         return False
     moved = dataclasses.replace(rule, layer=None, within=rule.layer)
     return any(moved.matches(leaf) for leaf in leaves if leaf.is_param and leaf.floating)
