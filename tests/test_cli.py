@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import decaymask as dm
-from decaymask._cli import main
+from decaymask._cli import frameworks, main
 
 DEMO = "decaymask._demo"
 
@@ -182,10 +182,15 @@ def test_the_policy_key_reads_a_nested_table(capsys, models):
     assert out.rstrip().endswith("decayed 2 of 2 leaves, 15 of 15 elements (100.0%)")
 
 
+def test_framework_choices_come_from_the_registry():
+    assert {"equinox", "linen", "nnx"} <= set(frameworks())
+    assert frameworks() == ("auto", *sorted(a.name for a in dm.adapters.registered() if a.factory_result))
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["explain", LINEN, "--framework", "jax"], "argument --framework: invalid choice: 'jax' (choose from 'auto', 'equinox', 'linen', 'nnx')"),
+        (["explain", LINEN, "--framework", "jax"], "argument --framework: invalid choice: 'jax' (choose from " + ", ".join(map(repr, frameworks())) + ")"),
         (["explain"], "the following arguments are required: factory"),
     ],
     ids=["choice", "missing_factory"],

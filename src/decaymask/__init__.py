@@ -1,4 +1,4 @@
-"""decaymask: one weight-decay policy, a correct optax mask in Equinox and Flax."""
+"""decaymask: one weight-decay policy, a correct optax mask in Equinox, Flax and Haiku."""
 
 from .core import GROUPS as GROUPS
 from .core import KIND_SOURCES as KIND_SOURCES
@@ -8,7 +8,7 @@ from .core import SELECTORS as SELECTORS
 from .core import Decision as Decision
 from .core import Layer as Layer
 from .core import Leaf as Leaf
-from .core import Policy as Policy
+from ._face import Policy as Policy
 from .core import PolicyWarning as PolicyWarning
 from .core import Report as Report
 from .core import Rule as Rule

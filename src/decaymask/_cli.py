@@ -15,14 +15,20 @@ import sys
 from typing import Any, NoReturn
 
 PRESETS = ("standard", "everything_but_bias_and_norm", "gpt", "muon")
-FRAMEWORKS = ("auto", "equinox", "linen", "nnx")
-_EXTRA = {"equinox": "equinox", "linen": "flax", "nnx": "flax"}
-_MODULE = {"equinox": "equinox", "linen": "flax.linen", "nnx": "flax.nnx"}
-_WHAT = {
-    "equinox": "an Equinox module",
-    "linen": "a Linen (module, args) pair",
-    "nnx": "an NNX module",
-}
+
+
+def _adapters() -> dict[str, Any]:
+    """The adapters whose models the CLI builds, by name: those whose factory returns
+    the model first, then those whose factory returns more, each in the registry's order."""
+    from . import adapters
+
+    found = [a for a in adapters.registered() if a.factory_result]
+    return {a.name: a for a in sorted(found, key=lambda a: bool(a.factory_shape))}
+
+
+def frameworks() -> tuple[str, ...]:
+    """The choices of ``--framework``: ``auto``, then every adapter the CLI builds for."""
+    return ("auto", *sorted(_adapters()))
 
 
 class CliError(Exception):
@@ -66,36 +72,20 @@ def _factory(spec: str) -> Any:
 
 def _require(framework: str) -> None:
     """Imports the framework a forced ``--framework`` needs, or says how to install it."""
-    try:
-        importlib.import_module(_MODULE[framework])
-    except ImportError as err:
+    adapter = _adapters()[framework]
+    if not adapter.installed():
         raise CliError(
-            f"--framework {framework} needs {_MODULE[framework].split('.')[0]}, which is not "
-            f"installed: pip install 'decaymask[{_EXTRA[framework]}]'."
-        ) from err
+            f"--framework {framework} needs {adapter.package}, which is not "
+            f"installed: pip install 'decaymask[{adapter.extra}]'."
+        )
 
 
 def _kind_of(result: Any) -> str | None:
     """The framework of a factory's result, read off the classes already imported (a
     framework the factory did not import cannot have built it)."""
-    linen = sys.modules.get("flax.linen")
-    if (
-        linen is not None
-        and isinstance(result, tuple)
-        and len(result) in (2, 3)
-        and isinstance(result[0], linen.Module)
-    ):
-        return "linen"
-    nnx = sys.modules.get("flax.nnx")
-    if nnx is not None and isinstance(result, nnx.Module):
-        return "nnx"
-    eqx = sys.modules.get("equinox")
-    if eqx is not None:
-        import jax
-
-        is_module = lambda x: isinstance(x, eqx.Module)  # noqa: E731
-        if any(is_module(x) for x in jax.tree_util.tree_leaves(result, is_leaf=is_module)):
-            return "equinox"
+    for name, adapter in _adapters().items():
+        if adapter.factory_model(result):
+            return name
     return None
 
 
@@ -164,50 +154,28 @@ def build(factory: Any, framework: str = "auto", concrete: bool = False) -> Buil
     """
     if framework != "auto":
         _require(framework)
-    import jax
-
     result = factory() if concrete else _eval_shape(factory)
     found = _kind_of(result)
-    if framework == "linen" and found != "linen":
-        raise CliError(
-            f"for Linen the factory must return (module, args) or (module, args, kwargs) "
-            f"with example inputs; got {type(result).__name__}."
-        )
+    known = _adapters()
+    forced = known.get(framework)
+    if forced is not None and forced.factory_shape and found != framework:
+        raise CliError(f"{forced.factory_shape}; got {type(result).__name__}.")
     if found is None:
         raise CliError(
-            f"the factory returned a {type(result).__name__}; expected an Equinox "
-            f"module, an NNX module, or a Linen (module, args) pair."
+            f"the factory returned a {type(result).__name__}; expected "
+            f"{_listed([a.factory_result for a in known.values()])}."
         )
-    if framework not in ("auto", found):
+    if forced is not None and found != framework:
         raise CliError(
-            f"--framework {framework}: the factory returned {_WHAT[found]}, not "
-            f"{_WHAT[framework]}; give --framework {found} or leave --framework out."
+            f"--framework {framework}: the factory returned {known[found].factory_result}, "
+            f"not {forced.factory_result}; give --framework {found} or leave --framework out."
         )
-    how = "concrete" if concrete else "abstract"
-    if found == "nnx":
-        if concrete:
-            return Built("nnx", result, {}, how)
-        from flax import nnx
+    tree, options = known[found].build_model(factory, result, concrete)
+    return Built(found, tree, options, "concrete" if concrete else "abstract")
 
-        return Built("nnx", nnx.eval_shape(factory), {}, how)
-    if found == "linen":
-        module, args, *rest = result
-        kwargs = rest[0] if rest else {}
-        # The example inputs are small: make abstract ones concrete, so that both this
-        # init and explain's own trace of init can compute on them.
-        args, kwargs = jax.tree_util.tree_map(
-            lambda x: jax.numpy.zeros(x.shape, x.dtype)
-            if isinstance(x, jax.ShapeDtypeStruct)
-            else x,
-            (tuple(args), dict(kwargs)),
-        )
 
-        def init() -> Any:
-            return module.init(jax.random.key(0), *args, **kwargs)
-
-        variables = init() if concrete else jax.eval_shape(init)
-        return Built("linen", variables, {"module": module, "args": args, "kwargs": kwargs}, how)
-    return Built("equinox", result, {}, how)
+def _listed(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + ", or " + items[-1]
 
 
 def build_abstract(factory: Any, framework: str) -> tuple[str, Any, dict[str, Any]]:
@@ -259,8 +227,10 @@ def _syntax_error(err: Exception) -> str:
 
 
 def _missing(spec: str, err: ImportError) -> str:
+    from . import adapters
+
     top = (err.name or "").split(".")[0]
-    extra = {"equinox": "equinox", "flax": "flax"}.get(top)
+    extra = next((a.extra for a in adapters.registered() if a.package == top), None)
     fix = f": pip install 'decaymask[{extra}]'" if extra else ""
     return f"the factory {spec} imports {top or 'a module'}, which is not installed{fix} ({err})"
 
@@ -336,15 +306,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     ex.add_argument(
         "factory",
-        help="PKG.MODULE:FACTORY, a function returning an Equinox module, an NNX module, "
-        "or a Linen (module, args) pair",
+        help="PKG.MODULE:FACTORY, a function returning "
+        + _listed([a.factory_result for a in _adapters().values()]),
     )
     ex.add_argument("--policy", help="a .toml, .json, .yaml or .yml file holding the policy")
     ex.add_argument("--policy-key", help="the dotted key of the policy's table in that file")
     ex.add_argument("--preset", choices=PRESETS, help="a preset policy (default: standard)")
     ex.add_argument(
         "--framework",
-        choices=FRAMEWORKS,
+        choices=frameworks(),
         default="auto",
         help="the framework the factory's result must be (default: read off the result)",
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .core._policy import Policy
+from ._face import Policy
 from .core._rules import decay, no_decay
 
 

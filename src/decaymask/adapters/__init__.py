@@ -1,112 +1,187 @@
-"""One adapter per framework, imported on first use.
+"""Framework adapters, and the registry every entry point finds them through.
 
 An adapter turns a framework object into :class:`decaymask.Leaf` records and turns the
-core's decisions back into a mask of exactly the structure optax will be handed.
+core's decisions back into a tree of exactly the structure optax will be handed. Each
+module of this package whose name has no leading underscore defines one, as ``ADAPTER``;
+other packages call :func:`register`. The contract is :class:`Adapter`; ``README.md``
+beside this file is its design note. Nothing here imports a framework: adapters claim
+trees by what is already loaded, and import their framework on the first walk.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
-from collections.abc import Mapping
-from types import ModuleType
+import pkgutil
+import threading
+from collections.abc import Sequence
 from typing import Any
 
-_ADAPTERS = {
-    # name: (module, the framework it needs, the extra that installs it)
-    "equinox": ("decaymask.adapters._equinox", "equinox", "equinox"),
-    "flax": ("decaymask.adapters._flax", "flax", "flax"),
-}
+from ._contract import Adapter as Adapter
+from ._contract import Claim as Claim
+from ._contract import Rebuild as Rebuild
+from ._contract import entry_point as entry_point
+
+__all__ = ["Adapter", "Claim", "Rebuild", "entry_point", "register", "registered", "choose"]
+
+_lock = threading.Lock()
+_adapters: tuple[Adapter, ...] | None = None
+_added: list[Adapter] = []
 
 
-_NO_TREE = object()
-
-
-def load(name: str, tree: Any = _NO_TREE, method: str | None = None) -> ModuleType:
-    """The adapter module for ``name``, importing its framework on first use.
-
-    Args:
-      name: the adapter.
-      tree: what the entry point was given, if any: a tree of the other framework is
-        named as such rather than blamed on the missing framework.
-      method: the entry point, for the message.
+def register(adapter: Adapter) -> Adapter:
+    """Makes ``adapter`` known to every entry point, the CLI and ``check_mask``.
 
     Raises:
-      ImportError: the framework is not installed; the message names the extra.
-      TypeError: the framework is not installed and ``tree`` belongs to the other one;
-        the message names the method to use.
+      TypeError: ``adapter`` is not an :class:`Adapter` instance.
+      ValueError: another adapter already has its ``name``.
     """
-    module_name, framework, extra = _ADAPTERS[name]
-    module = sys.modules.get(module_name)
-    if module is not None:
-        return module
-    try:
-        importlib.import_module(framework)
-    except ImportError as err:
-        wrong = _other_framework(name, tree, method) if tree is not _NO_TREE else None
-        if wrong is not None:
-            raise TypeError(wrong) from err
-        raise ImportError(
-            f"decaymask needs {framework} for this: pip install 'decaymask[{extra}]'"
-        ) from err
-    return importlib.import_module(module_name)
-
-
-def _installed(framework: str) -> bool:
-    try:
-        importlib.import_module(framework)
-    except ImportError:
-        return False
-    return True
-
-
-def _other_framework(name: str, tree: Any, method: str | None) -> str | None:
-    """The message the other framework's entry point would be named in, where ``tree``
-    plainly belongs to it (the same messages as with both frameworks installed)."""
-    method = method or f"for_{name}"
-    if name == "flax" and _holds_equinox_module(tree):
-        return (
-            f"{method}: got an Equinox {type(tree).__name__}; use "
-            f"policy.{method.replace('flax', 'equinox')}(model) for Equinox models and "
-            f"their params."
+    global _adapters
+    if not isinstance(adapter, Adapter):
+        raise TypeError(
+            f"register: expected an instance of decaymask.adapters.Adapter, got "
+            f"{type(adapter).__name__}."
         )
-    if name == "equinox":
-        flax_method = method.replace("equinox", "flax")
-        if type(tree).__module__.startswith("flax."):
-            return (
-                f"{method}: got a {type(tree).__name__} from Flax; use "
-                f"policy.{flax_method}(...) for Flax params, variables, nnx.Module or "
-                f"nnx.State."
+    with _lock:
+        known = _discover() if _adapters is None else _adapters
+        if any(a.name == adapter.name for a in known):
+            raise ValueError(f"register: an adapter named {adapter.name!r} is already registered.")
+        _added.append(adapter)
+        _adapters = (*known, adapter)
+    return adapter
+
+
+def registered() -> tuple[Adapter, ...]:
+    """Every adapter: this package's, in module-name order, then those registered."""
+    global _adapters
+    found = _adapters
+    if found is None:
+        with _lock:
+            if _adapters is None:
+                _adapters = _discover()
+            found = _adapters
+    return found
+
+
+def _discover() -> tuple[Adapter, ...]:
+    found = []
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        adapter = getattr(module, "ADAPTER", None)
+        if isinstance(adapter, Adapter):
+            found.append(adapter)
+    return (*found, *_added)
+
+
+def names() -> tuple[str, ...]:
+    """The names ``framework=`` and ``--framework`` accept, faces included."""
+    out: list[str] = []
+    for adapter in registered():
+        for name in (adapter.name, adapter.face):
+            if name not in out:
+                out.append(name)
+    return tuple(out)
+
+
+def choose(tree: Any, framework: str | None, method: str) -> Adapter:
+    """The adapter that reads ``tree`` for ``method``.
+
+    With ``framework``, the adapter of that name or face that claims ``tree`` most
+    surely; where it only possibly does and another adapter certainly does, it may send
+    the user there (:meth:`Adapter.refusal`); where none of them claims it, it refuses
+    in favour of an adapter that does, or its walk says what it expected. Without, the one adapter that
+    certainly claims it, else the one that possibly does.
+
+    Raises:
+      TypeError: ``tree`` is another framework's (the message names its entry point),
+        or no adapter reads it.
+      ValueError: ``framework`` is unknown, or several adapters could read ``tree``.
+      ImportError: the chosen adapter's framework is not installed.
+    """
+    adapters = registered()
+    _check_not_a_step_count(tree, method)
+    if framework is not None:
+        chosen = _explicit(tree, framework, method, adapters)
+    else:
+        chosen = _inferred(tree, method, adapters)
+    if not chosen.installed():
+        raise ImportError(
+            f"decaymask needs {chosen.package} for this: pip install 'decaymask[{chosen.extra}]'"
+        )
+    return chosen
+
+
+def _explicit(tree: Any, framework: str, method: str, adapters: Sequence[Adapter]) -> Adapter:
+    candidates = [a for a in adapters if framework in (a.name, a.face)]
+    if not candidates:
+        raise ValueError(
+            f"{method}(framework={framework!r}): unknown framework; expected one of "
+            f"{', '.join(map(repr, names()))}."
+        )
+    claims = [(a.claim(tree), i) for i, a in enumerate(candidates)]
+    best, index = max(claims, key=lambda c: (c[0], -c[1]))
+    if best is Claim.CERTAINLY:
+        return candidates[index]
+    refusing = candidates[index]
+    others = [(a.claim(tree), a) for a in adapters if a not in candidates]
+    if best is Claim.POSSIBLY:
+        # A tree this adapter could read, which another framework certainly made: the
+        # adapter may send the user there, or read it (its walk may say more).
+        for claim, other in others:
+            if claim is Claim.CERTAINLY:
+                message = refusing.refusal(tree, method, other, claim)
+                if message is not None:
+                    raise TypeError(message)
+        return refusing
+    # A tree no framework in this process made claims little: only name a framework
+    # that is installed, or that certainly made the tree.
+    others = [
+        (claim, a)
+        for claim, a in others
+        if claim is Claim.CERTAINLY or (claim is Claim.POSSIBLY and a.installed())
+    ]
+    for claim, other in sorted(others, key=lambda c: -c[0]):
+        message = refusing.refusal(tree, method, other, claim)
+        if message is not None:
+            raise TypeError(message)
+    return refusing  # its walk says what it expected
+
+
+def _inferred(tree: Any, method: str, adapters: Sequence[Adapter]) -> Adapter:
+    claims = [(a.claim(tree), a) for a in adapters]
+    for level in (Claim.CERTAINLY, Claim.POSSIBLY):
+        found = [a for claim, a in claims if claim is level]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            options = " or ".join(f"framework={a.name!r}" for a in found)
+            raise ValueError(
+                f"{method}: a {type(tree).__name__} that {_both(found)} could have made; "
+                f"pass {options}, or call {_calls(found, method)}."
             )
-        if isinstance(tree, Mapping) and _installed("flax"):
-            return (
-                f"{method}: got a {type(tree).__name__} that holds no Equinox module, "
-                f"which looks like Flax Linen params; use policy.{flax_method}(params). "
-                f"For a pytree of Equinox modules, pass the modules themselves."
-            )
-    return None
-
-
-def _holds_equinox_module(tree: Any) -> bool:
-    eqx = sys.modules.get("equinox")
-    if eqx is None:
-        return False
-    import jax
-
-    return any(
-        isinstance(x, eqx.Module)
-        for x in jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, eqx.Module))
+    accepted = "; ".join(f"{a.title}: {a.accepts}" for a in adapters)
+    raise TypeError(
+        f"{method}: no framework decaymask knows reads a {type(tree).__name__}. "
+        f"Expected {accepted}."
     )
 
 
-def adapter_for(tree: Any) -> ModuleType:
-    """The adapter that fits ``tree``: Flax for NNX objects and Linen mappings, else Equinox."""
-    eqx = sys.modules.get("equinox")
-    if eqx is not None and isinstance(tree, eqx.Module):
-        return load("equinox")
-    nnx = sys.modules.get("flax.nnx")
-    if nnx is not None and isinstance(tree, (nnx.Module, nnx.State)):
-        return load("flax")
-    if isinstance(tree, Mapping) and not _holds_equinox_module(tree):
-        return load("flax")
-    return load("equinox")
+def _both(found: Sequence[Adapter]) -> str:
+    titles = [a.title for a in found]
+    return " and ".join(titles) if len(titles) == 2 else ", ".join(titles)
+
+
+def _calls(found: Sequence[Adapter], method: str) -> str:
+    calls = [f"policy.{entry_point(a, method)}(...)" for a in found]
+    if all(c == calls[0] for c in calls):
+        return calls[0]
+    return " or ".join(calls)
+
+
+def _check_not_a_step_count(tree: Any, method: str) -> None:
+    shape, dtype = getattr(tree, "shape", None), getattr(tree, "dtype", None)
+    if shape is not None and tuple(shape) == () and getattr(dtype, "kind", None) in ("i", "u"):
+        from ._common import check_not_a_step_count
+
+        check_not_a_step_count(tree, method)

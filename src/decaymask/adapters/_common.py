@@ -88,8 +88,11 @@ def check_not_a_step_count(tree: Any, method: str) -> None:
         )
 
 
-def muon_dimension_numbers(decision: Any, method: str) -> Any:
-    """The ``MuonDimensionNumbers`` of a decided leaf, ``None`` where it is not selected."""
+def muon_dimension_numbers(decision: Any, method: str, layout_fix: str = "") -> Any:
+    """The ``MuonDimensionNumbers`` of a decided leaf, ``None`` where it is not selected.
+
+    ``layout_fix`` says how this framework's user gives the layer classes (a trace), for
+    the error on a leaf whose layout names alone cannot prove."""
     if not decision.decay:
         return None
     check_matrix_axes(decision.leaf, method)
@@ -97,9 +100,8 @@ def muon_dimension_numbers(decision: Any, method: str) -> Any:
     if axes is None:
         leaf = decision.leaf
         traced = (
-            "give the layer classes (Linen params: module=model, args=(x,); an NNX "
-            "State: the model itself), "
-            if method.endswith("flax") and leaf.layer_class is None and leaf.layer_type is None
+            f"give the layer classes ({layout_fix}), "
+            if layout_fix and leaf.layer_class is None and leaf.layer_type is None
             else ""
         )
         raise ValueError(

@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 import gc
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from ._data import policy_from_data, policy_to_data, read_file
@@ -263,38 +263,37 @@ class Policy:
         """The decisions on ``leaves`` as a :class:`Report`."""
         return Report(self.decide(leaves), policy=self)
 
-    # Framework entry points. The adapters are imported on first use.
+    # For the entry points: what a walked tree's leaves get, and the report on them.
 
-    def _build(self, framework: str, method: str, tree: Any, kwargs: dict[str, Any], value: str) -> Any:
-        """Walks ``tree`` with the framework's adapter and puts one value per leaf back."""
-        # A build allocates a few containers per leaf and frees them all, with no cycles:
-        # collections triggered meanwhile would scan every object of the process (the
-        # model included) for nothing. Measured at 20,000 Equinox leaves: a third of the
-        # time went to the collector.
-        with _collector_paused():
-            return self._build_now(framework, method, tree, kwargs, value)
+    def values(
+        self,
+        leaves: Sequence[Leaf],
+        value: str,
+        *,
+        method: str,
+        non_floating_fix: str,
+        partial_view: Callable[[], bool] | None = None,
+    ) -> list[Any]:
+        """One value per leaf, with the warnings (or the strict error) a mask gives.
 
-    def _build_now(self, framework: str, method: str, tree: Any, kwargs: dict[str, Any], value: str) -> Any:
-        from ..adapters import load
-
-        adapter = load(framework, tree, method)
-        found, rebuild = adapter.walk(tree, method=method, **kwargs)
-        table = found if isinstance(found, LeafTable) else as_table(found)
-        fix = adapter.NON_FLOATING_FIX
-        from ..adapters._common import holds_masked_node
-
-        partial_view = lambda: holds_masked_node(tree)  # noqa: E731
-        if value == "muon" or any(rule.per_leaf for rule in self.rules):
+        Args:
+          leaves: the walked leaves, a :class:`LeafTable` where the adapter made one.
+          value: ``"mask"``, ``"labels"``, ``"rates"``, or ``"decisions"`` (the
+            :class:`Decision` records, e.g. for Muon dimension numbers).
+          method: the user's entry point, for messages.
+          non_floating_fix: the adapter's fix for integer or bool leaves.
+          partial_view: whether the tree is one branch's view of the params.
+        """
+        table = leaves if isinstance(leaves, LeafTable) else as_table(leaves)
+        if value == "decisions" or any(rule.per_leaf for rule in self.rules):
             decisions = self.decide(table)
             check_decisions(
-                self, table, decisions, method=method, non_floating_fix=fix,
+                self, table, decisions, method=method, non_floating_fix=non_floating_fix,
                 partial_view=partial_view,
             )
-            if value == "muon":
-                from ..adapters._common import muon_dimension_numbers
-
-                return rebuild([muon_dimension_numbers(d, method) for d in decisions])
-            return rebuild([getattr(d, _VALUE_ATTR[value]) for d in decisions])
+            if value == "decisions":
+                return decisions
+            return [getattr(d, _VALUE_ATTR[value]) for d in decisions]
         # Every rule reads only what a key stands for: decide once per key.
         first = table.representatives()
         keys = list(first)
@@ -304,113 +303,23 @@ class Policy:
             [d.leaf for d in decisions],
             decisions,
             method=method,
-            non_floating_fix=fix,
+            non_floating_fix=non_floating_fix,
             # Only warnings that list paths ask, and only for their few keys.
             paths_like=lambda r: [table[i].path for i in table.indices_of({keys[r]})],
             partial_view=partial_view,
         )
         attr = _VALUE_ATTR[value]
         by_key = {key: getattr(d, attr) for key, d in zip(keys, decisions)}
-        return rebuild([by_key[key] for key in table.keys])
+        return [by_key[key] for key in table.keys]
 
-    def for_equinox(self, tree: Any) -> Any:
-        """The optax mask for an Equinox model or any pytree holding Equinox modules.
-
-        Bools at every array leaf (jax and numpy arrays, ``jax.ShapeDtypeStruct``),
-        ``None`` elsewhere, in the structure of ``eqx.filter(tree, eqx.is_array)``. Works
-        on the model, on its filtered params, on an abstract model from
-        ``eqx.filter_eval_shape``, and as a callable mask (``mask=policy.for_equinox``).
-
-        Example:
-          >>> import decaymask as dm, equinox as eqx, jax
-          >>> model = eqx.nn.Linear(3, 2, key=jax.random.key(0))
-          >>> mask = dm.Policy(dm.decay(param="weight")).for_equinox(model)
-          >>> mask.weight, mask.bias
-          (True, False)
-        """
-        return self._build("equinox", "for_equinox", tree, {}, "mask")
-
-    def for_flax(self, tree: Any, **kwargs: Any) -> Any:
-        """The optax mask for Flax, with the container types of its input.
-
-        Args:
-          tree: a Linen params or variables mapping (``dict`` or ``FrozenDict``), an
-            ``nnx.Module``, or an ``nnx.State``.
-          **kwargs: Linen: ``module=``, ``args=``, ``kwargs=`` to recover the exact layer
-            classes by an abstract trace of ``module.init``. NNX: ``wrt=`` (default
-            ``nnx.Param``), the filter of the params the optimizer updates.
-
-        Returns:
-          Linen: a mapping of the input's container types with a bool at every param
-          (``False`` throughout non-``params`` collections). NNX: an ``nnx.State`` of
-          plain bools with the structure of ``nnx.state(model, wrt)``.
-        """
-        return self._build("flax", "for_flax", tree, kwargs, "mask")
-
-    def labels_for_equinox(self, tree: Any) -> Any:
-        """A label per array leaf for ``optax.partition``, in :meth:`for_equinox`'s structure.
-
-        The label of a leaf is the label of the last rule that matches it: rules made
-        with ``label=`` or :func:`label` give theirs, other decay rules ``"decay"``,
-        other no-decay rules ``"no_decay"``; the default gives one of those two.
-        Pass the method itself (``param_labels=policy.labels_for_equinox``): an
-        Equinox-shaped label tree is callable, and optax would call it.
-        """
-        return self._build("equinox", "labels_for_equinox", tree, {}, "labels")
-
-    def labels_for_flax(self, tree: Any, **kwargs: Any) -> Any:
-        """A label per param for ``optax.partition``, in :meth:`for_flax`'s structure."""
-        return self._build("flax", "labels_for_flax", tree, kwargs, "labels")
-
-    def rates_for_equinox(self, tree: Any) -> Any:
-        """The weight-decay multiplier of every array leaf: the deciding rule's ``rate``
-        where it decays, ``0.0`` where it does not; for :func:`add_decayed_weights`."""
-        return self._build("equinox", "rates_for_equinox", tree, {}, "rates")
-
-    def rates_for_flax(self, tree: Any, **kwargs: Any) -> Any:
-        """:meth:`rates_for_equinox` for Flax inputs, in :meth:`for_flax`'s structure."""
-        return self._build("flax", "rates_for_flax", tree, kwargs, "rates")
-
-    def muon_dims_for_equinox(self, tree: Any) -> Any:
-        """Muon dimension numbers in Equinox's layouts where the policy decides True.
-
-        An ``optax.contrib.MuonDimensionNumbers`` at every leaf the policy selects (its
-        reduction and output axes in Equinox's ``(out, in, ...)`` layouts, stacked
-        leading axes left as batch axes), ``None`` everywhere else, so those leaves go
-        to Adam. Pass the method itself: ``muon_weight_dimension_numbers=
-        policy.muon_dims_for_equinox``.
-
-        Raises:
-          ValueError: a selected leaf whose layout is unknown; the message names it.
-        """
-        return self._build("equinox", "muon_dims_for_equinox", tree, {}, "muon")
-
-    def muon_dims_for_flax(self, tree: Any, **kwargs: Any) -> Any:
-        """:meth:`muon_dims_for_equinox` in Flax's ``(in, out)`` layouts and containers."""
-        return self._build("flax", "muon_dims_for_flax", tree, kwargs, "muon")
-
-    def explain(self, tree: Any, *, show_dims: bool = False, **kwargs: Any) -> Report:
-        """A :class:`Report` of every decision on ``tree``, one row per array leaf.
-
-        Takes the same arguments as the ``for_*`` method that fits ``tree``.
-        ``show_dims=True`` adds the Muon reduction and output axes of each decayed leaf.
-
-        Example:
-          >>> import decaymask as dm, equinox as eqx, jax
-          >>> model = eqx.nn.Linear(3, 2, key=jax.random.key(0))
-          >>> report = dm.Policy(dm.decay(param="weight")).explain(model)
-          >>> [(row.path, row.decay) for row in report]
-          [('weight', True), ('bias', False)]
-        """
-        from ..adapters import adapter_for
-
-        adapter = adapter_for(tree)
-        leaves, _ = adapter.walk(tree, method="explain", **kwargs)
+    def report_on(
+        self, leaves: Sequence[Leaf], *, non_floating_fix: str, show_dims: bool = False
+    ) -> Report:
+        """The :class:`Report` ``explain`` gives: every decision, and the warnings a
+        mask would give (a strict policy's unmatched rules listed first, not raised)."""
         decisions = self.decide(leaves)
-        # The report lists what a mask would warn about; a strict policy's unmatched
-        # rules are listed too instead of raising, since a report shows everything.
         messages, strict_error = find_problems(
-            self, leaves, decisions, method="explain", non_floating_fix=adapter.NON_FLOATING_FIX
+            self, leaves, decisions, method="explain", non_floating_fix=non_floating_fix
         )
         if strict_error is not None:
             messages.insert(0, strict_error)
@@ -427,7 +336,7 @@ _was_enabled = False
 
 
 @contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
+def collector_paused() -> Iterator[None]:
     """Pauses the cyclic garbage collector while any thread builds; the first build to
     start records whether it was on, and the last one to end turns it back on."""
     global _paused, _was_enabled

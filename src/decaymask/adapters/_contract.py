@@ -1,0 +1,168 @@
+"""The adapter contract: what a framework adapter receives, returns and promises.
+
+See ``README.md`` beside this file for the design note. This module imports no
+framework: adapters are found and asked to claim a tree before any framework loads.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+from ..core._leaf import Leaf
+
+Rebuild = Callable[[list[Any]], Any]
+"""Puts one value per leaf (in the order of the walked leaves) back into a tree of
+exactly the structure and container types optax will be handed."""
+
+
+class Claim(enum.IntEnum):
+    """How sure an adapter is that a tree is its own."""
+
+    NO = 0
+    """Not this framework's tree; reading it would be a guess."""
+    POSSIBLY = 1
+    """A tree this adapter can read, which another framework could also have made."""
+    CERTAINLY = 2
+    """Only this framework makes such a tree (its classes, or naming only it uses)."""
+
+
+class Adapter(abc.ABC):
+    """One framework's reader: claims trees, walks them into :class:`decaymask.Leaf`
+    records, and rebuilds per-leaf values. It never decides anything.
+
+    Subclasses set the class attributes and implement :meth:`claim` and :meth:`walk`;
+    :func:`decaymask.adapters.register` makes an instance known to every entry point.
+    The other methods have defaults that fit most frameworks.
+    """
+
+    name: ClassVar[str]
+    """The framework's name for ``framework=`` and the CLI's ``--framework``: ``"linen"``."""
+    face: ClassVar[str]
+    """The ``for_<face>`` entry points that take this adapter's trees: ``"flax"`` for
+    both Linen and NNX. ``framework=`` accepts a face too."""
+    title: ClassVar[str]
+    """The framework as messages name it: ``"Flax Linen"``."""
+    requires: ClassVar[str]
+    """The module :meth:`walk` imports: ``"flax.linen"``. Its top-level package is what
+    a missing-framework message names."""
+    extra: ClassVar[str]
+    """The pip extra that installs the framework: ``pip install 'decaymask[extra]'``."""
+    accepts: ClassVar[str]
+    """What the entry point takes, for messages: ``"a Linen params or variables mapping"``."""
+    usage: ClassVar[str]
+    """How a user of another entry point is sent here; ``{method}`` is filled with this
+    adapter's entry point: ``"policy.{method}(params) for Haiku params"``."""
+    non_floating_fix: ClassVar[str]
+    """The fix a warning about integer or bool leaves gives, in this framework's terms."""
+    layout_fix: ClassVar[str] = ""
+    """What gives a leaf with no known layout its classes, for Muon's error (e.g. a
+    trace), or ``""``."""
+    factory_result: ClassVar[str] = ""
+    """What a model factory returns for the CLI (``"an NNX module"``), or ``""`` where
+    the CLI does not build this framework's models."""
+
+    factory_shape: ClassVar[str] = ""
+    """Where a factory must return more than a model, the CLI's message saying what:
+    ``"for Linen the factory must return (module, args) ..."``."""
+
+    @abc.abstractmethod
+    def claim(self, tree: Any) -> Claim:
+        """Whether ``tree`` is this framework's. Must not import the framework: a tree
+        made by a framework that is not loaded cannot be its (see ``sys.modules``)."""
+
+    @abc.abstractmethod
+    def walk(self, tree: Any, *, method: str, **options: Any) -> tuple[Sequence[Leaf], Rebuild]:
+        """The leaves of ``tree`` in its flattening order, and their :data:`Rebuild`.
+
+        ``method`` names the user's entry point in error messages; ``options`` are the
+        entry point's keyword arguments (Linen's ``module=``, NNX's ``wrt=``). Raises a
+        ``TypeError`` naming the option for one it does not take.
+        """
+
+    def describe(self, tree: Any) -> str:
+        """``tree`` as a message names it after "got ", when this adapter claims it."""
+        return f"a {type(tree).__name__} from {self.title}"
+
+    def refusal(self, tree: Any, method: str, claimant: Adapter, claim: Claim) -> str | None:
+        """The message for ``method`` of this adapter given a tree ``claimant`` claims,
+        or ``None`` to let :meth:`walk` say what it expected."""
+        if claim is not Claim.CERTAINLY:
+            return None
+        return (
+            f"{method}: got {claimant.describe(tree)}; use "
+            f"{claimant.usage.format(method=entry_point(claimant, method))}."
+        )
+
+    def is_partial(self, tree: Any) -> bool:
+        """Whether ``tree`` is one branch's view of the params (``optax.partition`` masks
+        the other branches' leaves out), so a rule may rightly match nothing in it."""
+        holds = _masked_node_check()
+        return holds is not None and holds(tree)
+
+    def muon_dims(self, decisions: Sequence[Any], method: str) -> list[Any]:
+        """One ``optax.contrib.MuonDimensionNumbers`` per decision (``None`` where the
+        policy does not select the leaf), from each leaf's layout fields."""
+        from ._common import muon_dimension_numbers
+
+        return [muon_dimension_numbers(d, method, self.layout_fix) for d in decisions]
+
+    def factory_model(self, result: Any) -> bool:
+        """Whether a CLI model factory's ``result`` is this framework's model."""
+        return False
+
+    def build_model(self, factory: Any, result: Any, concrete: bool) -> tuple[Any, dict[str, Any]]:
+        """The tree ``explain`` reads for a factory's model and the options it needs
+        (``module=``...), abstract (no parameter memory) unless ``concrete``."""
+        raise NotImplementedError(f"the CLI does not build {self.title} models.")
+
+    def installed(self) -> bool:
+        """Whether :attr:`requires` imports (importing it if it does)."""
+        try:
+            importlib.import_module(self.requires)
+        except ImportError:
+            return False
+        return True
+
+    @property
+    def package(self) -> str:
+        """The top-level package of :attr:`requires`, as missing-framework messages name it."""
+        return self.requires.split(".")[0]
+
+    def __repr__(self) -> str:
+        return f"<decaymask adapter {self.name!r} ({self.title})>"
+
+
+_PREFIXES = ("labels_", "rates_", "muon_dims_", "")
+
+
+def entry_point(adapter: Adapter, method: str) -> str:
+    """The entry point of ``adapter`` that does what ``method`` does: ``labels_for_flax``
+    for ``labels_for_equinox``; the generic methods map to the ``for_`` forms."""
+    generic = {"mask": "", "labels": "labels_", "rates": "rates_", "muon_dims": "muon_dims_"}
+    if method in generic:
+        return f"{generic[method]}for_{adapter.face}"
+    if method == "explain":
+        return method
+    for prefix in _PREFIXES:
+        if method.startswith(prefix + "for_"):
+            return f"{prefix}for_{adapter.face}"
+    return f"for_{adapter.face}"
+
+
+def _masked_node_check() -> Callable[[Any], bool] | None:
+    import sys
+
+    if "optax" not in sys.modules:
+        return None
+    from ._common import holds_masked_node
+
+    return holds_masked_node
+
+
+def is_plain_mapping(tree: Any) -> bool:
+    """A mapping no framework made: not a FrozenDict, not an nnx.State."""
+    return isinstance(tree, Mapping) and not type(tree).__module__.startswith("flax.")

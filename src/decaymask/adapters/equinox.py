@@ -1,0 +1,81 @@
+"""The Equinox adapter's claim and entry point; the walk is in ``_equinox``."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..core._leaf import Leaf
+from ._contract import Adapter, Claim, Rebuild, entry_point, is_plain_mapping
+
+
+class EquinoxAdapter(Adapter):
+    """Equinox modules, their filtered params, abstract models, and pytrees of them."""
+
+    name = "equinox"
+    face = "equinox"
+    title = "Equinox"
+    requires = "equinox"
+    extra = "equinox"
+    accepts = "an Equinox module, its params, or a pytree holding Equinox modules"
+    usage = "policy.{method}(model) for Equinox models and their params"
+    non_floating_fix = (
+        "Hand optax eqx.filter(model, eqx.is_inexact_array) and build the mask from that "
+        "(or pass mask=policy.for_equinox)."
+    )
+    factory_result = "an Equinox module"
+
+    def claim(self, tree: Any) -> Claim:
+        # A user's nnx.Module or linen.Module subclass lives in the user's module.
+        if any(c.__module__.startswith("flax.") for c in type(tree).__mro__):
+            return Claim.NO
+        eqx = sys.modules.get("equinox")
+        if eqx is not None and isinstance(tree, eqx.Module):
+            return Claim.CERTAINLY
+        if isinstance(tree, Mapping):
+            return Claim.CERTAINLY if _holds_module(tree) else Claim.NO
+        # Any other pytree of arrays reads as Equinox params: one bool per array.
+        return Claim.POSSIBLY
+
+    def walk(self, tree: Any, *, method: str, **options: Any) -> tuple[Sequence[Leaf], Rebuild]:
+        if options:
+            raise TypeError(
+                f"{method}: Equinox models take no options; got "
+                f"{', '.join(f'{k}=' for k in options)}."
+            )
+        from . import _equinox
+
+        return _equinox.walk(tree, method=method)
+
+    def describe(self, tree: Any) -> str:
+        return f"an Equinox {type(tree).__name__}"
+
+    def refusal(self, tree: Any, method: str, claimant: Adapter, claim: Claim) -> str | None:
+        if is_plain_mapping(tree):
+            return (
+                f"{method}: got a {type(tree).__name__} that holds no Equinox module, "
+                f"which looks like {claimant.title} params; use "
+                f"policy.{entry_point(claimant, method)}(params). For a pytree of "
+                f"Equinox modules, pass the modules themselves."
+            )
+        return super().refusal(tree, method, claimant, claim)
+
+    def factory_model(self, result: Any) -> bool:
+        return _holds_module(result)
+
+    def build_model(self, factory: Any, result: Any, concrete: bool) -> tuple[Any, dict[str, Any]]:
+        return result, {}
+
+
+def _holds_module(tree: Any) -> bool:
+    eqx = sys.modules.get("equinox")
+    if eqx is None:
+        return False
+    import jax
+
+    is_module = lambda x: isinstance(x, eqx.Module)  # noqa: E731
+    return any(is_module(x) for x in jax.tree_util.tree_leaves(tree, is_leaf=is_module))
+
+
+ADAPTER = EquinoxAdapter()
