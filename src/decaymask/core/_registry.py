@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ._vocab import check_kind, check_role
@@ -173,3 +173,22 @@ def lookup_name(class_name: str) -> Registration | None:
             if cls.__name__ == class_name:
                 return registration
     return found
+
+
+def lookup_spelled(name: str, spell: Callable[[str], str]) -> Registration | None:
+    """The registration whose class name, spelled as a framework names its module
+    instances, is ``name``: with Haiku's spelling, ``my_proj`` finds ``MyProj``.
+
+    Args:
+      name: the module's name in the params, numbering removed (``my_proj``, not
+        ``my_proj_1``).
+      spell: the framework's spelling of a class name, e.g. CamelCase to snake_case.
+    """
+    by_class, by_name = _by_class, _by_name
+    for class_name, registration in by_name.items():
+        if spell(class_name) == name:
+            return registration
+    for cls, registration in by_class.items():
+        if spell(cls.__name__) == name:
+            return registration
+    return None
