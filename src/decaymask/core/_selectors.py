@@ -47,7 +47,7 @@ def _as_tuple(value: Any) -> tuple[Any, ...]:
     return (value,)
 
 
-def _bad_value(fn: str, key: str, value: Any) -> TypeError:
+def _bad_selector(fn: str, key: str, value: Any) -> TypeError:
     return TypeError(
         f"{fn}({key}={value!r}): expected {_SELECTOR_FORMS[key]}; "
         f"got {type_name(value)}."
@@ -63,7 +63,7 @@ def _coerce_layers(fn: str, key: str, value: Any) -> tuple[str | type, ...]:
         if isinstance(item, str):
             check_kind(item, where=f"{fn}({key}={item!r})")
         elif not isinstance(item, type):
-            raise _bad_value(fn, key, item)
+            raise _bad_selector(fn, key, item)
     return items
 
 
@@ -73,7 +73,7 @@ def _coerce_strings(fn: str, key: str, value: Any) -> tuple[str, ...]:
         raise ValueError(f"{fn}({key}=()): an empty tuple matches nothing; leave {key} out.")
     for item in items:
         if not isinstance(item, str):
-            raise _bad_value(fn, key, item)
+            raise _bad_selector(fn, key, item)
         if key == "param":
             check_role(item, where=f"{fn}({key}={item!r})")
     return items
@@ -85,7 +85,7 @@ def _coerce_paths(fn: str, value: Any) -> tuple[str | re.Pattern[str], ...]:
         raise ValueError(f"{fn}(path=()): an empty tuple matches nothing; leave path out.")
     for item in items:
         if not isinstance(item, (str, re.Pattern)):
-            raise _bad_value(fn, "path", item)
+            raise _bad_selector(fn, "path", item)
         if isinstance(item, re.Pattern) and not isinstance(item.pattern, str):
             raise TypeError(
                 f"{fn}(path={show_value(item)}): a bytes pattern cannot search a canonical "
@@ -97,13 +97,13 @@ def _coerce_paths(fn: str, value: Any) -> tuple[str | re.Pattern[str], ...]:
 
 def _coerce_min_ndim(fn: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise _bad_value(fn, "min_ndim", value)
+        raise _bad_selector(fn, "min_ndim", value)
     return value
 
 
 def _coerce_when(fn: str, value: Any) -> Callable[..., Any]:
     if not callable(value):
-        raise _bad_value(fn, "when", value)
+        raise _bad_selector(fn, "when", value)
     try:
         hash(value)
     except TypeError:
