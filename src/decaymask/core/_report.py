@@ -7,9 +7,8 @@ import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, overload
 
-from html import escape
-
 from ._leaf import Leaf
+from ._report_html import report_html
 
 if TYPE_CHECKING:
     from ._policy import Policy
@@ -94,47 +93,6 @@ def _notes(row: Decision, ranks: bool) -> str:
     if row.rule is not None and row.rule.name is not None:
         notes += " [name= is framework vocabulary]"
     return notes
-
-
-_HTML_CLASS = "decaymask-report"
-_HTML_FLAT_ROWS = 40  # longer reports are grouped by module, each group collapsed
-_MARK = {True: "&#10003;", False: "&middot;"}
-# Scoped to the report's class and specific enough to win over a notebook's own table
-# styles (JupyterLab right-aligns every cell); colours are tints, readable on light and
-# dark themes alike.
-_HTML_STYLE = """<style>
-.decaymask-report table { border-collapse: collapse; margin: 0.25em 0 0.75em 0; }
-.decaymask-report th, .decaymask-report td {
-  text-align: left; padding: 0.15em 0.8em 0.15em 0.4em; vertical-align: top;
-  white-space: nowrap; }
-.decaymask-report td:last-child { white-space: normal; }
-.decaymask-report th { border-bottom: 1px solid rgba(128, 128, 128, 0.6); }
-.decaymask-report th.dm-num, .decaymask-report td.dm-num { text-align: right; }
-.decaymask-report tr.dm-yes td { background: rgba(46, 160, 67, 0.16); }
-.decaymask-report tr.dm-yes td:first-child { box-shadow: inset 4px 0 0 #2ea043; }
-.decaymask-report tr.dm-no td { opacity: 0.75; }
-.decaymask-report td.dm-mark { font-weight: bold; }
-.decaymask-report tr.dm-yes td.dm-mark { color: #1a7f37; }
-.decaymask-report .dm-summary { margin: 0.25em 0; }
-.decaymask-report .dm-legend { font-size: 0.9em; opacity: 0.85; }
-.decaymask-report .dm-swatch { padding: 0 0.4em; }
-.decaymask-report .dm-swatch.dm-yes { background: rgba(46, 160, 67, 0.16);
-  box-shadow: inset 4px 0 0 #2ea043; }
-.decaymask-report .dm-warnings { border-left: 4px solid #d29922;
-  background: rgba(210, 153, 34, 0.14); padding: 0.3em 0.6em; margin: 0.4em 0; }
-.decaymask-report .dm-warnings ul { margin: 0.2em 0 0 0; padding-left: 1.2em; }
-.decaymask-report details { margin: 0.15em 0; }
-.decaymask-report details details { margin-left: 1.4em; }
-.decaymask-report .dm-bar { display: inline-block; width: 4em; height: 0.7em;
-  margin-right: 0.5em; background: rgba(128, 128, 128, 0.25); vertical-align: middle; }
-.decaymask-report .dm-bar span { display: block; height: 100%; background: #2ea043; }
-.decaymask-report summary { cursor: pointer; }
-</style>"""
-
-
-def _share_bar(decayed: int, total: int) -> str:
-    width = round(100 * decayed / total) if total else 0
-    return f'<span class="dm-bar"><span style="width: {width}%"></span></span>'
 
 
 class Report(Sequence[Decision]):
@@ -309,83 +267,7 @@ class Report(Sequence[Decision]):
     def _repr_html_(self) -> str:
         """The notebook view: totals and warnings first, then the rows; decayed rows
         tinted and marked; a long report grouped by module, each group collapsed."""
-        header, cells = self.table_rows()
-        warnings = list(self.warnings)
-        parts = [f'<div class="{_HTML_CLASS}">', _HTML_STYLE]
-        parts.append(
-            f'<p class="dm-summary"><b>{escape(self.summary())}</b>'
-            f'<span class="dm-legend"> &nbsp; <span class="dm-swatch dm-yes">'
-            f"{_MARK[True]} decays</span> <span class=\"dm-swatch\">{_MARK[False]} no decay"
-            f"</span></span></p>"
-        )
-        if warnings:
-            items = "".join(f"<li>{escape(text)}</li>" for text in warnings)
-            parts.append(
-                f'<div class="dm-warnings"><b>&#9888; {len(warnings)} '
-                f"warning{'s' if len(warnings) != 1 else ''}</b><ul>{items}</ul></div>"
-            )
-        if len(cells) <= _HTML_FLAT_ROWS:
-            parts.append(self._html_table(header, cells, range(len(cells))))
-        else:
-            parts.append(self._html_groups(header, cells, list(range(len(cells))), 0))
-        parts.append("</div>")
-        return "".join(parts)
-
-    def _html_groups(
-        self, header: list[str], cells: list[list[str]], indices: list[int], depth: int
-    ) -> str:
-        """The rows below one module path, by the next path component: arrays of the
-        module itself in a table, each submodule a collapsed group with its totals
-        (subdivided again while it holds more than a screenful)."""
-        paths = {i: self._rows[i].path.split("/") for i in indices}
-        own = [i for i in indices if len(paths[i]) <= depth + 1]
-        children: dict[str, list[int]] = {}
-        for i in indices:
-            if len(paths[i]) > depth + 1:
-                children.setdefault("/".join(paths[i][: depth + 1]), []).append(i)
-        if not own and len(children) == 1:  # one submodule only: show its children
-            return self._html_groups(header, cells, indices, depth + 1)
-        parts = [self._html_table(header, cells, own)] if own else []
-        for name, members in children.items():
-            rows = [self._rows[i] for i in members]
-            n_decay = sum(row.decay for row in rows)
-            elements = sum(row.leaf.size for row in rows)
-            decayed = sum(row.leaf.size for row in rows if row.decay)
-            inner = (
-                self._html_table(header, cells, members)
-                if len(members) <= _HTML_FLAT_ROWS
-                else self._html_groups(header, cells, members, depth + 1)
-            )
-            parts.append(
-                f"<details><summary>{_share_bar(decayed, elements)}<code>{escape(name)}</code>"
-                f" &nbsp; {n_decay} of {len(rows)} leaves decay, {decayed:,} of "
-                f"{elements:,} elements</summary>{inner}</details>"
-            )
-        return "".join(parts)
-
-    def _html_table(self, header: list[str], cells: list[list[str]], indices: Any) -> str:
-        decay_col = header.index("decay")
-        numeric = {i for i, h in enumerate(header) if h == "rate"}
-        head = "".join(
-            f'<th class="dm-num">{escape(h)}</th>' if i in numeric else f"<th>{escape(h)}</th>"
-            for i, h in enumerate(header)
-        )
-        body = []
-        for index in indices:
-            row = cells[index]
-            yes = self._rows[index].decay
-            tds = []
-            for i, c in enumerate(row):
-                if i == 0:
-                    tds.append(f"<td><code>{escape(c)}</code></td>")
-                elif i == decay_col:
-                    tds.append(f'<td class="dm-mark">{_MARK[yes]} {escape(c)}</td>')
-                elif i in numeric:
-                    tds.append(f'<td class="dm-num">{escape(c)}</td>')
-                else:
-                    tds.append(f"<td>{escape(c)}</td>")
-            body.append(f'<tr class="{"dm-yes" if yes else "dm-no"}">{"".join(tds)}</tr>')
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+        return report_html(self)
 
     def __str__(self) -> str:
         header, cells = self.table_rows()
