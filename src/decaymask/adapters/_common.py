@@ -289,3 +289,29 @@ class ClassKinds:
         if is_generic_norm_name(cls.__name__):
             return "norm", "name", None
         return "unknown", "class", None
+
+
+def structure_signature(tree: Any) -> Any:
+    """The tree's structure (node types, keys, static fields), each leaf's type, shape
+    and dtype, and which leaves are one array: everything a names-only walk reads. ``None`` where some static
+    field cannot be hashed."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    try:
+        described = tuple([(type(x), x.shape, x.dtype) for x in leaves])
+    except AttributeError:  # a leaf that is not an array: a Python scalar, a string
+        described = tuple(
+            (type(x), getattr(x, "shape", None), getattr(x, "dtype", None)) for x in leaves
+        )
+    # Which leaves are the same array object: a walk reads that as sharing.
+    ids = list(map(id, leaves))
+    shared: tuple[int, ...] = ()
+    if len(set(ids)) != len(ids):
+        first: dict[int, int] = {}
+        shared = tuple(first.setdefault(i, n) for n, i in enumerate(ids))
+    key = (treedef, described, shared)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+

@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 import enum
 import importlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from ..core._leaf import Leaf
@@ -110,6 +110,13 @@ class Adapter(abc.ABC):
 
         return [muon_dimension_numbers(d, method, self.layout_fix) for d in decisions]
 
+    def signature(self, tree: Any, options: Mapping[str, Any]) -> Hashable | None:
+        """A hashable value equal for two trees exactly when :meth:`walk` gives them the
+        same leaves (paths, kinds, roles, shapes, dtypes, layouts): the face then builds
+        an output once per signature. ``None`` (the default) where the adapter cannot
+        say cheaply, e.g. a trace that reads ``options``."""
+        return None
+
     def factory_model(self, result: Any) -> bool:
         """Whether a CLI model factory's ``result`` is this framework's model."""
         return False
@@ -121,10 +128,13 @@ class Adapter(abc.ABC):
 
     def installed(self) -> bool:
         """Whether :attr:`requires` imports (importing it if it does)."""
+        if self.__dict__.get("_installed"):
+            return True
         try:
             importlib.import_module(self.requires)
         except ImportError:
             return False
+        self.__dict__["_installed"] = True
         return True
 
     @property

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 from ..core._leaf import Leaf
@@ -60,6 +60,13 @@ class EquinoxAdapter(Adapter):
                 f"Equinox modules, pass the modules themselves."
             )
         return super().refusal(tree, method, claimant, claim)
+
+    def signature(self, tree: Any, options: Mapping[str, Any]) -> Hashable | None:
+        if options:
+            return None  # a trace reads the module and its inputs too
+        from ._common import structure_signature
+
+        return structure_signature(tree)
 
     def factory_model(self, result: Any) -> bool:
         return _holds_module(result)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 from ..core._leaf import Leaf
@@ -58,6 +58,13 @@ class LinenAdapter(Adapter):
         if claimant.name == "equinox" and isinstance(tree, Mapping):
             return None  # the walk names the path of the first Equinox module
         return super().refusal(tree, method, claimant, claim)
+
+    def signature(self, tree: Any, options: Mapping[str, Any]) -> Hashable | None:
+        if options:
+            return None  # a trace reads the module and its inputs too
+        from ._common import structure_signature
+
+        return structure_signature(tree)
 
     def factory_model(self, result: Any) -> bool:
         linen = sys.modules.get("flax.linen")

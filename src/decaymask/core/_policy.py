@@ -273,8 +273,9 @@ class Policy:
         method: str,
         non_floating_fix: str,
         partial_view: Callable[[], bool] | None = None,
-    ) -> list[Any]:
-        """One value per leaf, with the warnings (or the strict error) a mask gives.
+    ) -> tuple[list[Any], list[str]]:
+        """One value per leaf, and the warnings it gave (a strict policy's unmatched
+        rules raise instead), as a mask gives them.
 
         Args:
           leaves: the walked leaves, a :class:`LeafTable` where the adapter made one.
@@ -287,18 +288,18 @@ class Policy:
         table = leaves if isinstance(leaves, LeafTable) else as_table(leaves)
         if value == "decisions" or any(rule.per_leaf for rule in self.rules):
             decisions = self.decide(table)
-            check_decisions(
+            messages = check_decisions(
                 self, table, decisions, method=method, non_floating_fix=non_floating_fix,
                 partial_view=partial_view,
             )
             if value == "decisions":
-                return decisions
-            return [getattr(d, _VALUE_ATTR[value]) for d in decisions]
+                return list(decisions), messages
+            return [getattr(d, _VALUE_ATTR[value]) for d in decisions], messages
         # Every rule reads only what a key stands for: decide once per key.
         first = table.representatives()
         keys = list(first)
         decisions = self.decide([table[i] for i in first.values()])
-        check_decisions(
+        messages = check_decisions(
             self,
             [d.leaf for d in decisions],
             decisions,
@@ -310,7 +311,7 @@ class Policy:
         )
         attr = _VALUE_ATTR[value]
         by_key = {key: getattr(d, attr) for key, d in zip(keys, decisions)}
-        return [by_key[key] for key in table.keys]
+        return [by_key[key] for key in table.keys], messages
 
     def report_on(
         self, leaves: Sequence[Leaf], *, non_floating_fix: str, show_dims: bool = False

@@ -211,6 +211,14 @@ def check_decisions(
     return messages
 
 
+def warn_again(messages: Sequence[str]) -> None:
+    """The warnings a build gave, given again for the same build from a cache."""
+    if messages:
+        level = user_stacklevel()
+        for message in messages:
+            warnings.warn(message, PolicyWarning, stacklevel=level)
+
+
 # Frames of these packages are never the user's line: a callable mask is called by
 # optax inside jax transformations.
 _LIBRARY_PREFIXES = ("decaymask.", "optax.", "jax.", "jaxlib.", "equinox.", "flax.", "haiku.")

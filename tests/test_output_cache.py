@@ -1,0 +1,125 @@
+"""Outputs are built once per (policy, entry point, registry, tree structure): a callable
+mask is called with the same structure at every optax step. The cache must key on
+everything a walk and a rule can read, and give what an uncached build gives."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import decaymask as dm
+from decaymask import _face
+
+KEY = jax.random.key(0)
+
+
+@pytest.fixture(autouse=True)
+def _empty_cache():
+    _face._built.clear()
+    yield
+    _face._built.clear()
+
+
+def _linen(dtype=jnp.float32):
+    return {"Proj_0": {"w": jnp.ones((2, 3), dtype), "b": jnp.zeros(3, dtype)}}
+
+
+def test_a_repeated_build_is_cached_and_fresh():
+    policy = dm.Policy(dm.decay(param="weight"))
+    model = eqx.nn.MLP(2, 3, 4, 1, key=KEY)
+    first = policy.for_equinox(model)
+    assert len(_face._built) == 1
+    second = policy.for_equinox(model)
+    assert first is not second and first.layers[0] is not second.layers[0]
+    assert jax.tree.structure(first) == jax.tree.structure(second)
+    assert jax.tree.leaves(first) == jax.tree.leaves(second) == [True, False, True, False]
+    params = {"Dense_0": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
+    mask = policy.for_flax(params)
+    mask["Dense_0"]["kernel"] = "changed by the user"
+    assert policy.for_flax(params) == {"Dense_0": {"kernel": True, "bias": False}}
+
+
+def test_a_registration_between_builds_is_seen():
+    policy = dm.Policy(dm.decay(layer="recurrent"))
+    assert policy.for_flax(_linen()) == {"Proj_0": {"w": False, "b": False}}
+    dm.register_layer("Proj", "recurrent", roles={"w": "weight", "b": "bias"})
+    try:
+        assert policy.for_flax(_linen()) == {"Proj_0": {"w": True, "b": True}}
+    finally:
+        dm.unregister_layer("Proj")
+    assert policy.for_flax(_linen()) == {"Proj_0": {"w": False, "b": False}}
+
+
+def test_dtypes_and_shapes_are_part_of_the_key():
+    policy = dm.Policy(dm.decay(min_ndim=2), default=False)
+    assert policy.for_flax(_linen()) == {"Proj_0": {"w": True, "b": False}}
+    with pytest.warns(dm.PolicyWarning, match="integer or bool arrays"):
+        assert policy.for_flax(_linen(jnp.int32)) == {"Proj_0": {"w": False, "b": False}}
+    wide = {"Proj_0": {"w": jnp.ones((2, 3)), "b": jnp.zeros((1, 3))}}
+    assert policy.for_flax(wide) == {"Proj_0": {"w": True, "b": True}}
+
+
+def test_equal_policies_share_entries_and_different_ones_do_not():
+    model = eqx.nn.Linear(2, 3, key=KEY)
+    assert dm.presets.standard().for_equinox(model).weight is True
+    assert dm.presets.standard().for_equinox(model).weight is True
+    assert len(_face._built) == 1
+    assert dm.Policy(dm.decay(param="bias")).for_equinox(model).weight is False
+    assert dm.presets.standard().labels_for_equinox(model).weight == "decay"
+    assert len(_face._built) == 3
+
+
+def test_warnings_are_given_at_every_build():
+    policy = dm.Policy(dm.decay(path="nothing/*"))
+    model = eqx.nn.Linear(2, 3, key=KEY)
+    for _ in range(2):
+        with pytest.warns(dm.PolicyWarning, match="matched no parameter") as record:
+            policy.for_equinox(model)
+        assert record[0].filename == __file__
+
+
+def test_a_when_callable_is_asked_at_every_build():
+    calls = []
+
+    def big(leaf):
+        calls.append(leaf.path)
+        return leaf.size >= 6
+
+    policy = dm.Policy(dm.decay(when=big))
+    model = eqx.nn.Linear(2, 3, key=KEY)
+    policy.for_equinox(model)
+    policy.for_equinox(model)
+    assert calls == ["weight", "bias", "weight", "bias"] and not _face._built
+
+
+def test_which_leaves_are_one_array_is_part_of_the_key():
+    policy = dm.Policy(dm.decay(param="weight"))
+    linear = eqx.nn.Linear(3, 3, key=KEY)
+    other = jnp.ones((3, 3))
+
+    def model(table):
+        return (linear, eqx.nn.Embedding(weight=table))
+
+    # The same structure once with two arrays, once with one array in both places.
+    apart = policy.for_equinox(model(other))
+    tied = policy.for_equinox(model(linear.weight))
+    assert jax.tree.leaves(apart) == jax.tree.leaves(tied) == [True, False, False]
+    assert len(_face._built) == 2
+
+
+def test_a_cached_callable_mask_steps_like_a_fresh_one():
+    model = eqx.filter(eqx.nn.MLP(2, 3, 4, 1, key=KEY), eqx.is_inexact_array)
+    policy = dm.presets.standard()
+    tx = optax.adamw(1.0, weight_decay=0.5, mask=policy.for_equinox)
+    state = tx.init(model)
+    zeros = jax.tree.map(jnp.zeros_like, model)
+    for _ in range(2):
+        updates, state = tx.update(zeros, state, model)
+        moved = jax.tree.map(lambda u, p: bool(np.allclose(u, -0.5 * p)), updates, model)
+        still = jax.tree.map(lambda u: bool(np.all(u == 0)), updates)
+        assert jax.tree.leaves(moved) == [True, False, True, False]
+        assert jax.tree.leaves(still) == [False, True, False, True]
