@@ -65,6 +65,8 @@ class Adapter(abc.ABC):
     """What a model factory returns for the CLI (``"an NNX module"``), or ``""`` where
     the CLI does not build this framework's models."""
 
+    _installed: bool = False  # once imported, a framework stays installed
+
     factory_shape: ClassVar[str] = ""
     """Where a factory must return more than a model, the CLI's message saying what:
     ``"for Linen the factory must return (module, args) ..."``."""
@@ -128,13 +130,13 @@ class Adapter(abc.ABC):
 
     def installed(self) -> bool:
         """Whether :attr:`requires` imports (importing it if it does)."""
-        if self.__dict__.get("_installed"):
+        if self._installed:
             return True
         try:
             importlib.import_module(self.requires)
         except ImportError:
             return False
-        self.__dict__["_installed"] = True
+        self._installed = True
         return True
 
     @property
