@@ -85,6 +85,7 @@ MODULES = [
     "decaymask.core._leaf",
     "decaymask.core._rules",
     "decaymask.core._policy",
+    "decaymask._face",
     "decaymask.core._registry",
     "decaymask.core._report",
     "decaymask.presets",

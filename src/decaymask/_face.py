@@ -18,6 +18,8 @@ from .core._policy import collector_paused
 from .core._report import Report
 from .core._warnings import warn_again
 
+adapters.FACES.update(("equinox", "flax", "haiku"))
+
 # Outputs by (policy, output, entry point, adapter, registry generation, tree signature):
 # a callable mask is called with the same structure at every optax step. Each entry
 # holds the output's treedef and leaves (bools, labels, rates, dims), never the tree.

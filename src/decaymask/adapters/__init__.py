@@ -19,9 +19,14 @@ from typing import Any
 from ._contract import Adapter as Adapter
 from ._contract import Claim as Claim
 from ._contract import Rebuild as Rebuild
+from ._contract import FACES as FACES
+from ._contract import call as call
 from ._contract import entry_point as entry_point
 
-__all__ = ["Adapter", "Claim", "Rebuild", "entry_point", "register", "registered", "choose"]
+__all__ = [
+    "FACES", "Adapter", "Claim", "Rebuild", "call", "choose", "entry_point", "names",
+    "register", "registered", "unregister",
+]
 
 _lock = threading.Lock()
 _adapters: tuple[Adapter, ...] | None = None
@@ -36,6 +41,11 @@ def register(adapter: Adapter) -> Adapter:
       ValueError: another adapter already has its ``name``.
     """
     global _adapters
+    if isinstance(adapter, type) and issubclass(adapter, Adapter):
+        raise TypeError(
+            f"register: got the class {adapter.__name__}; pass an instance: "
+            f"register({adapter.__name__}())."
+        )
     if not isinstance(adapter, Adapter):
         raise TypeError(
             f"register: expected an instance of decaymask.adapters.Adapter, got "
@@ -48,6 +58,23 @@ def register(adapter: Adapter) -> Adapter:
         _added.append(adapter)
         _adapters = (*known, adapter)
     return adapter
+
+
+def unregister(name: str) -> None:
+    """Forgets the adapter :func:`register` was given under ``name``.
+
+    Raises:
+      ValueError: no adapter was registered under ``name`` (this package's own adapters
+        cannot be removed).
+    """
+    global _adapters
+    with _lock:
+        found = [a for a in _added if a.name == name]
+        if not found:
+            raise ValueError(f"unregister: no adapter named {name!r} was registered.")
+        _added.remove(found[0])
+        if _adapters is not None:
+            _adapters = tuple(a for a in _adapters if a is not found[0])
 
 
 def registered() -> tuple[Adapter, ...]:
@@ -173,7 +200,7 @@ def _both(found: Sequence[Adapter]) -> str:
 
 
 def _calls(found: Sequence[Adapter], method: str) -> str:
-    calls = [f"policy.{entry_point(a, method)}(...)" for a in found]
+    calls = [call(a, method, "...") for a in found]
     if all(c == calls[0] for c in calls):
         return calls[0]
     return " or ".join(calls)

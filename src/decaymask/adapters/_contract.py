@@ -149,20 +149,35 @@ class Adapter(abc.ABC):
 
 
 _PREFIXES = ("labels_", "rates_", "muon_dims_", "")
+_GENERIC = {"": "mask", "labels_": "labels", "rates_": "rates", "muon_dims_": "muon_dims"}
+
+FACES: set[str] = set()
+"""The faces ``decaymask.Policy`` has ``for_<face>`` methods for; filled by the face.
+An adapter of another face is reached through the generic methods."""
 
 
 def entry_point(adapter: Adapter, method: str) -> str:
     """The entry point of ``adapter`` that does what ``method`` does: ``labels_for_flax``
-    for ``labels_for_equinox``; the generic methods map to the ``for_`` forms."""
-    generic = {"mask": "", "labels": "labels_", "rates": "rates_", "muon_dims": "muon_dims_"}
-    if method in generic:
-        return f"{generic[method]}for_{adapter.face}"
+    for ``labels_for_equinox``; the generic methods map to the ``for_`` forms, and where
+    Policy has no ``for_<face>`` methods, to the generic ones."""
     if method == "explain":
         return method
-    for prefix in _PREFIXES:
-        if method.startswith(prefix + "for_"):
-            return f"{prefix}for_{adapter.face}"
-    return f"for_{adapter.face}"
+    prefix = next(
+        (p for p in _PREFIXES if method.startswith(p + "for_")),
+        next((p for p, g in _GENERIC.items() if g == method), ""),
+    )
+    if adapter.face in FACES:
+        return f"{prefix}for_{adapter.face}"
+    return _GENERIC[prefix]
+
+
+def call(adapter: Adapter, method: str, argument: str) -> str:
+    """How a message writes the call that reads the tree: ``policy.for_flax(params)``,
+    or ``policy.mask(params, framework='bags')`` for an adapter Policy has no face for."""
+    name = entry_point(adapter, method)
+    if adapter.face in FACES:
+        return f"policy.{name}({argument})"
+    return f"policy.{name}({argument}, framework={adapter.name!r})"
 
 
 def _masked_node_check() -> Callable[[Any], bool] | None:

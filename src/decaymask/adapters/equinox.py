@@ -7,7 +7,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 from ..core._leaf import Leaf
-from ._contract import Adapter, Claim, Rebuild, entry_point, is_plain_mapping
+from ._contract import Adapter, Claim, Rebuild, call, is_plain_mapping
 
 
 class EquinoxAdapter(Adapter):
@@ -35,7 +35,16 @@ class EquinoxAdapter(Adapter):
             return Claim.CERTAINLY
         if isinstance(tree, Mapping):
             return Claim.CERTAINLY if _holds_module(tree) else Claim.NO
-        # Any other pytree of arrays reads as Equinox params: one bool per array.
+        # Any other pytree of arrays reads as Equinox params (one bool per array), and
+        # so does one array; an object jax takes for one leaf is not params.
+        if hasattr(tree, "shape") and hasattr(tree, "dtype"):
+            return Claim.POSSIBLY
+        jax = sys.modules.get("jax")
+        if jax is None:
+            return Claim.POSSIBLY if isinstance(tree, (list, tuple)) else Claim.NO
+        treedef = jax.tree_util.tree_structure(tree, is_leaf=lambda x: x is not tree)
+        if treedef.num_nodes == 1 and treedef.num_leaves == 1:
+            return Claim.NO
         return Claim.POSSIBLY
 
     def walk(self, tree: Any, *, method: str, **options: Any) -> tuple[Sequence[Leaf], Rebuild]:
@@ -56,7 +65,7 @@ class EquinoxAdapter(Adapter):
             return (
                 f"{method}: got a {type(tree).__name__} that holds no Equinox module, "
                 f"which looks like {claimant.title} params; use "
-                f"policy.{entry_point(claimant, method)}(params). For a pytree of "
+                f"{call(claimant, method, 'params')}. For a pytree of "
                 f"Equinox modules, pass the modules themselves."
             )
         return super().refusal(tree, method, claimant, claim)
