@@ -10,13 +10,13 @@ from typing import Any, NamedTuple, cast
 from ...core import _registry
 from ...core._infer import kind_from_name, name_kind, resolve_kind, role_from_name
 from ...core._leaf import Layer
-from ._kinds import _auto_kind, _class_kind
-from ._tables import _ATTENTION_CHILDREN, _ATTENTION_NAMES, CELL_GATE_SETS, _auto_class
-from ._trace import _Trace
+from ._kinds import auto_name_kind, linen_class_kind
+from ._tables import ATTENTION_NAMES, ATTENTION_PROJECTIONS, CELL_GATE_SETS, auto_class
+from ._trace import LinenTrace
 
 
 @dataclasses.dataclass
-class _Module:
+class LinenModule:
     """One module path, as far as the names or the trace tell."""
 
     layer: Layer
@@ -25,14 +25,14 @@ class _Module:
     registration: _registry.Registration | None = None
     cell: bool = False  # a recurrent cell: owns its linear/conv gate children
     wrapper: bool = False  # WeightNorm/SpectralNorm: owns what it keeps below it
-    absorbed_by: _Module | None = None  # the module that owns this one's arrays
+    absorbed_by: LinenModule | None = None  # the module that owns this one's arrays
     visible: bool = True  # listed among ancestors
     trusted: bool = False  # kind from a table or the registry (class or auto name)
     key: str = ""  # its own key: an embedding named for positions holds a position table
     batch: int | None = None  # stacked axes its arrays prove (a user-named stack)
 
 
-def _owner_id(owner: _Module) -> tuple:
+def owner_identity(owner: LinenModule) -> tuple:
     """What a policy can read of a leaf's owner: alike owners decide alike."""
     # A table under a key that says position is a position table (role_from_name).
     named = role_from_name("embedding", "embedding", owner.key) == "position"
@@ -51,7 +51,7 @@ class _Said(NamedTuple):
 
 
 def _said_by_class(cls: type, key: str, auto: str | None) -> _Said:
-    kind, source = _class_kind(cls)
+    kind, source = linen_class_kind(cls)
     registration = _registry.lookup_class(cls) if source == "registered" else None
     # The name read with the arrays: a traced class name that says something, else the
     # auto name's class or the key.
@@ -65,11 +65,11 @@ def _said_by_class(cls: type, key: str, auto: str | None) -> _Said:
 
 
 def _said_by_auto_name(auto: str | None, key: str) -> _Said:
-    kind, source, registration = _auto_kind(auto)
+    kind, source, registration = auto_name_kind(auto)
     return _Said(kind, source, auto, registration, auto or key)
 
 
-def _inherited(parent: _Module | None) -> tuple[tuple[Layer, ...], int, _Module | None]:
+def _inherited(parent: LinenModule | None) -> tuple[tuple[Layer, ...], int, LinenModule | None]:
     """(ancestors, stacked, absorbed_by) a module takes from its parent."""
     if parent is None:
         return (), 0, None
@@ -77,20 +77,22 @@ def _inherited(parent: _Module | None) -> tuple[tuple[Layer, ...], int, _Module 
     return ancestors, parent.stacked, parent.absorbed_by or (parent if parent.wrapper else None)
 
 
-def _cell_owner(parent: _Module | None, kind: str) -> _Module | None:
+def _cell_owner(parent: LinenModule | None, kind: str) -> LinenModule | None:
     """The recurrent cell that owns a module's arrays as its gates, if any."""
     if parent is not None and parent.cell and kind in ("linear", "conv"):
         return parent
     return None
 
 
-def _type_name(said: _Said, traced: bool, kind: str, key: str, parent: _Module | None) -> str | None:
+def _projection_type_name(
+    said: _Said, traced: bool, kind: str, key: str, parent: LinenModule | None
+) -> str | None:
     if (
         not traced
         and kind == "linear"
-        and key in _ATTENTION_CHILDREN
+        and key in ATTENTION_PROJECTIONS
         and parent is not None
-        and parent.layer.type_name in _ATTENTION_NAMES
+        and parent.layer.type_name in ATTENTION_NAMES
     ):
         # An attention layer's projections by name are its DenseGeneral children.
         return "DenseGeneral"
@@ -130,23 +132,23 @@ def _stacked_by_bias(
     return None, None
 
 
-class _Inference:
+class LinenInference:
     """A module's kind from the trace, its names and its arrays.
 
     Subclasses set ``fn`` (the entry point, for messages) and ``trace``.
     """
 
     fn: str
-    trace: _Trace | None
+    trace: LinenTrace | None
 
-    def _infer(
+    def infer_module(
         self,
         path: tuple[str, ...],
-        parent: _Module | None,
+        parent: LinenModule | None,
         direct: Mapping[str, Any],
         merged: Mapping[str, Any],
         children: Collection[str],
-    ) -> _Module:
+    ) -> LinenModule:
         """The module at ``path``.
 
         Args:
@@ -158,25 +160,26 @@ class _Inference:
           children: the keys of its submodules that hold arrays, in any collection.
 
         Without a trace, the result depends on ``path`` only through the last key's
-        :func:`_key_traits` and whether ``path`` is empty: the names-only walk relies on
+        :func:`key_traits` and whether ``path`` is empty: the names-only walk relies on
         that to infer once per distinct (parent, traits, arrays, children).
         """
         key = path[-1] if path else ""
         ancestors, stacked, absorbed_by = _inherited(parent)
-        auto, stacked_here = _auto_class(key)
+        auto, stacked_here = auto_class(key)
         stacked += stacked_here
         cls = self.trace.classes.get(path) if self.trace is not None else None
         if cls is None and self._nested_in_layer(parent):
             # Not a module: arrays nested inside a known layer's own variable.
-            parent = cast(_Module, parent)
+            parent = cast(LinenModule, parent)
             return dataclasses.replace(parent, absorbed_by=absorbed_by or parent, visible=False)
         said = _said_by_class(cls, key, auto) if cls is not None else _said_by_auto_name(auto, key)
         kind, source, batch = self._settled_kind(
             said, path, parent, direct, merged, children, stacked, cls is not None
         )
+        type_name = _projection_type_name(said, cls is not None, kind, key, parent)
         trusted = said.kind is not None
-        return _Module(
-            layer=Layer(kind, _type_name(said, cls is not None, kind, key, parent), cls, source),
+        return LinenModule(
+            layer=Layer(kind, type_name, cls, source),
             ancestors=ancestors,
             stacked=stacked,
             registration=said.registration,
@@ -190,7 +193,7 @@ class _Inference:
             batch=batch,
         )
 
-    def _nested_in_layer(self, parent: _Module | None) -> bool:
+    def _nested_in_layer(self, parent: LinenModule | None) -> bool:
         """Whether an untraced path is arrays nested in a traced layer's own variable."""
         return (
             self.trace is not None
@@ -203,7 +206,7 @@ class _Inference:
         self,
         said: _Said,
         path: tuple[str, ...],
-        parent: _Module | None,
+        parent: LinenModule | None,
         direct: Mapping[str, Any],
         merged: Mapping[str, Any],
         children: Collection[str],
@@ -226,7 +229,7 @@ class _Inference:
         self,
         path: tuple[str, ...],
         name: str,
-        parent: _Module | None,
+        parent: LinenModule | None,
         direct: Mapping[str, Any],
         children: Collection[str],
         stacked: int,
@@ -242,7 +245,7 @@ class _Inference:
         """
         key = path[-1] if path else ""
         if (
-            key in _ATTENTION_CHILDREN
+            key in ATTENTION_PROJECTIONS
             and parent is not None
             and parent.layer.kind == "attention"
             and ("kernel" in direct or "weight" in direct)
@@ -269,7 +272,8 @@ class _Inference:
         ranks = {}
         ndims = self.trace.ndims if self.trace is not None else None
         for name in direct:
-            shape = cast(Any, direct.get(name)).shape  # get: a names-only walk keys modules by shape
+            # get: the names-only walk notes it, and keys the module by its shapes.
+            shape = cast(Any, direct.get(name)).shape
             inner = None
             if ndims is not None:
                 for collection in self.trace.collections:  # type: ignore[union-attr]
@@ -290,7 +294,7 @@ class _Inference:
         if self.trace is not None:
             inner = self.trace.wrapped.get(path)
             if inner is not None:
-                kind, inner_source = _class_kind(inner)
+                kind, inner_source = linen_class_kind(inner)
                 if kind not in (None, "norm", "wrapper"):
                     return kind, inner_source
             return "unknown", source
@@ -299,8 +303,8 @@ class _Inference:
         inside.update(k.split("/", 1)[0] for k in merged if "/" in k)
         if len(inside) == 1:
             (child,) = inside
-            auto, _ = _auto_class(child)
-            kind = _auto_kind(auto)[0]
+            auto, _ = auto_class(child)
+            kind = auto_name_kind(auto)[0]
             if kind in (None, "wrapper"):
                 kind = kind_from_name(child)
             if kind is not None:

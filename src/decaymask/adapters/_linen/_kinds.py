@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from ...core import _registry
 from .._common import RegistryCache
-from ._tables import _CONTAINERS, _KIND_BY_NAME, _WRAPPER_NAMES, KIND_TABLE, WRAPPERS
+from ._tables import KIND_BY_NAME, KIND_TABLE, LINEN_CONTAINERS, WRAPPER_NAMES, WRAPPERS
 
 # Per-class answers, dropped whenever the registry changes.
 _class_cache = RegistryCache()  # class -> (kind, source)
 
 
-def _class_kind(cls: type) -> tuple[str | None, str]:
+def linen_class_kind(cls: type) -> tuple[str | None, str]:
     """(kind, how it was found) for a module class; kind ``None`` where neither the
     registry nor :data:`KIND_TABLE` knows it (its name is then read with its arrays).
 
@@ -20,11 +20,11 @@ def _class_kind(cls: type) -> tuple[str | None, str]:
     table = _class_cache.table()
     found = table.get(cls)
     if found is None:
-        found = table[cls] = _resolve_class_kind(cls)
+        found = table[cls] = _resolve_linen_class_kind(cls)
     return found
 
 
-def _resolve_class_kind(cls: type) -> tuple[str | None, str]:
+def _resolve_linen_class_kind(cls: type) -> tuple[str | None, str]:
     registration = _registry.lookup_class(cls)
     if registration is not None:
         return registration.kind, "registered"
@@ -34,7 +34,7 @@ def _resolve_class_kind(cls: type) -> tuple[str | None, str]:
         kind = KIND_TABLE.get(base)
         if kind is not None:
             return kind, "class"
-        if base in _CONTAINERS:
+        if base in LINEN_CONTAINERS:
             return "unknown", "class"
     # Neither table nor registry: the class name is read with the arrays, per module.
     return None, "class"
@@ -43,7 +43,7 @@ def _resolve_class_kind(cls: type) -> tuple[str | None, str]:
 _auto_cache = RegistryCache()  # auto name -> (kind, source, registration)
 
 
-def _auto_kind(auto: str | None) -> tuple[str | None, str, _registry.Registration | None]:
+def auto_name_kind(auto: str | None) -> tuple[str | None, str, _registry.Registration | None]:
     """(kind, source, registration) for a class known by its auto name only.
 
     The kind is ``None`` where neither the registry nor :data:`KIND_TABLE` knows the
@@ -55,10 +55,10 @@ def _auto_kind(auto: str | None) -> tuple[str | None, str, _registry.Registratio
         registration = _registry.lookup_name(auto) if auto is not None else None
         if registration is not None:
             found = (registration.kind, "registered", registration)
-        elif auto in _WRAPPER_NAMES:
+        elif auto in WRAPPER_NAMES:
             found = ("wrapper", "name", None)
         else:
-            found = (_KIND_BY_NAME.get(auto), "name", None)  # type: ignore[arg-type]
+            found = (KIND_BY_NAME.get(auto), "name", None)  # type: ignore[arg-type]
         table[auto] = found
     return found
 

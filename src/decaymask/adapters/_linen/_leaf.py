@@ -8,22 +8,22 @@ from typing import Any
 from ...core._infer import role_from_name
 from ...core._leaf import Leaf
 from .._common import path_text
-from ._arrays import _dtype_name
-from ._infer import _Inference, _Module
-from ._tables import _ATTENTION_LAYOUT, _layout_base, _natural_ndim
+from ._arrays import cached_dtype_name
+from ._infer import LinenInference, LinenModule
+from ._tables import ATTENTION_LAYOUT, layout_base, natural_ndim
 
 
-class _Reader(_Inference):
-    """What both walks share: a module's kind (:class:`_Inference`) and the
+class LinenReader(LinenInference):
+    """What both walks share: a module's kind (:class:`LinenInference`) and the
     :class:`Leaf` record of one array."""
 
-    def _leaf(
+    def leaf_record(
         self,
         collection: str,
         path: tuple[str, ...],
         key: str,
         array: Any,
-        module: _Module,
+        module: LinenModule,
         direct: Mapping[str, Any],
     ) -> Leaf:
         """The record of the array ``key`` of the module ``module`` at ``path``, which
@@ -43,7 +43,9 @@ class _Reader(_Inference):
             else:
                 role = role_from_name(layer.kind, name, owner.key)
         shape = tuple(array.shape)
-        batch_axes, known_rank = self._batch_axes(collection, path, key, name, shape, module, direct)
+        batch_axes, known_rank = self._batch_axes(
+            collection, path, key, name, shape, module, direct
+        )
         text = path_text(path + (key,) if collection == "params" else (collection, *path, key))
         matrix_axes = None
         if owner.registration is not None and collection == "params":
@@ -52,7 +54,7 @@ class _Reader(_Inference):
                 batch_axes = self._registered_batch(text, shape, axes, batch_axes, known_rank)
                 matrix_axes = axes
         elif collection == "params" and known_rank:
-            matrix_axes = self._matrix_axes(
+            matrix_axes = self._kernel_matrix_axes(
                 owner, module, path, name, len(shape) - batch_axes, direct
             )
         # A linear layer's kernel is one matrix and its bias one vector, however many
@@ -71,7 +73,7 @@ class _Reader(_Inference):
             layer=layer.kind,
             role=role,
             shape=shape,
-            dtype=_dtype_name(array),
+            dtype=cached_dtype_name(array),
             name=name,
             layer_type=layer.type_name,
             layer_class=layer.cls,
@@ -89,7 +91,7 @@ class _Reader(_Inference):
         key: str,
         name: str,
         shape: tuple[int, ...],
-        module: _Module,
+        module: LinenModule,
         direct: Mapping[str, Any],
     ) -> tuple[int, bool]:
         """(stacked leading axes, whether one layer's rank is known) of an array."""
@@ -101,7 +103,7 @@ class _Reader(_Inference):
             if inner is not None:
                 batch_axes = max(0, len(shape) - inner)
         elif module.stacked:
-            natural = _natural_ndim(module.layer, path[-1] if path else "", name)
+            natural = natural_ndim(module.layer, path[-1] if path else "", name)
             if natural is not None:
                 batch_axes = min(module.stacked, max(0, len(shape) - natural))
             known_rank = natural is not None
@@ -162,10 +164,10 @@ class _Reader(_Inference):
             return None
         return 0, rank - features, features
 
-    def _matrix_axes(
+    def _kernel_matrix_axes(
         self,
-        owner: _Module,
-        module: _Module,
+        owner: LinenModule,
+        module: LinenModule,
         path: tuple[str, ...],
         name: str,
         rank: int,
@@ -181,7 +183,7 @@ class _Reader(_Inference):
         if name not in ("kernel", "embedding"):
             return None
         layer = module.layer
-        base = _layout_base(layer)
+        base = layout_base(layer)
         if base is None and owner.cell and owner.trusted and name == "kernel":
             # Linen's cells build their gates as Dense (ConvLSTMCell: Conv) layers.
             base = {"linear": "Dense", "conv": "Conv"}.get(layer.kind)
@@ -196,8 +198,8 @@ class _Reader(_Inference):
         if base == "DenseGeneral":
             sizes = self.trace.general.get(path) if self.trace is not None else None
             if sizes is None and layer.cls is None:
-                if layer.type_name == "DenseGeneral" and path and path[-1] in _ATTENTION_LAYOUT:
-                    sizes = _ATTENTION_LAYOUT[path[-1]]
+                if layer.type_name == "DenseGeneral" and path and path[-1] in ATTENTION_LAYOUT:
+                    sizes = ATTENTION_LAYOUT[path[-1]]
                 else:
                     sizes = self._general_sizes(direct, rank)
             if sizes is not None and sum(sizes) == rank:

@@ -10,52 +10,52 @@ from flax.core.frozen_dict import FrozenDict
 from ...core._leaf import Leaf
 from ...core._table import LeafTable
 from ._arrays import (
-    _ARRAY,
-    _BOX,
-    _box_kinds,
-    _dtype_of,
-    _is_floating,
-    _leaf_kind,
-    _leaf_kinds,
-    _leafy_types,
-    _plain_types,
-    _shapes,
-    _unbox,
+    ARRAY,
+    BOX,
+    box_types,
+    classify_leaf,
+    dtype_of,
+    is_floating,
+    leaf_kinds,
+    leafy_types,
+    plain_types,
+    shapes_of,
+    unbox,
 )
-from ._infer import _owner_id
-from ._leaf import _Reader
+from ._infer import owner_identity
+from ._leaf import LinenReader
 from ._signature import (
-    _DICT,
-    _FROZEN,
-    _LEAF,
-    _Fallback,
-    _key_traits,
-    _rebuilt,
-    _Resolved,
-    _traits_of,
-    _Watched,
+    AT_DICT,
+    AT_FROZEN,
+    AT_LEAF,
+    NamesWalkFallback,
+    ResolvedModule,
+    WatchedArrays,
+    key_traits,
+    rebuilt_mapping,
+    traits_of,
 )
 
 _NAMED_DEPTH = 100  # levels of modules the recursive names-only walk takes
 
 
-class _NamedWalk(_Reader):
+class LinenNamesWalk(LinenReader):
     """Names-only params of plain dicts and FrozenDicts: one recursive pass, no flatten.
 
     Modules with the same parent, key traits, array names and dtypes and submodule
     keys (and, where inference reads them, the same kernel, weight and bias shapes)
     share one signature and are inferred once: the blocks of a deep model cost a
     dictionary lookup each. The walk keeps an int per leaf and, per module, a reference
-    to its signature's :class:`_Resolved`, which :meth:`rebuild` reads back in order
+    to its signature's :class:`ResolvedModule`, which :meth:`rebuild` reads back in order
     instead of walking the tree again. The first leaf of each key is located for the
     core; any other leaf is found by walking once more, on demand. Nothing per leaf or
     per module outlives the walk but those references, so that a large tree does not
     wake the cyclic garbage collector.
 
     Raises:
-      _Fallback: a value that is neither a mapping of these two types nor an array (or
+      NamesWalkFallback: a value that is neither a mapping of these two types nor an array (or
         a box around one), an empty mapping below the root, or a key that is not a
-        string: :class:`_Walk` reads or rejects the tree exactly.
+        string: :class:`LinenTreeWalk` reads or rejects the tree exactly.
     """
 
     def __init__(self, fn: str, tree: Mapping):
@@ -63,39 +63,39 @@ class _NamedWalk(_Reader):
         self.trace = None
         self.tree = tree
         self.keys: list[int] = []
-        self.plan: list[_Resolved] = []
-        # Signature -> _Resolved, or -> {shapes: _Resolved} where inference read shapes.
+        self.plan: list[ResolvedModule] = []
+        # Signature -> ResolvedModule, or -> {shapes: ResolvedModule} where inference read shapes.
         # Modules read in key order (_visit) and layers read in their own order
-        # (_child) have signatures of different forms: one table each.
+        # (_visit_layer) have signatures of different forms: one table each.
         self.signatures: dict[tuple, Any] = {}
         self.leaf_signatures: dict[tuple, Any] = {}
         self.owner_ids: dict[tuple, int] = {}
         self.key_ids: dict[tuple, int] = {}
-        # A _Resolved's token stands for its module in its children's signatures.
+        # A ResolvedModule's token stands for its module in its children's signatures.
         self.tokens = 0
         # Leaf index -> (path, name, array, module, direct): every key's first leaf.
         self.located: dict[int, tuple] = {}
         self.seen: set[int] = set()
         self.complete = False
         self._visit(tree._dict if type(tree) is FrozenDict else tree, (), None, False)
-        self.leaves = LeafTable(self.keys, self._build)
+        self.leaves = LeafTable(self.keys, self._build_leaf)
 
     def _visit(
         self,
         node: Mapping[str, Any],
         path: tuple[str, ...],
-        parent: _Resolved | None,
+        parent: ResolvedModule | None,
         everything: bool,
     ) -> None:
         """Appends the keys of the arrays below ``node``, the module at ``path``."""
         if len(path) > _NAMED_DEPTH:
-            # This walk recurses once per level; _Walk is not limited by the stack.
-            raise _Fallback
+            # This walk recurses once per level; LinenTreeWalk is not limited by the stack.
+            raise NamesWalkFallback
         try:
             names = sorted(node)
         except Exception:  # noqa: BLE001 - whatever jax's own sort would raise instead
             # Keys jax cannot sort either: its flatten says why.
-            raise _Fallback from None
+            raise NamesWalkFallback from None
         direct: dict[str, Any] = {}
         kinds: list[int] = []
         dtypes: list[Any] = []
@@ -105,42 +105,42 @@ class _NamedWalk(_Reader):
             kind = type(value)
             if kind is dict or kind is FrozenDict:
                 if not value:
-                    # Not a module to jax (it holds no array): only _Walk's children,
+                    # Not a module to jax (it holds no array): only LinenTreeWalk's children,
                     # read off the paths of arrays, leave it out exactly.
-                    raise _Fallback
+                    raise NamesWalkFallback
                 # Every mapping below holds something, and the walk falls back on
                 # anything but arrays: this submodule holds arrays.
-                kinds.append(_DICT if kind is dict else _FROZEN)
+                kinds.append(AT_DICT if kind is dict else AT_FROZEN)
                 children.append(name)
                 continue
-            what = _leaf_kinds.get(kind)
+            what = leaf_kinds.get(kind)
             if what is None:
-                what = _leaf_kind(value)
-            if what is _BOX:
-                value = _unbox(value)
-                what = _leaf_kinds.get(type(value))
+                what = classify_leaf(value)
+            if what is BOX:
+                value = unbox(value)
+                what = leaf_kinds.get(type(value))
                 if what is None:
-                    what = _leaf_kind(value)
-                if what is not _ARRAY:
-                    raise _Fallback
-            elif what is not _ARRAY:
-                raise _Fallback
+                    what = classify_leaf(value)
+                if what is not ARRAY:
+                    raise NamesWalkFallback
+            elif what is not ARRAY:
+                raise NamesWalkFallback
             direct[name] = value
-            kinds.append(_LEAF)
+            kinds.append(AT_LEAF)
             dtypes.append(value.dtype)
         signature = (
             parent.token if parent is not None else -1,
-            _key_traits(path[-1]) if path else -1,
+            key_traits(path[-1]) if path else -1,
             tuple(names),
             tuple(kinds),
             tuple(dtypes),
         )
         resolved = self.signatures.get(signature)
         if type(resolved) is dict:
-            resolved = resolved.get(_shapes(direct))
+            resolved = resolved.get(shapes_of(direct))
         if resolved is None:
             layout = tuple(zip(names, kinds)) if children else None
-            resolved = self._resolve(
+            resolved = self._resolve_signature(
                 self.signatures, signature, path, parent, direct, children, layout
             )
         self.plan.append(resolved)
@@ -154,10 +154,10 @@ class _NamedWalk(_Reader):
         # A module with children always has a layout.
         own_layout = cast("tuple[tuple[str, int], ...]", resolved.layout)
         for name, child_kind in own_layout:
-            if child_kind is not _LEAF:
+            if child_kind is not AT_LEAF:
                 value = node[name]
-                value = value if child_kind is _DICT else value._dict
-                self._child(value, path, name, resolved, everything)
+                value = value if child_kind is AT_DICT else value._dict
+                self._visit_layer(value, path, name, resolved, everything)
             elif resolved.emitted and not everything:
                 self.keys.append(next(own))
             else:
@@ -165,8 +165,8 @@ class _NamedWalk(_Reader):
                 self._locate(resolved, path, {name: direct[name]}, direct, everything)
         resolved.emitted = True
 
-    def _child(
-        self, node: dict, path: tuple[str, ...], name: str, parent: _Resolved, everything: bool
+    def _visit_layer(
+        self, node: dict, path: tuple[str, ...], name: str, parent: ResolvedModule, everything: bool
     ) -> None:
         """Visits the submodule ``name`` of the module at ``path``.
 
@@ -176,30 +176,30 @@ class _NamedWalk(_Reader):
         """
         values = node.values()
         arrays: Any = values
-        if not _plain_types.issuperset(map(type, values)):
-            if not _leafy_types.issuperset(map(type, values)):
+        if not plain_types.issuperset(map(type, values)):
+            if not leafy_types.issuperset(map(type, values)):
                 self._visit(node, path + (name,), parent, everything)
                 return
             # Boxes (nn.Partitioned): the arrays inside say what the module is.
-            arrays = [_unbox(v) if type(v) in _box_kinds else v for v in values]
-            if not _plain_types.issuperset(map(type, arrays)):
+            arrays = [unbox(v) if type(v) in box_types else v for v in values]
+            if not plain_types.issuperset(map(type, arrays)):
                 self._visit(node, path + (name,), parent, everything)
                 return
-        traits = _traits_of.get(name)
+        traits = traits_of.get(name)
         if traits is None:
-            traits = _key_traits(name)
-        signature = (parent.token, traits, tuple(node), tuple(map(_dtype_of, arrays)))
+            traits = key_traits(name)
+        signature = (parent.token, traits, tuple(node), tuple(map(dtype_of, arrays)))
         resolved = self.leaf_signatures.get(signature)
         if type(resolved) is dict:
             own = node if arrays is values else dict(zip(node, arrays))
-            resolved = resolved.get(_shapes(own))
+            resolved = resolved.get(shapes_of(own))
         if resolved is None:
             try:
                 names = sorted(node)
             except Exception:  # noqa: BLE001 - whatever jax's own sort would raise instead
-                raise _Fallback from None
+                raise NamesWalkFallback from None
             own = dict(zip(node, arrays))
-            resolved = self._resolve(
+            resolved = self._resolve_signature(
                 self.leaf_signatures,
                 signature,
                 path + (name,),
@@ -219,7 +219,7 @@ class _NamedWalk(_Reader):
 
     def _locate(
         self,
-        resolved: _Resolved,
+        resolved: ResolvedModule,
         path: tuple[str, ...],
         arrays: dict[str, Any],
         direct: dict[str, Any],
@@ -239,17 +239,17 @@ class _NamedWalk(_Reader):
         if arrays is direct:
             resolved.emitted = True
 
-    def _resolve(
+    def _resolve_signature(
         self,
         table: dict[tuple, Any],
         signature: tuple,
         path: tuple[str, ...],
-        parent: _Resolved | None,
+        parent: ResolvedModule | None,
         direct: dict[str, Any],
         children: list[str] | tuple[()],
         layout: tuple[tuple[str, int], ...] | None,
         keyed_by: dict[str, Any] | None = None,
-    ) -> _Resolved:
+    ) -> ResolvedModule:
         """Infers the module of a new signature, and the keys of the arrays it owns.
 
         Where inference read shapes, the module is filed under the shapes of
@@ -257,31 +257,31 @@ class _NamedWalk(_Reader):
         ``direct``."""
         for name in direct:
             if type(name) is not str:
-                raise _Fallback
-        watched = _Watched(direct)
-        module = self._infer(
+                raise NamesWalkFallback
+        watched = WatchedArrays(direct)
+        module = self.infer_module(
             path, parent.module if parent is not None else None, watched, watched, children
         )
         owner = module.absorbed_by or module
         owner_id = self.owner_ids.setdefault(
-            _owner_id(owner), len(self.owner_ids)
+            owner_identity(owner), len(self.owner_ids)
         )
         keys = tuple(
-            self.key_ids.setdefault((owner_id, name, _is_floating(array)), len(self.key_ids))
+            self.key_ids.setdefault((owner_id, name, is_floating(array)), len(self.key_ids))
             for name, array in direct.items()
         )
-        resolved = _Resolved(module, self.tokens, keys, tuple(direct), layout)
+        resolved = ResolvedModule(module, self.tokens, keys, tuple(direct), layout)
         self.tokens += 1
         if watched.looked:
             by_shapes = table.get(signature)
             if type(by_shapes) is not dict:
                 by_shapes = table[signature] = {}
-            by_shapes[_shapes(direct if keyed_by is None else keyed_by)] = resolved
+            by_shapes[shapes_of(direct if keyed_by is None else keyed_by)] = resolved
         else:
             table[signature] = resolved
         return resolved
 
-    def _build(self, index: int) -> Leaf:
+    def _build_leaf(self, index: int) -> Leaf:
         found = self.located.get(index)
         if found is None and not self.complete:
             # A leaf that is no key's first: locate every leaf, once.
@@ -295,7 +295,7 @@ class _NamedWalk(_Reader):
             found = self.located[index]
         # Every leaf is located once the walk is complete.
         path, name, array, module, direct = cast(tuple, found)
-        return self._leaf("params", path, name, array, module, direct)
+        return self.leaf_record("params", path, name, array, module, direct)
 
     def rebuild(self, values: list[Any]) -> Any:
         """One value per leaf, in the tree's own containers (jax's key order)."""
@@ -305,7 +305,7 @@ class _NamedWalk(_Reader):
                 f"{len(values)}."
             )
         plan = iter(self.plan).__next__
-        built = _rebuilt(plan(), plan, iter(values))
+        built = rebuilt_mapping(plan(), plan, iter(values))
         if type(self.tree) is FrozenDict:
             return FrozenDict(built, __unsafe_skip_copy__=True)
         return built

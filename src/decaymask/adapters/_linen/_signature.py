@@ -1,5 +1,5 @@
 """What the names-only walk keeps per distinct module (its signature's parts and the
-:class:`_Resolved` record), and the output rebuilt from those records."""
+:class:`ResolvedModule` record), and the output rebuilt from those records."""
 
 from __future__ import annotations
 
@@ -9,54 +9,54 @@ from typing import Any
 from flax.core.frozen_dict import FrozenDict
 
 from ...core._infer import name_kind, role_from_name
-from ._infer import _Module
-from ._tables import _ATTENTION_CHILDREN, _auto_class
+from ._infer import LinenModule
+from ._tables import ATTENTION_PROJECTIONS, auto_class
 
 
-class _Fallback(Exception):
-    """The tree holds something only :class:`_Walk` reads (or rejects) exactly."""
+class NamesWalkFallback(Exception):
+    """The tree holds something only :class:`LinenTreeWalk` reads (or rejects) exactly."""
 
 
 
-# Module keys by what names-only inference reads of them (see _key_traits). The ids
+# Module keys by what names-only inference reads of them (see key_traits). The ids
 # are never reused, so that a walk's cache stays valid while the key map is cleared.
-_traits_of: dict[str, int] = {}
+traits_of: dict[str, int] = {}
 _trait_ids: dict[tuple, int] = {}
 _TRAITS_KEPT = 1 << 16
 
 
-def _key_traits(key: str) -> int:
+def key_traits(key: str) -> int:
     """An id equal for module keys that names-only inference cannot tell apart.
 
-    :meth:`_Reader._infer` reads a key only through its auto name, the kind its name
+    :meth:`LinenReader.infer_module` reads a key only through its auto name, the kind its name
     makes evident, whether it says "norm", whether it names an attention projection,
     and whether it is empty: ``Block_0`` and ``Block_7`` share an id, and so do
     ``Dense_0`` and ``Dense_1``.
 
     Raises:
-      _Fallback: the key is not a string.
+      NamesWalkFallback: the key is not a string.
     """
-    found = _traits_of.get(key)
+    found = traits_of.get(key)
     if found is None:
         if type(key) is not str:
-            raise _Fallback
-        auto, stacked = _auto_class(key)
+            raise NamesWalkFallback
+        auto, stacked = auto_class(key)
         traits = (
             auto,
             stacked,
             name_kind(key),
             role_from_name("embedding", "embedding", key),
-            key in _ATTENTION_CHILDREN,
+            key in ATTENTION_PROJECTIONS,
             bool(key),
         )
         found = _trait_ids.setdefault(traits, len(_trait_ids))
-        if len(_traits_of) >= _TRAITS_KEPT:
-            _traits_of.clear()
-        _traits_of[key] = found
+        if len(traits_of) >= _TRAITS_KEPT:
+            traits_of.clear()
+        traits_of[key] = found
     return found
 
 
-class _Watched(dict):
+class WatchedArrays(dict):
     """The arrays of a module, noting whether inference looked at one (its shape)."""
 
     looked = False
@@ -66,10 +66,10 @@ class _Watched(dict):
         return super().get(key, default)
 
 
-_LEAF, _DICT, _FROZEN = 0, 1, 2
+AT_LEAF, AT_DICT, AT_FROZEN = 0, 1, 2
 
 
-class _Resolved:
+class ResolvedModule:
     """What every module of one signature shares: its module, its arrays' keys, and
     the layout of its mapping."""
 
@@ -77,7 +77,7 @@ class _Resolved:
 
     def __init__(
         self,
-        module: _Module,
+        module: LinenModule,
         token: int,
         keys: tuple[int, ...],
         names: tuple[str, ...],
@@ -87,13 +87,15 @@ class _Resolved:
         self.token = token
         self.keys = keys  # one per array the module owns, in key order
         self.names = names  # the names of those arrays, in key order
-        # Every key in order with _LEAF, _DICT or _FROZEN; None where all are arrays.
+        # Every key in order with AT_LEAF, AT_DICT or AT_FROZEN; None where all are arrays.
         self.layout = layout
         self.emitted = False  # every one of its keys has a located first leaf
 
 
 
-def _rebuilt(resolved: _Resolved, plan: Callable[[], _Resolved], values: Iterator) -> dict:
+def rebuilt_mapping(
+    resolved: ResolvedModule, plan: Callable[[], ResolvedModule], values: Iterator
+) -> dict:
     """The mapping of one module with the next values at its leaves, as jax's unflatten
     builds it: keys in order, a new dict per level."""
     if resolved.layout is None:
@@ -101,15 +103,15 @@ def _rebuilt(resolved: _Resolved, plan: Callable[[], _Resolved], values: Iterato
         return dict(zip(resolved.names, values))
     out = {}
     for name, kind in resolved.layout:
-        if kind is _LEAF:
+        if kind is AT_LEAF:
             out[name] = next(values)
             continue
         child = plan()
         inner = (
             dict(zip(child.names, values))
             if child.layout is None
-            else _rebuilt(child, plan, values)
+            else rebuilt_mapping(child, plan, values)
         )
-        out[name] = inner if kind is _DICT else FrozenDict(inner, __unsafe_skip_copy__=True)
+        out[name] = inner if kind is AT_DICT else FrozenDict(inner, __unsafe_skip_copy__=True)
     return out
 

@@ -44,17 +44,17 @@ if _DENSE_PARAMS is not None:
 WRAPPERS: tuple[type, ...] = (nn.WeightNorm, nn.SpectralNorm)
 
 # Containers whose class is known not to be a layer: never guessed from their name.
-_CONTAINERS: tuple[type, ...] = (nn.Sequential, nn.RNN, nn.Bidirectional, nn.Dropout)
+LINEN_CONTAINERS: tuple[type, ...] = (nn.Sequential, nn.RNN, nn.Bidirectional, nn.Dropout)
 
-_KIND_BY_NAME: dict[str, str] = {cls.__name__: kind for cls, kind in KIND_TABLE.items()}
-_WRAPPER_NAMES = frozenset(cls.__name__ for cls in WRAPPERS)
-_ATTENTION_NAMES = frozenset(n for n, k in _KIND_BY_NAME.items() if k == "attention")
-_ATTENTION_CHILDREN = frozenset({"query", "key", "value", "out"})
+KIND_BY_NAME: dict[str, str] = {cls.__name__: kind for cls, kind in KIND_TABLE.items()}
+WRAPPER_NAMES = frozenset(cls.__name__ for cls in WRAPPERS)
+ATTENTION_NAMES = frozenset(n for n, k in KIND_BY_NAME.items() if k == "attention")
+ATTENTION_PROJECTIONS = frozenset({"query", "key", "value", "out"})
 
 # Lifted transforms name their class `<Transform><Class>`; scan and vmap stack arrays.
 _LIFT_PREFIXES = ("Scan", "Vmap", "Checkpoint", "Remat", "Jit", "Map_variables")
 _STACKING_PREFIXES = frozenset({"Scan", "Vmap"})
-_AUTO_NAME = re.compile(r"([A-Z]\w*)_\d+")
+AUTO_NAME = re.compile(r"([A-Z]\w*)_\d+")
 
 # The gate submodules of Linen's cells, for cells under a name of the user's choosing.
 _CELL_GATES = (
@@ -87,7 +87,7 @@ _ATTENTION_NDIM = {"query": (3, 2), "key": (3, 2), "value": (3, 2), "out": (3, 1
 
 # (batch_dims, axis, features) axis counts of MultiHeadDotProductAttention's
 # DenseGeneral children, for their matrix layouts by name.
-_ATTENTION_LAYOUT = {"query": (0, 1, 2), "key": (0, 1, 2), "value": (0, 1, 2), "out": (0, 2, 1)}
+ATTENTION_LAYOUT = {"query": (0, 1, 2), "key": (0, 1, 2), "value": (0, 1, 2), "out": (0, 2, 1)}
 
 # Linen's kernel layouts, most specific class first (DenseGeneral is not a Dense).
 _LAYOUT_CLASSES: tuple[tuple[type, str], ...] = (
@@ -103,7 +103,7 @@ _LAYOUT_CLASSES: tuple[tuple[type, str], ...] = (
 _LAYOUT_NAMES = {cls.__name__: base for cls, base in _LAYOUT_CLASSES}
 
 
-def _layout_base(layer: Layer) -> str | None:
+def layout_base(layer: Layer) -> str | None:
     """Which Linen matrix layout a layer's kernel has, by class or auto name."""
     if layer.cls is not None:
         for cls, base in _LAYOUT_CLASSES:
@@ -113,7 +113,7 @@ def _layout_base(layer: Layer) -> str | None:
     return _LAYOUT_NAMES.get(layer.type_name) if layer.type_name is not None else None
 
 
-def _natural_ndim(layer: Layer, module_key: str, name: str) -> int | None:
+def natural_ndim(layer: Layer, module_key: str, name: str) -> int | None:
     """The rank ``name`` has in one layer known by name only, or ``None``."""
     if layer.type_name == "DenseGeneral" and module_key in _ATTENTION_NDIM:
         kernel, bias = _ATTENTION_NDIM[module_key]
@@ -127,9 +127,9 @@ def _natural_ndim(layer: Layer, module_key: str, name: str) -> int | None:
 
 
 @functools.lru_cache(maxsize=4096)
-def _auto_class(key: str) -> tuple[str | None, int]:
+def auto_class(key: str) -> tuple[str | None, int]:
     """The class name in a Flax auto name, lift prefixes dropped, and how many stack."""
-    match = _AUTO_NAME.fullmatch(key)
+    match = AUTO_NAME.fullmatch(key)
     if match is None:
         return None, 0
     name = match.group(1)

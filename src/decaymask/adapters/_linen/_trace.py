@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 from flax.core.scope import Scope
 
-from ._arrays import _is_box, _unbox
+from ._arrays import is_box, unbox
 from ._tables import WRAPPERS
 
 # (collection, array name) pairs wanted per module path.
@@ -46,7 +46,7 @@ def _required_args(module: nn.Module) -> list[str]:
 
 
 @dataclasses.dataclass
-class _Trace:
+class LinenTrace:
     """What an abstract ``model.init`` showed: classes by module path, inner ranks."""
 
     classes: dict[tuple[str, ...], type]
@@ -99,7 +99,7 @@ def _checked_inputs(fn: str, module: Any, args: Any, kwargs: Any) -> Mapping:
     return kwargs
 
 
-class _Recorder:
+class LinenInitRecorder:
     """A method interceptor that records what each bound module shows."""
 
     def __init__(self, root: nn.Module, wanted: Wanted):
@@ -148,8 +148,8 @@ class _Recorder:
         for collection, leaf_name in self.pending[path]:
             if bound.has_variable(collection, leaf_name):
                 value: Any = bound.get_variable(collection, leaf_name)
-                if _is_box(value):
-                    value = _unbox(value)
+                if is_box(value):
+                    value = unbox(value)
                 shape = getattr(value, "shape", None)
                 if shape is not None:
                     self.ndims[(collection, path + (leaf_name,))] = len(shape)
@@ -158,32 +158,32 @@ class _Recorder:
         self.pending[path] = left
 
 
-def _trace(
+def trace_init(
     fn: str,
     module: Any,
     args: Any,
     kwargs: Any,
     wanted: Wanted,
     eager: bool = False,
-) -> _Trace:
+) -> LinenTrace:
     """Runs ``module.init(key, *args, **kwargs)`` under ``jax.eval_shape``, recording.
 
     With ``eager``, under ``jax.disable_jit()`` too: a call compiled by ``nn.jit`` that
     jax has cached runs no Python, so the methods inside it are seen only then.
     """
     kwargs = _checked_inputs(fn, module, args, kwargs)
-    recorder = _Recorder(module, wanted)
+    recorder = LinenInitRecorder(module, wanted)
 
-    def init() -> Any:
+    def run_init() -> Any:
         with nn.intercept_methods(recorder):
             return module.init(jax.random.key(0), *args, **kwargs)
 
     try:
         if eager:
             with jax.disable_jit():
-                variables = jax.eval_shape(init)
+                variables = jax.eval_shape(run_init)
         else:
-            variables = jax.eval_shape(init)
+            variables = jax.eval_shape(run_init)
     except Exception as err:
         if hasattr(err, "add_note"):
             err.add_note(
@@ -192,10 +192,12 @@ def _trace(
                 f"kwargs= are inputs the model accepts)"
             )
         raise
-    return _Trace(recorder.classes, recorder.wrapped, recorder.ndims, recorder.general, variables)
+    return LinenTrace(
+        recorder.classes, recorder.wrapped, recorder.ndims, recorder.general, variables
+    )
 
 
-def _wanted(keyed: list, variables: bool) -> Wanted:
+def wanted_names(keyed: list, variables: bool) -> Wanted:
     """The (collection, name) pairs each module path may hold, under either reading."""
     wanted: Wanted = {}
     for names, _ in keyed:
@@ -207,7 +209,7 @@ def _wanted(keyed: list, variables: bool) -> Wanted:
     return wanted
 
 
-def _warn_unseen(fn: str, name: str, unseen: list[str]) -> None:
+def warn_unseen(fn: str, name: str, unseen: list[str]) -> None:
     from ...core._warnings import PolicyWarning
 
     shown = ", ".join(unseen[:3]) + (f" and {len(unseen) - 3} more" if len(unseen) > 3 else "")

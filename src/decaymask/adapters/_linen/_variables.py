@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from .._common import path_text
-from ._arrays import _DictKey
-from ._tables import _AUTO_NAME
+from ._arrays import DictKey
+from ._tables import AUTO_NAME
 
 # Flax's own collections: a top-level key among these names a collection.
 _COLLECTIONS = frozenset(
@@ -18,7 +18,7 @@ _COLLECTIONS = frozenset(
 _PARAM_NAMES = frozenset({"kernel", "bias", "scale", "embedding"})
 
 
-def _looks_like_variables(tree: Mapping) -> bool | None:
+def looks_like_variables(tree: Mapping) -> bool | None:
     """Whether a mapping is a variables mapping (``True``) or params (``False``);
     ``None`` where its keys and arrays cannot tell.
 
@@ -38,7 +38,7 @@ def _looks_like_variables(tree: Mapping) -> bool | None:
             return False
         if key == "params":
             continue
-        if not isinstance(key, str) or _AUTO_NAME.fullmatch(key):
+        if not isinstance(key, str) or AUTO_NAME.fullmatch(key):
             return False
         if key not in _COLLECTIONS:
             others.append(key)
@@ -82,7 +82,7 @@ def _module_paths(tree: Mapping, path: tuple = ()) -> set[tuple]:
     return found
 
 
-def _undecidable(fn: str, tree: Mapping) -> ValueError:
+def undecidable_error(fn: str, tree: Mapping) -> ValueError:
     others = sorted(str(k) for k in tree if k != "params")
     return ValueError(
         f"{fn}: cannot tell whether this mapping is a variables mapping (collections "
@@ -93,7 +93,7 @@ def _undecidable(fn: str, tree: Mapping) -> ValueError:
     )
 
 
-def _check_not_equinox(fn: str, tree: Mapping, flat: list) -> None:
+def check_not_equinox(fn: str, tree: Mapping, flat: list) -> None:
     """Equinox modules in a mapping are flattened by their fields: read as Linen
     names they would decide wrongly, so they are turned away.
 
@@ -104,11 +104,11 @@ def _check_not_equinox(fn: str, tree: Mapping, flat: list) -> None:
     if eqx is None:
         return
     for keys, _ in flat:
-        if keys and type(keys[-1]) is _DictKey and type(keys[0]) is _DictKey:
+        if keys and type(keys[-1]) is DictKey and type(keys[0]) is DictKey:
             # Fields of a module (GetAttrKey) and list items end or start a path.
             continue
         for i, entry in enumerate(keys):
-            if type(entry) is _DictKey:
+            if type(entry) is DictKey:
                 continue
             node: Any = tree
             for parent in keys[:i]:

@@ -10,18 +10,18 @@ import jax
 from ...core._leaf import Leaf
 from ...core._table import LeafTable
 from .._common import key_name, path_text
-from ._arrays import _is_array, _is_box, _is_floating, _keys, _unbox
-from ._infer import _Module, _owner_id
-from ._leaf import _Reader
-from ._trace import _trace, _Trace, _wanted, _warn_unseen
-from ._variables import _check_not_equinox, _looks_like_variables, _undecidable
+from ._arrays import is_array_leaf, is_box, is_floating, str_keys, unbox
+from ._infer import LinenModule, owner_identity
+from ._leaf import LinenReader
+from ._trace import LinenTrace, trace_init, wanted_names, warn_unseen
+from ._variables import check_not_equinox, looks_like_variables, undecidable_error
 
 
-class _Walk(_Reader):
+class LinenTreeWalk(LinenReader):
     """Any Linen mapping, with or without a trace: one flatten, modules by path.
 
     Variables mappings (a module's arrays spread over collections) and traced models
-    take this walk; names-only params take :class:`_NamedWalk`, which gives the same
+    take this walk; names-only params take :class:`LinenNamesWalk`, which gives the same
     leaves, keys and masks faster. Trees this walk rejects are rejected here, with
     messages that name the offending path.
     """
@@ -35,34 +35,34 @@ class _Walk(_Reader):
         kwargs: Any = None,
     ):
         self.fn = fn
-        flat, self.treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_box)
+        flat, self.treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)
         if len(flat) == 1 and flat[0][1] is tree:
             raise TypeError(
                 f"{fn}: expected a Linen params or variables mapping (dict or FrozenDict), "
                 f"got {type(tree).__name__}, which jax treats as a single leaf."
             )
-        _check_not_equinox(fn, tree, flat)
-        keyed = [(_keys(keys), value) for keys, value in flat]
-        reading = _looks_like_variables(tree)
+        check_not_equinox(fn, tree, flat)
+        keyed = [(str_keys(keys), value) for keys, value in flat]
+        reading = looks_like_variables(tree)
         if reading is None and module is None:
-            raise _undecidable(fn, tree)
+            raise undecidable_error(fn, tree)
         # Undecided: the trace decides (_reading).
         self.variables = reading is not False
-        self.trace: _Trace | None = None
+        self.trace: LinenTrace | None = None
         traced_shapes: dict[str, tuple[int, ...]] = {}
         if module is not None:
-            wanted = _wanted(keyed, self.variables)
-            self.trace = _trace(fn, module, args, kwargs, wanted)
+            wanted = wanted_names(keyed, self.variables)
+            self.trace = trace_init(fn, module, args, kwargs, wanted)
             traced_shapes = self._traced_param_shapes()
             self.variables = self._reading(keyed, traced_shapes)
         entries = self._entries(keyed)
         if self.trace is not None:
             self._check_trace(entries, traced_shapes)
             if self._unseen():
-                self.trace = _trace(fn, module, args, kwargs, wanted, eager=True)
+                self.trace = trace_init(fn, module, args, kwargs, wanted, eager=True)
                 unseen = self._unseen()
                 if unseen:
-                    _warn_unseen(fn, type(module).__name__, unseen)
+                    warn_unseen(fn, type(module).__name__, unseen)
         self.children: dict[tuple[str, ...], set[str]] = {}
         for path in list(self.direct) + list(self.direct_other):
             for i in range(len(path) - 1, -1, -1):
@@ -70,11 +70,11 @@ class _Walk(_Reader):
                 self.children.setdefault(path[:i], set()).add(path[i])
                 if seen:
                     break
-        self.modules: dict[tuple[str, ...], _Module] = {}
+        self.modules: dict[tuple[str, ...], LinenModule] = {}
         # One leaf per flat position: a result is the treedef unflattened over them.
-        self.leaves = LeafTable(self._keys(entries), lambda i: self._entry_leaf(*entries[i]))
+        self.leaves = LeafTable(self._leaf_keys(entries), lambda i: self._entry_leaf(*entries[i]))
 
-    def _keys(self, entries: list) -> list[int]:
+    def _leaf_keys(self, entries: list) -> list[int]:
         """Per leaf, a key equal only for leaves a policy cannot tell apart by owner,
         ancestors, role and name: alike blocks of a deep model share them. Small ints,
         so that the core hashes them fast."""
@@ -85,14 +85,14 @@ class _Walk(_Reader):
         for collection, path, key, array in entries:
             owner_id = owner_ids.get(path)
             if owner_id is None:
-                module = self._module(path)
+                module = self.module_at(path)
                 owner = module.absorbed_by or module
                 owner_id = owner_ids[path] = interned.setdefault(
-                    _owner_id(owner), len(interned)
+                    owner_identity(owner), len(interned)
                 )
             keys.append(
                 key_ids.setdefault(
-                    (owner_id, collection, key, _is_floating(array)), len(key_ids)
+                    (owner_id, collection, key, is_floating(array)), len(key_ids)
                 )
             )
         return keys
@@ -107,8 +107,8 @@ class _Walk(_Reader):
             rest = names
             if self.variables:
                 collection, rest = names[0], names[1:]
-            array = _unbox(value) if _is_box(value) else value
-            if not _is_array(array) or not rest:
+            array = unbox(value) if is_box(value) else value
+            if not is_array_leaf(array) or not rest:
                 raise TypeError(
                     f"{self.fn}: leaf {path_text(names)!r} is {reprlib.repr(array)} "
                     f"({type(array).__name__}); expected a jax or numpy array, or an "
@@ -122,8 +122,8 @@ class _Walk(_Reader):
         return entries
 
     def _entry_leaf(self, collection: str, path: tuple[str, ...], key: str, array: Any) -> Leaf:
-        return self._leaf(
-            collection, path, key, array, self._module(path), self.direct.get(path, {})
+        return self.leaf_record(
+            collection, path, key, array, self.module_at(path), self.direct.get(path, {})
         )
 
     # The trace against the tree.
@@ -140,11 +140,11 @@ class _Walk(_Reader):
     def _traced_param_shapes(self) -> dict[str, tuple[int, ...]]:
         traced = self.trace.variables  # type: ignore[union-attr]
         flat, _ = jax.tree_util.tree_flatten_with_path(
-            traced.get("params", {}), is_leaf=_is_box
+            traced.get("params", {}), is_leaf=is_box
         )
         shapes = {}
         for keys, value in flat:
-            array = _unbox(value) if _is_box(value) else value
+            array = unbox(value) if is_box(value) else value
             shapes[path_text(tuple(key_name(k) for k in keys))] = tuple(array.shape)
         return shapes
 
@@ -188,7 +188,7 @@ class _Walk(_Reader):
 
     # Modules.
 
-    def _module(self, path: tuple[str, ...]) -> _Module:
+    def module_at(self, path: tuple[str, ...]) -> LinenModule:
         found = self.modules.get(path)
         if found is not None:
             return found
@@ -203,6 +203,6 @@ class _Walk(_Reader):
             other = self.direct_other.get(here)
             direct = params or other or {}
             merged = {**params, **other} if params and other else direct
-            found = self._infer(here, parent, direct, merged, self.children.get(here, ()))
+            found = self.infer_module(here, parent, direct, merged, self.children.get(here, ()))
             self.modules[here] = found
         return found  # type: ignore[return-value]
