@@ -13,33 +13,65 @@ from .._common import dtype_name, is_array_like, key_name
 
 DictKey = jax.tree_util.DictKey
 
-# isinstance against the abstract base classes involved (jax.Array, AxisMetadata) is
-# slow; a tree has few leaf types, so each is classified once.
-_box_type_cache: dict[type, bool] = {}
-_array_type_cache: dict[type, bool] = {}
-_dtype_name_cache: dict[Any, str] = {}
-_floating_dtypes: dict[Any, bool] = {}
+# What a leaf's type is (an array, a box, or neither), decided once per type:
+# isinstance against jax.Array and AxisMetadata goes through their metaclasses. The sets
+# let a whole module's values be checked at once (set.issuperset over their types).
+ARRAY, BOX, NEITHER = 1, 2, 0
+leaf_kinds: dict[type, int] = {}
+plain_types: set[type] = set()  # the types of ARRAY
+box_types: set[type] = set()  # the types of BOX
+leafy_types: set[type] = set()  # either
+# dtype -> (its name, whether it can decay at all).
+_dtypes: dict[Any, tuple[str, bool]] = {}
 
 
-def is_box(x: Any) -> bool:
-    found = _box_type_cache.get(type(x))
-    if found is None:
-        found = _box_type_cache[type(x)] = isinstance(x, _meta.AxisMetadata)
+def classify_leaf(value: Any) -> int:
+    """Classifies the type of ``value`` (an array, a box, or neither) for good."""
+    found = leaf_kinds[type(value)] = (
+        BOX
+        if isinstance(value, _meta.AxisMetadata)
+        else ARRAY
+        if is_array_like(value)
+        else NEITHER
+    )
+    if found is not NEITHER:
+        (plain_types if found is ARRAY else box_types).add(type(value))
+        leafy_types.add(type(value))
     return found
 
 
-def is_array_leaf(x: Any) -> bool:
-    found = _array_type_cache.get(type(x))
+def is_box(x: Any) -> bool:
+    found = leaf_kinds.get(type(x))
     if found is None:
-        found = _array_type_cache[type(x)] = is_array_like(x)
+        found = classify_leaf(x)
+    return found is BOX
+
+
+def is_array_leaf(x: Any) -> bool:
+    found = leaf_kinds.get(type(x))
+    if found is None:
+        found = classify_leaf(x)
+    return found is ARRAY
+
+
+_FLOATING_DTYPE_PREFIXES = ("float", "bfloat", "complex")
+
+
+def _dtype_facts(x: Any) -> tuple[str, bool]:
+    name = dtype_name(x)
+    found = _dtypes[x.dtype] = (name, name.startswith(_FLOATING_DTYPE_PREFIXES))
     return found
 
 
 def cached_dtype_name(x: Any) -> str:
-    found = _dtype_name_cache.get(x.dtype)
-    if found is None:
-        found = _dtype_name_cache[x.dtype] = dtype_name(x)
-    return found
+    found = _dtypes.get(x.dtype)
+    return (found if found is not None else _dtype_facts(x))[0]
+
+
+def is_floating(array: Any) -> bool:
+    """Whether the array can decay at all (as :attr:`Leaf.floating`), once per dtype."""
+    found = _dtypes.get(array.dtype)
+    return (found if found is not None else _dtype_facts(array))[1]
 
 
 def str_keys(keys: tuple) -> tuple[str, ...]:
@@ -52,42 +84,6 @@ def str_keys(keys: tuple) -> tuple[str, ...]:
 def unbox(x: Any) -> Any:
     value = getattr(x, "value", None)
     return value if value is not None else x.unbox()
-
-
-_FLOATING_DTYPE_PREFIXES = ("float", "bfloat", "complex")
-
-
-def is_floating(array: Any) -> bool:
-    """Whether the array can decay at all (as :attr:`Leaf.floating`), once per dtype."""
-    dtype = array.dtype
-    floating = _floating_dtypes.get(dtype)
-    if floating is None:
-        floating = cached_dtype_name(array).startswith(_FLOATING_DTYPE_PREFIXES)
-        _floating_dtypes[dtype] = floating
-    return floating
-
-
-
-# What a leaf's type is, decided once per type: isinstance against jax.Array and
-# AxisMetadata goes through their metaclasses. The sets let a whole module's values be
-# checked at once (set.issuperset over their types).
-ARRAY, BOX, NEITHER = 1, 2, 0
-leaf_kinds: dict[type, int] = {}
-plain_types: set[type] = set()  # the types of ARRAY
-box_types: set[type] = set()  # the types of BOX
-leafy_types: set[type] = set()  # either
-
-
-def classify_leaf(value: Any) -> int:
-    """Classifies the type of ``value`` (an array, a box, or neither) for good."""
-    found = leaf_kinds[type(value)] = (
-        BOX if is_box(value) else ARRAY if is_array_leaf(value) else NEITHER
-    )
-    if found is not NEITHER:
-        (plain_types if found is ARRAY else box_types).add(type(value))
-        leafy_types.add(type(value))
-    return found
-
 
 
 dtype_of = operator.attrgetter("dtype")

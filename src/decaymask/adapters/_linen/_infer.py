@@ -51,8 +51,7 @@ class _Said(NamedTuple):
 
 
 def _said_by_class(cls: type, key: str, auto: str | None) -> _Said:
-    kind, source = linen_class_kind(cls)
-    registration = _registry.lookup_class(cls) if source == "registered" else None
+    kind, source, registration = linen_class_kind(cls)
     # The name read with the arrays: a traced class name that says something, else the
     # auto name's class or the key.
     name = auto or key
@@ -294,7 +293,7 @@ class LinenInference:
         if self.trace is not None:
             inner = self.trace.wrapped.get(path)
             if inner is not None:
-                kind, inner_source = linen_class_kind(inner)
+                kind, inner_source, _ = linen_class_kind(inner)
                 if kind not in (None, "norm", "wrapper"):
                     return kind, inner_source
             return "unknown", source
