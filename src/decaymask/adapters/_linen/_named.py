@@ -53,9 +53,9 @@ class LinenNamesWalk(LinenReader):
     wake the cyclic garbage collector.
 
     Raises:
-      NamesWalkFallback: a value that is neither a mapping of these two types nor an array (or
-        a box around one), an empty mapping below the root, or a key that is not a
-        string: :class:`LinenTreeWalk` reads or rejects the tree exactly.
+      NamesWalkFallback: a value that is neither a mapping of these two types nor an
+        array (or a box around one), an empty mapping below the root, or a key that is
+        not a string: :class:`LinenTreeWalk` reads or rejects the tree exactly.
     """
 
     def __init__(self, fn: str, tree: Mapping):
@@ -64,7 +64,8 @@ class LinenNamesWalk(LinenReader):
         self.tree = tree
         self.keys: list[int] = []
         self.plan: list[ResolvedModule] = []
-        # Signature -> ResolvedModule, or -> {shapes: ResolvedModule} where inference read shapes.
+        # Signature -> ResolvedModule, or -> {shapes: ResolvedModule} where inference
+        # read shapes.
         # Modules read in key order (_visit) and layers read in their own order
         # (_visit_layer) have signatures of different forms: one table each.
         self.signatures: dict[tuple, Any] = {}
@@ -105,8 +106,8 @@ class LinenNamesWalk(LinenReader):
             kind = type(value)
             if kind is dict or kind is FrozenDict:
                 if not value:
-                    # Not a module to jax (it holds no array): only LinenTreeWalk's children,
-                    # read off the paths of arrays, leave it out exactly.
+                    # Not a module to jax (it holds no array): only LinenTreeWalk's
+                    # children, read off the paths of arrays, leave it out exactly.
                     raise NamesWalkFallback
                 # Every mapping below holds something, and the walk falls back on
                 # anything but arrays: this submodule holds arrays.

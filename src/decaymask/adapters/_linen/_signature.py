@@ -28,9 +28,9 @@ _TRAITS_KEPT = 1 << 16
 def key_traits(key: str) -> int:
     """An id equal for module keys that names-only inference cannot tell apart.
 
-    :meth:`LinenReader.infer_module` reads a key only through its auto name, the kind its name
-    makes evident, whether it says "norm", whether it names an attention projection,
-    and whether it is empty: ``Block_0`` and ``Block_7`` share an id, and so do
+    :meth:`LinenReader.infer_module` reads a key only through its auto name, the kind
+    its name makes evident, whether it says "norm", whether it names an attention
+    projection, and whether it is empty: ``Block_0`` and ``Block_7`` share an id, and so do
     ``Dense_0`` and ``Dense_1``.
 
     Raises:
