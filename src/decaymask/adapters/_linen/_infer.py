@@ -1,0 +1,312 @@
+"""A module's kind, roles' owner and stacking, read from its class (traced) or names,
+its arrays' ranks and its submodules' keys."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Collection, Mapping
+from typing import Any, NamedTuple, cast
+
+from ...core import _registry
+from ...core._infer import kind_from_name, name_kind, resolve_kind, role_from_name
+from ...core._leaf import Layer
+from ._kinds import auto_name_kind, linen_class_kind
+from ._tables import ATTENTION_NAMES, ATTENTION_PROJECTIONS, CELL_GATE_SETS, auto_class
+from ._trace import LinenTrace
+
+
+@dataclasses.dataclass
+class LinenModule:
+    """One module path, as far as the names or the trace tell."""
+
+    layer: Layer
+    ancestors: tuple[Layer, ...]
+    stacked: int  # lifted scan/vmap modules at or around it, by their auto names
+    registration: _registry.Registration | None = None
+    cell: bool = False  # a recurrent cell: owns its linear/conv gate children
+    wrapper: bool = False  # WeightNorm/SpectralNorm: owns what it keeps below it
+    absorbed_by: LinenModule | None = None  # the module that owns this one's arrays
+    visible: bool = True  # listed among ancestors
+    trusted: bool = False  # kind from a table or the registry (class or auto name)
+    key: str = ""  # its own key: an embedding named for positions holds a position table
+    batch: int | None = None  # stacked axes its arrays prove (a user-named stack)
+
+
+def owner_identity(owner: LinenModule) -> tuple:
+    """What a policy can read of a leaf's owner: alike owners decide alike."""
+    # A table under a key that says position is a position table (role_from_name).
+    named = role_from_name("embedding", "embedding", owner.key) == "position"
+    return owner.layer, owner.ancestors, owner.registration, named
+
+
+
+class _Said(NamedTuple):
+    """What a module's class or auto name says before its arrays are read."""
+
+    kind: str | None  # None: no table knows it, its arrays are read with `name`
+    source: str
+    type_name: str | None
+    registration: _registry.Registration | None
+    name: str  # the name read with the arrays where no table knows the module
+
+
+def _said_by_class(cls: type, key: str, auto: str | None) -> _Said:
+    kind, source, registration = linen_class_kind(cls)
+    # The name read with the arrays: a traced class name that says something, else the
+    # auto name's class or the key.
+    name = auto or key
+    said = name_kind(cls.__name__)
+    if said is not None and (said != "norm" or kind_from_name(key) is None):
+        # The class name's head word, unless it says only "norm" where the key says
+        # which (an `HFNorm` at `input_layernorm`).
+        name = cls.__name__
+    return _Said(kind, source, cls.__name__, registration, name)
+
+
+def _said_by_auto_name(auto: str | None, key: str) -> _Said:
+    kind, source, registration = auto_name_kind(auto)
+    return _Said(kind, source, auto, registration, auto or key)
+
+
+def _inherited(parent: LinenModule | None) -> tuple[tuple[Layer, ...], int, LinenModule | None]:
+    """(ancestors, stacked, absorbed_by) a module takes from its parent."""
+    if parent is None:
+        return (), 0, None
+    ancestors = parent.ancestors + (parent.layer,) if parent.visible else parent.ancestors
+    return ancestors, parent.stacked, parent.absorbed_by or (parent if parent.wrapper else None)
+
+
+def _cell_owner(parent: LinenModule | None, kind: str) -> LinenModule | None:
+    """The recurrent cell that owns a module's arrays as its gates, if any."""
+    if parent is not None and parent.cell and kind in ("linear", "conv"):
+        return parent
+    return None
+
+
+def _projection_type_name(
+    said: _Said, traced: bool, kind: str, key: str, parent: LinenModule | None
+) -> str | None:
+    if (
+        not traced
+        and kind == "linear"
+        and key in ATTENTION_PROJECTIONS
+        and parent is not None
+        and parent.layer.type_name in ATTENTION_NAMES
+    ):
+        # An attention layer's projections by name are its DenseGeneral children.
+        return "DenseGeneral"
+    return said.type_name
+
+
+def _stacked_by_bias(
+    name: str,
+    ranks: dict[str, int],
+    children: Collection[str],
+    kernel: Any,
+    bias: Any,
+    stacked: int,
+) -> tuple[int | None, str | None]:
+    """(stacked axes, ambiguous kind) that a kernel and a bias of two or more axes show.
+
+    A bias whose leading axes repeat the kernel's shows layers stacked by a user-named
+    ``nn.scan``/``nn.vmap``; one equal to the kernel's last axes, a ``DenseGeneral``.
+    Where both fit and the readings make different kinds, that kind is ambiguous.
+    """
+    k, b = kernel.shape[stacked:], bias.shape[stacked:]
+    if not (len(b) >= 2 and len(k) > len(b) - 1):
+        return None, None
+    # Either reading makes a linear layer where the kernel is 3-D; a deeper kernel
+    # under a stack reads as a stacked conv.
+    general = tuple(k[-len(b) :]) == tuple(b)
+    stack = tuple(k[: len(b) - 1]) == tuple(b[:-1]) and k[-1] == b[-1]
+    if stack and not general:
+        return len(b) - 1, None
+    if stack and general:
+        as_stack = resolve_kind(
+            name, {n: max(0, r - len(b) + 1) for n, r in ranks.items()}, children
+        )
+        as_general = resolve_kind(name, ranks, children)
+        if as_stack[0] != as_general[0]:
+            return None, as_general[0]
+    return None, None
+
+
+class LinenInference:
+    """A module's kind from the trace, its names and its arrays.
+
+    Subclasses set ``fn`` (the entry point, for messages) and ``trace``.
+    """
+
+    fn: str
+    trace: LinenTrace | None
+
+    def infer_module(
+        self,
+        path: tuple[str, ...],
+        parent: LinenModule | None,
+        direct: Mapping[str, Any],
+        merged: Mapping[str, Any],
+        children: Collection[str],
+    ) -> LinenModule:
+        """The module at ``path``.
+
+        Args:
+          path: the module path.
+          parent: the module at ``path[:-1]``; ``None`` at the root.
+          direct: the arrays the module owns in ``params`` (in another collection where
+            it owns none there), by name.
+          merged: the arrays it owns in every collection, by name.
+          children: the keys of its submodules that hold arrays, in any collection.
+
+        Without a trace, the result depends on ``path`` only through the last key's
+        :func:`key_traits` and whether ``path`` is empty: the names-only walk relies on
+        that to infer once per distinct (parent, traits, arrays, children).
+        """
+        key = path[-1] if path else ""
+        ancestors, stacked, absorbed_by = _inherited(parent)
+        auto, stacked_here = auto_class(key)
+        stacked += stacked_here
+        cls = self.trace.classes.get(path) if self.trace is not None else None
+        if cls is None and self._nested_in_layer(parent):
+            # Not a module: arrays nested inside a known layer's own variable.
+            parent = cast(LinenModule, parent)
+            return dataclasses.replace(parent, absorbed_by=absorbed_by or parent, visible=False)
+        said = _said_by_class(cls, key, auto) if cls is not None else _said_by_auto_name(auto, key)
+        kind, source, batch = self._settled_kind(
+            said, path, parent, direct, merged, children, stacked, cls is not None
+        )
+        type_name = _projection_type_name(said, cls is not None, kind, key, parent)
+        trusted = said.kind is not None
+        return LinenModule(
+            layer=Layer(kind, type_name, cls, source),
+            ancestors=ancestors,
+            stacked=stacked,
+            registration=said.registration,
+            cell=kind == "recurrent" and (trusted or frozenset(children) in CELL_GATE_SETS),
+            wrapper=said.kind == "wrapper",
+            absorbed_by=absorbed_by if absorbed_by is not None else _cell_owner(parent, kind),
+            # Without a trace the root is anonymous: nothing to match it by.
+            visible=bool(path) or self.trace is not None,
+            trusted=trusted,
+            key=key,
+            batch=batch,
+        )
+
+    def _nested_in_layer(self, parent: LinenModule | None) -> bool:
+        """Whether an untraced path is arrays nested in a traced layer's own variable."""
+        return (
+            self.trace is not None
+            and parent is not None
+            and parent.trusted
+            and parent.layer.kind != "unknown"
+        )
+
+    def _settled_kind(
+        self,
+        said: _Said,
+        path: tuple[str, ...],
+        parent: LinenModule | None,
+        direct: Mapping[str, Any],
+        merged: Mapping[str, Any],
+        children: Collection[str],
+        stacked: int,
+        traced: bool,
+    ) -> tuple[str, str, int | None]:
+        """(kind, source, stacked axes the arrays prove): what the tables said, the
+        wrapped layer's kind for a wrapper, else what the names and arrays say."""
+        if said.kind == "wrapper":
+            return (*self._wrapped_kind(path, said.source, merged, children), None)
+        if said.kind is not None:
+            return said.kind, said.source, None
+        kind, source, batch = self._read_kind(path, said.name, parent, direct, children, stacked)
+        if kind == "unknown":
+            # Nothing said what it is: the class (or the name) is all there was.
+            source = "class" if traced else "name"
+        return kind, source, batch
+
+    def _read_kind(
+        self,
+        path: tuple[str, ...],
+        name: str,
+        parent: LinenModule | None,
+        direct: Mapping[str, Any],
+        children: Collection[str],
+        stacked: int,
+    ) -> tuple[str, str, int | None]:
+        """(kind, evidence, stacked axes the arrays prove) of a module no table knows.
+
+        Names and content are read together (:func:`resolve_kind`), with what only
+        Linen shows: the rank each array has in one layer (from the trace, or past the
+        axes a ``Scan``/``Vmap`` auto name stacks), a bias whose leading axes repeat
+        the kernel's (layers stacked by a user-named ``nn.scan``/``nn.vmap``) or whose
+        shape is the kernel's last axes (a ``DenseGeneral``), and the projections of an
+        attention layer.
+        """
+        key = path[-1] if path else ""
+        if (
+            key in ATTENTION_PROJECTIONS
+            and parent is not None
+            and parent.layer.kind == "attention"
+            and ("kernel" in direct or "weight" in direct)
+        ):
+            # An attention layer's query/key/value/out are its projections, however
+            # many axes their DenseGeneral kernels have.
+            return "linear", "name", None
+        ranks = self._ranks(path, direct, stacked)
+        batch = None
+        kernel, bias = direct.get("kernel"), direct.get("bias")
+        if self.trace is None and kernel is not None and bias is not None:
+            batch, ambiguous = _stacked_by_bias(name, ranks, children, kernel, bias, stacked)
+            if ambiguous is not None:
+                return ambiguous, "ambiguous", None
+            if batch is not None:
+                ranks = {n: max(0, r - batch) for n, r in ranks.items()}
+        kind, evidence = resolve_kind(name, ranks, children)
+        return kind, evidence, batch
+
+    def _ranks(
+        self, path: tuple[str, ...], direct: Mapping[str, Any], stacked: int
+    ) -> dict[str, int]:
+        """The rank of each array a module owns, in one layer as far as is known."""
+        ranks = {}
+        ndims = self.trace.ndims if self.trace is not None else None
+        for name in direct:
+            # get: the names-only walk notes it, and keys the module by its shapes.
+            shape = cast(Any, direct.get(name)).shape
+            inner = None
+            if ndims is not None:
+                for collection in self.trace.collections:  # type: ignore[union-attr]
+                    inner = ndims.get((collection, path + (name,)))
+                    if inner is not None:
+                        break
+            ranks[name] = inner if inner is not None else max(0, len(shape) - stacked)
+        return ranks
+
+    def _wrapped_kind(
+        self,
+        path: tuple[str, ...],
+        source: str,
+        merged: Mapping[str, Any],
+        children: Collection[str],
+    ) -> tuple[str, str]:
+        """The kind of the layer a WeightNorm or SpectralNorm at ``path`` wraps."""
+        if self.trace is not None:
+            inner = self.trace.wrapped.get(path)
+            if inner is not None:
+                kind, inner_source, _ = linen_class_kind(inner)
+                if kind not in (None, "norm", "wrapper"):
+                    return kind, inner_source
+            return "unknown", source
+        # WeightNorm keeps `Dense_0/kernel/scale`: one key naming the wrapped layer.
+        inside = set(children)
+        inside.update(k.split("/", 1)[0] for k in merged if "/" in k)
+        if len(inside) == 1:
+            (child,) = inside
+            auto, _ = auto_class(child)
+            kind = auto_name_kind(auto)[0]
+            if kind in (None, "wrapper"):
+                kind = kind_from_name(child)
+            if kind is not None:
+                return kind, source
+        return "unknown", source
+
