@@ -287,3 +287,31 @@ class ClassKinds:
         if is_generic_norm_name(cls.__name__):
             return "norm", "name", None
         return "unknown", "class", None
+
+
+def instance_layer(
+    kinds: ClassKinds,
+    node: Any,
+    inner: Callable[[Any], Any],
+    content: Callable[[Any], tuple[dict[str, int], list[str]]],
+) -> Layer:
+    """The :class:`Layer` of one module instance, as every adapter with classes finds it.
+
+    The class's layer where that decides (:meth:`ClassKinds.layer`); a wrapper is a
+    layer of the kind of the layer ``inner`` gives; a kind read off the class name is
+    checked against the ``content`` of the instance (:meth:`ClassKinds.content_layer`).
+    """
+    cls = type(node)
+    layer = kinds.layer(cls)
+    if layer is not None:
+        return layer
+    kind, _, _ = kinds(cls)
+    if kind == "wrapper":
+        wrapped = instance_layer(kinds, inner(node), inner, content)
+        return Layer(wrapped.kind, cls.__name__, cls, wrapped.source)
+    arrays, children = content(node)
+    return kinds.content_layer(cls, arrays, children)
+
+
+MatrixAxes = tuple[tuple[int, ...], tuple[int, ...]]
+"""The (reduction, output) axes of one layer's weight matrix."""
