@@ -315,3 +315,20 @@ def instance_layer(
 
 MatrixAxes = tuple[tuple[int, ...], tuple[int, ...]]
 """The (reduction, output) axes of one layer's weight matrix."""
+
+UNOWNED = Layer("unknown", None, None, "class")
+"""The owner of an array no module owns."""
+
+floating_dtypes: dict[Any, bool] = {}
+"""dtype -> whether an array of it can decay at all; filled by :func:`is_floating`."""
+
+
+def is_floating(array: Any) -> bool:
+    """Whether the array can decay at all (as :attr:`Leaf.floating`), once per dtype."""
+    from ..core._leaf import _FLOATING_PREFIXES
+
+    dtype = array.dtype
+    floating = floating_dtypes.get(dtype)
+    if floating is None:
+        floating = floating_dtypes[dtype] = dtype_name(array).startswith(_FLOATING_PREFIXES)
+    return floating

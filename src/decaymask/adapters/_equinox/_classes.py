@@ -13,7 +13,14 @@ import equinox as eqx
 import jax
 
 from ...core._leaf import Layer
-from .._common import ARRAY_TYPES, ClassKinds, RegistryCache, instance_layer, is_array_like, key_name
+from .._common import (
+    ARRAY_TYPES,
+    ClassKinds,
+    RegistryCache,
+    instance_layer,
+    is_array_like,
+    key_name,
+)
 
 _nn = eqx.nn
 
@@ -74,13 +81,13 @@ class EquinoxClass:
     """The dynamic fields of a module class that could wrap an array, else ``()``."""
 
 
-_classes = RegistryCache()  # class -> EquinoxClass
+_equinox_classes = RegistryCache()  # class -> EquinoxClass
 
 
 def equinox_class(cls: type) -> EquinoxClass:
     """The :class:`EquinoxClass` of ``cls``, cached: ``isinstance`` against
     ``eqx.Module`` goes through ``ABCMeta``."""
-    table = _classes.table()
+    table = _equinox_classes.table()
     found = table.get(cls)
     if found is None:
         found = table[cls] = _resolve(cls)
@@ -114,14 +121,14 @@ def _dynamic_fields(cls: type) -> tuple[str, ...]:
 
 def equinox_layer(node: eqx.Module) -> Layer:
     """The layer an Equinox module is."""
-    return instance_layer(equinox_class_kind, node, _inner_layer, _content)
+    return instance_layer(equinox_class_kind, node, _equinox_inner, _equinox_content)
 
 
-def _inner_layer(node: Any) -> Any:
+def _equinox_inner(node: Any) -> Any:
     return cast("eqx.nn.WeightNorm | eqx.nn.SpectralNorm", node).layer
 
 
-def _content(node: Any) -> tuple[dict[str, int], list[str]]:
+def _equinox_content(node: Any) -> tuple[dict[str, int], list[str]]:
     """The rank of every array a module owns directly (in a list or tuple field, or
     through an array wrapper), and the fields that hold modules."""
     arrays: dict[str, int] = {}

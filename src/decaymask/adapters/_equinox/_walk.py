@@ -16,7 +16,16 @@ from ...core import _registry
 from ...core._infer import owner_says_position, role_from_name
 from ...core._leaf import Layer, Leaf
 from ...core._table import LeafTable
-from .._common import ARRAY_TYPES, dtype_name, key_name, path_text, registered_batch_axes
+from .._common import (
+    ARRAY_TYPES,
+    UNOWNED,
+    dtype_name,
+    floating_dtypes,
+    is_floating,
+    key_name,
+    path_text,
+    registered_batch_axes,
+)
 from ._classes import (
     INDEX_KEYS,
     array_field,
@@ -28,9 +37,6 @@ from ._classes import (
 )
 from ._layouts import equinox_expected_ndim, equinox_layout_axes, equinox_matrix_axes
 
-_UNOWNED = Layer("unknown", None, None, "class")
-_floating_dtypes: dict[Any, bool] = {}  # dtype -> whether it is a float or complex type
-_FLOATING_PREFIXES = ("float", "bfloat", "complex")
 
 
 class EquinoxContext:
@@ -91,7 +97,7 @@ class EquinoxWalk:
         self.positions: list[int] = []
         self.entries: list[tuple[tuple, Any, EquinoxContext, str]] = []
         keys: list[tuple] = []
-        floating_of = _floating_dtypes
+        floating_of = floating_dtypes
         index_keys = INDEX_KEYS
         for position, (keypath, value) in enumerate(flat):
             if not isinstance(value, ARRAY_TYPES):
@@ -107,10 +113,9 @@ class EquinoxWalk:
                 name = context.field or key_name(last)
             else:
                 name = key_name(last)
-            dtype = value.dtype
-            floating = floating_of.get(dtype)
+            floating = floating_of.get(value.dtype)
             if floating is None:
-                floating = floating_of[dtype] = dtype_name(value).startswith(_FLOATING_PREFIXES)
+                floating = is_floating(value)
             self.positions.append(position)
             self.entries.append((keypath, value, context, name))
             keys.append((context.key, name, floating))
@@ -195,14 +200,16 @@ class EquinoxWalk:
                               self._intern(layer, ancestors, parent.in_state, key_name_part),
                               field, False, owner_name)
 
-    def _intern(self, owner: Layer | None, ancestors: tuple, in_state: bool, owner_name: str) -> int:
+    def _intern(
+        self, owner: Layer | None, ancestors: tuple, in_state: bool, owner_name: str
+    ) -> int:
         return self.interned.setdefault(
             (owner, ancestors, in_state, owner_name), len(self.interned) + 1
         )
 
     def _build(self, index: int) -> Leaf:
         keypath, value, context, name = self.entries[index]
-        owner = context.owner or _UNOWNED
+        owner = context.owner or UNOWNED
         owner_node = context.owner_node
         in_state = context.in_state
         registration = None

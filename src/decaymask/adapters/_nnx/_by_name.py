@@ -137,6 +137,8 @@ def _is_masked_node(value: Any) -> bool:
 
 
 def state_walk(state: Any, fn: str) -> tuple[list[Leaf], Callable[[list[Any]], Any]]:
+    """The leaves of a State, and the function that puts one value per leaf back in
+    the State's own containers, in place of its variables or arrays."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_variable_leaf)
     entries = []
     for jax_path, item in flat:

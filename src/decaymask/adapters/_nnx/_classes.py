@@ -74,12 +74,12 @@ class NnxClass:
     """An ``nnx.List`` or ``nnx.Dict``."""
 
 
-_classes = RegistryCache()  # class -> NnxClass
+_nnx_classes = RegistryCache()  # class -> NnxClass
 
 
 def nnx_class(cls: type) -> NnxClass:
     """The :class:`NnxClass` of ``cls``, cached."""
-    table = _classes.table()
+    table = _nnx_classes.table()
     found = table.get(cls)
     if found is None:
         _, source, registration = nnx_class_kind(cls)
@@ -91,14 +91,14 @@ def nnx_class(cls: type) -> NnxClass:
 
 def nnx_layer(module: Any) -> Layer:
     """The layer an NNX module is."""
-    return instance_layer(nnx_class_kind, module, _inner_layer, _content)
+    return instance_layer(nnx_class_kind, module, _nnx_inner, _nnx_content)
 
 
-def _inner_layer(module: Any) -> Any:
+def _nnx_inner(module: Any) -> Any:
     return module.layer_instance
 
 
-def _content(module: Any) -> tuple[dict[str, int], list[str]]:
+def _nnx_content(module: Any) -> tuple[dict[str, int], list[str]]:
     """The rank of every array a module owns directly (its variables and raw array
     attributes), and the attributes that hold modules."""
     arrays: dict[str, int] = {}

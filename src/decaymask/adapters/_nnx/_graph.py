@@ -19,7 +19,7 @@ from flax import nnx
 from ...core import _registry
 from ...core._infer import role_from_name
 from ...core._leaf import Layer, Leaf
-from .._common import path_text, registered_batch_axes
+from .._common import UNOWNED, path_text, registered_batch_axes
 from ._by_name import leaves_by_name
 from ._classes import NNX_TRANSPARENT, nnx_class, nnx_layer
 from ._layouts import Layout, general_layout_axes
@@ -33,7 +33,6 @@ _StaticElem = _graphlib.StaticElem
 _is_array_ref = nnx.variablelib.is_array_ref
 _Variable = nnx.Variable
 _Param = nnx.Param
-_UNOWNED = Layer("unknown", None, None, "class")
 
 
 def _is_to_nnx(node: Any) -> bool:
@@ -207,7 +206,7 @@ class NnxWalk:
         layout_axes = 0
         ancestors: tuple[Layer, ...]
         if owner is None:
-            layer, ancestors = _UNOWNED, ()
+            layer, ancestors = UNOWNED, ()
         else:
             layer, ancestors = owner.layer, owner.ancestors
             registration = owner.registration

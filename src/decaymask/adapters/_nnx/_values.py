@@ -14,14 +14,14 @@ from .._common import path_text
 # rebuilt from the decisions (mask, label, rate) has a place there too.
 _EMPTY = ((0,), "none")
 
-_dtype_names: dict[Any, str] = {}  # dtype -> its name
+_nnx_dtype_names: dict[Any, str] = {}  # dtype -> its name
 
 
 def _dtype_text(dtype: Any) -> str:
-    name = _dtype_names.get(dtype)
+    name = _nnx_dtype_names.get(dtype)
     if name is None:
         # Random keys (key<fry>) have no numpy name; their text is still a dtype name.
-        name = _dtype_names[dtype] = getattr(dtype, "name", None) or str(dtype)
+        name = _nnx_dtype_names[dtype] = getattr(dtype, "name", None) or str(dtype)
     return name
 
 
