@@ -315,3 +315,48 @@ def structure_signature(tree: Any) -> Any:
         return None
     return key
 
+
+
+def instance_layer(
+    kinds: ClassKinds,
+    node: Any,
+    inner: Callable[[Any], Any],
+    content: Callable[[Any], tuple[dict[str, int], list[str]]],
+) -> Layer:
+    """The :class:`Layer` of one module instance, as every adapter with classes finds it.
+
+    The class's layer where that decides (:meth:`ClassKinds.layer`); a wrapper is a
+    layer of the kind of the layer ``inner`` gives; a kind read off the class name is
+    checked against the ``content`` of the instance (:meth:`ClassKinds.content_layer`).
+    """
+    cls = type(node)
+    layer = kinds.layer(cls)
+    if layer is not None:
+        return layer
+    kind, _, _ = kinds(cls)
+    if kind == "wrapper":
+        wrapped = instance_layer(kinds, inner(node), inner, content)
+        return Layer(wrapped.kind, cls.__name__, cls, wrapped.source)
+    arrays, children = content(node)
+    return kinds.content_layer(cls, arrays, children)
+
+
+MatrixAxes = tuple[tuple[int, ...], tuple[int, ...]]
+"""The (reduction, output) axes of one layer's weight matrix."""
+
+UNOWNED = Layer("unknown", None, None, "class")
+"""The owner of an array no module owns."""
+
+floating_dtypes: dict[Any, bool] = {}
+"""dtype -> whether an array of it can decay at all; filled by :func:`is_floating`."""
+
+
+def is_floating(array: Any) -> bool:
+    """Whether the array can decay at all (as :attr:`Leaf.floating`), once per dtype."""
+    from ..core._leaf import _FLOATING_PREFIXES
+
+    dtype = array.dtype
+    floating = floating_dtypes.get(dtype)
+    if floating is None:
+        floating = floating_dtypes[dtype] = dtype_name(array).startswith(_FLOATING_PREFIXES)
+    return floating

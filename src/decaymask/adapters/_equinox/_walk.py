@@ -1,0 +1,261 @@
+"""The Equinox walk: one flatten of a module tree, every array's owner found once.
+
+Every leaf is keyed by what a rule can read without its own path, rank or value, so
+that the policy decides once per key (:class:`~decaymask.core._table.LeafTable`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+from ...core import _registry
+from ...core._infer import owner_says_position, role_from_name
+from ...core._leaf import Layer, Leaf
+from ...core._table import LeafTable
+from .._common import (
+    ARRAY_TYPES,
+    UNOWNED,
+    dtype_name,
+    floating_dtypes,
+    is_floating,
+    key_name,
+    path_text,
+    registered_batch_axes,
+)
+from ._classes import (
+    INDEX_KEYS,
+    array_field,
+    equinox_class,
+    equinox_layer,
+    is_array_wrapper,
+    pytree_children,
+    read_field,
+)
+from ._layouts import equinox_expected_ndim, equinox_layout_axes, equinox_matrix_axes
+
+
+
+class EquinoxContext:
+    """What every array below one node shares: its owner, the modules around it, the
+    name its arrays take where their own key names nothing."""
+
+    __slots__ = ("node", "owner", "ancestors", "owner_node", "in_state", "key", "field",
+                 "wrapper", "owner_name")
+
+    def __init__(self, node, owner, ancestors, owner_node, in_state, key, field=None,
+                 wrapper=False, owner_name=""):
+        self.node = node
+        self.owner = owner
+        self.ancestors = ancestors
+        self.owner_node = owner_node
+        self.in_state = in_state
+        # Equal for contexts that decide alike; interned so that leaf keys hash fast.
+        self.key = key
+        # The field this node is held in, past list indices and array wrappers.
+        self.field = field
+        # An array wrapper (a named array): its child is named by ``field``.
+        self.wrapper = wrapper
+        # The field holding the owner module (``position_embeddings``).
+        self.owner_name = owner_name
+
+
+def _child_of(node: Any, entry: Any) -> Any:
+    if isinstance(entry, jax.tree_util.GetAttrKey):
+        return read_field(node, entry.name)
+    if isinstance(entry, jax.tree_util.SequenceKey) and type(node) in (list, tuple):
+        return node[entry.idx]
+    if isinstance(entry, jax.tree_util.DictKey) and isinstance(node, Mapping):
+        return node[entry.key]
+    # A custom pytree node: its children in flattening order.
+    for keys, child in pytree_children(node):
+        if keys[0] == entry:
+            return child
+    raise KeyError(entry)
+
+
+class EquinoxWalk:
+    """One flatten of the tree; every array's owner found once per parent node.
+
+    Every leaf's key holds all a rule can read without the leaf's own path, rank or
+    value: the owner, its ancestors, whether it is state, the array's name (the field
+    it is held in, past list indices and array wrappers) and, for embeddings, the
+    owner's name (it decides a position table's role).
+    """
+
+    def __init__(self, tree: Any):
+        flat, self.treedef = jax.tree_util.tree_flatten_with_path(tree)
+        self.size = len(flat)
+        self.contexts: dict[tuple, EquinoxContext] = {}
+        self.interned: dict[tuple, int] = {}
+        self.shared: list[tuple[tuple, Any]] = []  # (key path, eqx.nn.Shared node)
+        root = EquinoxContext(tree, None, (), None, False, 0)
+        self.contexts[()] = self._enter(root, tree, None, ())
+        self.positions: list[int] = []
+        self.entries: list[tuple[tuple, Any, EquinoxContext, str]] = []
+        keys: list[tuple] = []
+        floating_of = floating_dtypes
+        index_keys = INDEX_KEYS
+        for position, (keypath, value) in enumerate(flat):
+            if not isinstance(value, ARRAY_TYPES):
+                continue
+            parent = keypath[:-1]
+            context = self.contexts.get(parent)
+            if context is None:
+                context = self._context(parent)
+            last = keypath[-1] if keypath else None
+            if last is None:
+                name = ""
+            elif context.wrapper or isinstance(last, index_keys):
+                name = context.field or key_name(last)
+            else:
+                name = key_name(last)
+            floating = floating_of.get(value.dtype)
+            if floating is None:
+                floating = is_floating(value)
+            self.positions.append(position)
+            self.entries.append((keypath, value, context, name))
+            keys.append((context.key, name, floating))
+        self.views: dict[int, tuple[Leaf, ...]] = {}
+        for prefix, node in self.shared:
+            self._find_views(prefix, node, keys)
+        self.table = LeafTable(keys, self._build)
+
+    def _find_views(self, prefix: tuple, node: Any, keys: list[tuple]) -> None:
+        """The other places an ``eqx.nn.Shared`` array is used: the ``where`` nodes the
+        Shared removed and fills with ``get`` at call time, as leaves of their own
+        owners, so that owners deciding differently are reported (as NNX's are)."""
+        if not (callable(node.where) and callable(node.get)):
+            return  # filtered params: eqx.filter dropped the functions, as optax sees them
+        inside = EquinoxWalk(node())
+        at: dict[int, list[int]] = {}
+        for j, (_, value, _, _) in enumerate(inside.entries):
+            at.setdefault(id(value), []).append(j)
+        context = self.contexts[prefix]
+        outer = context.ancestors + ((context.owner,) if context.owner is not None else ())
+        base = prefix + (jax.tree_util.GetAttrKey("pytree"),)
+        here = {id(value): i for i, (keypath, value, _, _) in enumerate(self.entries)
+                if keypath[: len(base)] == base}
+        for identity, i in here.items():
+            places = at.get(identity, [])
+            if len(places) < 2:
+                continue
+            own = self.entries[i][0][len(base):]
+            views = tuple(
+                dataclasses.replace(
+                    view,
+                    path=path_text(base + keypath),
+                    ancestors=outer + view.ancestors,
+                )
+                for j in places
+                for keypath, view in ((inside.entries[j][0], inside.table[j]),)
+                if keypath != own
+            )
+            if views:
+                self.views[i] = views
+                # A leaf with views is decided on its own: its key is its own.
+                keys[i] = ("shared", i)
+
+    def _context(self, prefix: tuple) -> EquinoxContext:
+        parent = self.contexts.get(prefix[:-1])
+        if parent is None:
+            parent = self._context(prefix[:-1])
+        node = _child_of(parent.node, prefix[-1])
+        context = self._enter(parent, node, prefix[-1], prefix)
+        self.contexts[prefix] = context
+        return context
+
+    def _enter(
+        self, parent: EquinoxContext, node: Any, entry: Any, prefix: tuple
+    ) -> EquinoxContext:
+        if entry is None or parent.wrapper or isinstance(entry, INDEX_KEYS):
+            field = parent.field
+        else:
+            field = key_name(entry)
+        facts = equinox_class(type(node))
+        if facts.shared:
+            self.shared.append((prefix, node))
+        what = facts.node
+        wrapper = is_array_wrapper(node, facts)
+        if wrapper:
+            what = None
+        if what is None:
+            return EquinoxContext(node, parent.owner, parent.ancestors, parent.owner_node,
+                                  parent.in_state, parent.key, field, wrapper,
+                                  parent.owner_name)
+        if what == "state":
+            # A StateIndex holds the initial value of some state of its layer.
+            return EquinoxContext(node, parent.owner, parent.ancestors, parent.owner_node,
+                                  True, self._intern(parent.owner, parent.ancestors, True, ""),
+                                  field, False, parent.owner_name)
+        layer = equinox_layer(node)
+        ancestors = parent.ancestors if parent.owner is None else parent.ancestors + (parent.owner,)
+        owner_name = field or ""
+        # A role reads its owner's name only to tell a position table.
+        key_name_part = "position" if owner_says_position(owner_name) else ""
+        return EquinoxContext(node, layer, ancestors, node, parent.in_state,
+                              self._intern(layer, ancestors, parent.in_state, key_name_part),
+                              field, False, owner_name)
+
+    def _intern(
+        self, owner: Layer | None, ancestors: tuple, in_state: bool, owner_name: str
+    ) -> int:
+        return self.interned.setdefault(
+            (owner, ancestors, in_state, owner_name), len(self.interned) + 1
+        )
+
+    def _build(self, index: int) -> Leaf:
+        keypath, value, context, name = self.entries[index]
+        owner = context.owner or UNOWNED
+        owner_node = context.owner_node
+        in_state = context.in_state
+        registration = None
+        if owner.source == "registered" and owner.cls is not None:
+            registration = _registry.lookup_class(owner.cls)
+        role = registration.role_of(name) if registration is not None else None
+        if role is None:
+            role = role_from_name(owner.kind, name, context.owner_name)
+        registered_batch = None
+        if registration is not None:
+            matrix_axes = registration.matrix_axes_of(name)
+            if registration.matrix_axes:
+                registered_batch = registered_batch_axes(
+                    registration, lambda field: array_field(owner_node, field)
+                )
+        elif not in_state and owner.source == "class":
+            matrix_axes = equinox_matrix_axes(owner_node, name)
+        else:
+            matrix_axes = None
+        shape = tuple(value.shape)
+        expected = None if in_state else equinox_expected_ndim(owner_node, owner, name)
+        if registered_batch is not None:
+            batch_axes = min(registered_batch, len(shape))
+        else:
+            batch_axes = max(0, len(shape) - expected) if expected is not None else 0
+        return Leaf(
+            path=path_text(keypath),
+            layer=owner.kind,
+            role=role,
+            shape=shape,
+            dtype=dtype_name(value),
+            name=name,
+            layer_type=owner.type_name,
+            layer_class=owner.cls,
+            ancestors=context.ancestors,
+            is_param=not in_state,
+            kind_source=owner.source,
+            batch_axes=batch_axes,
+            layout_axes=equinox_layout_axes(owner_node, name),
+            matrix_axes=matrix_axes,
+            shared_with=self.views.get(index, ()),
+        )
+
+    def rebuild(self, values: list[Any]) -> Any:
+        out: list[Any] = [None] * self.size
+        for position, value in zip(self.positions, values):
+            out[position] = value
+        return self.treedef.unflatten(out)  # type: ignore[attr-defined, unused-ignore]  # mypy cannot resolve jaxlib's PyTreeDef
+

@@ -1,0 +1,205 @@
+"""NNX leaves read by names alone: a State, and the variables of a Linen module in NNX.
+
+A State carries no classes: kinds come from its keys and the arrays each key holds,
+read by the shared inference, with what only a State shows added.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from flax import nnx
+
+from ...core._infer import kind_from_name, resolve_kind, role_from_name
+from ...core._leaf import Layer, Leaf
+from .._common import MatrixAxes, key_name, path_text
+from ._layouts import IN_OUT
+from ._values import leaf_name, not_an_array, module_key, shape_dtype
+
+# Attention projections: their kernels have more than two axes but are not convolutions.
+_PROJECTIONS = frozenset({"query", "key", "value", "out"})
+
+_name_layers: dict[tuple[str, str], Layer] = {}
+
+
+def _name_layer(kind: str, source: str = "name") -> Layer:
+    layer = _name_layers.get((kind, source))
+    if layer is None:
+        layer = _name_layers[(kind, source)] = Layer(kind, None, None, source)
+    return layer
+
+
+def _level_kind(key: Any) -> str | None:
+    return kind_from_name(key) if isinstance(key, str) else None
+
+
+def _is_projection(own: str | None) -> bool:
+    return own is not None and (own in _PROJECTIONS or own.endswith("_proj"))
+
+
+def _name_owner(
+    parent: tuple, arrays: dict[str, tuple[int, ...]]
+) -> tuple[Layer, tuple[Layer, ...]]:
+    """The owner layer and its ancestors for the arrays held under ``parent``.
+
+    The owner's key and the names and ranks of the arrays it holds are read by the
+    shared inference (:func:`resolve_kind`); what only a State shows is added: the
+    gates of a module named as a recurrent cell are the cell's, and the multi-axis
+    kernels of attention projections are linear.
+    """
+    levels = [_level_kind(key) for key in parent]
+    own = module_key(parent)
+    outer = tuple(_name_layer(k or "unknown") for k in levels[:-1])
+    kind = _level_kind(own)
+    if kind in (None, "linear"):
+        # Inside a module named as a recurrent cell, unnamed layers and dense gates are
+        # the cell's own, as with classes (NNX cells hold Linear gates like dense_i).
+        for depth, level in enumerate(levels[:-1]):
+            if level == "recurrent":
+                cell_outer = tuple(_name_layer(k or "unknown") for k in levels[:depth])
+                return _name_layer("recurrent"), cell_outer
+    ranks = {name: len(shape) for name, shape in arrays.items()}
+    kind, evidence = resolve_kind(own, ranks)
+    if kind == "linear" and _level_kind(own) == "conv" and ranks.get("kernel", 0) >= 3:
+        # A kernel of a conv's rank whose bias has more than one axis: a stack of
+        # convolutions (the bias's extra axes are the stacked ones), as the name says.
+        return _name_layer("conv", "name"), outer
+    if kind == "conv" and "kernel" in ranks and _level_kind(own) != "conv":
+        if _is_projection(own) or "attention" in levels:
+            # A multi-axis projection of an attention layer (in, heads, head_dim).
+            return _name_layer("linear", "content"), outer
+        if _level_kind(own) == "linear":
+            # A kernel of three or more axes named as a linear layer: a stack of
+            # linear layers or a convolution, which names and ranks cannot tell.
+            return _name_layer("conv", "ambiguous"), outer
+    return _name_layer(kind, evidence), outer
+
+
+def _name_axes(kind: str, own: Any, name: str, rank: int) -> MatrixAxes | None:
+    """The (in, out) layout of a weight matrix known only by names and rank."""
+    if rank == 2 and (
+        (name == "kernel" and kind in ("linear", "recurrent"))
+        or (name == "embedding" and kind == "embedding")
+        or (name in ("lora_a", "lora_b") and kind == "lora")
+    ):
+        return IN_OUT
+    if name == "kernel" and kind == "conv" and rank >= 3:
+        return tuple(range(rank - 1)), (rank - 1,)
+    if name == "kernel" and kind == "linear" and rank == 3 and own in _PROJECTIONS:
+        # MultiHeadAttention: query/key/value are (in, heads, head_dim), out is
+        # (heads, head_dim, out).
+        return ((0, 1), (2,)) if own == "out" else ((0,), (1, 2))
+    return None
+
+
+def _name_layout_axes(kind: str, name: str, shape: tuple, axes: MatrixAxes | None) -> int:
+    """Layout axes known by names: a linear layer's kernel is one matrix however many
+    axes its in and out features take, and its bias one vector."""
+    if kind != "linear":
+        return 0
+    if name == "kernel" and axes is not None:
+        return len(axes[0]) + len(axes[1]) - 2
+    if name == "bias":
+        return max(0, len(shape) - 1)
+    return 0
+
+
+def _is_param_by_name(variable: Any, value: Any, kind: str, name: str) -> bool:
+    if value is None:
+        return False
+    if variable is not None:
+        return isinstance(variable, nnx.Param)
+    # A State of raw arrays (what optax hands a callable mask at update) carries no
+    # variable types: an array is a parameter unless Flax's names say it is a running
+    # statistic, so that the masks made at init and at update agree.
+    return not (kind == "batch_norm" and name in ("mean", "var"))
+
+
+def _entry_key(entry: Any) -> Any:
+    """A jax key-path entry as the raw key nnx uses (a str or an int)."""
+    if isinstance(entry, jax.tree_util.DictKey):
+        return entry.key
+    if isinstance(entry, jax.tree_util.SequenceKey):
+        return entry.idx
+    return key_name(entry)
+
+
+def _is_variable_leaf(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _is_masked_node(value: Any) -> bool:
+    optax = sys.modules.get("optax")
+    return optax is not None and isinstance(value, optax.MaskedNode)
+
+
+def state_walk(state: Any, fn: str) -> tuple[list[Leaf], Callable[[list[Any]], Any]]:
+    """The leaves of a State, and the function that puts one value per leaf back in
+    the State's own containers, in place of its variables or arrays."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_variable_leaf)
+    entries = []
+    for jax_path, item in flat:
+        path = tuple(_entry_key(entry) for entry in jax_path)
+        variable = item if isinstance(item, nnx.Variable) else None
+        value = item.get_raw_value() if variable is not None else item
+        if _is_masked_node(value):
+            # One optax.partition (or contrib.muon) branch's view: another branch's
+            # leaf, which this branch leaves alone, like a variable holding None.
+            value = None
+        found = shape_dtype(value)
+        if found is None:
+            raise not_an_array(fn, path, variable, "a leaf", value)
+        entries.append((path, path, variable, value, found))
+    return leaves_by_name(entries), treedef.unflatten  # type: ignore[attr-defined, unused-ignore]  # mypy cannot resolve jaxlib's PyTreeDef
+
+
+def leaves_by_name(entries: list[tuple], around: tuple[Layer, ...] = ()) -> list[Leaf]:
+    """Leaves whose kinds come from their keys and sibling arrays alone.
+
+    Each entry is (path to read names from, full path, variable or None, value,
+    (shape, dtype)); ``around`` are the modules enclosing the first path's root.
+    """
+    groups: dict[tuple, dict[str, tuple[int, ...]]] = {}
+    for path, _, _, _, found in entries:
+        groups.setdefault(path[:-1], {})[leaf_name(path)] = found[0]
+    owners = {parent: _name_owner(parent, arrays) for parent, arrays in groups.items()}
+    leaves = []
+    for path, full_path, variable, value, (shape, dtype) in entries:
+        name = leaf_name(path)
+        layer, ancestors = owners[path[:-1]]
+        own = module_key(path[:-1])
+        stacked = 0
+        if layer.kind == "conv":
+            # A conv's bias is (out,) in one layer: more axes are stacked layers. With no
+            # bias in sight (none, or masked out on one optax.partition branch) the
+            # kernel is read as one layer's.
+            bias = groups[path[:-1]].get("bias")
+            stacked = 0 if bias is None else max(0, len(bias) - 1)
+        # Names and ranks that contradict give no layout: Muon never guesses.
+        axes = None if layer.source == "ambiguous" else _name_axes(layer.kind, own, name, len(shape) - stacked)
+        if axes is None and layer.kind == "linear" and name == "kernel" and len(shape) > 2:
+            # A LinearGeneral: its bias is the kernel's trailing (output) axes.
+            bias = groups[path[:-1]].get("bias")
+            if bias is not None and 1 < len(bias) < len(shape) and shape[-len(bias):] == bias:
+                split = len(shape) - len(bias)
+                axes = tuple(range(split)), tuple(range(split, len(shape)))
+        leaves.append(
+            Leaf(
+                path=path_text(full_path),
+                layer=layer.kind,
+                role=role_from_name(layer.kind, name, own or ""),
+                shape=shape,
+                dtype=dtype,
+                name=name,
+                ancestors=around + ancestors,
+                is_param=_is_param_by_name(variable, value, layer.kind, name),
+                kind_source=layer.source,
+                batch_axes=stacked,
+                matrix_axes=axes,
+                layout_axes=_name_layout_axes(layer.kind, name, shape, axes),
+            )
+        )
+    return leaves
