@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._contract import Adapter as Adapter
+from ._contract import PytreeAdapter as PytreeAdapter
 from ._contract import Claim as Claim
 from ._contract import Rebuild as Rebuild
 from ._contract import FACES as FACES
@@ -24,8 +25,8 @@ from ._contract import call as call
 from ._contract import entry_point as entry_point
 
 __all__ = [
-    "FACES", "Adapter", "Claim", "Rebuild", "call", "choose", "entry_point", "names",
-    "register", "registered", "unregister",
+    "FACES", "Adapter", "Claim", "PytreeAdapter", "Rebuild", "call", "choose",
+    "entry_point", "names", "register", "registered", "unregister",
 ]
 
 _lock = threading.Lock()

@@ -148,6 +148,19 @@ class Adapter(abc.ABC):
         return f"<decaymask adapter {self.name!r} ({self.title})>"
 
 
+class PytreeAdapter(Adapter):
+    """An adapter of a framework whose trees are jax pytrees, and whose walk without
+    options reads nothing but the tree's structure, leaf types, shapes and dtypes, and
+    which leaves are one array: its outputs are cached by that signature."""
+
+    def signature(self, tree: Any, options: Mapping[str, Any]) -> Hashable | None:
+        if options:
+            return None  # a trace reads the module and its inputs too
+        from ._common import structure_signature
+
+        return structure_signature(tree)
+
+
 _PREFIXES = ("labels_", "rates_", "muon_dims_", "")
 _GENERIC = {"": "mask", "labels_": "labels", "rates_": "rates", "muon_dims_": "muon_dims"}
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..core._leaf import Leaf
-from ._contract import Adapter, Claim, Rebuild, call, is_plain_mapping
+from ._contract import Adapter, Claim, PytreeAdapter, Rebuild, call, is_plain_mapping
 
 
-class EquinoxAdapter(Adapter):
+class EquinoxAdapter(PytreeAdapter):
     """Equinox modules, their filtered params, abstract models, and pytrees of them."""
 
     name = "equinox"
@@ -69,13 +69,6 @@ class EquinoxAdapter(Adapter):
                 f"Equinox modules, pass the modules themselves."
             )
         return super().refusal(tree, method, claimant, claim)
-
-    def signature(self, tree: Any, options: Mapping[str, Any]) -> Hashable | None:
-        if options:
-            return None  # a trace reads the module and its inputs too
-        from ._common import structure_signature
-
-        return structure_signature(tree)
 
     def factory_model(self, result: Any) -> bool:
         return _holds_module(result)

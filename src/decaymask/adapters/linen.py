@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..core._leaf import Leaf
-from ._contract import Adapter, Claim, Rebuild
+from ._contract import Adapter, Claim, PytreeAdapter, Rebuild
 from .nnx import FLAX_LAYOUT_FIX, FLAX_NON_FLOATING_FIX, FLAX_USAGE
 
 # Names only Linen gives: auto names (``Dense_0``) and its parameter names.
@@ -17,7 +17,7 @@ _LINEN_PARAMS = frozenset({"kernel", "bias", "embedding"})
 _LOOKED_AT = 64  # keys a claim reads; evidence is near the top or nowhere
 
 
-class LinenAdapter(Adapter):
+class LinenAdapter(PytreeAdapter):
     """Linen params and variables mappings (``dict`` or ``FrozenDict``), optionally with
     the module that made them for an abstract trace."""
 
@@ -58,13 +58,6 @@ class LinenAdapter(Adapter):
         if claimant.name == "equinox" and isinstance(tree, Mapping):
             return None  # the walk names the path of the first Equinox module
         return super().refusal(tree, method, claimant, claim)
-
-    def signature(self, tree: Any, options: Mapping[str, Any]) -> Hashable | None:
-        if options:
-            return None  # a trace reads the module and its inputs too
-        from ._common import structure_signature
-
-        return structure_signature(tree)
 
     def factory_model(self, result: Any) -> bool:
         linen = sys.modules.get("flax.linen")
