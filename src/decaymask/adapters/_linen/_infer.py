@@ -159,8 +159,8 @@ class LinenInference:
           children: the keys of its submodules that hold arrays, in any collection.
 
         Without a trace, the result depends on ``path`` only through the last key's
-        :func:`key_traits` and whether ``path`` is empty: the walk relies on that to
-        infer once per distinct (parent, traits, arrays, children).
+        :func:`key_traits` and whether ``path`` is empty: the names-only walk relies on
+        that to infer once per distinct (parent, traits, arrays, children).
         """
         key = path[-1] if path else ""
         ancestors, stacked, absorbed_by = _inherited(parent)
@@ -271,6 +271,7 @@ class LinenInference:
         ranks = {}
         ndims = self.trace.ndims if self.trace is not None else None
         for name in direct:
+            # get: the names-only walk notes it, and keys the module by its shapes.
             shape = cast(Any, direct.get(name)).shape
             inner = None
             if ndims is not None:

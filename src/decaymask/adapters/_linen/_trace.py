@@ -9,7 +9,7 @@ import inspect
 import sys
 import types
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -197,16 +197,15 @@ def trace_init(
     )
 
 
-def wanted_names(parts: Iterable[tuple[tuple[str, ...], Mapping]], variables: bool) -> Wanted:
-    """The (collection, name) pairs each module path may hold, under either reading.
-
-    ``parts`` pairs each key path with the arrays it holds directly, by name."""
+def wanted_names(keyed: list, variables: bool) -> Wanted:
+    """The (collection, name) pairs each module path may hold, under either reading."""
     wanted: Wanted = {}
-    for path, arrays in parts:
-        for name in arrays:
-            wanted.setdefault(path, []).append(("params", name))
-            if variables and path:
-                wanted.setdefault(path[1:], []).append((path[0], name))
+    for names, _ in keyed:
+        if not names:
+            continue
+        wanted.setdefault(names[:-1], []).append(("params", names[-1]))
+        if variables and len(names) >= 2:
+            wanted.setdefault(names[1:-1], []).append((names[0], names[-1]))
     return wanted
 
 

@@ -1,11 +1,13 @@
-"""What the input mapping is: params or a variables mapping."""
+"""What the input mapping is: params or a variables mapping, and no Equinox inside."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 from .._common import path_text
+from ._arrays import DictKey
 from ._tables import AUTO_NAME
 
 # Flax's own collections: a top-level key among these names a collection.
@@ -89,3 +91,34 @@ def undecidable_error(fn: str, tree: Mapping) -> ValueError:
         f"policy.{fn}(tree, module=model, args=(x,)), so that its trace decides, or "
         f"pass variables['params'] alone."
     )
+
+
+def check_not_equinox(fn: str, tree: Mapping, flat: list) -> None:
+    """Equinox modules in a mapping are flattened by their fields: read as Linen
+    names they would decide wrongly, so they are turned away.
+
+    Raises:
+      TypeError: a value of ``tree`` is an Equinox module.
+    """
+    eqx = sys.modules.get("equinox")
+    if eqx is None:
+        return
+    for keys, _ in flat:
+        if keys and type(keys[-1]) is DictKey and type(keys[0]) is DictKey:
+            # Fields of a module (GetAttrKey) and list items end or start a path.
+            continue
+        for i, entry in enumerate(keys):
+            if type(entry) is DictKey:
+                continue
+            node: Any = tree
+            for parent in keys[:i]:
+                node = node[parent.key]
+            if isinstance(node, eqx.Module):
+                where = path_text(tuple(str(k.key) for k in keys[:i]))
+                raise TypeError(
+                    f"{fn}: {where!r} is an Equinox {type(node).__name__}, not Linen "
+                    f"params. Use policy.{fn.replace('flax', 'equinox')}(tree) for "
+                    f"Equinox models, and for mappings of them."
+                )
+            break
+

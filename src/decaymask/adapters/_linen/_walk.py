@@ -1,9 +1,8 @@
-"""The walk of any Linen mapping, with or without a trace: arrays by path, each distinct
-module inferred once."""
+"""The walk of any Linen mapping, with or without a trace: one flatten, modules by path."""
 
 from __future__ import annotations
 
-import operator
+import reprlib
 from typing import Any
 
 import jax
@@ -11,24 +10,20 @@ import jax
 from ...core._leaf import Leaf
 from ...core._table import LeafTable
 from .._common import key_name, path_text
-from ._arrays import dtype_of, is_box, is_floating, unbox
-from ._gather import gather, key_traits
+from ._arrays import is_array_leaf, is_box, is_floating, str_keys, unbox
 from ._infer import LinenModule, owner_identity
 from ._leaf import LinenReader
 from ._trace import LinenTrace, trace_init, wanted_names, warn_unseen
-from ._variables import looks_like_variables, undecidable_error
+from ._variables import check_not_equinox, looks_like_variables, undecidable_error
 
 
 class LinenTreeWalk(LinenReader):
-    """Any Linen mapping (params or variables), with or without a trace.
+    """Any Linen mapping, with or without a trace: one flatten, modules by path.
 
-    The tree is flattened once by jax for its structure (the rebuild is
-    ``treedef.unflatten``) and read once for its arrays by path (:func:`gather`).
-    Without a trace, modules with the same parent, key traits (:func:`key_traits`),
-    array names and shapes in each collection and submodule keys are inferred once:
-    :meth:`LinenInference.infer_module` reads nothing else of them, so the blocks of a
-    deep model cost a dictionary lookup each. Trees this walk rejects are rejected
-    with messages that name the offending path.
+    Variables mappings (a module's arrays spread over collections) and traced models
+    take this walk; names-only params take :class:`LinenNamesWalk`, which gives the same
+    leaves, keys and masks faster. Trees this walk rejects are rejected here, with
+    messages that name the offending path.
     """
 
     def __init__(
@@ -40,21 +35,14 @@ class LinenTreeWalk(LinenReader):
         kwargs: Any = None,
     ):
         self.fn = fn
-        # jax's own errors first (keys it cannot sort); boxes are leaves where any is.
-        flat, self.treedef = jax.tree_util.tree_flatten(tree)
-        if len(flat) == 1 and flat[0] is tree:
+        flat, self.treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)
+        if len(flat) == 1 and flat[0][1] is tree:
             raise TypeError(
                 f"{fn}: expected a Linen params or variables mapping (dict or FrozenDict), "
                 f"got {type(tree).__name__}, which jax treats as a single leaf."
             )
-        found = self.found = gather(fn, tree)
-        if found.boxed:
-            flat, self.treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_box)
-        if len(found.node) != len(flat):
-            raise RuntimeError(
-                f"{fn}: read {len(found.node)} arrays in the tree, but jax flattens it "
-                f"to {len(flat)} leaves. Please report this tree's structure."
-            )
+        check_not_equinox(fn, tree, flat)
+        keyed = [(str_keys(keys), value) for keys, value in flat]
         reading = looks_like_variables(tree)
         if reading is None and module is None:
             raise undecidable_error(fn, tree)
@@ -63,153 +51,79 @@ class LinenTreeWalk(LinenReader):
         self.trace: LinenTrace | None = None
         traced_shapes: dict[str, tuple[int, ...]] = {}
         if module is not None:
-            wanted = wanted_names(self._held_arrays(), self.variables)
+            wanted = wanted_names(keyed, self.variables)
             self.trace = trace_init(fn, module, args, kwargs, wanted)
             traced_shapes = self._traced_param_shapes()
-            self.variables = self._reading(traced_shapes)
-        self._number_modules()
+            self.variables = self._reading(keyed, traced_shapes)
+        entries = self._entries(keyed)
         if self.trace is not None:
-            self._check_trace(traced_shapes)
+            self._check_trace(entries, traced_shapes)
             if self._unseen():
                 self.trace = trace_init(fn, module, args, kwargs, wanted, eager=True)
                 unseen = self._unseen()
                 if unseen:
                     warn_unseen(fn, type(module).__name__, unseen)
-        self.modules = self._infer_modules()
-        self.leaves = LeafTable(self._leaf_keys(), self._leaf_at)
+        self.children: dict[tuple[str, ...], set[str]] = {}
+        for path in list(self.direct) + list(self.direct_other):
+            for i in range(len(path) - 1, -1, -1):
+                seen = path[:i] in self.children
+                self.children.setdefault(path[:i], set()).add(path[i])
+                if seen:
+                    break
+        self.modules: dict[tuple[str, ...], LinenModule] = {}
+        # One leaf per flat position: a result is the treedef unflattened over them.
+        self.leaves = LeafTable(self._leaf_keys(entries), lambda i: self._entry_leaf(*entries[i]))
 
-    def _held_arrays(self) -> list[tuple[tuple[str, ...], dict[str, Any]]]:
-        """(key path, arrays) of every node that holds arrays directly."""
-        found = self.found
-        return [(path, arrays) for path, arrays in zip(found.paths, found.arrays) if arrays]
-
-    def _number_modules(self) -> None:
-        """Numbers the module paths (a variables mapping's without their collection),
-        a module after its parent, with what each holds in every collection."""
-        found = self.found
-        self.slot: list[int] = []  # per node: its module's number, -1 for none
-        self.collection: list[str] = []  # per node
-        self.paths: list[tuple[str, ...]] = []
-        self.parents: list[int] = []
-        self.params: list[dict[str, Any] | None] = []  # its arrays in params
-        self.other: list[dict[str, Any] | None] = []  # in the other collections
-        self.children: list[set[str] | None] = []
-        numbers: dict[tuple[str, ...], int] = {}
-        for m, raw in enumerate(found.paths):
-            arrays = found.arrays[m]
-            collection, path = "params", raw
-            if self.variables:
-                if not raw:
-                    if arrays:
-                        name, array = next(iter(arrays.items()))
-                        raise TypeError(
-                            f"{self.fn}: {name!r} is an array ({type(array).__name__}) "
-                            f"at the top of a variables mapping, where only collections "
-                            f"belong. Pass variables['params'], or the collections alone."
-                        )
-                    self.slot.append(-1)
-                    self.collection.append("")
-                    continue
-                collection, path = raw[0], raw[1:]
-            self.collection.append(collection)
-            if not found.held[m]:
-                self.slot.append(-1)
-                continue
-            s = numbers.get(path)
-            children = found.children[m]
-            if s is None:
-                s = numbers[path] = len(self.paths)
-                self.paths.append(path)
-                up = found.parent[m]
-                self.parents.append(self.slot[up] if up >= 0 else -1)
-                self.params.append(None)
-                self.other.append(None)
-                self.children.append(children)
-            elif children:
-                self.children[s] = children | (self.children[s] or set())
-            self.slot.append(s)
-            if arrays:
-                if collection == "params":
-                    self.params[s] = arrays
-                else:
-                    other = self.other[s]
-                    self.other[s] = arrays if other is None else {**other, **arrays}
-
-    def _infer_modules(self) -> list[LinenModule]:
-        """The module at every numbered path. Without a trace, modules with the same
-        evidence (see infer_module: their parent, key traits, arrays' names and shapes
-        in each collection, submodule keys) are one object, inferred once."""
-        modules: list[LinenModule] = []
-        alike: dict[tuple, LinenModule] = {}
-        untraced = self.trace is None
-        for path, up, params, other, children in zip(
-            self.paths, self.parents, self.params, self.other, self.children
-        ):
-            parent = modules[up] if up >= 0 else None
-            evidence = None
-            if untraced:
-                evidence = (
-                    id(parent),
-                    key_traits(path[-1]) if path else -1,
-                    _shapes(params),
-                    _shapes(other),
-                    frozenset(children) if children else _NONE,
-                )
-                found = alike.get(evidence)
-                if found is not None:
-                    modules.append(found)
-                    continue
-            direct = params or other or {}
-            merged = {**params, **other} if params and other else direct
-            found = self.infer_module(path, parent, direct, merged, children or ())
-            modules.append(found)
-            if evidence is not None:
-                alike[evidence] = found
-        return modules
-
-    def _leaf_keys(self) -> list[int]:
+    def _leaf_keys(self, entries: list) -> list[int]:
         """Per leaf, a key equal only for leaves a policy cannot tell apart by owner,
-        ancestors, collection, name and whether it can decay: alike blocks of a deep
-        model share them. Small ints, so that the core hashes them fast."""
-        owner_ids: dict[int, int] = {}  # id of a module -> its owner's id
+        ancestors, role and name: alike blocks of a deep model share them. Small ints,
+        so that the core hashes them fast."""
+        owner_ids: dict[tuple[str, ...], int] = {}
         interned: dict[tuple, int] = {}
         key_ids: dict[tuple, int] = {}
-        by_names: dict[tuple, dict[str, int]] = {}
-        node_keys: list[dict[str, int] | None] = []
-        modules = self.modules
-        for s, collection, arrays in zip(self.slot, self.collection, self.found.arrays):
-            if not arrays:
-                node_keys.append(None)
-                continue
-            module = modules[s]
-            owner_id = owner_ids.get(id(module))
+        keys = []
+        for collection, path, key, array in entries:
+            owner_id = owner_ids.get(path)
             if owner_id is None:
+                module = self.module_at(path)
                 owner = module.absorbed_by or module
-                owner_id = owner_ids[id(module)] = interned.setdefault(
+                owner_id = owner_ids[path] = interned.setdefault(
                     owner_identity(owner), len(interned)
                 )
-            signature = (owner_id, collection, tuple(arrays), tuple(map(dtype_of, arrays.values())))
-            keys = by_names.get(signature)
-            if keys is None:
-                keys = by_names[signature] = {
-                    name: key_ids.setdefault(
-                        (owner_id, collection, name, is_floating(array)), len(key_ids)
-                    )
-                    for name, array in arrays.items()
-                }
-            node_keys.append(keys)
-        return [node_keys[m][name] for m, name in zip(self.found.node, self.found.name)]  # type: ignore[index]
+            keys.append(
+                key_ids.setdefault(
+                    (owner_id, collection, key, is_floating(array)), len(key_ids)
+                )
+            )
+        return keys
 
-    def _leaf_at(self, index: int) -> Leaf:
-        m, name = self.found.node[index], self.found.name[index]
-        s = self.slot[m]
+    def _entries(self, keyed: list) -> list[tuple[str, tuple[str, ...], str, Any]]:
+        """(collection, module path, key, array) per flat position."""
+        entries: list[tuple[str, tuple[str, ...], str, Any]] = []
+        self.direct: dict[tuple[str, ...], dict[str, Any]] = {}
+        self.direct_other: dict[tuple[str, ...], dict[str, Any]] = {}
+        for names, value in keyed:
+            collection = "params"
+            rest = names
+            if self.variables:
+                collection, rest = names[0], names[1:]
+            array = unbox(value) if is_box(value) else value
+            if not is_array_leaf(array) or not rest:
+                raise TypeError(
+                    f"{self.fn}: leaf {path_text(names)!r} is {reprlib.repr(array)} "
+                    f"({type(array).__name__}); expected a jax or numpy array, or an "
+                    f"nn.Partitioned (flax AxisMetadata) box around one. Remove "
+                    f"non-array entries from the tree before building the mask."
+                )
+            path, name = rest[:-1], rest[-1]
+            table = self.direct if collection == "params" else self.direct_other
+            table.setdefault(path, {})[name] = array
+            entries.append((collection, path, name, array))
+        return entries
+
+    def _entry_leaf(self, collection: str, path: tuple[str, ...], key: str, array: Any) -> Leaf:
         return self.leaf_record(
-            self.collection[m],
-            self.paths[s],
-            name,
-            self.found.arrays[m][name],  # type: ignore[index]
-            self.modules[s],
-            self.params[s] or {},
+            collection, path, key, array, self.module_at(path), self.direct.get(path, {})
         )
 
     # The trace against the tree.
@@ -218,8 +132,8 @@ class LinenTreeWalk(LinenReader):
         """Module paths holding params where the trace saw no module at all."""
         seen = self.trace.classes  # type: ignore[union-attr]
         unseen = []
-        for path, params in zip(self.paths, self.params):
-            if params and path and not any(path[:i] in seen for i in range(1, len(path) + 1)):
+        for path in self.direct:
+            if path and not any(path[:i] in seen for i in range(1, len(path) + 1)):
                 unseen.append(path_text(path))
         return sorted(unseen)
 
@@ -234,29 +148,24 @@ class LinenTreeWalk(LinenReader):
             shapes[path_text(tuple(key_name(k) for k in keys))] = tuple(array.shape)
         return shapes
 
-    def _reading(self, traced: dict[str, tuple[int, ...]]) -> bool:
+    def _reading(self, keyed: list, traced: dict[str, tuple[int, ...]]) -> bool:
         """Whether the tree is a variables mapping, as the traced model tells."""
         if not self.variables:
             return False
-        held = self._held_arrays()
         as_variables = {
-            path_text(path[1:] + (name,))
-            for path, arrays in held
-            if path and path[0] == "params"
-            for name in arrays
+            path_text(names[1:]) for names, _ in keyed if names and names[0] == "params"
         }
         if as_variables == set(traced):
             return True
-        as_params = {path_text(path + (name,)) for path, arrays in held for name in arrays}
+        as_params = {path_text(names) for names, _ in keyed}
         # A model with a top-level submodule named "params": its keys are modules.
         return as_params != set(traced)
 
-    def _check_trace(self, traced: dict[str, tuple[int, ...]]) -> None:
+    def _check_trace(self, entries: list, traced: dict[str, tuple[int, ...]]) -> None:
         given = {
-            path_text(path + (name,)): tuple(array.shape)
-            for path, arrays in zip(self.paths, self.params)
-            if arrays
-            for name, array in arrays.items()
+            path_text(entry[1] + (entry[2],)): tuple(entry[3].shape)
+            for entry in entries
+            if entry[0] == "params"
         }
         for path, shape in given.items():
             if path not in traced:
@@ -277,13 +186,23 @@ class LinenTreeWalk(LinenReader):
             f"feature sizes they were made with."
         )
 
+    # Modules.
 
-def _shapes(arrays: dict[str, Any] | None) -> tuple | None:
-    """The names and shapes of a module's arrays, in order."""
-    if arrays is None:
-        return None
-    return tuple(arrays), tuple(map(_shape_of, arrays.values()))
-
-
-_shape_of = operator.attrgetter("shape")
-_NONE: frozenset[str] = frozenset()
+    def module_at(self, path: tuple[str, ...]) -> LinenModule:
+        found = self.modules.get(path)
+        if found is not None:
+            return found
+        # The modules from the nearest one already inferred down to ``path``, outermost
+        # first: a loop, so that depth is not limited by the Python stack.
+        todo = [path]
+        while todo[-1] and todo[-1][:-1] not in self.modules:
+            todo.append(todo[-1][:-1])
+        for here in reversed(todo):
+            parent = self.modules[here[:-1]] if here else None
+            params = self.direct.get(here)
+            other = self.direct_other.get(here)
+            direct = params or other or {}
+            merged = {**params, **other} if params and other else direct
+            found = self.infer_module(here, parent, direct, merged, self.children.get(here, ()))
+            self.modules[here] = found
+        return found  # type: ignore[return-value]

@@ -1,0 +1,117 @@
+"""What the names-only walk keeps per distinct module (its signature's parts and the
+:class:`ResolvedModule` record), and the output rebuilt from those records."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from flax.core.frozen_dict import FrozenDict
+
+from ...core._infer import name_kind, role_from_name
+from ._infer import LinenModule
+from ._tables import ATTENTION_PROJECTIONS, auto_class
+
+
+class NamesWalkFallback(Exception):
+    """The tree holds something only :class:`LinenTreeWalk` reads (or rejects) exactly."""
+
+
+
+# Module keys by what names-only inference reads of them (see key_traits). The ids
+# are never reused, so that a walk's cache stays valid while the key map is cleared.
+traits_of: dict[str, int] = {}
+_trait_ids: dict[tuple, int] = {}
+_TRAITS_KEPT = 1 << 16
+
+
+def key_traits(key: str) -> int:
+    """An id equal for module keys that names-only inference cannot tell apart.
+
+    :meth:`LinenReader.infer_module` reads a key only through its auto name, the kind
+    its name makes evident, whether it says "norm", whether it names an attention
+    projection, and whether it is empty: ``Block_0`` and ``Block_7`` share an id, and so do
+    ``Dense_0`` and ``Dense_1``.
+
+    Raises:
+      NamesWalkFallback: the key is not a string.
+    """
+    found = traits_of.get(key)
+    if found is None:
+        if type(key) is not str:
+            raise NamesWalkFallback
+        auto, stacked = auto_class(key)
+        traits = (
+            auto,
+            stacked,
+            name_kind(key),
+            role_from_name("embedding", "embedding", key),
+            key in ATTENTION_PROJECTIONS,
+            bool(key),
+        )
+        found = _trait_ids.setdefault(traits, len(_trait_ids))
+        if len(traits_of) >= _TRAITS_KEPT:
+            traits_of.clear()
+        traits_of[key] = found
+    return found
+
+
+class WatchedArrays(dict):
+    """The arrays of a module, noting whether inference looked at one (its shape)."""
+
+    looked = False
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self.looked = True
+        return super().get(key, default)
+
+
+AT_LEAF, AT_DICT, AT_FROZEN = 0, 1, 2
+
+
+class ResolvedModule:
+    """What every module of one signature shares: its module, its arrays' keys, and
+    the layout of its mapping."""
+
+    __slots__ = ("emitted", "keys", "layout", "module", "names", "token")
+
+    def __init__(
+        self,
+        module: LinenModule,
+        token: int,
+        keys: tuple[int, ...],
+        names: tuple[str, ...],
+        layout: tuple[tuple[str, int], ...] | None,
+    ):
+        self.module = module
+        self.token = token
+        self.keys = keys  # one per array the module owns, in key order
+        self.names = names  # the names of those arrays, in key order
+        # Every key in order with AT_LEAF, AT_DICT or AT_FROZEN; None where all are arrays.
+        self.layout = layout
+        self.emitted = False  # every one of its keys has a located first leaf
+
+
+
+def rebuilt_mapping(
+    resolved: ResolvedModule, plan: Callable[[], ResolvedModule], values: Iterator
+) -> dict:
+    """The mapping of one module with the next values at its leaves, as jax's unflatten
+    builds it: keys in order, a new dict per level."""
+    if resolved.layout is None:
+        # zip takes a name before a value: it stops without consuming one too many.
+        return dict(zip(resolved.names, values))
+    out = {}
+    for name, kind in resolved.layout:
+        if kind is AT_LEAF:
+            out[name] = next(values)
+            continue
+        child = plan()
+        inner = (
+            dict(zip(child.names, values))
+            if child.layout is None
+            else rebuilt_mapping(child, plan, values)
+        )
+        out[name] = inner if kind is AT_DICT else FrozenDict(inner, __unsafe_skip_copy__=True)
+    return out
+
