@@ -256,7 +256,9 @@ def explain(args: argparse.Namespace) -> int:
         )
         built = build(factory, args.framework, concrete=True)
     try:
-        report = policy.explain(built.tree, show_dims=args.dims, **built.kwargs)
+        report = policy.explain(
+            built.tree, framework=built.framework, show_dims=args.dims, **built.kwargs
+        )
     except (ImportError, dm.PolicyDataError, dm.UnmatchedRuleError) as err:
         raise CliError(_one_line(str(err))) from err
     if args.format == "json":
