@@ -172,7 +172,8 @@ def test_the_factory_must_return_a_model(capsys, models):
     assert (code, out) == (2, "")
     assert err == (
         "python -m decaymask explain: error: the factory returned a dict; expected an "
-        "Equinox module, an NNX module, or a Linen (module, args) pair.\n"
+        "Equinox module, an NNX module, a Haiku (transformed, args) pair, or a Linen "
+        "(module, args) pair.\n"
     )
 
 

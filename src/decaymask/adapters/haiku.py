@@ -1,0 +1,419 @@
+"""The Haiku adapter: ``hk.transform(f).init(...)`` params -> leaves -> the same dicts.
+
+Paths: the module path as Haiku writes it, ``~`` kept (a constructor's module,
+``mlp/~/linear_0``, beside a ``__call__``'s, ``mlp/linear_0``), then the param name.
+Kinds by names: a registered class as Haiku spells it (``MyProj`` for ``my_proj_1``),
+else Haiku's own module names (snake_case, numbered: ``linear_1``, ``conv2_d``), else the
+shared inference; ``lstm``/``vanilla_rnn`` own their ``linear`` gates, attention layers'
+children are projections. ``fn=``/``args=`` trace ``init`` (``jax.eval_shape``,
+``hk.intercept_methods``) for every module's class and every param's one-layer rank.
+``hk.layer_stack`` adds a batch axis per ``__layer_stack_{no,with}_per_layer`` segment
+(Haiku 0.0.17's names; no ``~``), under a user-named stack where a Linear's ``w`` and
+``b`` share leading axes, or as the trace shows. State (``batch_norm/~/mean_ema``) is
+never decayed. Muon layouts only where proven (a Haiku class, traced or by its exact
+name, or a registration): ``Linear``/``Embed`` ``(in, out)``, ``ConvND``
+``(*kernel, in, out)``, ``ConvNDTranspose`` ``(*kernel, out, in)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from ..core import _registry
+from ..core._infer import resolve_kind, role_from_name, words
+from ..core._leaf import Layer, Leaf
+from ._contract import Adapter, Claim, PytreeAdapter, Rebuild
+
+_SNAKE = re.compile(r"((?<=[a-z0-9])[A-Z]|(?!^)[A-Z](?=[a-z]))")
+_NUMBERED = re.compile(r"(.+?)_\d+\Z")
+_STACK = re.compile(r"__layer_stack_(no|with)_per_layer(_\d+)?\Z")
+_HAIKU_SEGMENT = re.compile(r"~\Z|[a-z_][a-z0-9_]*\Z")
+_LOOKED_AT = 64  # modules a claim reads in full
+_LIFT = "haiku._src.lift"  # the module of hk.lift, which hk.layer_stack uses
+
+
+def snake(class_name: str) -> str:
+    """A class name as Haiku names its instances: ``Conv2DTranspose`` -> ``conv2_d_transpose``."""
+    return _SNAKE.sub(r"_\1", class_name).lower()
+
+
+# Haiku's modules by their instances' names: (class name, kind, layout of the weight).
+_DENSE, _CONV, _TRANSPOSE = "dense", "conv", "transpose"
+_BUILTIN: dict[str, tuple[str, str, str | None]] = {snake(c): (c, k, lay) for c, k, lay in (
+    ("Linear", "linear", _DENSE), ("Embed", "embedding", _DENSE), ("GRU", "recurrent", _DENSE),
+    ("MultiHeadAttention", "attention", None), ("LSTM", "recurrent", None),
+    ("VanillaRNN", "recurrent", None), ("LayerNorm", "layer_norm", None),
+    ("RMSNorm", "rms_norm", None), ("BatchNorm", "batch_norm", None),
+    ("GroupNorm", "group_norm", None), ("InstanceNorm", "instance_norm", None),
+    *((c, "conv", _CONV) for c in ("Conv1D", "Conv2D", "Conv3D", "ConvND")),
+    *((c + "Transpose", "conv", _TRANSPOSE) for c in ("Conv1D", "Conv2D", "Conv3D", "ConvND")),
+)}
+_CELLS = frozenset({"LSTM", "VanillaRNN"})  # keep their gates in Linear children
+
+
+class HaikuAdapter(PytreeAdapter):
+    """Haiku params dicts (``module/~/path -> {name: array}``), optionally with the
+    transformed function that made them, for an abstract trace."""
+
+    name = "haiku"
+    face = "haiku"
+    title = "Haiku"
+    requires = "haiku"
+    extra = "haiku"
+    accepts = "a Haiku params dict (module path -> {param name: array})"
+    usage = "policy.{method}(params) for Haiku params"
+    non_floating_fix = "Keep integer and bool arrays out of the params handed to optax."
+    layout_fix = "for Haiku params: fn=transformed, args=(x,)"
+    factory_result = "a Haiku (transformed, args) pair"
+    factory_shape = ("for Haiku the factory must return (transformed, args) or (transformed, "
+                     "args, kwargs), with hk.transform's result and example inputs")
+
+    def claim(self, tree: Any) -> Claim:
+        if "haiku" not in sys.modules or not _two_levels(tree):
+            return Claim.NO
+        certain = any("~" in key or key.startswith("__layer_stack_") for key in tree)
+        return Claim.CERTAINLY if certain else Claim.POSSIBLY
+
+    def walk(self, tree: Any, *, method: str, **options: Any) -> tuple[Sequence[Leaf], Rebuild]:
+        extra = sorted(set(options) - {"fn", "args", "kwargs"})
+        if extra:
+            raise TypeError(f"{method}: Haiku params take fn=, args= and kwargs=; got "
+                            f"{', '.join(k + '=' for k in extra)}.")
+        fn, args, kwargs = options.get("fn"), options.get("args", ()), options.get("kwargs")
+        return _walk(tree, method, fn, args, kwargs)
+
+    def describe(self, tree: Any) -> str:
+        key = next((k for k in tree if "~" in k), next(iter(tree)))
+        return f"Haiku params (module paths such as {key!r})"
+
+    def refusal(self, tree: Any, method: str, claimant: Adapter, claim: Claim) -> str | None:
+        if _params_and_state(tree, method):
+            return _params_and_state(tree, method)
+        if claimant.name == "linen" and _two_levels(tree) and all(
+                _HAIKU_SEGMENT.match(s) for key in tree for s in key.split("/")):
+            return None  # Haiku's lower-case module names, with a param Linen names (`bias`)
+        return super().refusal(tree, method, claimant, claim)
+
+    def factory_model(self, result: Any) -> bool:  # (transformed, args[, kwargs])
+        hk = sys.modules.get("haiku")
+        return hk is not None and isinstance(result, tuple) and len(result) in (2, 3) and \
+            isinstance(result[0], (hk.Transformed, hk.TransformedWithState))
+
+    def build_model(self, factory: Any, result: Any, concrete: bool) -> tuple[Any, dict[str, Any]]:
+        import jax
+
+        fn, args, *rest = result
+        kwargs = dict(rest[0]) if rest else {}
+        # The example inputs are small: concrete ones let both inits compute on them.
+        args, kwargs = jax.tree_util.tree_map(lambda x: jax.numpy.zeros(x.shape, x.dtype) if
+                                              isinstance(x, jax.ShapeDtypeStruct) else x,
+                                              (tuple(args), kwargs))
+
+        def init() -> Any:  # the params, not the state of (params, state)
+            out = fn.init(jax.random.PRNGKey(0), *args, **kwargs)
+            return out[0] if isinstance(out, tuple) else out
+
+        params = init() if concrete else jax.eval_shape(init)
+        return params, {"fn": fn, "args": args, "kwargs": kwargs}
+
+
+def _is_array_like(x: Any) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, Mapping)
+
+
+def _two_levels(tree: Any) -> bool:
+    """A plain dict of str -> dict of str -> array (the first modules read in full)."""
+    return type(tree) is dict and bool(tree) and all(
+        isinstance(key, str) and type(module) is dict and (i >= _LOOKED_AT or all(
+            isinstance(k, str) and _is_array_like(v) for k, v in module.items()))
+        for i, (key, module) in enumerate(tree.items()))
+
+
+def _params_and_state(tree: Any, method: str) -> str | None:
+    """The message for ``(params, state)`` handed over as one tree, else ``None``."""
+    if not (type(tree) is tuple and len(tree) == 2 and all(type(t) is dict for t in tree)):
+        return None
+    return (f"{method}: got a tuple of two dicts, which looks like the (params, state) of "
+            f"hk.transform_with_state's init; pass the params alone: policy.{method}(params). "
+            f"Haiku state is never decayed and optax does not see it.")
+
+
+class _Module:
+    """One module of a path, as far as its name, its arrays or the trace tell."""
+
+    def __init__(self, layer: Layer, ancestors: tuple[Layer, ...], builtin: str | None = None,
+                 registration: _registry.Registration | None = None):
+        # builtin: the Haiku class it is (or derives from), by the trace or its exact name
+        self.layer, self.ancestors, self.registration = layer, ancestors, registration
+        self.trusted = builtin is not None
+        self.layout = _BUILTIN[snake(builtin)][2] if builtin is not None else None
+        self.cell = builtin in _CELLS
+        self.owner: _Module = self  # a cell owns its gates' arrays
+        self.hidden = False  # a stack: not among the ancestors
+
+
+def _walk(tree: Any, method: str, fn: Any, args: Any, kwargs: Any) -> tuple[list[Leaf], Rebuild]:
+    from ._common import dtype_name, path_text, registered_batch_axes
+
+    if _params_and_state(tree, method):
+        raise TypeError(_params_and_state(tree, method))
+    if not isinstance(tree, Mapping) or type(tree).__module__.startswith("flax."):
+        raise TypeError(f"{method}: expected {HaikuAdapter.accepts}, as hk.transform(f).init "
+                        f"returns; got {type(tree).__name__}.")
+    for key, module in tree.items():
+        if not isinstance(key, str) or not isinstance(module, Mapping):
+            raise TypeError(f"{method}: expected {HaikuAdapter.accepts}; {key!r} holds a "
+                            f"{type(module).__name__}, not a dict of params.")
+        for name, value in module.items():
+            # optax.MaskedNode (an empty NamedTuple) stands for other branches' leaves.
+            if not _is_array_like(value) and value != ():
+                raise TypeError(f"{method}: {key}/{name} is a {type(value).__name__}, not an "
+                                f"array; Haiku params hold arrays, one level below each module.")
+    if fn is None and (args != () or kwargs is not None):
+        raise TypeError(f"{method}(params, args=..., kwargs=...): these are example inputs for "
+                        f"tracing fn=, but no fn= was given. Pass the transformed function "
+                        f"too: policy.{method}(params, fn=transformed, args=(x,)).")
+    trace = None if fn is None else _Trace(method, fn, args, kwargs, tree)
+    paths = {key: tuple(key.split("/")) for key in tree}
+    children: dict[tuple[str, ...], set[str]] = {}
+    for segments in paths.values():
+        for i in (i for i in range(1, len(segments)) if segments[i] != "~"):
+            children.setdefault(_module_id(segments[:i]), set()).add(segments[i])
+    modules: dict[tuple[str, ...], _Module] = {}
+
+    def batch_of(key: str, name: str, shape: tuple[int, ...]) -> int:
+        rank = trace.ranks.get(f"{key}/{name}") if trace is not None else None
+        if rank is not None:
+            return max(0, len(shape) - rank)
+        return min(len(shape), _stacked(paths[key], tree[key]))
+
+    def module_of(mid: tuple[str, ...]) -> _Module:
+        found = modules.get(mid)
+        if found is None:
+            up, key = _module_id(mid[:-1]), "/".join(mid)
+            arrays = {n: len(v.shape) - batch_of(key, n, tuple(v.shape))
+                      for n, v in tree.get(key, {}).items() if _is_array_like(v)}
+            cls = trace.classes.get(key) if trace is not None else None
+            found = modules[mid] = _read(mid[-1], cls, arrays, children.get(mid, set()),
+                                         module_of(up) if up else None)
+        return found
+
+    leaves: list[Leaf] = []
+    order: list[tuple[str, str]] = []
+    for key in sorted(tree):
+        segments = paths[key]
+        mid = _module_id(segments)
+        module = module_of(mid) if mid and not all(_STACK.match(s) for s in mid) else None
+        owner = module.owner if module is not None else \
+            _Module(Layer("unknown", None, None, "name"), ())
+        layer, registration = owner.layer, owner.registration
+        for name in sorted(tree[key]):
+            value = tree[key][name]
+            if not _is_array_like(value):
+                continue
+            shape = tuple(value.shape)
+            batch = batch_of(key, name, shape)
+            role, axes = (registration.role_of(name), registration.matrix_axes_of(name)) \
+                if registration is not None else (None, None)
+            if axes is not None and (trace is None or f"{key}/{name}" not in trace.ranks):
+                batch = max(batch, registered_batch_axes(registration, tree[key].get) or 0)
+            elif registration is None and module is not None:
+                axes = _layout(module, name, len(shape) - batch)
+            layout_axes = 0
+            if layer.kind == "batch_norm" and name in ("scale", "offset"):
+                # BatchNorm keeps them in the input's rank, reduced axes of size 1.
+                ones = sum(1 for d in shape[batch:] if d == 1)
+                layout_axes = min(ones, max(0, len(shape) - batch - 1))
+            leaves.append(Leaf(
+                path=path_text((*segments, name)), layer=layer.kind, name=name,
+                role=role or role_from_name(layer.kind, name, segments[-1]),
+                shape=shape, dtype=dtype_name(value), layer_type=layer.type_name,
+                layer_class=layer.cls, ancestors=owner.ancestors,
+                is_param=_is_param(name, segments, trace), kind_source=layer.source,
+                batch_axes=batch, layout_axes=layout_axes, matrix_axes=axes,
+            ))
+            order.append((key, name))
+
+    def rebuild(values: list[Any]) -> Any:  # other values (optax.MaskedNode) stay as they are
+        out = {key: dict(module) for key, module in tree.items()}
+        for (key, name), value in zip(order, values, strict=True):
+            out[key][name] = value
+        return out
+
+    return leaves, rebuild
+
+
+def _stacked(segments: tuple[str, ...], direct: Mapping[str, Any]) -> int:
+    """Stacked leading axes by names: one per default-named stack, or what a Linear's
+    ``w`` and ``b`` share beyond their one-layer ranks of 2 and 1."""
+    stacks = sum(1 for s in segments if _STACK.match(s))
+    w, b = getattr(direct.get("w"), "shape", None), getattr(direct.get("b"), "shape", None)
+    if _base(segments[-1]) == "linear" and w is not None and b is not None:
+        extra = len(b) - 1
+        if 0 < extra == len(w) - 2 and tuple(w[:extra]) == tuple(b[:extra]):
+            return max(stacks, extra)
+    return stacks
+
+
+def _base(segment: str) -> str:
+    """A module name without Haiku's numbering: ``linear_1`` -> ``linear``."""
+    return segment[: segment.rindex("_")] if _NUMBERED.match(segment) else segment
+
+
+def _module_id(segments: Sequence[str]) -> tuple[str, ...]:
+    """A module path's segments without a trailing ``~``."""
+    return tuple(segments[:-1]) if segments and segments[-1] == "~" else tuple(segments)
+
+
+def _read(segment: str, cls: type | None, arrays: Mapping[str, int], children: set[str],
+          parent: _Module | None) -> _Module:
+    """The module named ``segment``, of class ``cls`` where a trace saw it."""
+    ancestors = () if parent is None else \
+        parent.ancestors if parent.hidden else (*parent.ancestors, parent.layer)
+    if _STACK.match(segment) or (cls is not None and cls.__module__.startswith(_LIFT)):
+        # A stack (or lift) is looked through: its layers are the modules below it.
+        module = _Module(Layer("unknown", None, cls, "class" if cls else "name"), ancestors)
+        module.hidden = True
+        return module
+    if cls is not None:
+        kinds = _class_kinds()
+        kind, source, registration = kinds(cls)
+        base = next((b for b in cls.__mro__ if b in kinds.table), None)
+        if source == "name" or (kind == "unknown" and not issubclass(cls, kinds.containers)):
+            layer = kinds.content_layer(cls, arrays, children)  # never worse than names
+        else:
+            layer = Layer(kind, cls.__name__, cls, source)
+        builtin = base.__name__ if base is not None and registration is None else None
+        module = _Module(layer, ancestors, builtin, registration)
+    else:
+        name = _base(segment)
+        registration = _registry.lookup_spelled(name, snake) or \
+            _registry.lookup_spelled(segment, snake)
+        known = _BUILTIN.get(name)
+        if registration is not None:
+            module = _Module(Layer(registration.kind, None, None, "registered"), ancestors, None,
+                             registration)
+        elif known is not None:
+            module = _Module(Layer(known[1], known[0], None, "name"), ancestors, known[0])
+        elif parent is not None and parent.trusted and parent.layer.kind == "attention":
+            # MultiHeadAttention's query, key, value and output are Linears.
+            module = _Module(Layer("linear", "Linear", None, "name"), ancestors, "Linear")
+        else:
+            kind, source = resolve_kind(segment, arrays, children)
+            module = _Module(Layer(kind, None, None, source), ancestors)
+    if parent is not None and parent.cell and module.layer.kind == "linear":
+        module.owner = parent
+        module.layout = _DENSE if module.trusted else None
+    return module
+
+
+@functools.cache
+def _class_kinds() -> Any:
+    """Haiku's classes for :class:`ClassKinds` (which drops its answers as the registry changes)."""
+    import haiku as hk
+
+    from ._common import ClassKinds
+
+    table = {getattr(hk, cls): kind for cls, kind, _ in _BUILTIN.values()}
+    return ClassKinds(table, containers=(hk.nets.MLP, hk.Sequential, hk.DeepRNN))
+
+
+def _layout(module: _Module, name: str, rank: int) -> \
+        tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(reduction, output) axes of a weight in Haiku's layouts, where the class is known."""
+    layout = module.layout
+    if layout is None or name not in ("w", "w_i", "w_h", "embeddings") or rank < 2:
+        return None
+    if layout == _DENSE:
+        return ((0,), (1,)) if rank == 2 else None
+    # ConvND: (*kernel, in, out); ConvNDTranspose: (*kernel, out, in).
+    out = rank - 1 if layout == _CONV else rank - 2
+    return tuple(a for a in range(rank) if a != out), (out,)
+
+
+def _is_param(name: str, segments: tuple[str, ...], trace: _Trace | None) -> bool:
+    if trace is not None:
+        return not trace.state
+    moving = segments[-1] == "exponential_moving_average" or words(segments[-1])[-1:] == ("ema",)
+    return not (moving and name in ("average", "hidden", "counter"))  # an EMA's state
+
+
+class _Trace:
+    """What an abstract ``init`` showed: module classes and param ranks by full name."""
+
+    def __init__(self, method: str, fn: Any, args: Any, kwargs: Any, tree: Mapping):
+        import haiku as hk
+        import jax
+
+        wrapped = isinstance(fn, (hk.Transformed, hk.TransformedWithState))
+        if not wrapped and not callable(fn):
+            raise TypeError(f"{method}(params, fn=...): expected hk.transform(f) (or the "
+                            f"function f it wraps), got {type(fn).__name__}.")
+        init = fn.init if wrapped else hk.transform_with_state(fn).init
+        if not isinstance(args, tuple):
+            raise TypeError(f"{method}(params, fn=..., args=...): expected a tuple of example "
+                            f"inputs, got {type(args).__name__}. Write args=(x,) for one input.")
+        if kwargs is not None and not isinstance(kwargs, Mapping):
+            raise TypeError(f"{method}(params, fn=..., kwargs=...): expected a mapping of "
+                            f"keyword inputs, got {type(kwargs).__name__}.")
+        self.classes: dict[str, type] = {}
+        self.ranks: dict[str, int] = {}
+        lifts: list[str] = []
+
+        def full(name: str) -> str:  # a name inside hk.lift (layer_stack) is relative
+            return "/".join((*lifts, name))
+
+        def creator(next_creator: Callable, shape: Any, dtype: Any, init: Any, context: Any) -> Any:
+            self.ranks.setdefault(full(context.full_name), len(shape))
+            return next_creator(shape, dtype, init)
+
+        def interceptor(next_fun: Callable, a: Any, kw: Any, context: Any) -> Any:
+            module = context.module
+            lifting = context.method_name == "__call__" and \
+                type(module).__module__.startswith(_LIFT)
+            lifts.extend([module.module_name] if lifting else [])
+            try:
+                with hk.custom_creator(creator, params=True, state=True):
+                    out = next_fun(*a, **kw)
+            finally:
+                if lifting:
+                    lifts.pop()
+            self.classes.setdefault(full(module.module_name), type(module))
+            return out
+
+        def traced() -> Any:
+            with hk.intercept_methods(interceptor):
+                out = init(jax.random.PRNGKey(0), *args, **(kwargs or {}))
+                return out if isinstance(out, tuple) else (out, {})
+
+        try:
+            out = jax.eval_shape(traced)
+        except Exception as err:
+            err.add_note(f"(raised while {method} traced init(rng, *args, **kwargs) abstractly "
+                         f"to find the module classes; check that args= and kwargs= are inputs "
+                         f"the function accepts)")
+            raise
+        given, theirs, state = _shapes(tree), _shapes(out[0]), _shapes(out[1])
+        self.state = given == state and given != theirs  # the state dict was handed over
+        if not self.state and given != theirs:
+            what = [f"{p!r} has shape {given[p]} in the params and {theirs[p]} in the model's"
+                    for p in sorted(set(given) & set(theirs)) if given[p] != theirs[p]]
+            what += [f"{p!r} is in the params, not in the model's"
+                     for p in sorted(set(given) - set(theirs))]
+            what += [f"{p!r} is in the model's params, not in these"
+                     for p in sorted(set(theirs) - set(given))]
+            raise ValueError(f"{method}(params, fn=...): the params do not match the traced "
+                             f"function: {what[0]}. Pass the function that made these params, "
+                             f"and args= with the input shapes they were made with.")
+
+
+def _shapes(tree: Mapping) -> dict[str, tuple[int, ...]]:
+    return {f"{k}/{n}": tuple(v.shape) for k, m in tree.items() for n, v in m.items()
+            if _is_array_like(v)}
+
+
+ADAPTER = HaikuAdapter()
