@@ -135,7 +135,7 @@ def test_lower_bounds_are_the_oldest_set_ci_tests():
     extras = project["optional-dependencies"]
     bounds = {}
     # The library's own extras and the test suite's; the docs build is not part of it.
-    for requirement in (r for name in ("equinox", "flax", "yaml", "test") for r in extras[name]):
+    for requirement in (r for name in ("equinox", "flax", "haiku", "yaml", "test") for r in extras[name]):
         found = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9.]+)", requirement)
         if found:
             bounds.setdefault(found[1].lower(), set()).add(found[2])
@@ -151,7 +151,7 @@ def test_readme_table_lists_the_oldest_set():
     text = (ROOT / "README.md").read_text()
     table = text.split("## Supported versions", 1)[1].split("\n## ", 1)[0]
     pins = _oldest_pins()
-    for name in ("jax", "equinox", "flax", "optax", "pyyaml"):
+    for name in ("jax", "equinox", "flax", "optax", "pyyaml", "dm-haiku"):
         [row] = [line for line in table.splitlines() if line.lower().startswith(f"| {name} ")]
         assert f"| {pins[name]} |" in row, row
 
