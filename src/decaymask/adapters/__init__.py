@@ -147,11 +147,13 @@ def _explicit(tree: Any, framework: str, method: str, adapters: Sequence[Adapter
             f"{method}(framework={framework!r}): unknown framework; expected one of "
             f"{', '.join(map(repr, names()))}."
         )
-    claims = [(a.claim(tree), i) for i, a in enumerate(candidates)]
-    best, index = max(claims, key=lambda c: (c[0], -c[1]))
-    if best is Claim.CERTAINLY:
-        return candidates[index]
-    refusing = candidates[index]
+    best, refusing = Claim.NO, candidates[0]
+    for candidate in candidates:
+        claim = candidate.claim(tree)
+        if claim is Claim.CERTAINLY:
+            return candidate
+        if claim > best:
+            best, refusing = claim, candidate
     others = [(a.claim(tree), a) for a in adapters if a not in candidates]
     if best is Claim.POSSIBLY:
         # A tree this adapter could read, which another framework certainly made: the
