@@ -34,7 +34,7 @@ class EquinoxAdapter(PytreeAdapter):
         if eqx is not None and isinstance(tree, eqx.Module):
             return Claim.CERTAINLY
         if isinstance(tree, Mapping):
-            return Claim.CERTAINLY if _holds_module(tree) else Claim.NO
+            return Claim.CERTAINLY if holds_module(tree) else Claim.NO
         # Any other pytree of arrays reads as Equinox params (one bool per array), and
         # so does one array; an object jax takes for one leaf is not params.
         if hasattr(tree, "shape") and hasattr(tree, "dtype"):
@@ -71,13 +71,14 @@ class EquinoxAdapter(PytreeAdapter):
         return super().refusal(tree, method, claimant, claim)
 
     def factory_model(self, result: Any) -> bool:
-        return _holds_module(result)
+        return holds_module(result)
 
     def build_model(self, factory: Any, result: Any, concrete: bool) -> tuple[Any, dict[str, Any]]:
         return result, {}
 
 
-def _holds_module(tree: Any) -> bool:
+def holds_module(tree: Any) -> bool:
+    """Whether ``tree`` is or holds an Equinox module (never, with equinox not loaded)."""
     eqx = sys.modules.get("equinox")
     if eqx is None:
         return False

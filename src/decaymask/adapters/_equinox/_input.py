@@ -5,10 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import equinox as eqx
-import jax
-
 from .._common import check_not_a_step_count
+from ..equinox import holds_module
 
 
 def _check_input(tree: Any, method: str) -> None:
@@ -22,16 +20,10 @@ def _check_input(tree: Any, method: str) -> None:
             f"policy.{flax_method}(...) for Flax params, variables, nnx.Module or "
             f"nnx.State."
         )
-    if isinstance(tree, Mapping) and not _holds_module(tree):
+    if isinstance(tree, Mapping) and not holds_module(tree):
         raise TypeError(
             f"{method}: got a {type(tree).__name__} that holds no Equinox module, "
             f"which looks like Flax Linen params; use policy.{flax_method}(params). For "
             f"a pytree of Equinox modules, pass the modules themselves."
         )
 
-
-def _holds_module(tree: Any) -> bool:
-    return any(
-        isinstance(x, eqx.Module)
-        for x in jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, eqx.Module))
-    )
