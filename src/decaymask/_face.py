@@ -45,22 +45,22 @@ class Policy(_CorePolicy):
 
     def _build(self, value: str, tree: Any, framework: str | None, method: str, options: dict[str, Any]) -> Any:
         adapter = adapters.choose(tree, framework, method)
-        key = None
-        if not any(rule.when is not None for rule in self.rules):
-            # A when= callable may read anything: only policies without one are cached.
-            signature = adapter.signature(tree, options)
-            if signature is not None:
-                key = (self, value, method, adapter.name, _registry.generation, signature)
-                built = _built.get(key)
-                if built is not None:
-                    treedef, values, messages = built
-                    warn_again(messages)
-                    return treedef.unflatten(values)
         # A build allocates a few containers per leaf and frees them all, with no cycles:
         # collections triggered meanwhile would scan every object of the process (the
         # model included) for nothing. Measured at 20,000 Equinox leaves: a third of the
         # time went to the collector.
         with collector_paused():
+            key = None
+            if not any(rule.when is not None for rule in self.rules):
+                # A when= callable may read anything: only policies without one are cached.
+                signature = adapter.signature(tree, options)
+                if signature is not None:
+                    key = (self, value, method, adapter.name, _registry.generation, signature)
+                    built = _built.get(key)
+                    if built is not None:
+                        treedef, values, messages = built
+                        warn_again(messages)
+                        return treedef.unflatten(values)
             found, rebuild = adapter.walk(tree, method=method, **options)
             values, messages = self.values(
                 found,
@@ -72,9 +72,9 @@ class Policy(_CorePolicy):
             if value == "muon":
                 values = adapter.muon_dims(values, method)
             out = rebuild(values)
-        if key is not None:
-            _remember(key, out, messages)
-        return out
+            if key is not None:
+                _remember(key, out, messages)
+            return out
 
     # The generic entry points.
 
