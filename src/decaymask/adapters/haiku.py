@@ -20,20 +20,20 @@ from __future__ import annotations
 import functools
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..core import _registry
 from ..core._infer import resolve_kind, role_from_name, words
 from ..core._leaf import Layer, Leaf
 from ._contract import Adapter, Claim, PytreeAdapter, Rebuild
+from ._haiku_trace import LIFT, HaikuTrace, is_array_like
 
 _SNAKE = re.compile(r"((?<=[a-z0-9])[A-Z]|(?!^)[A-Z](?=[a-z]))")
 _NUMBERED = re.compile(r"(.+?)_\d+\Z")
 _STACK = re.compile(r"__layer_stack_(no|with)_per_layer(_\d+)?\Z")
 _HAIKU_SEGMENT = re.compile(r"~\Z|[a-z_][a-z0-9_]*\Z")
 _LOOKED_AT = 64  # modules a claim reads in full
-_LIFT = "haiku._src.lift"  # the module of hk.lift, which hk.layer_stack uses
 
 
 def snake(class_name: str) -> str:
@@ -121,15 +121,11 @@ class HaikuAdapter(PytreeAdapter):
         return params, {"fn": fn, "args": args, "kwargs": kwargs}
 
 
-def _is_array_like(x: Any) -> bool:
-    return hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, Mapping)
-
-
 def _two_levels(tree: Any) -> bool:
     """A plain dict of str -> dict of str -> array (the first modules read in full)."""
     return type(tree) is dict and bool(tree) and all(
         isinstance(key, str) and type(module) is dict and (i >= _LOOKED_AT or all(
-            isinstance(k, str) and _is_array_like(v) for k, v in module.items()))
+            isinstance(k, str) and is_array_like(v) for k, v in module.items()))
         for i, (key, module) in enumerate(tree.items()))
 
 
@@ -170,14 +166,14 @@ def _walk(tree: Any, method: str, fn: Any, args: Any, kwargs: Any) -> tuple[list
                             f"{type(module).__name__}, not a dict of params.")
         for name, value in module.items():
             # optax.MaskedNode (an empty NamedTuple) stands for other branches' leaves.
-            if not _is_array_like(value) and value != ():
+            if not is_array_like(value) and value != ():
                 raise TypeError(f"{method}: {key}/{name} is a {type(value).__name__}, not an "
                                 f"array; Haiku params hold arrays, one level below each module.")
     if fn is None and (args != () or kwargs is not None):
         raise TypeError(f"{method}(params, args=..., kwargs=...): these are example inputs for "
                         f"tracing fn=, but no fn= was given. Pass the transformed function "
                         f"too: policy.{method}(params, fn=transformed, args=(x,)).")
-    trace = None if fn is None else _Trace(method, fn, args, kwargs, tree)
+    trace = None if fn is None else HaikuTrace(method, fn, args, kwargs, tree)
     paths = {key: tuple(key.split("/")) for key in tree}
     children: dict[tuple[str, ...], set[str]] = {}
     for segments in paths.values():
@@ -196,7 +192,7 @@ def _walk(tree: Any, method: str, fn: Any, args: Any, kwargs: Any) -> tuple[list
         if found is None:
             up, key = _module_id(mid[:-1]), "/".join(mid)
             arrays = {n: len(v.shape) - batch_of(key, n, tuple(v.shape))
-                      for n, v in tree.get(key, {}).items() if _is_array_like(v)}
+                      for n, v in tree.get(key, {}).items() if is_array_like(v)}
             cls = trace.classes.get(key) if trace is not None else None
             found = modules[mid] = _read(mid[-1], cls, arrays, children.get(mid, set()),
                                          module_of(up) if up else None)
@@ -213,7 +209,7 @@ def _walk(tree: Any, method: str, fn: Any, args: Any, kwargs: Any) -> tuple[list
         layer, registration = owner.layer, owner.registration
         for name in sorted(tree[key]):
             value = tree[key][name]
-            if not _is_array_like(value):
+            if not is_array_like(value):
                 continue
             shape = tuple(value.shape)
             batch = batch_of(key, name, shape)
@@ -274,7 +270,7 @@ def _read(segment: str, cls: type | None, arrays: Mapping[str, int], children: s
     """The module named ``segment``, of class ``cls`` where a trace saw it."""
     ancestors = () if parent is None else \
         parent.ancestors if parent.hidden else (*parent.ancestors, parent.layer)
-    if _STACK.match(segment) or (cls is not None and cls.__module__.startswith(_LIFT)):
+    if _STACK.match(segment) or (cls is not None and cls.__module__.startswith(LIFT)):
         # A stack (or lift) is looked through: its layers are the modules below it.
         module = _Module(Layer("unknown", None, cls, "class" if cls else "name"), ancestors)
         module.hidden = True
@@ -335,85 +331,11 @@ def _layout(module: _Module, name: str, rank: int) -> \
     return tuple(a for a in range(rank) if a != out), (out,)
 
 
-def _is_param(name: str, segments: tuple[str, ...], trace: _Trace | None) -> bool:
+def _is_param(name: str, segments: tuple[str, ...], trace: HaikuTrace | None) -> bool:
     if trace is not None:
         return not trace.state
     moving = segments[-1] == "exponential_moving_average" or words(segments[-1])[-1:] == ("ema",)
     return not (moving and name in ("average", "hidden", "counter"))  # an EMA's state
-
-
-class _Trace:
-    """What an abstract ``init`` showed: module classes and param ranks by full name."""
-
-    def __init__(self, method: str, fn: Any, args: Any, kwargs: Any, tree: Mapping):
-        import haiku as hk
-        import jax
-
-        wrapped = isinstance(fn, (hk.Transformed, hk.TransformedWithState))
-        if not wrapped and not callable(fn):
-            raise TypeError(f"{method}(params, fn=...): expected hk.transform(f) (or the "
-                            f"function f it wraps), got {type(fn).__name__}.")
-        init = fn.init if wrapped else hk.transform_with_state(fn).init
-        if not isinstance(args, tuple):
-            raise TypeError(f"{method}(params, fn=..., args=...): expected a tuple of example "
-                            f"inputs, got {type(args).__name__}. Write args=(x,) for one input.")
-        if kwargs is not None and not isinstance(kwargs, Mapping):
-            raise TypeError(f"{method}(params, fn=..., kwargs=...): expected a mapping of "
-                            f"keyword inputs, got {type(kwargs).__name__}.")
-        self.classes: dict[str, type] = {}
-        self.ranks: dict[str, int] = {}
-        lifts: list[str] = []
-
-        def full(name: str) -> str:  # a name inside hk.lift (layer_stack) is relative
-            return "/".join((*lifts, name))
-
-        def creator(next_creator: Callable, shape: Any, dtype: Any, init: Any, context: Any) -> Any:
-            self.ranks.setdefault(full(context.full_name), len(shape))
-            return next_creator(shape, dtype, init)
-
-        def interceptor(next_fun: Callable, a: Any, kw: Any, context: Any) -> Any:
-            module = context.module
-            lifting = context.method_name == "__call__" and \
-                type(module).__module__.startswith(_LIFT)
-            lifts.extend([module.module_name] if lifting else [])
-            try:
-                with hk.custom_creator(creator, params=True, state=True):
-                    out = next_fun(*a, **kw)
-            finally:
-                if lifting:
-                    lifts.pop()
-            self.classes.setdefault(full(module.module_name), type(module))
-            return out
-
-        def traced() -> Any:
-            with hk.intercept_methods(interceptor):
-                out = init(jax.random.PRNGKey(0), *args, **(kwargs or {}))
-                return out if isinstance(out, tuple) else (out, {})
-
-        try:
-            out = jax.eval_shape(traced)
-        except Exception as err:
-            err.add_note(f"(raised while {method} traced init(rng, *args, **kwargs) abstractly "
-                         f"to find the module classes; check that args= and kwargs= are inputs "
-                         f"the function accepts)")
-            raise
-        given, theirs, state = _shapes(tree), _shapes(out[0]), _shapes(out[1])
-        self.state = given == state and given != theirs  # the state dict was handed over
-        if not self.state and given != theirs:
-            what = [f"{p!r} has shape {given[p]} in the params and {theirs[p]} in the model's"
-                    for p in sorted(set(given) & set(theirs)) if given[p] != theirs[p]]
-            what += [f"{p!r} is in the params, not in the model's"
-                     for p in sorted(set(given) - set(theirs))]
-            what += [f"{p!r} is in the model's params, not in these"
-                     for p in sorted(set(theirs) - set(given))]
-            raise ValueError(f"{method}(params, fn=...): the params do not match the traced "
-                             f"function: {what[0]}. Pass the function that made these params, "
-                             f"and args= with the input shapes they were made with.")
-
-
-def _shapes(tree: Mapping) -> dict[str, tuple[int, ...]]:
-    return {f"{k}/{n}": tuple(v.shape) for k, m in tree.items() for n, v in m.items()
-            if _is_array_like(v)}
 
 
 ADAPTER = HaikuAdapter()
