@@ -28,10 +28,15 @@ _built: dict[Any, tuple[Any, list[Any], list[str]]] = {}
 _built_lock = threading.Lock()
 
 
-def _remember(key: Any, out: Any, messages: list[str]) -> None:
+def _remember(key: Any, out: Any, values: list[Any], rebuild: Any, messages: list[str]) -> None:
     import jax
 
-    values, treedef = jax.tree_util.tree_flatten(out)
+    treedef = getattr(rebuild, "__self__", None)
+    if isinstance(treedef, jax.tree_util.PyTreeDef):
+        # The output is that treedef unflattened over these values: no flatten needed.
+        values = list(values)
+    else:
+        values, treedef = jax.tree_util.tree_flatten(out)
     with _built_lock:
         if len(_built) >= _BUILT_MAX:
             _built.pop(next(iter(_built)))
@@ -73,7 +78,7 @@ class Policy(_CorePolicy):
                 values = adapter.muon_dims(values, method)
             out = rebuild(values)
             if key is not None:
-                _remember(key, out, messages)
+                _remember(key, out, values, rebuild, messages)
             return out
 
     # The generic entry points.
