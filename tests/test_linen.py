@@ -945,6 +945,90 @@ def test_int_and_tuple_keys_work_and_are_named():
     assert_decays_exactly(tupled, zero_grad_updates(tupled, mask), flat_with_paths(mask))
 
 
+def test_lists_tuples_none_and_empty_mappings_keep_their_places():
+    # Layers kept in a list (a hand-rolled stack), a tuple pair, and values jax holds
+    # as nodes without leaves: None and empty dicts.
+    ln = {"scale": jnp.full(3, 2.0), "bias": jnp.full(3, 3.0)}
+    params = {
+        "layers": [{"Dense_0": _dense(seed=1)}, {"Dense_0": _dense(seed=2), "LayerNorm_0": ln}],
+        "pair": (_dense(seed=3), None),
+        "empty": {},
+        "Dense_9": {**_dense(seed=4), "unused": None},
+    }
+    mask = SEED.for_flax(params)
+    assert mask == {
+        "layers": [{"Dense_0": {"kernel": True, "bias": True}},
+                   {"Dense_0": {"kernel": True, "bias": True},
+                    "LayerNorm_0": {"scale": False, "bias": True}}],
+        "pair": ({"kernel": True, "bias": True}, None),
+        "empty": {},
+        "Dense_9": {"kernel": True, "bias": True, "unused": None},
+    }
+    rows = {row.path: row for row in CLASSIC.explain(params)}
+    assert set(rows) == {
+        "layers/0/Dense_0/bias", "layers/0/Dense_0/kernel", "layers/1/Dense_0/bias",
+        "layers/1/Dense_0/kernel", "layers/1/LayerNorm_0/bias", "layers/1/LayerNorm_0/scale",
+        "pair/0/bias", "pair/0/kernel", "Dense_9/bias", "Dense_9/kernel",
+    }
+    # A pair element with a kernel and a bias is a linear layer by its arrays.
+    assert rows["pair/0/kernel"].layer == "linear" and rows["pair/0/kernel"].decay
+    updates = zero_grad_updates(params, mask)
+    assert_decays_exactly(params, updates, flat_with_paths(mask))
+
+
+def test_a_mapping_of_empty_mappings_is_not_a_submodule():
+    # A block's children say what it is: one holding no array is not among them.
+    block = {"query": _dense(seed=1), "key": _dense(seed=2), "value": _dense(seed=3)}
+    plain = {"Block": dict(block)}
+    padded = {"Block": {**block, "out": {"kernel": {}, "bias": {"x": None}}}}
+    rows = {row.path: (row.layer, row.leaf.ancestors, row.decay) for row in SEED.explain(plain)}
+    padded_rows = {
+        row.path: (row.layer, row.leaf.ancestors, row.decay) for row in SEED.explain(padded)
+    }
+    assert padded_rows == rows
+    assert SEED.for_flax(padded)["Block"]["out"] == {"kernel": {}, "bias": {"x": None}}
+
+
+def test_an_ordered_dict_keeps_its_order_and_type():
+    import collections
+
+    params = collections.OrderedDict([("Dense_1", _dense(seed=1)), ("Dense_0", _dense(seed=2))])
+    mask = LINEAR.for_flax(params)
+    assert type(mask) is collections.OrderedDict and list(mask) == ["Dense_1", "Dense_0"]
+    assert [row.path for row in CLASSIC.explain(params)] == [
+        "Dense_1/bias", "Dense_1/kernel", "Dense_0/bias", "Dense_0/kernel",
+    ]
+    assert_decays_exactly(params, zero_grad_updates(params, mask), flat_with_paths(mask))
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["dict", "FrozenDict"])
+def test_variables_read_a_module_off_every_collection(frozen):
+    wrap = freeze if frozen else (lambda d: d)
+    variables = wrap({
+        "batch_stats": {"Block_0": {"BatchNorm_0": {"mean": jnp.zeros(3), "var": jnp.ones(3)}},
+                        "Stats_0": {"count": jnp.ones(())}},
+        "params": {"Block_0": {"BatchNorm_0": {"scale": jnp.ones(3), "bias": jnp.ones(3)},
+                               "Dense_0": _dense(seed=1)}},
+    })
+    policy = dm.Policy(dm.decay(layer="linear", param="weight"), dm.decay(layer="batch_norm"))
+    mask = policy.for_flax(variables)
+    assert type(mask) is type(variables)
+    rows = {row.path: row for row in policy.explain(variables)}
+    assert [row.path for row in policy.explain(variables)] == [
+        "batch_stats/Block_0/BatchNorm_0/mean", "batch_stats/Block_0/BatchNorm_0/var",
+        "batch_stats/Stats_0/count", "Block_0/BatchNorm_0/bias", "Block_0/BatchNorm_0/scale",
+        "Block_0/Dense_0/bias", "Block_0/Dense_0/kernel",
+    ]
+    # State is read as the module's but never decayed; a module only state holds is
+    # still a module of the tree.
+    assert rows["batch_stats/Block_0/BatchNorm_0/mean"].layer == "batch_norm"
+    assert not rows["batch_stats/Block_0/BatchNorm_0/mean"].decay
+    assert rows["batch_stats/Stats_0/count"].layer == "unknown"
+    assert rows["Block_0/BatchNorm_0/scale"].decay and rows["Block_0/Dense_0/kernel"].decay
+    assert not rows["Block_0/Dense_0/bias"].decay
+    assert mask["batch_stats"]["Block_0"]["BatchNorm_0"] == {"mean": False, "var": False}
+
+
 def test_keys_holding_a_slash_give_distinct_escaped_paths():
     params = {"a/b": {"Dense_0": _dense(seed=1)}, "a": {"b": {"Dense_0": _dense(seed=2)}},
               "100%": {"Dense_0": _dense(seed=3)}}

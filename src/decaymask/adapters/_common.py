@@ -293,7 +293,7 @@ class ClassKinds:
 
 def structure_signature(tree: Any) -> Any:
     """The tree's structure (node types, keys, static fields), each leaf's type, shape
-    and dtype, and which leaves are one array: everything a names-only walk reads. ``None`` where some static
+    and dtype, and which leaves are one array: everything a walk by names reads. ``None`` where some static
     field cannot be hashed."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     try:

@@ -64,16 +64,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from flax.core.frozen_dict import FrozenDict
-
 from ...core._leaf import Leaf
 from ...core._table import LeafTable
-from ._named import LinenNamesWalk
-from ._signature import NamesWalkFallback
 from ._tables import KIND_TABLE as KIND_TABLE
 from ._tables import WRAPPERS as WRAPPERS
-from ._variables import looks_like_variables
-from ._walk import LinenTreeWalk
+from ._walk import LinenWalk
 
 NON_FLOATING_FIX = "Keep integer and bool arrays out of the params handed to optax."
 
@@ -93,9 +88,8 @@ def walk(
     ``nn.Partitioned`` box. Arguments as :func:`leaves`; ``method`` names the entry
     point in error messages.
 
-    Params read by names alone take :class:`LinenNamesWalk`, which never flattens the tree
-    and infers each distinct module once; variables, traced models and trees it does
-    not read exactly take :class:`LinenTreeWalk`. Both give the same leaves, keys and masks.
+    One walk reads every input (:class:`LinenWalk`): alike modules are inferred once,
+    and the result is jax's treedef of ``tree`` (a box is a leaf) unflattened.
     """
     if not isinstance(tree, Mapping):
         raise TypeError(
@@ -109,14 +103,7 @@ def walk(
             f"tracing module=, but no module= was given. Pass the model too: "
             f"policy.{method}(params, module=model, args=(x,))."
         )
-    if module is None and type(tree) in (dict, FrozenDict) and looks_like_variables(tree) is False:
-        try:
-            named = LinenNamesWalk(method, tree)
-        except NamesWalkFallback:
-            pass
-        else:
-            return named.leaves, named.rebuild
-    state = LinenTreeWalk(method, tree, module, args, kwargs)
+    state = LinenWalk(method, tree, module, args, kwargs)
     return state.leaves, state.treedef.unflatten  # type: ignore[attr-defined, unused-ignore]  # mypy cannot resolve jaxlib's PyTreeDef
 
 

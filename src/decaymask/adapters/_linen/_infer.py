@@ -159,7 +159,7 @@ class LinenInference:
           children: the keys of its submodules that hold arrays, in any collection.
 
         Without a trace, the result depends on ``path`` only through the last key's
-        :func:`key_traits` and whether ``path`` is empty: the names-only walk relies on
+        :func:`key_traits` and whether ``path`` is empty: the walk relies on
         that to infer once per distinct (parent, traits, arrays, children).
         """
         key = path[-1] if path else ""
@@ -271,7 +271,7 @@ class LinenInference:
         ranks = {}
         ndims = self.trace.ndims if self.trace is not None else None
         for name in direct:
-            # get: the names-only walk notes it, and keys the module by its shapes.
+            # get: the walk notes it, and keys the module by its shapes.
             shape = cast(Any, direct.get(name)).shape
             inner = None
             if ndims is not None:

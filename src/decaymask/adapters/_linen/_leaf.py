@@ -14,7 +14,7 @@ from ._tables import ATTENTION_LAYOUT, layout_base, natural_ndim
 
 
 class LinenReader(LinenInference):
-    """What both walks share: a module's kind (:class:`LinenInference`) and the
+    """What the walk reads of a module: its kind (:class:`LinenInference`) and the
     :class:`Leaf` record of one array."""
 
     def leaf_record(

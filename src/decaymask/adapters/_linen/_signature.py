@@ -1,21 +1,13 @@
-"""What the names-only walk keeps per distinct module (its signature's parts and the
-:class:`ResolvedModule` record), and the output rebuilt from those records."""
+"""What the walk keeps per distinct module: its signature's parts and the
+:class:`ResolvedModule` record."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from typing import Any
-
-from flax.core.frozen_dict import FrozenDict
 
 from ...core._infer import name_kind, role_from_name
 from ._infer import LinenModule
 from ._tables import ATTENTION_PROJECTIONS, auto_class
-
-
-class NamesWalkFallback(Exception):
-    """The tree holds something only :class:`LinenTreeWalk` reads (or rejects) exactly."""
-
 
 
 # Module keys by what names-only inference reads of them (see key_traits). The ids
@@ -33,13 +25,9 @@ def key_traits(key: str) -> int:
     projection, and whether it is empty: ``Block_0`` and ``Block_7`` share an id, and so do
     ``Dense_0`` and ``Dense_1``.
 
-    Raises:
-      NamesWalkFallback: the key is not a string.
     """
     found = traits_of.get(key)
     if found is None:
-        if type(key) is not str:
-            raise NamesWalkFallback
         auto, stacked = auto_class(key)
         traits = (
             auto,
@@ -66,9 +54,6 @@ class WatchedArrays(dict):
         return super().get(key, default)
 
 
-AT_LEAF, AT_DICT, AT_FROZEN = 0, 1, 2
-
-
 class ResolvedModule:
     """What every module of one signature shares: its module, its arrays' keys, and
     the layout of its mapping."""
@@ -87,31 +72,9 @@ class ResolvedModule:
         self.token = token
         self.keys = keys  # one per array the module owns, in key order
         self.names = names  # the names of those arrays, in key order
-        # Every key in order with AT_LEAF, AT_DICT or AT_FROZEN; None where all are arrays.
+        # Every key in order with AT_LEAF, AT_NODE or AT_CONST; None for a layer
+        # (arrays only, in their own order).
         self.layout = layout
         self.emitted = False  # every one of its keys has a located first leaf
 
-
-
-def rebuilt_mapping(
-    resolved: ResolvedModule, plan: Callable[[], ResolvedModule], values: Iterator
-) -> dict:
-    """The mapping of one module with the next values at its leaves, as jax's unflatten
-    builds it: keys in order, a new dict per level."""
-    if resolved.layout is None:
-        # zip takes a name before a value: it stops without consuming one too many.
-        return dict(zip(resolved.names, values))
-    out = {}
-    for name, kind in resolved.layout:
-        if kind is AT_LEAF:
-            out[name] = next(values)
-            continue
-        child = plan()
-        inner = (
-            dict(zip(child.names, values))
-            if child.layout is None
-            else rebuilt_mapping(child, plan, values)
-        )
-        out[name] = inner if kind is AT_DICT else FrozenDict(inner, __unsafe_skip_copy__=True)
-    return out
 

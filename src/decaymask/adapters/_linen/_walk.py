@@ -1,208 +1,352 @@
-"""The walk of any Linen mapping, with or without a trace: one flatten, modules by path."""
+"""The walk of a Linen mapping: params or variables, traced or not, in one pass."""
 
 from __future__ import annotations
 
-import reprlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
+from flax.core.frozen_dict import FrozenDict
 
 from ...core._leaf import Leaf
 from ...core._table import LeafTable
-from .._common import key_name, path_text
-from ._arrays import is_array_leaf, is_box, is_floating, str_keys, unbox
+from ._arrays import (
+    ARRAY,
+    box_types,
+    dtype_of,
+    is_box,
+    is_floating,
+    leaf_kinds,
+    leafy_types,
+    plain_types,
+    shapes_of,
+    unbox,
+)
 from ._infer import LinenModule, owner_identity
-from ._leaf import LinenReader
-from ._trace import LinenTrace, trace_init, wanted_names, warn_unseen
-from ._variables import check_not_equinox, looks_like_variables, undecidable_error
+from ._nodes import AT_LEAF, AT_NODE, EmptyNode, mapping_of
+from ._other import OtherCollections
+from ._signature import ResolvedModule, WatchedArrays, key_traits, traits_of
+from ._traced import traced_reading
+from ._variables import looks_like_variables, undecidable_error
+
+# A visit of one module: the submodules still to visit are yielded as the arguments of
+# their own visits, so that depth is not limited by the Python stack.
+Visit = Iterator[tuple[Any, tuple[str, ...], ResolvedModule, bool]]
 
 
-class LinenTreeWalk(LinenReader):
-    """Any Linen mapping, with or without a trace: one flatten, modules by path.
+class LinenWalk(OtherCollections):
+    """Any Linen mapping, one module at a time, alike modules inferred once.
 
-    Variables mappings (a module's arrays spread over collections) and traced models
-    take this walk; names-only params take :class:`LinenNamesWalk`, which gives the same
-    leaves, keys and masks faster. Trees this walk rejects are rejected here, with
-    messages that name the offending path.
+    The tree is visited as jax flattens it (dict and FrozenDict keys sorted, other
+    pytrees as jax orders their children, ``None`` and empty containers holding
+    nothing), so that a result is jax's treedef of the tree unflattened over one value
+    per leaf. Modules with the same parent, key traits, array names and dtypes and
+    submodule keys (and, where inference reads them, the same shapes) share one
+    signature and are inferred once: the blocks of a deep model cost a dictionary
+    lookup each. A traced module's signature holds its path, which the trace reads.
+
+    Per leaf the walk keeps an int key; every key's first leaf is located for the
+    core, any other leaf by visiting once more, on demand. A variables mapping's other
+    collections are gathered first (a module's arrays may be spread over them: its
+    kind is read off all of them) and their leaves are located as they are gathered.
     """
 
     def __init__(
         self,
         fn: str,
-        tree: Any,
+        tree: Mapping,
         module: Any = None,
         args: Any = (),
         kwargs: Any = None,
     ):
         self.fn = fn
-        flat, self.treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)
-        if len(flat) == 1 and flat[0][1] is tree:
-            raise TypeError(
-                f"{fn}: expected a Linen params or variables mapping (dict or FrozenDict), "
-                f"got {type(tree).__name__}, which jax treats as a single leaf."
-            )
-        check_not_equinox(fn, tree, flat)
-        keyed = [(str_keys(keys), value) for keys, value in flat]
-        reading = looks_like_variables(tree)
-        if reading is None and module is None:
-            raise undecidable_error(fn, tree)
-        # Undecided: the trace decides (_reading).
-        self.variables = reading is not False
-        self.trace: LinenTrace | None = None
-        traced_shapes: dict[str, tuple[int, ...]] = {}
-        if module is not None:
-            wanted = wanted_names(keyed, self.variables)
-            self.trace = trace_init(fn, module, args, kwargs, wanted)
-            traced_shapes = self._traced_param_shapes()
-            self.variables = self._reading(keyed, traced_shapes)
-        entries = self._entries(keyed)
-        if self.trace is not None:
-            self._check_trace(entries, traced_shapes)
-            if self._unseen():
-                self.trace = trace_init(fn, module, args, kwargs, wanted, eager=True)
-                unseen = self._unseen()
-                if unseen:
-                    warn_unseen(fn, type(module).__name__, unseen)
-        self.children: dict[tuple[str, ...], set[str]] = {}
-        for path in list(self.direct) + list(self.direct_other):
-            for i in range(len(path) - 1, -1, -1):
-                seen = path[:i] in self.children
-                self.children.setdefault(path[:i], set()).add(path[i])
-                if seen:
-                    break
-        self.modules: dict[tuple[str, ...], LinenModule] = {}
-        # One leaf per flat position: a result is the treedef unflattened over them.
-        self.leaves = LeafTable(self._leaf_keys(entries), lambda i: self._entry_leaf(*entries[i]))
-
-    def _leaf_keys(self, entries: list) -> list[int]:
-        """Per leaf, a key equal only for leaves a policy cannot tell apart by owner,
-        ancestors, role and name: alike blocks of a deep model share them. Small ints,
-        so that the core hashes them fast."""
-        owner_ids: dict[tuple[str, ...], int] = {}
-        interned: dict[tuple, int] = {}
-        key_ids: dict[tuple, int] = {}
-        keys = []
-        for collection, path, key, array in entries:
-            owner_id = owner_ids.get(path)
-            if owner_id is None:
-                module = self.module_at(path)
-                owner = module.absorbed_by or module
-                owner_id = owner_ids[path] = interned.setdefault(
-                    owner_identity(owner), len(interned)
-                )
-            keys.append(
-                key_ids.setdefault(
-                    (owner_id, collection, key, is_floating(array)), len(key_ids)
-                )
-            )
-        return keys
-
-    def _entries(self, keyed: list) -> list[tuple[str, tuple[str, ...], str, Any]]:
-        """(collection, module path, key, array) per flat position."""
-        entries: list[tuple[str, tuple[str, ...], str, Any]] = []
-        self.direct: dict[tuple[str, ...], dict[str, Any]] = {}
-        self.direct_other: dict[tuple[str, ...], dict[str, Any]] = {}
-        for names, value in keyed:
-            collection = "params"
-            rest = names
-            if self.variables:
-                collection, rest = names[0], names[1:]
-            array = unbox(value) if is_box(value) else value
-            if not is_array_leaf(array) or not rest:
+        self.tree = tree
+        self.trace = None
+        self.boxed = False  # a box (nn.Partitioned) was met: it is a leaf of the result
+        if mapping_of(tree) is None:
+            one = jax.tree_util.tree_flatten(tree, is_leaf=lambda x: x is not tree)[0]
+            if len(one) == 1 and one[0] is tree:
                 raise TypeError(
-                    f"{self.fn}: leaf {path_text(names)!r} is {reprlib.repr(array)} "
-                    f"({type(array).__name__}); expected a jax or numpy array, or an "
-                    f"nn.Partitioned (flax AxisMetadata) box around one. Remove "
-                    f"non-array entries from the tree before building the mask."
+                    f"{fn}: expected a Linen params or variables mapping (dict or "
+                    f"FrozenDict), got {type(tree).__name__}, which jax treats as a "
+                    f"single leaf."
                 )
-            path, name = rest[:-1], rest[-1]
-            table = self.direct if collection == "params" else self.direct_other
-            table.setdefault(path, {})[name] = array
-            entries.append((collection, path, name, array))
-        return entries
+        reading = looks_like_variables(tree)
+        if module is not None:
+            self.trace, reading = traced_reading(fn, tree, module, args, kwargs, reading)
+        elif reading is None:
+            raise undecidable_error(fn, tree)
+        self.variables = bool(reading)
+        # Optimistic: a non-empty mapping is taken to hold a leaf until its visit finds
+        # none (only None and empty containers below it), which is checked everywhere
+        # on a second visit.
+        self.careful = False
+        try:
+            self._start()
+        except EmptyNode:
+            self.careful = True
+            self._start()
+        self.leaves = LeafTable(self.keys, self._build_leaf)
+        self.treedef = jax.tree_util.tree_structure(tree, is_leaf=is_box if self.boxed else None)
+        flattened = self.treedef.num_leaves  # type: ignore[attr-defined, unused-ignore]  # mypy cannot resolve jaxlib's PyTreeDef
+        if flattened != len(self.keys):
+            raise RuntimeError(
+                f"{fn}: decaymask read {len(self.keys)} leaves where jax flattens "
+                f"{flattened}; this is a bug in decaymask, please report it "
+                f"with the tree's structure."
+            )
 
-    def _entry_leaf(self, collection: str, path: tuple[str, ...], key: str, array: Any) -> Leaf:
-        return self.leaf_record(
-            collection, path, key, array, self.module_at(path), self.direct.get(path, {})
+    # Visiting.
+
+    def _start(self) -> None:
+        """Visits the whole tree, from empty tables."""
+        self.keys: list[int] = []
+        # Signature -> ResolvedModule, or -> {shapes: ResolvedModule} where inference
+        # read shapes. Modules read in key order (_visit) and layers read in their own
+        # order (_visit_layer) have signatures of different forms: one table each.
+        self.signatures: dict[tuple, Any] = {}
+        self.layer_signatures: dict[tuple, Any] = {}
+        self.owner_ids: dict[tuple, int] = {}
+        self.key_ids: dict[tuple, int] = {}
+        self.tokens = 0  # a ResolvedModule's token stands for it in its children's signatures
+        # Leaf index -> (collection, path, name, array, module, direct): every key's first.
+        self.located: dict[int, tuple] = {}
+        self.seen: set[int] = set()
+        self.complete = False
+        # The other collections of a variables mapping, by module path.
+        self.other: dict[tuple[str, ...], dict[str, Any]] = {}
+        self.other_children: dict[tuple[str, ...], set[str]] = {}
+        self.other_paths: set[tuple[str, ...]] = set()
+        self.by_path: dict[tuple[str, ...], tuple[LinenModule, dict[str, Any]]] = {}
+        self.params = self.tree
+        self.base = 0
+        if self.variables:
+            self._variables()
+        else:
+            self._run(self.params, False)
+
+    def _run(self, node: Any, everything: bool) -> None:
+        """Visits the tree below ``node`` (the params), one module at a time."""
+        stack = [self._visit(node, (), None, everything)]
+        while stack:
+            try:
+                stack.append(self._visit(*next(stack[-1])))
+            except StopIteration:
+                stack.pop()
+
+    def _visit(
+        self,
+        node: Any,
+        path: tuple[str, ...],
+        parent: ResolvedModule | None,
+        everything: bool,
+    ) -> Visit:
+        """Appends the keys of the arrays below ``node``, the module at ``path``."""
+        mapping = mapping_of(node)
+        if mapping is not None and all(type(key) is str for key in mapping):
+            names = sorted(mapping)
+            values = [mapping[name] for name in names]
+        else:
+            names, values = self._items(node, path)
+        prefix = ("params", *path) if self.variables else path
+        direct: dict[str, Any] = {}
+        kinds: list[int] = []
+        dtypes: list[Any] = []
+        children: list[str] = []
+        careful = self.careful
+        for i, name in enumerate(names):
+            value = values[i]
+            kind = type(value)
+            if (kind is dict or kind is FrozenDict) and value and not careful:
+                # Holds a leaf, or the visit below finds it holds none (EmptyNode).
+                kinds.append(AT_NODE)
+                children.append(name)
+                continue
+            if leaf_kinds.get(kind) is ARRAY:
+                at = AT_LEAF
+            else:
+                at, value = self._classify(prefix + (name,), value)
+            kinds.append(at)
+            if at is AT_LEAF:
+                direct[name] = values[i] = value
+                dtypes.append(value.dtype)
+            elif at is AT_NODE:
+                children.append(name)
+        signature: tuple = (
+            parent.token if parent is not None else -1,
+            key_traits(path[-1]) if path else -1,
+            tuple(names),
+            tuple(kinds),
+            tuple(dtypes),
         )
+        if self.trace is not None:
+            signature += (path,)
+        other = None
+        gathered = self.variables and path in self.other_paths
+        if gathered:
+            other = self.other.get(path)
+            below = self.other_children.get(path, set())
+            signature += (
+                tuple(other or ()),
+                tuple(map(dtype_of, (other or {}).values())),
+                shapes_of(other or {}),
+                tuple(sorted(below)),
+            )
+            children = children + sorted(below.difference(children))
+        resolved = self.signatures.get(signature)
+        if type(resolved) is dict:
+            resolved = resolved.get(shapes_of(direct))
+        if resolved is None:
+            layout = tuple(zip(names, kinds))
+            resolved = self._resolve(
+                self.signatures, signature, path, parent, direct, children, layout, other=other
+            )
+        if gathered:
+            self.by_path[path] = (resolved.module, direct)
+        own = iter(resolved.keys)
+        fast = self.trace is None and not self.variables
+        for value, (name, kind) in zip(values, resolved.layout):  # type: ignore[arg-type]
+            if kind is AT_LEAF:
+                if resolved.emitted and not everything:
+                    self.keys.append(next(own))
+                else:
+                    next(own)
+                    self._locate(resolved, path, {name: direct[name]}, direct, everything)
+            elif kind is AT_NODE:
+                if not (fast and self._visit_layer(value, path, name, resolved, everything)):
+                    before = len(self.keys)
+                    yield value, path + (name,), resolved, everything
+                    if len(self.keys) == before:
+                        raise EmptyNode
+        resolved.emitted = True
 
-    # The trace against the tree.
-
-    def _unseen(self) -> list[str]:
-        """Module paths holding params where the trace saw no module at all."""
-        seen = self.trace.classes  # type: ignore[union-attr]
-        unseen = []
-        for path in self.direct:
-            if path and not any(path[:i] in seen for i in range(1, len(path) + 1)):
-                unseen.append(path_text(path))
-        return sorted(unseen)
-
-    def _traced_param_shapes(self) -> dict[str, tuple[int, ...]]:
-        traced = self.trace.variables  # type: ignore[union-attr]
-        flat, _ = jax.tree_util.tree_flatten_with_path(
-            traced.get("params", {}), is_leaf=is_box
-        )
-        shapes = {}
-        for keys, value in flat:
-            array = unbox(value) if is_box(value) else value
-            shapes[path_text(tuple(key_name(k) for k in keys))] = tuple(array.shape)
-        return shapes
-
-    def _reading(self, keyed: list, traced: dict[str, tuple[int, ...]]) -> bool:
-        """Whether the tree is a variables mapping, as the traced model tells."""
-        if not self.variables:
+    def _visit_layer(
+        self, node: Any, path: tuple[str, ...], name: str, parent: ResolvedModule, everything: bool
+    ) -> bool:
+        """Visits the submodule ``name`` of the module at ``path``, if it is a layer:
+        a dict or FrozenDict of arrays (or boxes around arrays) of known types only, as
+        every layer of most models is. Its signature is read off its values in their own
+        order, without sorting. ``False`` where it is not such a layer."""
+        if type(node) is FrozenDict:
+            node = node._dict
+        elif type(node) is not dict:
             return False
-        as_variables = {
-            path_text(names[1:]) for names, _ in keyed if names and names[0] == "params"
-        }
-        if as_variables == set(traced):
-            return True
-        as_params = {path_text(names) for names, _ in keyed}
-        # A model with a top-level submodule named "params": its keys are modules.
-        return as_params != set(traced)
+        values = node.values()
+        arrays: Any = values
+        if not plain_types.issuperset(map(type, values)):
+            if not leafy_types.issuperset(map(type, values)):
+                return False
+            # Boxes (nn.Partitioned): the arrays inside say what the module is.
+            arrays = [unbox(v) if type(v) in box_types else v for v in values]
+            if not plain_types.issuperset(map(type, arrays)):
+                return False
+            self.boxed = True
+        traits = traits_of.get(name)
+        if traits is None:
+            traits = key_traits(name)
+        signature = (parent.token, traits, tuple(node), tuple(map(dtype_of, arrays)))
+        resolved = self.layer_signatures.get(signature)
+        if type(resolved) is dict:
+            own = node if arrays is values else dict(zip(node, arrays))
+            resolved = resolved.get(shapes_of(own))
+        if resolved is None:
+            if not all(type(key) is str for key in node):
+                return False
+            names = sorted(node)
+            own = dict(zip(node, arrays))
+            resolved = self._resolve(
+                self.layer_signatures,
+                signature,
+                path + (name,),
+                parent,
+                {key: own[key] for key in names},
+                (),
+                None,
+                keyed_by=own,
+            )
+        if resolved.emitted and not everything:
+            self.keys.extend(resolved.keys)
+        else:
+            own = dict(zip(node, arrays))
+            direct = {key: own[key] for key in resolved.names}
+            self._locate(resolved, path + (name,), direct, direct, everything)
+        return True
 
-    def _check_trace(self, entries: list, traced: dict[str, tuple[int, ...]]) -> None:
-        given = {
-            path_text(entry[1] + (entry[2],)): tuple(entry[3].shape)
-            for entry in entries
-            if entry[0] == "params"
-        }
-        for path, shape in given.items():
-            if path not in traced:
-                raise self._mismatch(f"{path!r} is in the params, not in the model's")
-            if traced[path] != shape:
-                raise self._mismatch(
-                    f"{path!r} has shape {shape} in the params and {traced[path]} in "
-                    f"the model's"
-                )
-        for path in traced:
-            if path not in given:
-                raise self._mismatch(f"{path!r} is in the model's params, not in these")
+    def _locate(
+        self,
+        resolved: ResolvedModule,
+        path: tuple[str, ...],
+        arrays: dict[str, Any],
+        direct: dict[str, Any],
+        everything: bool,
+    ) -> None:
+        """Appends the keys of ``arrays`` (some of the module's ``direct``), noting
+        where each key first occurs (or, with ``everything``, where every leaf is)."""
+        keys = self.keys
+        own = dict(zip(resolved.names, resolved.keys))
+        module = resolved.module
+        for name, array in arrays.items():
+            key = own[name]
+            if everything or key not in self.seen:
+                self.seen.add(key)
+                self.located[len(keys)] = ("params", path, name, array, module, direct)
+            keys.append(key)
+        if arrays is direct:
+            resolved.emitted = True
 
-    def _mismatch(self, what: str) -> ValueError:
-        return ValueError(
-            f"{self.fn}(params, module=...): the params do not match the traced model: "
-            f"{what}. Pass the module that made these params, and args= with the "
-            f"feature sizes they were made with."
+    def _resolve(
+        self,
+        table: dict[tuple, Any],
+        signature: tuple,
+        path: tuple[str, ...],
+        parent: ResolvedModule | None,
+        direct: dict[str, Any],
+        children: list[str] | tuple[()],
+        layout: tuple[tuple[str, int], ...] | None,
+        keyed_by: dict[str, Any] | None = None,
+        other: dict[str, Any] | None = None,
+    ) -> ResolvedModule:
+        """Infers the module of a new signature, and the keys of the params it owns.
+
+        Where inference read shapes, the module is filed under the shapes of
+        ``keyed_by`` (``direct`` in the order its later look-ups see), default
+        ``direct``. ``other`` holds the module's arrays in a variables mapping's other
+        collections."""
+        watched = WatchedArrays(direct or other or {})
+        merged = WatchedArrays({**direct, **other}) if direct and other else watched
+        module = self.infer_module(
+            path, parent.module if parent is not None else None, watched, merged, children
         )
+        keys = tuple(
+            self.key_ids.setdefault((self._owner_id(module), name, is_floating(array)), len(self.key_ids))
+            for name, array in direct.items()
+        )
+        resolved = ResolvedModule(module, self.tokens, keys, tuple(direct), layout)
+        self.tokens += 1
+        if watched.looked or merged.looked:
+            by_shapes = table.get(signature)
+            if type(by_shapes) is not dict:
+                by_shapes = table[signature] = {}
+            by_shapes[shapes_of(direct if keyed_by is None else keyed_by)] = resolved
+        else:
+            table[signature] = resolved
+        return resolved
 
-    # Modules.
+    def _owner_id(self, module: LinenModule) -> int:
+        owner = module.absorbed_by or module
+        return self.owner_ids.setdefault(owner_identity(owner), len(self.owner_ids))
 
-    def module_at(self, path: tuple[str, ...]) -> LinenModule:
-        found = self.modules.get(path)
-        if found is not None:
-            return found
-        # The modules from the nearest one already inferred down to ``path``, outermost
-        # first: a loop, so that depth is not limited by the Python stack.
-        todo = [path]
-        while todo[-1] and todo[-1][:-1] not in self.modules:
-            todo.append(todo[-1][:-1])
-        for here in reversed(todo):
-            parent = self.modules[here[:-1]] if here else None
-            params = self.direct.get(here)
-            other = self.direct_other.get(here)
-            direct = params or other or {}
-            merged = {**params, **other} if params and other else direct
-            found = self.infer_module(here, parent, direct, merged, self.children.get(here, ()))
-            self.modules[here] = found
-        return found  # type: ignore[return-value]
+    # Leaves.
+
+    def _build_leaf(self, index: int) -> Leaf:
+        found = self.located.get(index)
+        if found is None and not self.complete:
+            # A leaf that is no key's first: locate every leaf, once.
+            keys = self.keys
+            self.keys = keys[: self.base]
+            self._run(self.params, True)
+            self.keys = keys
+            self.complete = True
+            found = self.located[index]
+        collection, path, name, array, module, direct = found  # type: ignore[misc]
+        return self.leaf_record(collection, path, name, array, module, direct)

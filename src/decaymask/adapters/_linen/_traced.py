@@ -1,0 +1,127 @@
+"""A traced model against the tree it was given: which reading the tree takes, and
+whether its params are the model's."""
+
+from __future__ import annotations
+
+import reprlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+from .._common import key_name, path_text
+from ._arrays import is_array_leaf, is_box, str_keys, unbox
+from ._trace import LinenTrace, trace_init, wanted_names, warn_unseen
+from ._variables import check_not_equinox
+
+
+def leaf_error(fn: str, names: tuple[str, ...], value: Any) -> TypeError:
+    """The error for a leaf that is not an array, at the key path ``names``."""
+    return TypeError(
+        f"{fn}: leaf {path_text(names)!r} is {reprlib.repr(value)} "
+        f"({type(value).__name__}); expected a jax or numpy array, or an "
+        f"nn.Partitioned (flax AxisMetadata) box around one. Remove "
+        f"non-array entries from the tree before building the mask."
+    )
+
+
+def traced_reading(
+    fn: str, tree: Mapping, module: Any, args: Any, kwargs: Any, reading: bool | None
+) -> tuple[LinenTrace, bool]:
+    """The trace of ``module.init``, and whether ``tree`` is a variables mapping.
+
+    The tree's reading (``looks_like_variables``) is kept where the traced params fit
+    it; where they fit the other one (or the tree left it open), the trace decides.
+
+    Raises:
+      TypeError: an Equinox module or a leaf that is not an array is in ``tree``, or
+        ``module=``/``args=``/``kwargs=`` are of the wrong type.
+      ValueError: the params differ from the traced model's.
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)
+    check_not_equinox(fn, tree, flat)
+    keyed = [(str_keys(keys), value) for keys, value in flat]
+    variables = reading is not False
+    wanted = wanted_names(keyed, variables)
+    trace = trace_init(fn, module, args, kwargs, wanted)
+    traced = _traced_param_shapes(trace)
+    variables = _reading(keyed, traced, variables)
+    given: dict[str, tuple[int, ...]] = {}
+    held: set[tuple[str, ...]] = set()
+    for names, value in keyed:
+        array = unbox(value) if is_box(value) else value
+        if not is_array_leaf(array):
+            raise leaf_error(fn, names, array)
+        if variables:
+            if names[0] != "params":
+                continue
+            names = names[1:]
+        given[path_text(names)] = tuple(array.shape)
+        held.add(names[:-1])
+    _check_trace(fn, given, traced)
+    if _unseen(trace, held):
+        trace = trace_init(fn, module, args, kwargs, wanted, eager=True)
+        unseen = _unseen(trace, held)
+        if unseen:
+            warn_unseen(fn, type(module).__name__, unseen)
+    return trace, variables
+
+
+def _unseen(trace: LinenTrace, held: set[tuple[str, ...]]) -> list[str]:
+    """Module paths holding params where the trace saw no module at all."""
+    seen = trace.classes
+    unseen = []
+    for path in held:
+        if path and not any(path[:i] in seen for i in range(1, len(path) + 1)):
+            unseen.append(path_text(path))
+    return sorted(unseen)
+
+
+def _traced_param_shapes(trace: LinenTrace) -> dict[str, tuple[int, ...]]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(
+        trace.variables.get("params", {}), is_leaf=is_box
+    )
+    shapes = {}
+    for keys, value in flat:
+        array = unbox(value) if is_box(value) else value
+        shapes[path_text(tuple(key_name(k) for k in keys))] = tuple(array.shape)
+    return shapes
+
+
+def _reading(keyed: list, traced: dict[str, tuple[int, ...]], variables: bool) -> bool:
+    """Whether the tree is a variables mapping, as the traced model tells."""
+    if not variables:
+        return False
+    as_variables = {
+        path_text(names[1:]) for names, _ in keyed if names and names[0] == "params"
+    }
+    if as_variables == set(traced):
+        return True
+    as_params = {path_text(names) for names, _ in keyed}
+    # A model with a top-level submodule named "params": its keys are modules.
+    return as_params != set(traced)
+
+
+def _check_trace(
+    fn: str, given: dict[str, tuple[int, ...]], traced: dict[str, tuple[int, ...]]
+) -> None:
+    for path, shape in given.items():
+        if path not in traced:
+            raise _mismatch(fn, f"{path!r} is in the params, not in the model's")
+        if traced[path] != shape:
+            raise _mismatch(
+                fn,
+                f"{path!r} has shape {shape} in the params and {traced[path]} in the "
+                f"model's",
+            )
+    for path in traced:
+        if path not in given:
+            raise _mismatch(fn, f"{path!r} is in the model's params, not in these")
+
+
+def _mismatch(fn: str, what: str) -> ValueError:
+    return ValueError(
+        f"{fn}(params, module=...): the params do not match the traced model: "
+        f"{what}. Pass the module that made these params, and args= with the "
+        f"feature sizes they were made with."
+    )
