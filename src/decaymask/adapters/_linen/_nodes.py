@@ -38,6 +38,11 @@ def holds_leaves(node: Any) -> bool:
 
 
 
+# Keys of these types only are read as they are (a set: its test of a whole node's key
+# types runs in C).
+STR_ONLY = frozenset({str})
+
+
 class EmptyNode(Exception):
     """A non-empty mapping holds no leaf: the walk starts again, checking every one."""
 
@@ -57,8 +62,11 @@ class NodeReader(LinenReader):
 
     boxed: bool  # a box (nn.Partitioned) was met: it is a leaf of the result
 
-    def _items(self, node: Any, names: tuple[str, ...]) -> tuple[list[Any], list[Any]]:
-        """The keys (as text) and values of a node, in jax's order."""
+    variables: bool
+
+    def _items(self, node: Any, where: tuple[str, ...]) -> tuple[list[str], dict[str, Any]]:
+        """The keys of the node at the key path ``where``, as text in jax's order, and its
+        values by them."""
         mapping = mapping_of(node)
         if mapping is not None:
             keys = None
@@ -66,13 +74,28 @@ class NodeReader(LinenReader):
                 keys = sorted(mapping)
             except TypeError:
                 pass  # keys jax cannot sort either: its flatten says why
-            if keys is not None and all(type(key) is str for key in keys):
-                return keys, [mapping[key] for key in keys]
+            if keys is not None and STR_ONLY.issuperset(map(type, keys)):
+                return keys, mapping
         children = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)[0]
-        return [str_keys(keys)[0] for keys, _ in children], [value for _, value in children]
+        names = [str_keys(keys)[0] for keys, _ in children]
+        values = dict(zip(names, (value for _, value in children)))
+        if len(values) != len(names):
+            twice = sorted({name for name in names if names.count(name) > 1})
+            raise TypeError(
+                f"{self.fn}: the keys of {path_text(where)!r} read as the same "
+                f"text ({', '.join(map(repr, twice))}), so their paths would be one. "
+                f"Give them keys that differ as strings."
+            )
+        return names, values
 
-    def _classify(self, names: tuple[str, ...], value: Any) -> tuple[int, Any]:
-        """(what the value is to its module, the value unboxed)."""
+    def _names(self, path: tuple[str, ...]) -> tuple[str, ...]:
+        """The key path of a module path in the tree (with ``params/`` in variables)."""
+        return ("params", *path) if self.variables else path
+
+    def _classify(self, where: tuple[str, ...], name: str, value: Any) -> tuple[int, Any]:
+        """(what the value ``name`` of the node at the key path ``where`` is to it, the
+        value unboxed)."""
+        names = (*where, name)
         kind = type(value)
         if kind is dict or kind is FrozenDict:
             return (AT_NODE if value and holds_leaves(value) else AT_CONST), value

@@ -43,7 +43,8 @@ class OtherCollections(NodeReader):
         """Gathers the other collections, visits the params, then keys the others."""
         names, values = self._items(self.tree, ())
         gathered: list[list[Entry] | None] = []
-        for name, value in zip(names, values):
+        for name in names:
+            value = values[name]
             if name == "params":
                 self.params = value
                 gathered.append(None)
@@ -83,22 +84,26 @@ class OtherCollections(NodeReader):
         """(module path, name, array) of every leaf of a collection, in jax's order."""
         entries: list[Entry] = []
         stack: list[tuple[tuple[str, ...], Iterator[tuple[Any, Any]]]] = [
-            ((), iter(zip(*self._items(node, (collection,)))))
+            ((), self._pairs(node, (collection,)))
         ]
         while stack:
             path, items = stack[-1]
             for name, value in items:
-                kind, value = self._classify((collection, *path, name), value)
+                kind, value = self._classify((collection, *path), name, value)
                 if kind is AT_LEAF:
                     entries.append((path, name, value))
                     self.other.setdefault(path, {})[name] = value
                 elif kind is AT_NODE:
                     here = path + (name,)
-                    stack.append((here, iter(zip(*self._items(value, (collection, *here))))))
+                    stack.append((here, self._pairs(value, (collection, *here))))
                     break
             else:
                 stack.pop()
         return entries
+
+    def _pairs(self, node: Any, where: tuple[str, ...]) -> Iterator[tuple[str, Any]]:
+        names, values = self._items(node, where)
+        return iter([(name, values[name]) for name in names])
 
     def _module_at(self, path: tuple[str, ...]) -> tuple[LinenModule, dict[str, Any]]:
         """The module at a path the params visit did not reach, and its params (none)."""

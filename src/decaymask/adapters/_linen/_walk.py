@@ -23,7 +23,7 @@ from ._arrays import (
     unbox,
 )
 from ._infer import LinenModule, owner_identity
-from ._nodes import AT_LEAF, AT_NODE, EmptyNode, mapping_of
+from ._nodes import AT_LEAF, AT_NODE, STR_ONLY, EmptyNode, mapping_of
 from ._other import OtherCollections
 from ._signature import ResolvedModule, WatchedArrays, key_traits, traits_of
 from ._traced import traced_reading
@@ -77,6 +77,9 @@ class LinenWalk(OtherCollections):
         elif reading is None:
             raise undecidable_error(fn, tree)
         self.variables = bool(reading)
+        # Layers below a module are read off their own order (_visit_layer), where the
+        # signature needs neither a path nor other collections.
+        self.fast = self.trace is None and not self.variables
         # Optimistic: a non-empty mapping is taken to hold a leaf until its visit finds
         # none (only None and empty containers below it), which is checked everywhere
         # on a second visit.
@@ -143,19 +146,17 @@ class LinenWalk(OtherCollections):
     ) -> Visit:
         """Appends the keys of the arrays below ``node``, the module at ``path``."""
         mapping = mapping_of(node)
-        if mapping is not None and all(type(key) is str for key in mapping):
+        if mapping is not None and STR_ONLY.issuperset(map(type, mapping)):
             names = sorted(mapping)
-            values = [mapping[name] for name in names]
         else:
-            names, values = self._items(node, path)
-        prefix = ("params", *path) if self.variables else path
+            names, mapping = self._items(node, self._names(path))
         direct: dict[str, Any] = {}
         kinds: list[int] = []
         dtypes: list[Any] = []
         children: list[str] = []
         careful = self.careful
-        for i, name in enumerate(names):
-            value = values[i]
+        for name in names:
+            value = mapping[name]
             kind = type(value)
             if (kind is dict or kind is FrozenDict) and value and not careful:
                 # Holds a leaf, or the visit below finds it holds none (EmptyNode).
@@ -165,10 +166,10 @@ class LinenWalk(OtherCollections):
             if leaf_kinds.get(kind) is ARRAY:
                 at = AT_LEAF
             else:
-                at, value = self._classify(prefix + (name,), value)
+                at, value = self._classify(self._names(path), name, value)
             kinds.append(at)
             if at is AT_LEAF:
-                direct[name] = values[i] = value
+                direct[name] = value
                 dtypes.append(value.dtype)
             elif at is AT_NODE:
                 children.append(name)
@@ -179,20 +180,22 @@ class LinenWalk(OtherCollections):
             tuple(kinds),
             tuple(dtypes),
         )
-        if self.trace is not None:
-            signature += (path,)
         other = None
-        gathered = self.variables and path in self.other_paths
-        if gathered:
-            other = self.other.get(path)
-            below = self.other_children.get(path, set())
-            signature += (
-                tuple(other or ()),
-                tuple(map(dtype_of, (other or {}).values())),
-                shapes_of(other or {}),
-                tuple(sorted(below)),
-            )
-            children = children + sorted(below.difference(children))
+        gathered = False
+        if not self.fast:
+            if self.trace is not None:
+                signature += (path,)
+            gathered = self.variables and path in self.other_paths
+            if gathered:
+                other = self.other.get(path)
+                below = self.other_children.get(path, set())
+                signature += (
+                    tuple(other or ()),
+                    tuple(map(dtype_of, (other or {}).values())),
+                    shapes_of(other or {}),
+                    tuple(sorted(below)),
+                )
+                children = children + sorted(below.difference(children))
         resolved = self.signatures.get(signature)
         if type(resolved) is dict:
             resolved = resolved.get(shapes_of(direct))
@@ -204,15 +207,16 @@ class LinenWalk(OtherCollections):
         if gathered:
             self.by_path[path] = (resolved.module, direct)
         own = iter(resolved.keys)
-        fast = self.trace is None and not self.variables
-        for value, (name, kind) in zip(values, resolved.layout):  # type: ignore[arg-type]
-            if kind is AT_LEAF:
+        fast = self.fast
+        for name, at in resolved.layout:  # type: ignore[union-attr]
+            if at is AT_LEAF:
                 if resolved.emitted and not everything:
                     self.keys.append(next(own))
                 else:
                     next(own)
                     self._locate(resolved, path, {name: direct[name]}, direct, everything)
-            elif kind is AT_NODE:
+            elif at is AT_NODE:
+                value = mapping[name]
                 if not (fast and self._visit_layer(value, path, name, resolved, everything)):
                     before = len(self.keys)
                     yield value, path + (name,), resolved, everything
@@ -250,7 +254,7 @@ class LinenWalk(OtherCollections):
             own = node if arrays is values else dict(zip(node, arrays))
             resolved = resolved.get(shapes_of(own))
         if resolved is None:
-            if not all(type(key) is str for key in node):
+            if not STR_ONLY.issuperset(map(type, node)):
                 return False
             names = sorted(node)
             own = dict(zip(node, arrays))
