@@ -16,6 +16,7 @@ from .core import _registry
 from .core._policy import Policy as _CorePolicy
 from .core._policy import collector_paused
 from .core._report import Report
+from .core._table import LeafTable
 from .core._warnings import warn_again
 
 adapters.FACES.update(("equinox", "flax", "haiku"))
@@ -29,18 +30,17 @@ _built_lock = threading.Lock()
 
 
 def _remember(key: Any, out: Any, values: list[Any], rebuild: Any, messages: list[str]) -> None:
-    import jax
-
-    treedef = getattr(rebuild, "__self__", None)
-    if isinstance(treedef, jax.tree_util.PyTreeDef):
-        # The output is that treedef unflattened over these values: no flatten needed.
-        values = list(values)
+    if isinstance(rebuild, adapters.TreedefRebuild):
+        # The output is that treedef over these leaves: no flatten needed.
+        treedef, leaves = rebuild.treedef, rebuild.leaves(values)
     else:
-        values, treedef = jax.tree_util.tree_flatten(out)
+        import jax
+
+        leaves, treedef = jax.tree_util.tree_flatten(out)
     with _built_lock:
         if len(_built) >= _BUILT_MAX:
             _built.pop(next(iter(_built)))
-        _built[key] = (treedef, values, messages)
+        _built[key] = (treedef, leaves, messages)
 
 
 class Policy(_CorePolicy):
@@ -50,7 +50,8 @@ class Policy(_CorePolicy):
 
     def _build(self, value: str, tree: Any, framework: str | None, method: str, options: dict[str, Any]) -> Any:
         adapter = adapters.choose(tree, framework, method)
-        # A build allocates a few containers per leaf and frees them all, with no cycles:
+        # A build allocates a few containers per leaf and frees them all before the
+        # collector is back on (the one cycle, a walk and its table, is broken below):
         # collections triggered meanwhile would scan every object of the process (the
         # model included) for nothing. Measured at 20,000 Equinox leaves: a third of the
         # time went to the collector.
@@ -74,6 +75,10 @@ class Policy(_CorePolicy):
                 non_floating_fix=adapter.non_floating_fix,
                 partial_view=lambda: adapter.is_partial(tree),
             )
+            if isinstance(found, LeafTable):
+                # Freed now, while the collector is paused, rather than traced by it.
+                found.release()
+            del found
             if value == "muon":
                 values = adapter.muon_dims(values, method)
             out = rebuild(values)

@@ -20,12 +20,13 @@ from ._contract import Adapter as Adapter
 from ._contract import PytreeAdapter as PytreeAdapter
 from ._contract import Claim as Claim
 from ._contract import Rebuild as Rebuild
+from ._contract import TreedefRebuild as TreedefRebuild
 from ._contract import FACES as FACES
 from ._contract import call as call
 from ._contract import entry_point as entry_point
 
 __all__ = [
-    "FACES", "Adapter", "Claim", "PytreeAdapter", "Rebuild", "call", "choose",
+    "FACES", "Adapter", "Claim", "PytreeAdapter", "Rebuild", "TreedefRebuild", "call", "choose",
     "entry_point", "names", "register", "registered", "unregister",
 ]
 

@@ -19,6 +19,34 @@ Rebuild = Callable[[list[Any]], Any]
 exactly the structure and container types optax will be handed."""
 
 
+class TreedefRebuild:
+    """A :data:`Rebuild` that unflattens a jax treedef: the values go to the treedef's
+    leaves at ``positions`` (all of them, in order, by default), ``None`` to the rest.
+
+    It holds no part of the tree, so that the output cache keeps the treedef and the
+    leaves it was given instead of flattening each output it keeps.
+    """
+
+    __slots__ = ("positions", "size", "treedef")
+
+    def __init__(self, treedef: Any, positions: Sequence[int] | None = None, size: int = 0):
+        self.treedef = treedef
+        self.positions = positions
+        self.size = size
+
+    def leaves(self, values: list[Any]) -> list[Any]:
+        """The treedef's leaves with ``values`` in place."""
+        if self.positions is None:
+            return list(values)
+        out: list[Any] = [None] * self.size
+        for position, value in zip(self.positions, values):
+            out[position] = value
+        return out
+
+    def __call__(self, values: list[Any]) -> Any:
+        return self.treedef.unflatten(self.leaves(values))
+
+
 class Claim(enum.IntEnum):
     """How sure an adapter is that a tree is its own."""
 

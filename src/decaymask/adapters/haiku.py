@@ -148,8 +148,12 @@ class _Module:
         self.trusted = builtin is not None
         self.layout = _BUILTIN[snake(builtin)][2] if builtin is not None else None
         self.cell = builtin in _CELLS
-        self.owner: _Module = self  # a cell owns its gates' arrays
+        self.owned_by: _Module | None = None  # a cell owns its gates' arrays
         self.hidden = False  # a stack: not among the ancestors
+
+    @property
+    def owner(self) -> _Module:
+        return self.owned_by if self.owned_by is not None else self
 
 
 def _walk(tree: Any, method: str, fn: Any, args: Any, kwargs: Any) -> tuple[list[Leaf], Rebuild]:
@@ -233,6 +237,8 @@ def _walk(tree: Any, method: str, fn: Any, args: Any, kwargs: Any) -> tuple[list
                 batch_axes=batch, layout_axes=layout_axes, matrix_axes=axes,
             ))
             order.append((key, name))
+    # module_of calls itself through its closure: a cycle, freed only by the collector.
+    del module_of
 
     def rebuild(values: list[Any]) -> Any:  # other values (optax.MaskedNode) stay as they are
         out = {key: dict(module) for key, module in tree.items()}
@@ -302,7 +308,7 @@ def _read(segment: str, cls: type | None, arrays: Mapping[str, int], children: s
             kind, source = resolve_kind(segment, arrays, children)
             module = _Module(Layer(kind, None, None, source), ancestors)
     if parent is not None and parent.cell and module.layer.kind == "linear":
-        module.owner = parent
+        module.owned_by = parent
         module.layout = _DENSE if module.trusted else None
     return module
 

@@ -50,6 +50,14 @@ class LeafTable(Sequence[Leaf]):
     def __iter__(self) -> Iterator[Leaf]:
         return (self[i] for i in range(len(self.keys)))
 
+    def release(self) -> None:
+        """Drops the records and the function that builds them. An adapter's walk
+        usually holds its table, and the table its walk's method: releasing the table
+        breaks that cycle, so that the walk is freed as soon as it is dropped, without
+        waiting for the cyclic garbage collector."""
+        self._build = _released
+        self._built = {}
+
     def representatives(self) -> dict[Hashable, int]:
         """The first index of every distinct key, in order."""
         first: dict[Hashable, int] = {}
@@ -60,6 +68,10 @@ class LeafTable(Sequence[Leaf]):
 
     def indices_of(self, wanted: set[Hashable]) -> list[int]:
         return [i for i, key in enumerate(self.keys) if key in wanted]
+
+
+def _released(index: int) -> Leaf:
+    raise RuntimeError("this LeafTable was released: its leaves can no longer be built")
 
 
 def as_table(leaves: Sequence[Leaf]) -> LeafTable:

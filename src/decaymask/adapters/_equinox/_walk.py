@@ -26,6 +26,7 @@ from .._common import (
     path_text,
     registered_batch_axes,
 )
+from .._contract import TreedefRebuild
 from ._classes import (
     INDEX_KEYS,
     array_field,
@@ -253,9 +254,7 @@ class EquinoxWalk:
             shared_with=self.views.get(index, ()),
         )
 
-    def rebuild(self, values: list[Any]) -> Any:
-        out: list[Any] = [None] * self.size
-        for position, value in zip(self.positions, values):
-            out[position] = value
-        return self.treedef.unflatten(out)  # type: ignore[attr-defined, unused-ignore]  # mypy cannot resolve jaxlib's PyTreeDef
-
+    @property
+    def rebuild(self) -> TreedefRebuild:
+        """Values at the arrays, ``None`` at every other leaf of the model."""
+        return TreedefRebuild(self.treedef, self.positions, self.size)

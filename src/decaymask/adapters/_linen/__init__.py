@@ -66,6 +66,7 @@ from typing import Any
 
 from ...core._leaf import Leaf
 from ...core._table import LeafTable
+from .._contract import TreedefRebuild
 from ._tables import KIND_TABLE as KIND_TABLE
 from ._tables import WRAPPERS as WRAPPERS
 from ._walk import LinenWalk
@@ -104,7 +105,7 @@ def walk(
             f"policy.{method}(params, module=model, args=(x,))."
         )
     state = LinenWalk(method, tree, module, args, kwargs)
-    return state.leaves, state.treedef.unflatten  # type: ignore[attr-defined, unused-ignore]  # mypy cannot resolve jaxlib's PyTreeDef
+    return state.leaves, TreedefRebuild(state.treedef)
 
 
 def leaves(

@@ -16,6 +16,7 @@ from flax import nnx
 from ...core._infer import kind_from_name, resolve_kind, role_from_name
 from ...core._leaf import Layer, Leaf
 from .._common import MatrixAxes, key_name, path_text
+from .._contract import TreedefRebuild
 from ._layouts import IN_OUT
 from ._values import leaf_name, not_an_array, module_key, shape_dtype
 
@@ -153,7 +154,7 @@ def state_walk(state: Any, fn: str) -> tuple[list[Leaf], Callable[[list[Any]], A
         if found is None:
             raise not_an_array(fn, path, variable, "a leaf", value)
         entries.append((path, path, variable, value, found))
-    return leaves_by_name(entries), treedef.unflatten  # type: ignore[attr-defined, unused-ignore]  # mypy cannot resolve jaxlib's PyTreeDef
+    return leaves_by_name(entries), TreedefRebuild(treedef)
 
 
 def leaves_by_name(entries: list[tuple], around: tuple[Layer, ...] = ()) -> list[Leaf]:
