@@ -117,7 +117,7 @@ def test_one_adamw_step_gives_linens_updates(mode):
         for label, p, g, mask in (("haiku", params, haiku_grads, haiku_mask),
                                   ("linen", linen, grads, linen_mask)):
             tx = optax.adamw(0.5, weight_decay=0.25, mask=mask)
-            updates[label] = jax.jit(lambda p, g, tx=tx: tx.update(g, tx.init(p), p)[0])(p, g)
+            updates[label] = tx.update(g, tx.init(p), p)[0]
         expected = _flat(haiku_models.from_linen(jax.tree.map(np.asarray, updates["linen"])))
         decays = {row.path: row.decay for row in explain(policy, "haiku", mode)}
         for path, update in _flat(updates["haiku"]).items():
