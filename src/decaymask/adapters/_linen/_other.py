@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ._arrays import is_floating
-from ._infer import LinenModule
+from ._infer import LinenModule, owner_identity
 from ._nodes import AT_LEAF, AT_NODE, NodeReader
 
 # A leaf of another collection: (module path, name, array).
@@ -24,6 +24,7 @@ class OtherCollections(NodeReader):
 
     keys: list[int]
     key_ids: dict[tuple, int]
+    owner_ids: dict[tuple, int]
     located: dict[int, tuple]
     params: Any
     base: int  # the leaves before the params', in jax's order
@@ -37,7 +38,9 @@ class OtherCollections(NodeReader):
         raise NotImplementedError
 
     def _owner_id(self, module: LinenModule) -> int:
-        raise NotImplementedError
+        """A small int per distinct owner (what a policy can read of it)."""
+        owner = module.absorbed_by or module
+        return self.owner_ids.setdefault(owner_identity(owner), len(self.owner_ids))
 
     def _variables(self) -> None:
         """Gathers the other collections, visits the params, then keys the others."""

@@ -22,7 +22,7 @@ from ._arrays import (
     shapes_of,
     unbox,
 )
-from ._infer import LinenModule, owner_identity
+from ._infer import LinenModule
 from ._nodes import AT_LEAF, AT_NODE, STR_ONLY, EmptyNode, mapping_of
 from ._other import OtherCollections
 from ._signature import ResolvedModule, WatchedArrays, key_traits, traits_of
@@ -335,10 +335,6 @@ class LinenWalk(OtherCollections):
         else:
             table[signature] = resolved
         return resolved
-
-    def _owner_id(self, module: LinenModule) -> int:
-        owner = module.absorbed_by or module
-        return self.owner_ids.setdefault(owner_identity(owner), len(self.owner_ids))
 
     # Leaves.
 
