@@ -57,12 +57,15 @@ class Policy(_CorePolicy):
         # time went to the collector.
         with collector_paused():
             key = None
-            if not any(rule.when is not None for rule in self.rules):
+            if not self._asks:
                 # A when= callable may read anything: only policies without one are cached.
                 signature = adapter.signature(tree, options)
                 if signature is not None:
                     key = (self, value, method, adapter.name, _registry.generation, signature)
-                    built = _built.get(key)
+                    try:
+                        built = _built.get(key)
+                    except TypeError:  # a static field of the tree that is not hashable
+                        key = built = None
                     if built is not None:
                         treedef, values, messages = built
                         warn_again(messages)

@@ -33,6 +33,8 @@ __all__ = [
 _lock = threading.Lock()
 _adapters: tuple[Adapter, ...] | None = None
 _added: list[Adapter] = []
+# A framework or face -> (the registered adapters, those of that name or face).
+_candidates: dict[str, tuple[Sequence[Adapter], list[Adapter]]] = {}
 
 
 def register(adapter: Adapter) -> Adapter:
@@ -142,7 +144,12 @@ def choose(tree: Any, framework: str | None, method: str) -> Adapter:
 
 
 def _explicit(tree: Any, framework: str, method: str, adapters: Sequence[Adapter]) -> Adapter:
-    candidates = [a for a in adapters if framework in (a.name, a.face)]
+    found = _candidates.get(framework)
+    if found is None or found[0] is not adapters:
+        found = _candidates[framework] = (
+            adapters, [a for a in adapters if framework in (a.name, a.face)]
+        )
+    candidates = found[1]
     if not candidates:
         raise ValueError(
             f"{method}(framework={framework!r}): unknown framework; expected one of "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
@@ -291,29 +293,35 @@ class ClassKinds:
         return "unknown", "class", None
 
 
+_shape_of = operator.attrgetter("shape")
+_dtype_of = operator.attrgetter("dtype")
+
+
 def structure_signature(tree: Any) -> Any:
     """The tree's structure (node types, keys, static fields), each leaf's type, shape
-    and dtype, and which leaves are one array: everything a walk by names reads. ``None`` where some static
-    field cannot be hashed."""
+    and dtype, and which leaves are one array: everything a walk by names reads. Not
+    hashable where a static field is not."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
+    # Three tuples, not one per leaf: a call that hits the output cache allocates little.
+    described: tuple[tuple[Any, ...], ...]
     try:
-        described = tuple([(type(x), x.shape, x.dtype) for x in leaves])
+        described = (
+            tuple(map(type, leaves)),
+            tuple(map(_shape_of, leaves)),
+            tuple(map(_dtype_of, leaves)),
+        )
     except AttributeError:  # a leaf that is not an array: a Python scalar, a string
-        described = tuple(
-            (type(x), getattr(x, "shape", None), getattr(x, "dtype", None)) for x in leaves
+        described = (
+            tuple(map(type, leaves)),
+            tuple(getattr(x, "shape", None) for x in leaves),
+            tuple(getattr(x, "dtype", None) for x in leaves),
         )
     # Which leaves are the same array object: a walk reads that as sharing.
-    ids = list(map(id, leaves))
     shared: tuple[int, ...] = ()
-    if len(set(ids)) != len(ids):
+    if len(set(map(id, leaves))) != len(leaves):
         first: dict[int, int] = {}
-        shared = tuple(first.setdefault(i, n) for n, i in enumerate(ids))
-    key = (treedef, described, shared)
-    try:
-        hash(key)
-    except TypeError:
-        return None
-    return key
+        shared = tuple(first.setdefault(id(x), n) for n, x in enumerate(leaves))
+    return (treedef, described, shared)
 
 
 

@@ -141,10 +141,11 @@ class Adapter(abc.ABC):
         return [muon_dimension_numbers(d, method, self.layout_fix) for d in decisions]
 
     def signature(self, tree: Any, options: Mapping[str, Any]) -> Hashable | None:
-        """A hashable value equal for two trees exactly when :meth:`walk` gives them the
-        same leaves (paths, kinds, roles, shapes, dtypes, layouts): the face then builds
-        an output once per signature. ``None`` (the default) where the adapter cannot
-        say cheaply, e.g. a trace that reads ``options``."""
+        """A value equal for two trees exactly when :meth:`walk` gives them the same
+        leaves (paths, kinds, roles, shapes, dtypes, layouts): the face then builds an
+        output once per signature. ``None`` (the default) where the adapter cannot say
+        cheaply, e.g. a trace that reads ``options``. A signature that turns out not to
+        be hashable (a static field of the tree that is not) is not cached."""
         return None
 
     def factory_model(self, result: Any) -> bool:

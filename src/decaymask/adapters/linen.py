@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -11,8 +10,8 @@ from ..core._leaf import Leaf
 from ._contract import Adapter, Claim, PytreeAdapter, Rebuild
 from .nnx import FLAX_LAYOUT_FIX, FLAX_NON_FLOATING_FIX, FLAX_USAGE
 
-# Names only Linen gives: auto names (``Dense_0``) and its parameter names.
-_AUTO_NAME = re.compile(r"[A-Z]\w*_\d+\Z")
+# Names only Linen gives: auto names (``Dense_0``, :func:`_is_auto_name`) and its
+# parameter names.
 _LINEN_PARAMS = frozenset({"kernel", "bias", "embedding"})
 _LOOKED_AT = 64  # keys a claim reads; evidence is near the top or nowhere
 
@@ -37,6 +36,8 @@ class LinenAdapter(PytreeAdapter):
     )
 
     def claim(self, tree: Any) -> Claim:
+        if type(tree) is dict:
+            return Claim.CERTAINLY if _linen_names(tree) else Claim.POSSIBLY
         if not isinstance(tree, Mapping):
             return Claim.NO
         module = type(tree).__module__
@@ -89,6 +90,17 @@ class LinenAdapter(PytreeAdapter):
         return variables, {"module": module, "args": args, "kwargs": kwargs}
 
 
+def _is_auto_name(key: str) -> bool:
+    """Whether ``key`` is a Flax auto name (``Dense_0``): ``[A-Z]\\w*_\\d+``."""
+    head, underscore, number = key.rpartition("_")
+    return (
+        bool(underscore)
+        and number.isdigit()
+        and "A" <= head[:1] <= "Z"
+        and (head.isidentifier() or head.replace("_", "a").isalnum())
+    )
+
+
 def _linen_names(tree: Mapping) -> bool:
     """Whether the first levels of ``tree`` hold a name only Linen gives."""
     level: list[Mapping] = [tree]
@@ -100,7 +112,7 @@ def _linen_names(tree: Mapping) -> bool:
                 seen += 1
                 if seen > _LOOKED_AT:
                     return False
-                if isinstance(key, str) and (_AUTO_NAME.match(key) or key in _LINEN_PARAMS):
+                if type(key) is str and (key in _LINEN_PARAMS or _is_auto_name(key)):
                     return True
                 if isinstance(value, Mapping):
                     below.append(value)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ._data import policy_from_data, policy_to_data, read_file
@@ -25,7 +24,7 @@ DEFAULT = "default"
 class Policy:
     """An ordered set of rules; the last rule that matches a leaf decides it."""
 
-    __slots__ = ("rules", "default", "strict", "_hash")
+    __slots__ = ("rules", "default", "strict", "_hash", "_asks")
 
     rules: tuple[Rule, ...]
     """The rules in the order given; the last one that matches a leaf decides it."""
@@ -34,6 +33,7 @@ class Policy:
     strict: bool
     """Whether a rule that matches no parameter raises instead of warning."""
     _hash: int
+    _asks: bool  # a rule has a when= callable, which may read anything
 
     def __init__(self, *rules: Rule, default: bool = False, strict: bool = False):
         """Args:
@@ -72,6 +72,7 @@ class Policy:
         set_(self, "default", default)
         set_(self, "strict", strict)
         set_(self, "_hash", hash((self.rules, default, strict)))
+        set_(self, "_asks", any(rule.when is not None for rule in self.rules))
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise dataclasses.FrozenInstanceError(f"Policy is immutable; cannot set {name!r}.")
@@ -336,20 +337,32 @@ _paused_lock = threading.Lock()
 _was_enabled = False
 
 
-@contextlib.contextmanager
-def collector_paused() -> Iterator[None]:
+class _CollectorPaused:
     """Pauses the cyclic garbage collector while any thread builds; the first build to
     start records whether it was on, and the last one to end turns it back on."""
-    global _paused, _was_enabled
-    with _paused_lock:
-        if _paused == 0:
-            _was_enabled = gc.isenabled()
-            gc.disable()
-        _paused += 1
-    try:
-        yield
-    finally:
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        global _paused, _was_enabled
+        with _paused_lock:
+            if _paused == 0:
+                _was_enabled = gc.isenabled()
+                gc.disable()
+            _paused += 1
+
+    def __exit__(self, *exc: object) -> None:
+        global _paused
         with _paused_lock:
             _paused -= 1
             if _paused == 0 and _was_enabled:
                 gc.enable()
+
+
+_COLLECTOR_PAUSED = _CollectorPaused()
+
+
+def collector_paused() -> _CollectorPaused:
+    """A context manager that pauses the cyclic garbage collector while any thread
+    builds (see :class:`_CollectorPaused`)."""
+    return _COLLECTOR_PAUSED
