@@ -35,6 +35,7 @@ class OtherCollections(NodeReader):
     tree: Any
 
     def _run(self, node: Any, everything: bool) -> None:
+        """Visits the params below ``node`` (:class:`LinenWalk` does)."""
         raise NotImplementedError
 
     def _owner_id(self, module: LinenModule) -> int:
