@@ -29,6 +29,13 @@ class TreedefRebuild:
 
     __slots__ = ("positions", "size", "treedef")
 
+    treedef: Any
+    """The jax treedef (``jax.tree_util.PyTreeDef``) of the output."""
+    positions: Sequence[int] | None
+    """The index among the treedef's leaves of each value; ``None``: all, in order."""
+    size: int
+    """The treedef's number of leaves, where ``positions`` are given."""
+
     def __init__(self, treedef: Any, positions: Sequence[int] | None = None, size: int = 0):
         self.treedef = treedef
         self.positions = positions
