@@ -1029,6 +1029,33 @@ def test_variables_read_a_module_off_every_collection(frozen):
     assert mask["batch_stats"]["Block_0"]["BatchNorm_0"] == {"mean": False, "var": False}
 
 
+class _TwoKeysAlike:
+    """A pytree node whose two children have keys that read as the same text."""
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+
+jax.tree_util.register_pytree_with_keys(
+    _TwoKeysAlike,
+    lambda node: (((jax.tree_util.GetAttrKey("w"), node.first),
+                   (jax.tree_util.DictKey("w"), node.second)), None),
+    lambda _, children: _TwoKeysAlike(*children),
+)
+
+
+def test_error_keys_that_read_as_one_path():
+    params = {"Dense_0": _TwoKeysAlike(jnp.ones((2, 3)), jnp.ones(3))}
+    with pytest.raises(
+        TypeError,
+        match=re.escape(
+            "for_flax: the keys of 'Dense_0' read as the same text ('w'), so their paths "
+            "would be one. Give them keys that differ as strings."
+        ),
+    ):
+        SEED.for_flax(params)
+
+
 def test_keys_holding_a_slash_give_distinct_escaped_paths():
     params = {"a/b": {"Dense_0": _dense(seed=1)}, "a": {"b": {"Dense_0": _dense(seed=2)}},
               "100%": {"Dense_0": _dense(seed=3)}}

@@ -4,6 +4,8 @@ everything a walk and a rule can read, and give what an uncached build gives."""
 
 from __future__ import annotations
 
+import re
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -171,3 +173,16 @@ def test_a_build_leaves_no_cyclic_garbage(name):
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+def test_a_signature_that_cannot_be_hashed_is_not_cached_and_the_walk_speaks():
+    class Listed:
+        """Not an array, with a shape jax's leaves may have but a key cannot."""
+
+        shape = [2, 3]
+        dtype = np.dtype("float32")
+
+    policy = dm.Policy(dm.decay(layer="linear"))
+    with pytest.raises(TypeError, match=re.escape("for_flax: leaf 'Dense_0/kernel' is")):
+        policy.for_flax({"Dense_0": {"kernel": Listed(), "bias": jnp.ones(3)}})
+    assert not _face._built
