@@ -88,6 +88,11 @@ class Leaf:
     shared_with: tuple[Leaf, ...] = dataclasses.field(default=(), repr=False)
     """Other views of this same array (a tied or shared parameter reached through
     another owner): each is decided too, and a disagreement is reported."""
+    module_depths: tuple[int, ...] = dataclasses.field(default=(), repr=False)
+    """Where the modules of ``ancestors + (owner,)`` stand in :attr:`path`: for each, the
+    number of path keys that name it (``blocks/3/attn/qkv/weight`` owned by ``qkv`` in
+    ``attn`` in ``blocks[3]`` in the root: ``(0, 2, 3, 4)``). ``()`` where the adapter
+    does not say; ``layer_decay(blocks=cls)`` needs them."""
 
     def __post_init__(self) -> None:
         check_kind(self.layer, where=f"Leaf({self.path!r}, layer=...)", groups=False)
@@ -96,6 +101,12 @@ class Leaf:
             object.__setattr__(self, "name", self.path.rsplit("/", 1)[-1])
         if type(self.shape) is not tuple:
             object.__setattr__(self, "shape", tuple(self.shape))
+        if self.module_depths and len(self.module_depths) != len(self.ancestors) + 1:
+            raise ValueError(
+                f"Leaf({self.path!r}): module_depths has {len(self.module_depths)} entries "
+                f"for {len(self.ancestors)} ancestors and the owner; give one per module "
+                f"of ancestors + (owner,), or none."
+            )
 
     @property
     def owner(self) -> Layer:
