@@ -209,7 +209,8 @@ def test_policy_rejects_non_rules():
         dm.Policy([dm.decay()])
     assert str(info.value) == (
         "Policy(...): argument 0 is [decay()] (list), not a rule. Make rules with "
-        "dm.decay(...) or dm.no_decay(...). Pass the rules themselves, not a list: "
+        "dm.decay(...), dm.no_decay(...), dm.lr(...), dm.freeze(...) or "
+        "dm.layer_decay(...). Pass the rules themselves, not a list: "
         "dm.Policy(*rules)."
     )
     with pytest.raises(TypeError, match=r"Policy\(default=1\): expected True or False, got int\."):

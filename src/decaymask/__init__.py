@@ -17,6 +17,11 @@ from .core import PolicyDataError as PolicyDataError
 from .core import decay as decay
 from .core import label as label
 from .core import no_decay as no_decay
+from .core import lr as lr
+from .core import freeze as freeze
+from .core import unfreeze as unfreeze
+from .core import LayerDecay as LayerDecay
+from .core import layer_decay as layer_decay
 from .core import register_layer as register_layer
 from .core import unregister_layer as unregister_layer
 

@@ -10,12 +10,14 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._rules import SELECTORS, Rule, _make, check_rate, importable, type_name
+from ._ladder import LayerDecay, check_layer_decay_rate, layer_decay
+from ._rules import SELECTORS, Rule, _make, check_multiplier, check_rate, importable, type_name
 
 if TYPE_CHECKING:
     from ._policy import Policy
 
-_RULE_KEYS = ("decay", "label", "rate") + SELECTORS
+_RULE_KEYS = ("decay", "label", "rate", "lr", "freeze") + SELECTORS
+_LAYER_DECAY_KEYS = ("rate", "blocks", "stem")
 _WHERE = "Policy.from_dict"
 
 
@@ -180,9 +182,16 @@ def rule_from_data(data: Any, where: str, imports: bool | tuple[str, ...] = ()) 
             )
     decay = data.get("decay")
     label = data.get("label")
-    if decay is None and label is None:
+    actions = [k for k in ("decay", "label", "lr", "freeze") if k in data]
+    if not actions:
         raise PolicyDataError(
-            f"{_WHERE}: {where}: a rule needs decay = true/false, or a label."
+            f"{_WHERE}: {where}: a rule needs decay = true/false, a label, lr = "
+            f"<multiplier>, or freeze = true/false."
+        )
+    if len(actions) > 1 and not set(actions) <= {"decay", "label"}:
+        raise PolicyDataError(
+            f"{_WHERE}: {where}: {' and '.join(actions)} in one rule; an lr or freeze "
+            f"rule stands alone: write one rule for each."
         )
     if decay is not None and not isinstance(decay, bool):
         raise PolicyDataError(
@@ -199,6 +208,8 @@ def rule_from_data(data: Any, where: str, imports: bool | tuple[str, ...] = ()) 
     for key in ("param", "name"):
         if isinstance(selectors.get(key), list):
             selectors[key] = tuple(selectors[key])
+    if "lr" in data or "freeze" in data:
+        return _group_rule_from_data(data, where, selectors)
     fn = "label" if decay is None else ("decay" if decay else "no_decay")
     extra: dict[str, Any] = {"label": label}
     if "rate" in data:
@@ -214,17 +225,106 @@ def rule_from_data(data: Any, where: str, imports: bool | tuple[str, ...] = ()) 
         raise PolicyDataError(f"{_WHERE}: {where}: {err}") from err
 
 
-def policy_from_data(data: Any, *, imports: Any = ()) -> tuple[list[Rule], bool, bool]:
+def _group_rule_from_data(data: Mapping[str, Any], where: str, selectors: dict[str, Any]) -> Rule:
+    from ._rules import freeze, lr, unfreeze
+
+    try:
+        if "lr" in data:
+            value = data["lr"]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise PolicyDataError(
+                    f"{_WHERE}: {where}.lr: expected a multiplier (a number > 0), got "
+                    f"{type_name(value)}."
+                )
+            check_multiplier("lr", value)
+            return lr(value, **selectors)
+        frozen = data["freeze"]
+        if not isinstance(frozen, bool):
+            raise PolicyDataError(
+                f"{_WHERE}: {where}.freeze: expected true (freeze) or false (unfreeze), "
+                f"got {frozen!r}."
+            )
+        return (freeze if frozen else unfreeze)(**selectors)
+    except PolicyDataError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise PolicyDataError(f"{_WHERE}: {where}: {err}") from err
+
+
+def _module_selectors_from_data(value: Any, key: str, imports: bool | tuple[str, ...]) -> Any:
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            raise PolicyDataError(
+                f"{_WHERE}: {key}: expected a layer kind, a glob over module paths or a "
+                f"class import path ('package.module:Class'), got {type_name(item)}."
+            )
+        if ":" in item:
+            cls = _import(item, key, imports)
+            if not isinstance(cls, type):
+                raise PolicyDataError(f"{_WHERE}: {key}: {item!r} is not a class.")
+            out.append(cls)
+        else:
+            out.append(item)
+    return tuple(out) if isinstance(value, list) else out[0]
+
+
+def layer_decay_from_data(data: Any, imports: bool | tuple[str, ...]) -> LayerDecay:
+    where = "layer_decay"
+    if isinstance(data, (int, float)) and not isinstance(data, bool):
+        data = {"rate": data}
+    if not isinstance(data, Mapping):
+        raise PolicyDataError(
+            f"{_WHERE}: {where}: expected a table with rate (and optionally blocks, "
+            f"stem), got {type_name(data)}."
+        )
+    unknown = [k for k in data if k not in _LAYER_DECAY_KEYS]
+    if unknown:
+        raise PolicyDataError(
+            f"{_WHERE}: {where}: unknown key {_shown(unknown[0])}. Valid keys: "
+            f"{', '.join(_LAYER_DECAY_KEYS)}."
+        )
+    if "rate" not in data:
+        raise PolicyDataError(f"{_WHERE}: {where}: rate is missing, e.g. rate = 0.75.")
+    options = {}
+    for key in ("blocks", "stem"):
+        if key in data:
+            options[key] = _module_selectors_from_data(data[key], f"{where}.{key}", imports)
+    try:
+        check_layer_decay_rate(data["rate"])
+        return layer_decay(data["rate"], **options)
+    except (TypeError, ValueError) as err:
+        raise PolicyDataError(f"{_WHERE}: {where}: {err}") from err
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:40] + "..." + text[-10:]
+
+
+def layer_decay_to_data(config: LayerDecay) -> dict[str, Any]:
+    out: dict[str, Any] = {"rate": config.rate}
+    for key in ("blocks", "stem"):
+        value = getattr(config, key)
+        if value is not None:
+            items = [_dotted(v, f"layer_decay.{key}") if isinstance(v, type) else v for v in value]
+            out[key] = items[0] if len(items) == 1 else items
+    return out
+
+
+def policy_from_data(data: Any, *, imports: Any = ()) -> tuple[list[Rule | LayerDecay], bool, bool]:
     allowed = check_imports("Policy.from_dict", imports)
     if not isinstance(data, Mapping):
         raise PolicyDataError(
             f"{_WHERE}: expected a mapping with 'rules' (and optionally 'default', "
             f"'strict'), got {type(data).__name__}."
         )
-    unknown = [k for k in data if k not in ("rules", "default", "strict")]
+    unknown = [k for k in data if k not in ("rules", "default", "strict", "layer_decay")]
     if unknown:
         raise PolicyDataError(
-            f"{_WHERE}: unknown key {unknown[0]!r}. Valid keys: rules, default, strict."
+            f"{_WHERE}: unknown key {_shown(unknown[0])}. Valid keys: rules, default, "
+            f"strict, layer_decay."
         )
     rules = data.get("rules", [])
     if not isinstance(rules, list):
@@ -237,11 +337,12 @@ def policy_from_data(data: Any, *, imports: Any = ()) -> tuple[list[Rule], bool,
         if not isinstance(value, bool):
             raise PolicyDataError(f"{_WHERE}: {key}: expected true or false, got {value!r}.")
         flags.append(value)
-    return (
-        [rule_from_data(r, f"rules[{i}]", allowed) for i, r in enumerate(rules)],
-        flags[0],
-        flags[1],
-    )
+    out: list[Rule | LayerDecay] = [
+        rule_from_data(r, f"rules[{i}]", allowed) for i, r in enumerate(rules)
+    ]
+    if "layer_decay" in data:
+        out.append(layer_decay_from_data(data["layer_decay"], allowed))
+    return out, flags[0], flags[1]
 
 
 def _selector_to_data(key: str, value: Any, where: str) -> Any:
@@ -264,6 +365,10 @@ def policy_to_data(policy: Policy) -> dict[str, Any]:
     rules = []
     for i, rule in enumerate(policy.rules):
         entry: dict[str, Any] = {}
+        if rule.lr is not None:
+            entry["lr"] = rule.lr
+        if rule.frozen is not None:
+            entry["freeze"] = rule.frozen
         if rule.decay is not None:
             entry["decay"] = rule.decay
         if rule.label is not None:
@@ -275,7 +380,10 @@ def policy_to_data(policy: Policy) -> dict[str, Any]:
         if rule.rate != 1.0:
             entry["rate"] = rule.rate
         rules.append(entry)
-    return {"default": policy.default, "strict": policy.strict, "rules": rules}
+    out = {"default": policy.default, "strict": policy.strict, "rules": rules}
+    if policy.layer_decay is not None:
+        out["layer_decay"] = layer_decay_to_data(policy.layer_decay)
+    return out
 
 
 def read_file(path: str | pathlib.Path, key: str | None) -> Any:

@@ -9,13 +9,21 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ._data import policy_from_data, policy_to_data, read_file
+from ._ladder import LayerDecay
 from ._leaf import Leaf
 from ._table import LeafTable, as_table
 from ._report import Decision, Report
 from ._rules import DECAY_LABEL, NO_DECAY_LABEL, Rule, as_bool, type_name
 from ._warnings import check_decisions, find_problems
 
-_VALUE_ATTR = {"mask": "decay", "labels": "label", "rates": "rate"}
+_VALUE_ATTR = {
+    "mask": "decay",
+    "labels": "label",
+    "rates": "rate",
+    "lr_scales": "lr_scale",
+    "trainable": "trainable",
+}
+FROZEN_LABEL = "frozen"
 NOT_A_PARAM = "state: never decayed"
 NOT_FLOATING = "not floating point: never decayed"
 DEFAULT = "default"
@@ -24,27 +32,42 @@ DEFAULT = "default"
 class Policy:
     """An ordered set of rules; the last rule that matches a leaf decides it."""
 
-    __slots__ = ("rules", "default", "strict", "_hash", "_asks")
+    __slots__ = ("rules", "default", "strict", "layer_decay", "_hash", "_asks", "_lr", "_freeze")
 
     rules: tuple[Rule, ...]
     """The rules in the order given; the last one that matches a leaf decides it."""
+    layer_decay: LayerDecay | None
+    """The :func:`layer_decay` given among the rules, if any."""
     default: bool
     """The decision for a floating-point parameter no rule decides."""
     strict: bool
     """Whether a rule that matches no parameter raises instead of warning."""
     _hash: int
     _asks: bool  # a rule has a when= callable, which may read anything
+    _lr: bool  # an lr rule
+    _freeze: bool  # a freeze or unfreeze rule
 
-    def __init__(self, *rules: Rule, default: bool = False, strict: bool = False):
+    def __init__(self, *rules: Rule | LayerDecay, default: bool = False, strict: bool = False):
         """Args:
-          *rules: :class:`Rule` values from :func:`decay` and :func:`no_decay`.
+          *rules: :class:`Rule` values from :func:`decay`, :func:`no_decay`,
+            :func:`label`, :func:`lr`, :func:`freeze` and :func:`unfreeze`, and at most
+            one :func:`layer_decay`.
           default: the decision for leaves no rule matches (a numpy bool counts).
           strict: a rule that matches no parameter of a tree handed to a ``for_*``
             method raises :class:`UnmatchedRuleError` instead of a :class:`PolicyWarning`.
 
         Raises:
           TypeError: a rule is not a :class:`Rule`, or ``default``/``strict`` is not a bool.
+          ValueError: more than one :func:`layer_decay`.
         """
+        ladders = [r for r in rules if isinstance(r, LayerDecay)]
+        if len(ladders) > 1:
+            raise ValueError(
+                f"Policy(...): {len(ladders)} layer_decay rules ({', '.join(map(repr, ladders))}); "
+                f"a policy has one ladder. To chain several stacks into it, pass them "
+                f"together: dm.layer_decay(rate, blocks=(first, second))."
+            )
+        rules = tuple(r for r in rules if not isinstance(r, LayerDecay))  # type: ignore[assignment]
         for index, rule in enumerate(rules):
             if not isinstance(rule, Rule):
                 hint = (
@@ -55,7 +78,8 @@ class Policy:
                 raise TypeError(
                     f"Policy(...): argument {index} is {rule!r} "
                     f"({type(rule).__name__}), not a rule. Make rules with "
-                    f"dm.decay(...) or dm.no_decay(...).{hint}"
+                    f"dm.decay(...), dm.no_decay(...), dm.lr(...), dm.freeze(...) or "
+                    f"dm.layer_decay(...).{hint}"
                 )
         flags = []
         for key, value in (("default", default), ("strict", strict)):
@@ -71,8 +95,11 @@ class Policy:
         set_(self, "rules", tuple(rules))
         set_(self, "default", default)
         set_(self, "strict", strict)
-        set_(self, "_hash", hash((self.rules, default, strict)))
+        set_(self, "layer_decay", ladders[0] if ladders else None)
+        set_(self, "_hash", hash((self.rules, default, strict, self.layer_decay)))
         set_(self, "_asks", any(rule.when is not None for rule in self.rules))
+        set_(self, "_lr", any(rule.lr is not None for rule in self.rules))
+        set_(self, "_freeze", any(rule.frozen is not None for rule in self.rules))
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise dataclasses.FrozenInstanceError(f"Policy is immutable; cannot set {name!r}.")
@@ -86,15 +113,16 @@ class Policy:
         return self
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        return (_restore, (type(self), self.rules, self.default, self.strict))
+        return (_restore, (type(self), self.rules, self.default, self.strict, self.layer_decay))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Policy):
             return NotImplemented
-        return (self.rules, self.default, self.strict) == (
+        return (self.rules, self.default, self.strict, self.layer_decay) == (
             other.rules,
             other.default,
             other.strict,
+            other.layer_decay,
         )
 
     def __hash__(self) -> int:
@@ -102,6 +130,8 @@ class Policy:
 
     def __repr__(self) -> str:
         parts = [repr(rule) for rule in self.rules]
+        if self.layer_decay is not None:
+            parts.append(repr(self.layer_decay))
         if self.default:
             parts.append("default=True")
         if self.strict:
@@ -195,23 +225,45 @@ class Policy:
           ... ])]
           [True, False]
         """
-        cache: dict[tuple[Any, ...], tuple[int, ...]] = {}
-        out = []
-        for leaf in leaves:
+        items = leaves if isinstance(leaves, Sequence) else list(leaves)
+        for leaf in items:
             if not isinstance(leaf, Leaf):
                 raise TypeError(
                     f"Policy.decide: expected dm.Leaf records, got {type(leaf).__name__}."
                 )
-            decision = self._decide_one(leaf, cache)
+        return self._decide_all(items, ladder=self.layer_decay is not None)
+
+    def _decide_all(self, leaves: Sequence[Leaf], *, ladder: bool) -> list[Decision]:
+        ids: Sequence[Any] = ()
+        scales: Sequence[Any] = ()
+        if ladder and self.layer_decay is not None:
+            found = self.layer_decay.ladder(leaves)
+            ids = found.ids()
+            scales = found.scales(ids)
+        cache: dict[tuple[Any, ...], tuple[int, ...]] = {}
+        out = []
+        for i, leaf in enumerate(leaves):
+            if ids:
+                decision = self._decide_one(leaf, cache, ids[i], scales[i])
+            else:
+                decision = self._decide_one(leaf, cache)
             if leaf.shared_with:
                 others = [self._decide_one(view, cache) for view in leaf.shared_with]
-                conflicts = tuple(d for d in others if d.decay != decision.decay)
+                conflicts = tuple(
+                    d for d in others if (d.decay, d.frozen, d.lr_rule) != (decision.decay, decision.frozen, decision.lr_rule)
+                )
                 if conflicts:
                     decision = dataclasses.replace(decision, conflicts=conflicts)
             out.append(decision)
         return out
 
-    def _decide_one(self, leaf: Leaf, cache: dict[tuple[Any, ...], tuple[int, ...]]) -> Decision:
+    def _decide_one(
+        self,
+        leaf: Leaf,
+        cache: dict[tuple[Any, ...], tuple[int, ...]],
+        layer_id: int | tuple[int, ...] | None = None,
+        layer_scale: float | tuple[float, ...] = 1.0,
+    ) -> Decision:
         key = (leaf.owner, leaf.ancestors, leaf.role, leaf.name)
         candidates = cache.get(key)
         if candidates is None:
@@ -224,19 +276,55 @@ class Policy:
             cache[key] = candidates
         decidable = leaf.is_param and leaf.floating
         label: str | None = None
+        decided: int | None = None
+        lr_at: int | None = None
+        freeze_at: int | None = None
+        want_lr, want_freeze = self._lr, self._freeze
         for i in candidates:
             rule = self.rules[i]
-            if rule.per_leaf and not rule.matches_rest(leaf):
-                continue
-            if label is None and (decidable or rule.decay is None):
-                label = rule.group
-            if rule.decay is not None and decidable:
-                rate = rule.rate if rule.decay else 0.0
-                return Decision(leaf, rule.decay, rule, f"rule {i + 1}", label=label or rule.group, rate=rate)
+            if rule.lr is not None:
+                if lr_at is None and (not rule.per_leaf or rule.matches_rest(leaf)):
+                    lr_at = i
+            elif rule.frozen is not None:
+                if freeze_at is None and (not rule.per_leaf or rule.matches_rest(leaf)):
+                    freeze_at = i
+            elif decided is None:
+                if rule.per_leaf and not rule.matches_rest(leaf):
+                    continue
+                if label is None and (decidable or rule.decay is None):
+                    label = rule.group
+                if rule.decay is not None and decidable:
+                    decided = i
+            if (
+                decided is not None
+                and (lr_at is not None or not want_lr)
+                and (freeze_at is not None or not want_freeze)
+            ):
+                break
+        lr_rule = self.rules[lr_at] if lr_at is not None else None
+        freeze_rule = self.rules[freeze_at] if freeze_at is not None else None
+        groups: dict[str, Any] = {"layer_id": layer_id, "lr_rule": lr_rule, "freeze_rule": freeze_rule}
         if not leaf.is_param:
-            return Decision(leaf, False, None, NOT_A_PARAM, label=label or NO_DECAY_LABEL)
+            return Decision(leaf, False, None, NOT_A_PARAM, label=label or NO_DECAY_LABEL, lr_scale=0.0, **groups)
         if not leaf.floating:
-            return Decision(leaf, False, None, NOT_FLOATING, label=label or NO_DECAY_LABEL)
+            return Decision(leaf, False, None, NOT_FLOATING, label=label or NO_DECAY_LABEL, lr_scale=0.0, **groups)
+        if freeze_rule is not None and freeze_rule.frozen:
+            return Decision(
+                leaf, False, freeze_rule, f"rule {freeze_at + 1}",  # type: ignore[operator]
+                label=FROZEN_LABEL, lr_scale=0.0, frozen=True, **groups,
+            )
+        multiplier = lr_rule.lr if lr_rule is not None and lr_rule.lr is not None else 1.0
+        if type(layer_scale) is tuple:
+            lr_scale: float | tuple[float, ...] = tuple(s * multiplier for s in layer_scale)
+        else:
+            lr_scale = layer_scale * multiplier  # type: ignore[operator]
+        if decided is not None:
+            rule = self.rules[decided]
+            rate = rule.rate if rule.decay else 0.0
+            return Decision(
+                leaf, bool(rule.decay), rule, f"rule {decided + 1}", label=label or rule.group,
+                rate=rate, lr_scale=lr_scale, **groups,
+            )
         default_label = DECAY_LABEL if self.default else NO_DECAY_LABEL
         return Decision(
             leaf,
@@ -245,6 +333,8 @@ class Policy:
             DEFAULT,
             label=label or default_label,
             rate=1.0 if self.default else 0.0,
+            lr_scale=lr_scale,
+            **groups,
         )
 
     def decide_for_mask(
@@ -287,8 +377,9 @@ class Policy:
           partial_view: whether the tree is one branch's view of the params.
         """
         table = leaves if isinstance(leaves, LeafTable) else as_table(leaves)
-        if value == "decisions" or any(rule.per_leaf for rule in self.rules):
-            decisions = self.decide(table)
+        ladder = self.layer_decay is not None and value == "lr_scales"
+        if value == "decisions" or ladder or any(rule.per_leaf for rule in self.rules):
+            decisions = self._decide_all(table, ladder=ladder)
             messages = check_decisions(
                 self, table, decisions, method=method, non_floating_fix=non_floating_fix,
                 partial_view=partial_view,
@@ -299,7 +390,7 @@ class Policy:
         # Every rule reads only what a key stands for: decide once per key.
         first = table.representatives()
         keys = list(first)
-        decisions = self.decide([table[i] for i in first.values()])
+        decisions = self._decide_all([table[i] for i in first.values()], ladder=False)
         messages = check_decisions(
             self,
             [d.leaf for d in decisions],
@@ -328,8 +419,15 @@ class Policy:
         return Report(decisions, policy=self, show_dims=show_dims, warnings=messages)
 
 
-def _restore(cls: type[Policy], rules: tuple[Rule, ...], default: bool, strict: bool) -> Policy:
-    return cls(*rules, default=default, strict=strict)
+def _restore(
+    cls: type[Policy],
+    rules: tuple[Rule, ...],
+    default: bool,
+    strict: bool,
+    layer_decay: LayerDecay | None = None,
+) -> Policy:
+    extra = (layer_decay,) if layer_decay is not None else ()
+    return cls(*rules, *extra, default=default, strict=strict)
 
 
 _paused = 0

@@ -32,6 +32,24 @@ class Decision:
     """The group for ``optax.partition``: the label of the last matching rule."""
     rate: float = 0.0
     """The multiplier of the weight decay: the deciding rule's rate, 0 if not decayed."""
+    lr_scale: float | tuple[float, ...] = 1.0
+    """The learning-rate multiplier: the layer-decay factor times the last matching
+    :func:`lr` rule's multiplier; 0 where the leaf is not trained. A tuple, one per
+    layer, for a leaf stacked along a layer axis."""
+    frozen: bool = False
+    """Whether a :func:`freeze` rule (not undone by a later :func:`unfreeze`) matched."""
+    layer_id: int | tuple[int, ...] | None = None
+    """The leaf's id in the layer-decay ladder (0 the stem, 1 to n the blocks, n + 1
+    the rest), a tuple for a stacked leaf; ``None`` without :func:`layer_decay`."""
+    lr_rule: Rule | None = None
+    """The :func:`lr` rule that gave the multiplier; ``None`` where none matched."""
+    freeze_rule: Rule | None = None
+    """The last :func:`freeze` or :func:`unfreeze` rule that matched, if any."""
+
+    @property
+    def trainable(self) -> bool:
+        """Whether the optimizer updates the leaf: a floating-point parameter not frozen."""
+        return self.leaf.is_param and self.leaf.floating and not self.frozen
 
     @property
     def path(self) -> str:

@@ -18,6 +18,7 @@ from ._selectors import LayerSelector as LayerSelector
 from ._selectors import NameSelector as NameSelector
 from ._selectors import PathSelector as PathSelector
 from ._selectors import check_label, checked_keywords, layer_matches, path_matcher, rule_fields
+from ._selectors import check_multiplier as check_multiplier
 from ._selectors import check_rate as check_rate
 from ._values import as_bool as as_bool
 from ._values import importable as importable
@@ -53,6 +54,10 @@ class Rule:
     """The label of matching leaves for ``optax.partition``; see :attr:`group`."""
     rate: float = 1.0
     """A multiplier of the weight decay of matching leaves."""
+    lr: float | None = None
+    """The learning-rate multiplier of matching leaves (a rule made by :func:`lr`)."""
+    frozen: bool | None = None
+    """``True`` for :func:`freeze`, ``False`` for :func:`unfreeze`, else ``None``."""
 
     @property
     def group(self) -> str:
@@ -60,6 +65,11 @@ class Rule:
         if self.label is not None:
             return self.label
         return DECAY_LABEL if self.decay else NO_DECAY_LABEL
+
+    @property
+    def sets_decay(self) -> bool:
+        """Whether the rule decides decay or a label (not an lr or freeze rule)."""
+        return self.decay is not None or self.label is not None
 
     def __post_init__(self) -> None:
         paths = tuple(path_matcher(p) for p in self.path) if self.path else ()
@@ -136,6 +146,8 @@ class Rule:
 
     def __repr__(self) -> str:
         parts = []
+        if self.lr is not None:
+            parts.append(repr(self.lr))
         for key in SELECTORS:
             value = getattr(self, key)
             if value is None:
@@ -146,6 +158,10 @@ class Rule:
             else:
                 text = show_value(value)
             parts.append(f"{key}={text}")
+        if self.lr is not None:
+            return f"lr({', '.join(parts)})"
+        if self.frozen is not None:
+            return f"{'freeze' if self.frozen else 'unfreeze'}({', '.join(parts)})"
         if self.decay is None:
             return f"label({', '.join([repr(self.label)] + parts)})"
         if self.rate != 1.0:
@@ -286,3 +302,106 @@ def label(
         min_ndim=min_ndim, when=when,
     )
     return _make("label", None, selectors, label=check_label("label", group))
+
+
+@checked_keywords("lr", ())
+def lr(
+    multiplier: float,
+    /,
+    *,
+    layer: LayerSelector | None = None,
+    within: LayerSelector | None = None,
+    param: NameSelector | None = None,
+    name: NameSelector | None = None,
+    path: PathSelector | None = None,
+    min_ndim: int | None = None,
+    when: Callable[[Leaf], bool] | None = None,
+) -> Rule:
+    """A rule: matching leaves learn ``multiplier`` times as fast.
+
+    The last ``lr`` rule that matches a leaf gives its multiplier (1 where none does);
+    :func:`layer_decay` multiplies it by the leaf's layer factor, and
+    :meth:`Policy.wrap` multiplies each update by the result after the optimizer, so
+    that with ``optax.adamw`` the decay term is scaled too (a PyTorch parameter
+    group's ``lr``). ``lr`` rules never change whether a leaf decays. Takes the
+    selectors of :func:`decay`.
+
+    Args:
+      multiplier: a finite number > 0. To stop a leaf from learning, use
+        :func:`freeze`: a multiplier of 0 would keep its optimizer state and still
+        let a decoupled decay move it.
+
+    Raises:
+      ValueError: a multiplier that is 0, negative, NaN, infinite or too large for a float.
+
+    Example:
+      >>> import decaymask as dm
+      >>> dm.lr(0.1, layer="embedding")
+      lr(0.1, layer='embedding')
+    """
+    selectors = dict(
+        layer=layer, within=within, param=param, name=name, path=path,
+        min_ndim=min_ndim, when=when,
+    )
+    rule = _make("lr", None, selectors)
+    return dataclasses.replace(rule, lr=check_multiplier("lr", multiplier))
+
+
+def _freezing(fn: str, frozen: bool, selectors: dict[str, Any]) -> Rule:
+    return dataclasses.replace(_make(fn, None, selectors), frozen=frozen)
+
+
+@checked_keywords("freeze", ())
+def freeze(
+    *,
+    layer: LayerSelector | None = None,
+    within: LayerSelector | None = None,
+    param: NameSelector | None = None,
+    name: NameSelector | None = None,
+    path: PathSelector | None = None,
+    min_ndim: int | None = None,
+    when: Callable[[Leaf], bool] | None = None,
+) -> Rule:
+    """A rule: matching leaves are not trained.
+
+    A frozen leaf gets no update and keeps no optimizer state under
+    :meth:`Policy.wrap`, is never decayed and never a Muon matrix, and
+    ``policy.trainable(tree)`` is ``False`` there (each framework's filter, so that it
+    gets no gradient either). The last ``freeze``/:func:`unfreeze` rule that matches a
+    leaf decides. Takes the selectors of :func:`decay`.
+
+    Example:
+      >>> import decaymask as dm
+      >>> dm.freeze(within="embedding")
+      freeze(within='embedding')
+    """
+    selectors = dict(
+        layer=layer, within=within, param=param, name=name, path=path,
+        min_ndim=min_ndim, when=when,
+    )
+    return _freezing("freeze", True, selectors)
+
+
+@checked_keywords("unfreeze", ())
+def unfreeze(
+    *,
+    layer: LayerSelector | None = None,
+    within: LayerSelector | None = None,
+    param: NameSelector | None = None,
+    name: NameSelector | None = None,
+    path: PathSelector | None = None,
+    min_ndim: int | None = None,
+    when: Callable[[Leaf], bool] | None = None,
+) -> Rule:
+    """A rule: matching leaves are trained again after a :func:`freeze` rule.
+
+    Example:
+      >>> import decaymask as dm
+      >>> dm.unfreeze(path="head/*")
+      unfreeze(path='head/*')
+    """
+    selectors = dict(
+        layer=layer, within=within, param=param, name=name, path=path,
+        min_ndim=min_ndim, when=when,
+    )
+    return _freezing("unfreeze", False, selectors)

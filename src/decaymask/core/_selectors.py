@@ -147,6 +147,40 @@ def check_rate(fn: str, value: Any) -> float:
     return float(value)
 
 
+def check_multiplier(fn: str, value: Any) -> float:
+    """A learning-rate multiplier as a float: a finite number > 0.
+
+    Raises:
+      TypeError: not a real number.
+      ValueError: 0 (the message points at ``dm.freeze``), negative, NaN, infinite, or
+        too large for a float.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{fn}({value!r}): expected a learning-rate multiplier, a number > 0, got "
+            f"{type_name(value)}."
+        )
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ValueError(
+            f"{fn}({show_value(value)}): the multiplier is too large for a float; "
+            f"expected a finite number > 0."
+        ) from None
+    if number == 0:
+        raise ValueError(
+            f"{fn}(0): a multiplier of 0 still keeps the optimizer state of the matching "
+            f"leaves, and a decoupled weight decay still moves them. To stop them from "
+            f"learning, use dm.freeze(...) with the same selectors."
+        )
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(
+            f"{fn}({value!r}): expected a finite learning-rate multiplier > 0, got "
+            f"{value!r}."
+        )
+    return number
+
+
 def check_keywords(fn: str, keys: Sequence[str]) -> None:
     """A rate where none is taken, or an unknown selector: the error listing every
     valid selector (Python's own names only the bad keyword)."""
