@@ -752,3 +752,119 @@ def test_owners_of_a_shared_array_that_disagree_warn():
         assert jax.tree.leaves(agreeing.for_equinox(abstract)) == [True]
     with pytest.warns(dm.PolicyWarning, match="is shared with"):
         policy.for_equinox(eqx.filter_eval_shape(TiedLM, KEY))
+
+
+# Where every leaf's modules stand in its path.
+
+
+class DepthAttention(eqx.Module):
+    qkv: eqx.nn.Linear
+    out: eqx.nn.Linear
+
+    def __init__(self, width: int, key: jax.Array):
+        k1, k2 = jax.random.split(key)
+        self.qkv = eqx.nn.Linear(width, 3 * width, key=k1)
+        self.out = eqx.nn.Linear(width, width, key=k2)
+
+
+class DepthBlock(eqx.Module):
+    attn: DepthAttention
+    norm: eqx.nn.LayerNorm
+
+    def __init__(self, width: int, key: jax.Array):
+        self.attn = DepthAttention(width, key)
+        self.norm = eqx.nn.LayerNorm(width)
+
+
+class DepthNet(eqx.Module):
+    blocks: list[DepthBlock]
+    norm: eqx.nn.LayerNorm
+    scale: jax.Array
+    mlp: eqx.nn.MLP
+
+    def __init__(self, key: jax.Array, width: int = 4):
+        k1, k2 = jax.random.split(key)
+        self.blocks = [DepthBlock(width, k) for k in jax.random.split(k1, 3)]
+        self.norm = eqx.nn.LayerNorm(width)
+        self.scale = jnp.ones(width)
+        self.mlp = eqx.nn.MLP(width, width, 8, 2, key=k2)
+
+
+def _node_at(root: Any, keys: list[str]) -> Any:
+    node = root
+    for key in keys:
+        if isinstance(node, (list, tuple)):
+            node = node[int(key)]
+        elif isinstance(node, dict):
+            node = node[key]
+        else:
+            node = getattr(node, key)
+    return node
+
+
+def _assert_module_depths_consistent(root: Any, leaves: list[dm.Leaf]) -> None:
+    """Every leaf has one depth per module of ancestors + (owner,), each naming that
+    module's node in the tree: the first d keys of the path lead to it, the same keys for
+    every leaf in that module. An array no module owns stands for its path's parent."""
+    prefixes: dict[int, set[tuple[str, ...]]] = {}
+    for leaf in leaves:
+        keys = leaf.path.split("/")
+        depths = leaf.module_depths
+        assert len(depths) == len(leaf.ancestors) + 1, leaf.path
+        assert all(0 <= d <= len(keys) - 1 for d in depths), (leaf.path, depths)
+        assert list(depths) == sorted(depths), (leaf.path, depths)
+        for module, d in zip((*leaf.ancestors, leaf.owner), depths):
+            node = _node_at(root, keys[:d])
+            if module.cls is None:  # no module owns the array
+                assert not isinstance(node, eqx.Module), leaf.path
+                assert d == len(keys) - 1, leaf.path
+            else:
+                assert type(node) is module.cls, (leaf.path, d, type(node), module)
+            prefixes.setdefault(id(node), set()).add(tuple(keys[:d]))
+    assert all(len(found) == 1 for found in prefixes.values()), prefixes
+
+
+def test_module_depths_say_where_each_module_stands_in_the_path():
+    model = DepthNet(KEY)
+    leaves = [row.leaf for row in dm.Policy(dm.decay()).explain(model)]
+    depths = {leaf.path: leaf.module_depths for leaf in leaves}
+    assert depths["blocks/0/attn/qkv/weight"] == (0, 2, 3, 4)
+    assert depths["blocks/2/attn/out/bias"] == (0, 2, 3, 4)
+    assert depths["blocks/1/norm/weight"] == (0, 2, 3)
+    assert depths["norm/bias"] == (0, 1)
+    assert depths["scale"] == (0,)  # the root owns it
+    assert depths["mlp/layers/1/weight"] == (0, 1, 3)
+    owners = {leaf.path: [m.type_name for m in (*leaf.ancestors, leaf.owner)] for leaf in leaves}
+    assert owners["blocks/0/attn/qkv/weight"] == [
+        "DepthNet", "DepthBlock", "DepthAttention", "Linear"]
+    assert owners["mlp/layers/1/weight"] == ["DepthNet", "MLP", "Linear"]
+    _assert_module_depths_consistent(model, leaves)
+    # The same block in every list entry: the depths leave the leaves' keys as they were.
+    adapter = {a.name: a for a in dm.adapters.registered()}["equinox"]
+    table, _ = adapter.walk(model, method="explain")
+    paths = [leaf.path for leaf in table]
+    key_of = dict(zip(paths, table.keys))
+    assert key_of["blocks/0/attn/qkv/weight"] == key_of["blocks/2/attn/qkv/weight"]
+    assert key_of["blocks/0/norm/bias"] == key_of["blocks/1/norm/bias"]
+
+
+def test_module_depths_of_unowned_arrays_and_shared_views():
+    # A plain pytree: an array no module holds stands for its path's parent.
+    head = eqx.nn.Linear(2, 2, key=KEY)
+    tree = [DepthNet(KEY), jnp.ones(2), {"head": head, "raw": (jnp.ones(3),)}]
+    leaves = [row.leaf for row in dm.Policy(dm.decay()).explain(tree)]
+    depths = {leaf.path: leaf.module_depths for leaf in leaves}
+    assert depths["0/blocks/1/attn/qkv/weight"] == (1, 3, 4, 5)
+    assert depths["1"] == (0,)
+    assert depths["2/head/weight"] == (2,)
+    assert depths["2/raw/0"] == (2,)
+    assert {leaf.path: leaf.ancestors for leaf in leaves}["2/raw/0"] == ()
+    _assert_module_depths_consistent(tree, leaves)
+    # eqx.nn.Shared: the view of the tied array stands where its own owner does.
+    model = TiedLM(KEY)
+    [row] = dm.Policy(dm.decay()).explain(model)
+    assert row.leaf.module_depths == (0, 1, 3)
+    [view] = row.leaf.shared_with
+    assert (view.path, view.module_depths) == ("shared/pytree/1/weight", (0, 1, 3))
+    assert [m.type_name for m in (*view.ancestors, view.owner)] == ["TiedLM", "Shared", "Linear"]
+    _assert_module_depths_consistent(model, [row.leaf, view])

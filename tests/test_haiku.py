@@ -550,3 +550,120 @@ def test_a_callable_mask_inside_optax_partition_reads_one_branch():
         "mlp/~/linear_0/b": 0.0, "mlp/~/linear_0/w": -0.25,
         "mlp/~/linear_1/b": 0.0, "mlp/~/linear_1/w": -0.25,
     }
+
+
+# Where every leaf's modules stand in its path: ``~`` counts as a key.
+
+
+class DepthAttention(hk.Module):
+    def __call__(self, x):
+        return hk.Linear(3, name="query")(x) + hk.Linear(3, name="value")(x)
+
+
+class DepthBlock(hk.Module):
+    def __init__(self, name=None):
+        super().__init__(name=name)
+        self.attn = DepthAttention(name="attn")
+        self.norm = hk.LayerNorm(-1, True, True)
+
+    def __call__(self, x):
+        x = self.norm(x + self.attn(x))
+        return x + hk.nets.MLP([4, 3])(x)
+
+
+class DepthEncoder(hk.Module):
+    def __init__(self, name=None):
+        super().__init__(name=name)
+        self.blocks = [DepthBlock(name="block") for _ in range(2)]
+
+    def __call__(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def _depth_model(x):
+    x = DepthEncoder(name="encoder")(x)
+    x = x * hk.get_parameter("gain", (1, 3), init=jnp.ones)  # no module: key "~"
+    x = hk.layer_stack(2, name="stack")(lambda z: DepthBlock(name="block")(z))(x)
+    return hk.layer_stack(2)(lambda z: DepthBlock(name="block")(z))(x)
+
+
+DEPTHS = hk.transform(_depth_model)
+
+
+def _assert_haiku_module_depths_consistent(leaves, classes=None):
+    """One depth per module of ancestors + (owner,); the first d keys of the path end at
+    that module's own name, and name the same module for every leaf; every leaf of one
+    params key reads the same modules at the same depths. ``classes`` maps a module's
+    full name to its class, as a trace saw it."""
+    at: dict[tuple[str, ...], set] = {}
+    of_key: dict[str, set] = {}
+    for leaf in leaves:
+        keys = leaf.path.split("/")
+        depths = leaf.module_depths
+        assert len(depths) == len(leaf.ancestors) + 1, leaf.path
+        assert all(1 <= d <= len(keys) - 1 for d in depths), (leaf.path, depths)
+        assert list(depths) == sorted(depths), (leaf.path, depths)
+        for module, d in zip((*leaf.ancestors, leaf.owner), depths):
+            prefix = tuple(keys[:d])
+            if prefix[-1] == "~":  # no module owns the array: the path's parent
+                assert not leaf.ancestors and d == len(keys) - 1, leaf.path
+            elif classes is not None:
+                # Inside a layer_stack the trace names modules from the stack down.
+                name = "/".join(prefix)
+                seen = classes.get(name) or classes["/".join(prefix[1:])]
+                assert seen is module.cls, (leaf.path, d)
+            at.setdefault(prefix, set()).add(module)
+        of_key.setdefault("/".join(keys[:-1]), set()).add((leaf.ancestors, leaf.owner, depths))
+    assert all(len(found) == 1 for found in at.values()), at
+    assert all(len(found) == 1 for found in of_key.values()), of_key
+
+
+def _traced_classes(fn, *args):
+    classes = {}
+
+    def interceptor(next_fun, a, kw, context):
+        out = next_fun(*a, **kw)
+        classes.setdefault(context.module.module_name, type(context.module))
+        return out
+
+    with hk.intercept_methods(interceptor):
+        fn.init(jax.random.key(0), *args)
+    return classes
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["names", "classes"])
+def test_module_depths_say_where_each_module_stands_in_the_path(traced):
+    p = DEPTHS.init(jax.random.key(0), X)
+    options = {"fn": DEPTHS, "args": (X,)} if traced else {}
+    leaves = [row.leaf for row in dm.Policy(dm.decay()).explain(p, framework="haiku", **options)]
+    depths = {leaf.path: leaf.module_depths for leaf in leaves}
+    assert depths["encoder/~/block/~/attn/query/w"] == (1, 3, 5, 6)
+    assert depths["encoder/~/block_1/~/attn/value/b"] == (1, 3, 5, 6)
+    assert depths["encoder/~/block_1/mlp/~/linear_0/w"] == (1, 3, 4, 6)
+    assert depths["encoder/~/block/~/layer_norm/scale"] == (1, 3, 5)
+    assert depths["~/gain"] == (1,)
+    # hk.layer_stack is looked through: a default-named stack always, a named one where
+    # the trace shows it (names alone read ``stack`` as a module).
+    assert depths["__layer_stack_no_per_layer/block/~/attn/query/w"] == (2, 4, 5)
+    assert depths["__layer_stack_no_per_layer/block/~/layer_norm/offset"] == (2, 4)
+    assert depths["stack/block/~/attn/query/w"] == ((2, 4, 5) if traced else (1, 2, 4, 5))
+    assert depths["stack/block/mlp/~/linear_1/b"] == ((2, 3, 5) if traced else (1, 2, 3, 5))
+    if traced:
+        owners = {leaf.path: [m.type_name for m in (*leaf.ancestors, leaf.owner)]
+                  for leaf in leaves}
+        assert owners["encoder/~/block/~/attn/query/w"] == [
+            "DepthEncoder", "DepthBlock", "DepthAttention", "Linear"]
+        assert owners["stack/block/mlp/~/linear_1/b"] == ["DepthBlock", "MLP", "Linear"]
+    classes = _traced_classes(DEPTHS, X) if traced else None
+    _assert_haiku_module_depths_consistent(leaves, classes)
+    # An LSTM owns its gates' arrays: the LSTM's depth, not its Linear's.
+    t = hk.transform(lambda x: hk.LSTM(3)(x, hk.LSTM(3).initial_state(2))[0])
+    lstm_options = {"fn": t, "args": (X,)} if traced else {}
+    lstm_params = t.init(jax.random.key(0), X)
+    lstm = [row.leaf for row in dm.Policy(dm.decay()).explain(
+        lstm_params, framework="haiku", **lstm_options)]
+    assert {leaf.path: leaf.module_depths for leaf in lstm} == {
+        "lstm/linear/b": (1,), "lstm/linear/w": (1,)}
+    _assert_haiku_module_depths_consistent(lstm)

@@ -150,6 +150,9 @@ class _Module:
         self.cell = builtin in _CELLS
         self.owned_by: _Module | None = None  # a cell owns its gates' arrays
         self.hidden = False  # a stack: not among the ancestors
+        # Where the modules of ancestors + (this one,) stand in a path: the number of its
+        # keys, ``~`` counted, up to each module's own name. Set by ``_read``.
+        self.depths: tuple[int, ...] = ()
 
     @property
     def owner(self) -> _Module:
@@ -198,7 +201,7 @@ def _walk(tree: Any, method: str, fn: Any, args: Any, kwargs: Any) -> tuple[list
             arrays = {n: len(v.shape) - batch_of(key, n, tuple(v.shape))
                       for n, v in tree.get(key, {}).items() if is_array_like(v)}
             cls = trace.classes.get(key) if trace is not None else None
-            found = modules[mid] = _read(mid[-1], cls, arrays, children.get(mid, set()),
+            found = modules[mid] = _read(mid, cls, arrays, children.get(mid, set()),
                                          module_of(up) if up else None)
         return found
 
@@ -208,8 +211,11 @@ def _walk(tree: Any, method: str, fn: Any, args: Any, kwargs: Any) -> tuple[list
         segments = paths[key]
         mid = _module_id(segments)
         module = module_of(mid) if mid and not all(_STACK.match(s) for s in mid) else None
-        owner = module.owner if module is not None else \
-            _Module(Layer("unknown", None, None, "name"), ())
+        if module is not None:
+            owner = module.owner
+        else:  # no module: the owner stands for the path's parent, the params' key
+            owner = _Module(Layer("unknown", None, None, "name"), ())
+            owner.depths = (len(segments),)
         layer, registration = owner.layer, owner.registration
         for name in sorted(tree[key]):
             value = tree[key][name]
@@ -232,7 +238,7 @@ def _walk(tree: Any, method: str, fn: Any, args: Any, kwargs: Any) -> tuple[list
                 path=path_text((*segments, name)), layer=layer.kind, name=name,
                 role=role or role_from_name(layer.kind, name, segments[-1]),
                 shape=shape, dtype=dtype_name(value), layer_type=layer.type_name,
-                layer_class=layer.cls, ancestors=owner.ancestors,
+                layer_class=layer.cls, ancestors=owner.ancestors, module_depths=owner.depths,
                 is_param=_is_param(name, segments, trace), kind_source=layer.source,
                 batch_axes=batch, layout_axes=layout_axes, matrix_axes=axes,
             ))
@@ -271,15 +277,20 @@ def _module_id(segments: Sequence[str]) -> tuple[str, ...]:
     return tuple(segments[:-1]) if segments and segments[-1] == "~" else tuple(segments)
 
 
-def _read(segment: str, cls: type | None, arrays: Mapping[str, int], children: set[str],
+def _read(mid: tuple[str, ...], cls: type | None, arrays: Mapping[str, int], children: set[str],
           parent: _Module | None) -> _Module:
-    """The module named ``segment``, of class ``cls`` where a trace saw it."""
+    """The module of path segments ``mid``, of class ``cls`` where a trace saw it."""
+    segment = mid[-1]
     ancestors = () if parent is None else \
         parent.ancestors if parent.hidden else (*parent.ancestors, parent.layer)
+    # Aligned with ancestors + (the module,): a hidden parent's own depth is dropped as it is.
+    above = () if parent is None else parent.depths[:-1] if parent.hidden else parent.depths
+    depths = (*above, len(mid))
     if _STACK.match(segment) or (cls is not None and cls.__module__.startswith(LIFT)):
         # A stack (or lift) is looked through: its layers are the modules below it.
         module = _Module(Layer("unknown", None, cls, "class" if cls else "name"), ancestors)
         module.hidden = True
+        module.depths = depths
         return module
     if cls is not None:
         kinds = _class_kinds()
@@ -310,6 +321,7 @@ def _read(segment: str, cls: type | None, arrays: Mapping[str, int], children: s
     if parent is not None and parent.cell and module.layer.kind == "linear":
         module.owned_by = parent
         module.layout = _DENSE if module.trusted else None
+    module.depths = depths
     return module
 
 

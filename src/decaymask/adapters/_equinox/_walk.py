@@ -44,14 +44,17 @@ class EquinoxContext:
     """What every array below one node shares: its owner, the modules around it, the
     name its arrays take where their own key names nothing."""
 
-    __slots__ = ("node", "owner", "ancestors", "owner_node", "in_state", "key", "field",
-                 "wrapper", "owner_name")
+    __slots__ = ("node", "owner", "ancestors", "depths", "owner_node", "in_state", "key",
+                 "field", "wrapper", "owner_name")
 
-    def __init__(self, node, owner, ancestors, owner_node, in_state, key, field=None,
+    def __init__(self, node, owner, ancestors, depths, owner_node, in_state, key, field=None,
                  wrapper=False, owner_name=""):
         self.node = node
         self.owner = owner
         self.ancestors = ancestors
+        # Where the modules of ``ancestors + (owner,)`` stand in the path (the number of
+        # keys naming each); ``()`` while no module encloses the node.
+        self.depths = depths
         self.owner_node = owner_node
         self.in_state = in_state
         # Equal for contexts that decide alike; interned so that leaf keys hash fast.
@@ -92,8 +95,10 @@ class EquinoxWalk:
         self.size = len(flat)
         self.contexts: dict[tuple, EquinoxContext] = {}
         self.interned: dict[tuple, int] = {}
+        # One tuple per distinct depths: every block of a list shares its block's.
+        self.depth_tuples: dict[tuple[int, ...], tuple[int, ...]] = {}
         self.shared: list[tuple[tuple, Any]] = []  # (key path, eqx.nn.Shared node)
-        root = EquinoxContext(tree, None, (), None, False, 0)
+        root = EquinoxContext(tree, None, (), (), None, False, 0)
         self.contexts[()] = self._enter(root, tree, None, ())
         self.positions: list[int] = []
         self.entries: list[tuple[tuple, Any, EquinoxContext, str]] = []
@@ -138,6 +143,7 @@ class EquinoxWalk:
         context = self.contexts[prefix]
         outer = context.ancestors + ((context.owner,) if context.owner is not None else ())
         base = prefix + (jax.tree_util.GetAttrKey("pytree"),)
+        shift = len(base)
         here = {id(value): i for i, (keypath, value, _, _) in enumerate(self.entries)
                 if keypath[: len(base)] == base}
         for identity, i in here.items():
@@ -150,6 +156,8 @@ class EquinoxWalk:
                     view,
                     path=path_text(base + keypath),
                     ancestors=outer + view.ancestors,
+                    # The view's modules stand ``base`` further in, below the outer ones.
+                    module_depths=(*context.depths, *(d + shift for d in view.module_depths)),
                 )
                 for j in places
                 for keypath, view in ((inside.entries[j][0], inside.table[j]),)
@@ -184,20 +192,25 @@ class EquinoxWalk:
         if wrapper:
             what = None
         if what is None:
-            return EquinoxContext(node, parent.owner, parent.ancestors, parent.owner_node,
-                                  parent.in_state, parent.key, field, wrapper,
-                                  parent.owner_name)
+            return EquinoxContext(node, parent.owner, parent.ancestors, parent.depths,
+                                  parent.owner_node, parent.in_state, parent.key, field,
+                                  wrapper, parent.owner_name)
         if what == "state":
             # A StateIndex holds the initial value of some state of its layer.
-            return EquinoxContext(node, parent.owner, parent.ancestors, parent.owner_node,
-                                  True, self._intern(parent.owner, parent.ancestors, True, ""),
+            return EquinoxContext(node, parent.owner, parent.ancestors, parent.depths,
+                                  parent.owner_node, True,
+                                  self._intern(parent.owner, parent.ancestors, True, ""),
                                   field, False, parent.owner_name)
         layer = equinox_layer(node)
         ancestors = parent.ancestors if parent.owner is None else parent.ancestors + (parent.owner,)
+        # The module stands where its keys lead: parent.depths already holds the
+        # depths of ``ancestors``. Not part of the key: a rule reads them with the path.
+        depths = parent.depths + (len(prefix),)
+        depths = self.depth_tuples.setdefault(depths, depths)
         owner_name = field or ""
         # A role reads its owner's name only to tell a position table.
         key_name_part = "position" if owner_says_position(owner_name) else ""
-        return EquinoxContext(node, layer, ancestors, node, parent.in_state,
+        return EquinoxContext(node, layer, ancestors, depths, node, parent.in_state,
                               self._intern(layer, ancestors, parent.in_state, key_name_part),
                               field, False, owner_name)
 
@@ -211,6 +224,9 @@ class EquinoxWalk:
     def _build(self, index: int) -> Leaf:
         keypath, value, context, name = self.entries[index]
         owner = context.owner or UNOWNED
+        # No module encloses the array (so no ancestors either): its owner stands for
+        # the node holding it, the path's parent.
+        depths = context.depths if context.owner is not None else (max(0, len(keypath) - 1),)
         owner_node = context.owner_node
         in_state = context.in_state
         registration = None
@@ -246,6 +262,7 @@ class EquinoxWalk:
             layer_type=owner.type_name,
             layer_class=owner.cls,
             ancestors=context.ancestors,
+            module_depths=depths,
             is_param=not in_state,
             kind_source=owner.source,
             batch_axes=batch_axes,
