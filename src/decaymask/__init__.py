@@ -29,5 +29,6 @@ from . import presets as presets
 from ._check import MaskMismatchError as MaskMismatchError
 from ._check import check_mask as check_mask
 from ._transforms import add_decayed_weights as add_decayed_weights
+from ._groups import merge as merge
 
 __version__ = "0.1.0"

@@ -43,6 +43,21 @@ def _remember(key: Any, out: Any, values: list[Any], rebuild: Any, messages: lis
         _built[key] = (treedef, leaves, messages)
 
 
+def _per_layer_arrays(values: list[Any], leaves: Any) -> list[Any]:
+    """A stacked leaf's multipliers (one per layer) as an array that broadcasts against
+    the leaf: shape ``(n, 1, ..., 1)``."""
+    if not any(type(v) is tuple for v in values):
+        return values
+    import numpy as np
+
+    out = list(values)
+    for i, v in enumerate(values):
+        if type(v) is tuple:
+            ndim = len(leaves[i].shape)
+            out[i] = np.asarray(v, dtype=np.float32).reshape((len(v),) + (1,) * (ndim - 1))
+    return out
+
+
 class Policy(_CorePolicy):
     """An ordered set of rules; the last rule that matches a leaf decides it."""
 
@@ -78,6 +93,8 @@ class Policy(_CorePolicy):
                 non_floating_fix=adapter.non_floating_fix,
                 partial_view=lambda: adapter.is_partial(tree),
             )
+            if value == "lr_scales":
+                values = _per_layer_arrays(values, found)
             if isinstance(found, LeafTable):
                 # Freed now, while the collector is paused, rather than traced by it.
                 found.release()
@@ -118,6 +135,33 @@ class Policy(_CorePolicy):
         framework; see :meth:`rates_for_equinox`."""
         return self._build("rates", tree, framework, "rates", options)
 
+    def lr_scales(self, tree: Any, *, framework: str | None = None, **options: Any) -> Any:
+        """The learning-rate multiplier of every parameter, in :meth:`mask`'s structure.
+
+        A leaf's multiplier is its :func:`layer_decay` factor times the multiplier of
+        the last :func:`lr` rule that matches it (1 where none does), and 0 where it is
+        frozen or not a floating-point parameter. A leaf stacked along a layer axis
+        (``nn.scan``, ``nnx.vmap``, ``hk.layer_stack``, an ``eqx.filter_vmap`` stack)
+        gets a float32 array of shape ``(n, 1, ..., 1)``: each layer's multiplier, the
+        values the same model unrolled gets. :meth:`wrap` applies them.
+
+        Raises:
+          ValueError: the layer-decay blocks cannot be found uniquely, or ``blocks=``
+            selects nothing; the message names the candidates and the fix.
+        """
+        return self._build("lr_scales", tree, framework, "lr_scales", options)
+
+    def trainable(self, tree: Any, *, framework: str | None = None, **options: Any) -> Any:
+        """``True`` at every parameter the optimizer trains, in :meth:`mask`'s structure.
+
+        ``False`` where a :func:`freeze` rule (not undone by :func:`unfreeze`) matches,
+        and at state and arrays that are not floating point. For Equinox it is a
+        ``filter_spec``: ``eqx.partition(model, policy.trainable(model))`` splits the
+        model so that frozen leaves get no gradient. For NNX see
+        :meth:`trainable_filter`, for Linen and Haiku params :meth:`split`.
+        """
+        return self._build("trainable", tree, framework, "trainable", options)
+
     def muon_dims(self, tree: Any, *, framework: str | None = None, **options: Any) -> Any:
         """Muon dimension numbers in the framework's layouts, as :meth:`mask` finds the
         framework; see :meth:`muon_dims_for_equinox`."""
@@ -142,6 +186,74 @@ class Policy(_CorePolicy):
         adapter = adapters.choose(tree, framework, "explain")
         leaves, _ = adapter.walk(tree, method="explain", **options)
         return self.report_on(leaves, non_floating_fix=adapter.non_floating_fix, show_dims=show_dims)
+
+    # Parameter groups with optax: the wrapped optimizer, and its check.
+
+    def wrap(self, tx: Any, *, framework: str | None = None, **options: Any) -> Any:
+        """``tx`` with this policy's learning-rate multipliers and frozen leaves.
+
+        An ``optax.GradientTransformation``: frozen leaves get a zero update and no
+        state in ``tx`` (an ``optax.MaskedNode`` in their place, as ``optax.masked``
+        leaves), and every other update is multiplied by its multiplier
+        (:meth:`lr_scales`) after ``tx``, so that with ``optax.adamw`` the decay term is
+        scaled too: the semantics of a PyTorch parameter group. ``tx``'s own mask
+        should be this policy's (``mask=policy.mask``): :meth:`verify` checks both.
+
+        Args:
+          tx: any ``optax.GradientTransformation`` (``optax.adamw(...)``,
+            ``optax.chain(...)``, ``optax.inject_hyperparams(...)(...)``,
+            ``optax.contrib.muon(...)``).
+          framework: as :meth:`mask`, where the params could be read by several adapters.
+          **options: the adapter's options (Linen ``module=``, NNX ``wrt=``...).
+
+        Raises:
+          TypeError: ``tx`` is not a gradient transformation.
+        """
+        from ._groups import wrap
+
+        return wrap(self, tx, framework, options)
+
+    def verify(self, tx: Any, params: Any, *, framework: str | None = None, **options: Any) -> None:
+        """Checks with one probe that ``tx`` does to ``params`` what this policy says.
+
+        See :func:`decaymask.verify` (this method is that function with the policy
+        given).
+        """
+        from ._groups import verify
+
+        verify(self, tx, params, framework=framework, **options)
+
+    def trainable_filter(self, model: Any, **options: Any) -> Any:
+        """An NNX filter of the parameters this policy trains, for
+        ``nnx.Optimizer(model, tx, wrt=...)`` and ``nnx.DiffState(0, ...)``, so that
+        frozen parameters get neither gradients nor optimizer state.
+
+        Args:
+          model: an ``nnx.Module``.
+          **options: ``wrt=``, the filter of the variables the optimizer updates
+            (default ``nnx.Param``).
+        """
+        from ._groups import trainable_filter
+
+        return trainable_filter(self, model, options)
+
+    def split(self, params: Any, *, framework: str | None = None, **options: Any) -> tuple[Any, Any]:
+        """(trainable, frozen): a Linen or Haiku params mapping cut in two, each
+        with only its own arrays (the same container types), so that
+        ``jax.grad`` is taken with respect to the trainable half alone;
+        :func:`decaymask.merge` puts them back together.
+
+        Example:
+          >>> import decaymask as dm, jax.numpy as jnp
+          >>> policy = dm.Policy(dm.freeze(path="embed/*"))
+          >>> params = {"embed": {"embedding": jnp.ones((4, 2))}, "head": {"kernel": jnp.ones((2, 3))}}
+          >>> trained, frozen = policy.split(params, framework="linen")
+          >>> list(trained), list(frozen)
+          (['head'], ['embed'])
+        """
+        from ._groups import split
+
+        return split(self, params, framework, options)
 
     # Equinox.
 

@@ -1,0 +1,172 @@
+"""Parameter groups with optax: the wrapped optimizer, and each framework's way of
+keeping gradients away from frozen leaves. Imports jax and optax on first use."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import optax
+
+    from ._face import Policy
+
+
+def check_transformation(tx: Any, method: str) -> None:
+    """Raises unless ``tx`` is an optax gradient transformation (an init/update pair)."""
+    init, update = getattr(tx, "init", None), getattr(tx, "update", None)
+    if callable(init) and callable(update) and not isinstance(tx, type):
+        return
+    hint = ""
+    if callable(tx) and not isinstance(tx, type):
+        hint = (
+            " It is callable: if it makes a transformation (optax.adamw itself, or an "
+            "inject_hyperparams factory), call it with its hyperparameters first."
+        )
+    elif isinstance(tx, type):
+        hint = " It is a class: pass an instance."
+    raise TypeError(
+        f"policy.{method}(tx): expected an optax.GradientTransformation (with init and "
+        f"update), e.g. optax.adamw(1e-3, weight_decay=0.05, mask=policy.mask); got "
+        f"{type(tx).__module__}.{type(tx).__qualname__}.{hint}"
+    )
+
+
+def wrap(policy: Policy, tx: Any, framework: str | None, options: dict[str, Any]) -> optax.GradientTransformationExtraArgs:
+    """See :meth:`decaymask.Policy.wrap`."""
+    check_transformation(tx, "wrap")
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    def trainable(tree: Any) -> Any:
+        return policy._build("trainable", tree, framework, "wrap", options)
+
+    def scales(tree: Any) -> Any:
+        return policy._build("lr_scales", tree, framework, "wrap", options)
+
+    inner = optax.masked(tx, trainable)
+
+    def init_fn(params: Any) -> Any:
+        scales(params)  # a ladder that cannot be found fails here, not at the first step
+        return inner.init(params)
+
+    def scale(s: Any, u: Any) -> Any:
+        if u is None or isinstance(u, optax.MaskedNode):
+            return u
+        if type(s) is float:
+            if s == 1.0:
+                return u
+            if s == 0.0:
+                return jnp.zeros_like(u)
+            return u * s
+        return u * jnp.asarray(s, dtype=u.dtype)
+
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra: Any) -> Any:
+        new, state = inner.update(updates, state, params, **extra)
+        return jax.tree.map(scale, scales(updates), new), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def trainable_filter(policy: Policy, model: Any, options: dict[str, Any]) -> Any:
+    """An NNX filter of the trainable parameters of ``model``: see
+    :meth:`decaymask.Policy.trainable_filter`."""
+    from flax import nnx
+
+    wrt = options.get("wrt", nnx.Param)
+    state = nnx.state(model, wrt)
+    flags = policy._build("trainable", state, "nnx", "trainable_filter", options)
+    trained = frozenset(
+        tuple(path) for path, value in nnx.to_flat_state(flags) if _flag(value)
+    )
+    return _TrainableFilter(trained, wrt)
+
+
+def _flag(value: Any) -> bool:
+    return bool(getattr(value, "value", value))
+
+
+class _TrainableFilter:
+    """An NNX filter: ``True`` for a variable whose path the policy trains."""
+
+    __slots__ = ("paths", "wrt")
+
+    def __init__(self, paths: frozenset[tuple[Any, ...]], wrt: Any):
+        self.paths = paths
+        self.wrt = wrt
+
+    def __call__(self, path: tuple[Any, ...], value: Any) -> bool:
+        return tuple(path) in self.paths
+
+    def __repr__(self) -> str:
+        return f"<decaymask trainable filter: {len(self.paths)} variables>"
+
+    def __hash__(self) -> int:
+        return hash(self.paths)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _TrainableFilter) and other.paths == self.paths
+
+
+def split(policy: Policy, params: Any, framework: str | None, options: dict[str, Any]) -> tuple[Any, Any]:
+    """(trainable, frozen) halves of a params mapping: see :meth:`decaymask.Policy.split`."""
+    if not isinstance(params, Mapping):
+        raise TypeError(
+            f"policy.split(params): expected a Linen or Haiku params mapping, got "
+            f"{type(params).__name__}. For Equinox use eqx.partition(model, "
+            f"policy.trainable(model)); for NNX, policy.trainable_filter(model)."
+        )
+    flags = policy._build("trainable", params, framework, "split", options)
+    return _halves(params, flags, True), _halves(params, flags, False)
+
+
+def _halves(tree: Mapping[str, Any], flags: Any, keep: bool) -> Any:
+    out = {}
+    for key, value in tree.items():
+        flag = flags[key]
+        if isinstance(value, Mapping):
+            half = _halves(value, flag, keep)
+            if half:
+                out[key] = half
+        elif bool(flag) is keep:
+            out[key] = value
+    return _like(tree, out)
+
+
+def _like(tree: Mapping[str, Any], items: dict[str, Any]) -> Any:
+    if type(tree) is dict:
+        return items
+    try:
+        return type(tree)(items)  # FrozenDict, OrderedDict
+    except TypeError:
+        return items
+
+
+def merge(first: Any, second: Any) -> Any:
+    """The params mapping that :meth:`decaymask.Policy.split` halved: every key of both.
+
+    Example:
+      >>> import decaymask as dm
+      >>> dm.merge({"head": {"w": 1}}, {"head": {"b": 2}, "embed": {"e": 3}})
+      {'head': {'w': 1, 'b': 2}, 'embed': {'e': 3}}
+    """
+    if not isinstance(first, Mapping) or not isinstance(second, Mapping):
+        raise TypeError(
+            f"dm.merge(a, b): expected the two params mappings policy.split gave, got "
+            f"{type(first).__name__} and {type(second).__name__}."
+        )
+    out = dict(first)
+    for key, value in second.items():
+        if key in out:
+            mine = out[key]
+            if isinstance(mine, Mapping) and isinstance(value, Mapping):
+                out[key] = merge(mine, value)
+            else:
+                raise ValueError(
+                    f"dm.merge: both halves hold {key!r}; merge the two halves of one "
+                    f"policy.split."
+                )
+        else:
+            out[key] = value
+    return _like(first, out)
