@@ -1573,3 +1573,180 @@ def test_a_conv_inside_a_module_named_attention_is_a_conv():
         "attention/reduce/bias": "conv",
         "attention/reduce/kernel": "conv",
     }
+
+
+# Where each module stands in a leaf's path.
+
+
+class DepthInner(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3, name="proj")(x)
+
+
+class DepthBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _=None):
+        h = nn.Dense(3)(x)
+        h = nn.LayerNorm()(h)
+        h = nn.BatchNorm(use_running_average=False)(h)
+        return DepthInner(name="inner")(h), None
+
+
+class DepthEncoder(nn.Module):
+    def setup(self):
+        self.layers = [DepthBlock() for _ in range(3)]
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x, _ = layer(x)
+        return x
+
+
+class DepthModel(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(3, name="stem")(x)
+        # The same block class at depth 1 (here) and at depth 2 (in the encoder).
+        x, _ = DepthBlock()(x)
+        x = DepthEncoder(name="encoder")(x)
+        axes = {"params": 0, "batch_stats": 0}
+        scan = nn.scan(DepthBlock, variable_axes=axes, split_rngs={"params": True}, length=2)
+        x, _ = scan(name="scanned")(x)
+        x, _ = nn.scan(DepthBlock, variable_axes=axes, split_rngs={"params": True}, length=2)()(x)
+        cell = nn.OptimizedLSTMCell(3)
+        _, x = cell(cell.initialize_carry(jax.random.key(0), x.shape), x)
+        return nn.WeightNorm(nn.Dense(3))(x)
+
+
+MODELS["depths"] = (DepthModel, (jnp.ones((1, 3)),))
+
+# Path -> module_depths by names (the root is no module there) and traced.
+DEPTH_ROWS = {
+    "stem/kernel": ((1,), (0, 1)),
+    "DepthBlock_0/Dense_0/kernel": ((1, 2), (0, 1, 2)),
+    "DepthBlock_0/inner/proj/bias": ((1, 2, 3), (0, 1, 2, 3)),
+    "encoder/layers_0/Dense_0/kernel": ((1, 2, 3), (0, 1, 2, 3)),
+    "encoder/layers_2/LayerNorm_0/scale": ((1, 2, 3), (0, 1, 2, 3)),
+    "encoder/layers_2/inner/proj/kernel": ((1, 2, 3, 4), (0, 1, 2, 3, 4)),
+    "scanned/inner/proj/kernel": ((1, 2, 3), (0, 1, 2, 3)),
+    "ScanDepthBlock_0/LayerNorm_0/bias": ((1, 2), (0, 1, 2)),
+    # A cell owns its gates: it stands where its own key ends, not the gate's.
+    "OptimizedLSTMCell_0/ii/kernel": ((1,), (0, 1)),
+    "OptimizedLSTMCell_0/hf/bias": ((1,), (0, 1)),
+    # WeightNorm's gain, named by one key holding the wrapped layer's path.
+    "WeightNorm_0/Dense_0%2Fkernel%2Fscale": ((1,), (0, 1)),
+}
+
+# Other collections keep their name as the first key: every module but the root
+# stands one key further in.
+DEPTH_STATE_ROWS = {
+    "batch_stats/DepthBlock_0/BatchNorm_0/mean": ((2, 3), (0, 2, 3)),
+    "batch_stats/encoder/layers_1/BatchNorm_0/var": ((2, 3, 4), (0, 2, 3, 4)),
+    "batch_stats/scanned/BatchNorm_0/mean": ((2, 3), (0, 2, 3)),
+}
+
+
+def assert_depths_fit_paths(leaves):
+    """``module_depths`` line up with ``ancestors + (owner,)``, outermost first, inside
+    the keys of the path that lead to a module; the keys at a listed depth name one
+    module (one layer wherever they are read), which every leaf below lists (but the
+    root, which by names owns the arrays it holds and encloses nothing)."""
+    listed = {}
+    for leaf in leaves:
+        keys = tuple(leaf.path.split("/"))
+        depths = leaf.module_depths
+        assert len(depths) == len(leaf.ancestors) + 1, leaf
+        assert list(depths) == sorted(depths), leaf
+        assert 0 <= depths[0] and depths[-1] <= len(keys) - 1, leaf
+        for depth, layer in zip(depths, (*leaf.ancestors, leaf.owner)):
+            assert listed.setdefault(keys[:depth], layer) == layer, (leaf, depth)
+    for leaf in leaves:
+        keys = tuple(leaf.path.split("/"))
+        below = {d for d in range(1, len(keys)) if keys[:d] in listed}
+        assert below == set(leaf.module_depths) - {0}, leaf
+
+
+def module_classes(model, *args):
+    """The class of the module at every path, seen by a trace of ``model.init``."""
+    classes = {}
+
+    def record(next_fun, call_args, call_kwargs, context):
+        # The first call at a path is its module's: lifted transforms and WeightNorm
+        # also call copies at the root's path.
+        classes.setdefault(tuple(context.module.scope.path), type(context.module))
+        return next_fun(*call_args, **call_kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(model.init, jax.random.key(0), *args)
+    return classes
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["params", "variables"])
+@pytest.mark.parametrize("by_class", [False, True], ids=["names", "classes"])
+def test_module_depths_say_where_each_module_stands(by_class, whole):
+    variables = variables_of("depths")
+    tree = variables if whole else variables["params"]
+    kwargs = traced("depths") if by_class else {}
+    leaves = {row.path: row.leaf for row in CLASSIC.explain(tree, **kwargs)}
+    rows = {**DEPTH_ROWS, **(DEPTH_STATE_ROWS if whole else {})}
+    for path, depths in rows.items():
+        assert leaves[path].module_depths == depths[by_class], path
+    assert not any(path.startswith("batch_stats/") for path in leaves) or whole
+    # Blocks read once and reused at other paths stand at their own depths there.
+    for i in range(3):
+        leaf = leaves[f"encoder/layers_{i}/inner/proj/kernel"]
+        assert leaf.module_depths == DEPTH_ROWS["encoder/layers_2/inner/proj/kernel"][by_class]
+    assert_depths_fit_paths(list(leaves.values()))
+    if by_class:
+        # The keys at each depth name a module of the class the leaf lists there.
+        classes = module_classes(kwargs["module"], *kwargs["args"])
+        for path, leaf in leaves.items():
+            keys = tuple(path.split("/"))
+            start = 0 if leaf.is_param else 1
+            for depth, layer in zip(leaf.module_depths, (*leaf.ancestors, leaf.owner)):
+                module = keys[start:depth] if depth else ()
+                assert classes[module].__name__ == layer.type_name, (path, depth)
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["params", "variables"])
+@pytest.mark.parametrize("by_class", [False, True], ids=["names", "classes"])
+@pytest.mark.parametrize("name", ["zoo", "stacked", "tied", "boxed", "wrapped"])
+def test_module_depths_fit_the_paths_of_every_model(name, by_class, whole):
+    variables = variables_of(name)
+    tree = variables if whole else variables["params"]
+    leaves = _linen.leaves(tree, **(traced(name) if by_class else {}))
+    assert_depths_fit_paths(leaves)
+    # Traced, the root is listed and stands at no key; by names it is no module, and
+    # only owns the arrays it holds itself.
+    for leaf in leaves:
+        held = leaf.path.count("/") == (0 if leaf.is_param else 1)
+        assert (leaf.module_depths[0] == 0) == (by_class or held), leaf
+
+
+@pytest.mark.parametrize("by_class", [False, True], ids=["names", "classes"])
+def test_module_depths_agree_however_leaves_are_built(by_class):
+    variables = variables_of("depths")
+    kwargs = traced("depths") if by_class else {}
+    table, _ = _linen.walk(variables, **kwargs)
+    # Each key's first leaf is located by the first visit, the others by a second one.
+    firsts = {i: table[i].module_depths for i in table.representatives().values()}
+    every = [leaf.module_depths for leaf in table]
+    assert all(every[i] == depths for i, depths in firsts.items())
+    # Leaves of one key (the blocks of the encoder) stand at the same depths.
+    by_key = {}
+    for key, depths in zip(table.keys, every):
+        assert by_key.setdefault(key, depths) == depths
+    assert len(set(table.keys)) < len(table)
+
+
+def test_module_depths_tell_the_root_from_a_module_alike_by_names():
+    # By names the root is no module, and "block" is no more than a name: alike owners,
+    # at different depths.
+    params = {"w": jnp.ones((3,)), "block": {"w": jnp.ones((3,))}}
+    table, _ = _linen.walk(params)
+    leaves = {leaf.path: leaf for leaf in table}
+    assert (leaves["w"].ancestors, leaves["w"].module_depths) == ((), (0,))
+    assert (leaves["block/w"].ancestors, leaves["block/w"].module_depths) == ((), (1,))
+    assert leaves["w"].owner == leaves["block/w"].owner
+    assert len(set(table.keys)) == 2

@@ -1132,3 +1132,121 @@ def test_bridged_linen_module_with_every_variable_selected():
     assert {p: v for p, v in decided.items() if p.startswith("to_nnx__rngs")} and not any(
         v for p, v in decided.items() if p.startswith("to_nnx__rngs")
     )
+
+
+# Where each module stands in a leaf's path.
+
+
+class DepthInner(nnx.Module):
+    def __init__(self, rngs):
+        self.proj = nnx.Linear(3, 3, rngs=rngs)
+
+
+class DepthBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.linear = nnx.Linear(3, 3, rngs=rngs)
+        self.norm = nnx.LayerNorm(3, rngs=rngs)
+        self.inner = DepthInner(rngs)
+
+
+class DepthLinen(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3)(x)
+
+
+class DepthNet(nnx.Module):
+    def __init__(self, rngs):
+        self.stem = nnx.Linear(3, 3, rngs=rngs)
+        self.blocks = nnx.List([DepthBlock(rngs) for _ in range(3)])
+        # A plain list and dict are no modules: their keys only lead to the ones inside.
+        self.plain = nnx.data([DepthBlock(rngs)])
+        self.heads = nnx.data({"a": nnx.Linear(3, 3, rngs=rngs)})
+        self.shared = self.blocks[0].inner
+        self.cell = nnx.LSTMCell(3, 3, rngs=rngs)
+        self.wn = nnx.WeightNorm(nnx.Linear(3, 3, rngs=rngs), rngs=rngs)
+        self.bn = nnx.BatchNorm(3, rngs=rngs)
+        self.bridge = nnx.bridge.ToNNX(DepthLinen(), rngs=rngs)
+        nnx.bridge.lazy_init(self.bridge, jnp.ones((1, 3)))
+        self.gain = nnx.Param(jnp.ones(3))
+
+
+# Path -> module_depths read from the module (classes) and from nnx.state (names).
+DEPTH_ROWS = {
+    "gain": ((0,), (0,)),
+    "stem/kernel": ((0, 1), (1,)),
+    # DepthNet, the nnx.List, the block, the layer.
+    "blocks/1/linear/kernel": ((0, 1, 2, 3), (1, 2, 3)),
+    "blocks/2/norm/scale": ((0, 1, 2, 3), (1, 2, 3)),
+    "blocks/2/inner/proj/bias": ((0, 1, 2, 3, 4), (1, 2, 3, 4)),
+    # By classes a plain list or dict is no module; by names every key is one.
+    "plain/0/norm/scale": ((0, 2, 3), (1, 2, 3)),
+    "plain/0/inner/proj/kernel": ((0, 2, 3, 4), (1, 2, 3, 4)),
+    "heads/a/kernel": ((0, 2), (1, 2)),
+    # A cell owns its gates: it stands where its own key ends.
+    "cell/ii/kernel": ((0, 1), (1, 2)),
+    "cell/hf/bias": ((0, 1), (1, 2)),
+    "wn/layer_instance/kernel": ((0, 1, 2), (1, 2)),
+    # A bridged Linen module is read by its Linen names below the bridge.
+    "bridge/Dense_0/kernel": ((0, 1, 2), (1, 2)),
+}
+
+
+def assert_depths_fit_paths(leaves):
+    """``module_depths`` line up with ``ancestors + (owner,)``, outermost first, inside
+    the keys of the path that lead to a module; the keys at a listed depth name one
+    module (one layer wherever they are read), which every leaf below lists (but the
+    root, which by names owns the arrays it holds and encloses nothing)."""
+    listed = {}
+    for leaf in leaves:
+        keys = tuple(leaf.path.split("/"))
+        depths = leaf.module_depths
+        assert len(depths) == len(leaf.ancestors) + 1, leaf
+        assert list(depths) == sorted(depths), leaf
+        assert 0 <= depths[0] and depths[-1] <= len(keys) - 1, leaf
+        for depth, layer in zip(depths, (*leaf.ancestors, leaf.owner)):
+            assert listed.setdefault(keys[:depth], layer) == layer, (leaf, depth)
+    for leaf in leaves:
+        keys = tuple(leaf.path.split("/"))
+        below = {d for d in range(1, len(keys)) if keys[:d] in listed}
+        assert below == set(leaf.module_depths) - {0}, leaf
+
+
+@pytest.mark.parametrize("as_state", [False, True], ids=["module", "state"])
+def test_module_depths_say_where_each_module_stands(as_state):
+    model = DepthNet(nnx.Rngs(0))
+    tree = nnx.state(model, nnx.Param) if as_state else model
+    leaves = {row.path: row.leaf for row in dm.Policy(dm.decay()).explain(tree)}
+    for path, depths in DEPTH_ROWS.items():
+        assert leaves[path].module_depths == depths[as_state], path
+    views = [view for leaf in leaves.values() for view in leaf.shared_with]
+    assert_depths_fit_paths([*leaves.values(), *views])
+    if not as_state:
+        # The inner module shared by the first block and the model: its view from the
+        # model stands where the model's key leads.
+        [view] = leaves["blocks/0/inner/proj/kernel"].shared_with
+        assert (view.path, view.module_depths) == ("shared/proj/kernel", (0, 1, 2))
+        assert [a.type_name for a in view.ancestors] == ["DepthNet", "DepthInner"]
+        # Classes give the type at each depth.
+        leaf = leaves["blocks/2/inner/proj/bias"]
+        assert [a.type_name for a in leaf.ancestors] == [
+            "DepthNet",
+            "List",
+            "DepthBlock",
+            "DepthInner",
+        ]
+
+
+def test_module_depths_of_state_and_selections_beyond_params():
+    model = DepthNet(nnx.Rngs(0))
+    leaves = {leaf.path: leaf for leaf in _nnx.leaves(model, wrt=nnx.Variable)}
+    assert leaves["bn/mean"].module_depths == (0, 1)
+    assert not leaves["bn/mean"].is_param
+    assert_depths_fit_paths(list(leaves.values()))
+    # A bridged Linen module as the root: the bridge stands at no key, its Linen
+    # modules one key in.
+    bridge = nnx.bridge.ToNNX(DepthLinen(), rngs=nnx.Rngs(0))
+    nnx.bridge.lazy_init(bridge, jnp.ones((1, 3)))
+    [bias, kernel] = _nnx.leaves(bridge)
+    assert (kernel.path, kernel.module_depths) == ("Dense_0/kernel", (0, 1))
+    assert [a.type_name for a in kernel.ancestors] == ["ToNNX"]

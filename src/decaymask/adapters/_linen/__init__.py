@@ -11,7 +11,8 @@ auto name (``Dense_0``) or holds parameters is a module beside a submodule named
 ``module=``, the traced model decides. Equinox modules inside a mapping are turned
 away (``for_equinox`` reads them). Canonical paths join keys with ``/``; in
 variables, ``params`` paths drop their ``params/`` prefix (a glob written for params
-works on both) and other collections keep theirs (``batch_stats/BatchNorm_0/mean``).
+works on both) and other collections keep theirs (``batch_stats/BatchNorm_0/mean``),
+where every module but the root stands one key further in (``Leaf.module_depths``).
 Other collections are state: never decayed.
 
 Linen params carry no classes, only keys. Without a module, every mapping level is read

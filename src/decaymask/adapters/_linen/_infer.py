@@ -21,6 +21,10 @@ class LinenModule:
 
     layer: Layer
     ancestors: tuple[Layer, ...]
+    # Where the modules of ancestors + (layer,) stand in a params path: the number of
+    # keys naming each. Alike modules the walk reuses at another path stand at the same
+    # depths there (its signatures chain the parent's, one key a level).
+    depths: tuple[int, ...]
     stacked: int  # lifted scan/vmap modules at or around it, by their auto names
     registration: _registry.Registration | None = None
     cell: bool = False  # a recurrent cell: owns its linear/conv gate children
@@ -33,10 +37,11 @@ class LinenModule:
 
 
 def owner_identity(owner: LinenModule) -> tuple:
-    """What a policy can read of a leaf's owner: alike owners decide alike."""
+    """What a policy can read of a leaf's owner (its layer, the modules around it and
+    where they stand): alike owners decide alike."""
     # A table under a key that says position is a position table (role_from_name).
     named = role_from_name("embedding", "embedding", owner.key) == "position"
-    return owner.layer, owner.ancestors, owner.registration, named
+    return owner.layer, owner.ancestors, owner.depths, owner.registration, named
 
 
 
@@ -68,12 +73,18 @@ def _said_by_auto_name(auto: str | None, key: str) -> _Said:
     return _Said(kind, source, auto, registration, auto or key)
 
 
-def _inherited(parent: LinenModule | None) -> tuple[tuple[Layer, ...], int, LinenModule | None]:
-    """(ancestors, stacked, absorbed_by) a module takes from its parent."""
+def _inherited(
+    parent: LinenModule | None,
+) -> tuple[tuple[Layer, ...], tuple[int, ...], int, LinenModule | None]:
+    """(ancestors, their depths, stacked, absorbed_by) a module takes from its parent."""
     if parent is None:
-        return (), 0, None
-    ancestors = parent.ancestors + (parent.layer,) if parent.visible else parent.ancestors
-    return ancestors, parent.stacked, parent.absorbed_by or (parent if parent.wrapper else None)
+        return (), (), 0, None
+    if parent.visible:
+        ancestors, depths = parent.ancestors + (parent.layer,), parent.depths
+    else:
+        ancestors, depths = parent.ancestors, parent.depths[:-1]
+    absorbed_by = parent.absorbed_by or (parent if parent.wrapper else None)
+    return ancestors, depths, parent.stacked, absorbed_by
 
 
 def _cell_owner(parent: LinenModule | None, kind: str) -> LinenModule | None:
@@ -159,17 +170,19 @@ class LinenInference:
           children: the keys of its submodules that hold arrays, in any collection.
 
         Without a trace, the result depends on ``path`` only through the last key's
-        :func:`key_traits` and whether ``path`` is empty: the walk relies on
-        that to infer once per distinct (parent, traits, arrays, children).
+        :func:`key_traits` and its length (the module's depth, one more than the
+        parent's): the walk relies on that to infer once per distinct (parent, traits,
+        arrays, children), a parent standing at one depth wherever it is reused.
         """
         key = path[-1] if path else ""
-        ancestors, stacked, absorbed_by = _inherited(parent)
+        ancestors, depths, stacked, absorbed_by = _inherited(parent)
         auto, stacked_here = auto_class(key)
         stacked += stacked_here
         cls = self.trace.classes.get(path) if self.trace is not None else None
         if cls is None and self._nested_in_layer(parent):
             # Not a module: arrays nested inside a known layer's own variable.
             parent = cast(LinenModule, parent)
+            # Its depths stay the parent's: the parent (or what absorbs it) owns these.
             return dataclasses.replace(parent, absorbed_by=absorbed_by or parent, visible=False)
         said = _said_by_class(cls, key, auto) if cls is not None else _said_by_auto_name(auto, key)
         kind, source, batch = self._settled_kind(
@@ -180,6 +193,7 @@ class LinenInference:
         return LinenModule(
             layer=Layer(kind, type_name, cls, source),
             ancestors=ancestors,
+            depths=depths + (len(path),),
             stacked=stacked,
             registration=said.registration,
             cell=kind == "recurrent" and (trusted or frozenset(children) in CELL_GATE_SETS),

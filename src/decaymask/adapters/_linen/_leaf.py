@@ -46,7 +46,14 @@ class LinenReader(LinenInference):
         batch_axes, known_rank = self._batch_axes(
             collection, path, key, name, shape, module, direct
         )
-        text = path_text(path + (key,) if collection == "params" else (collection, *path, key))
+        if collection == "params":
+            text = path_text(path + (key,))
+            depths = owner.depths
+        else:
+            # The collection's key comes first: every module but the root (which the
+            # whole mapping names) stands one key further in.
+            text = path_text((collection, *path, key))
+            depths = tuple([d + 1 if d else 0 for d in owner.depths])
         matrix_axes = None
         if owner.registration is not None and collection == "params":
             axes = owner.registration.matrix_axes_of(name)
@@ -78,6 +85,7 @@ class LinenReader(LinenInference):
             layer_type=layer.type_name,
             layer_class=layer.cls,
             ancestors=owner.ancestors,
+            module_depths=depths,
             is_param=collection == "params",
             kind_source=layer.source,
             batch_axes=batch_axes,

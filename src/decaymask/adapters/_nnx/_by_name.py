@@ -43,6 +43,20 @@ def _is_projection(own: str | None) -> bool:
 
 def _name_owner(
     parent: tuple, arrays: dict[str, tuple[int, ...]]
+) -> tuple[Layer, tuple[Layer, ...], tuple[int, ...]]:
+    """The owner layer, its ancestors, and where they stand (``Leaf.module_depths``)
+    for the arrays held under ``parent``.
+
+    Every key of ``parent`` is read as a module: the ancestors are those of the keys
+    before the owner's (a recurrent cell's, before the cell's), each standing at its
+    own key, and the owner right after them; at the root, at no key.
+    """
+    layer, outer = _name_layers_of(parent, arrays)
+    return layer, outer, tuple(range(1, len(outer) + 2)) if parent else (0,)
+
+
+def _name_layers_of(
+    parent: tuple, arrays: dict[str, tuple[int, ...]]
 ) -> tuple[Layer, tuple[Layer, ...]]:
     """The owner layer and its ancestors for the arrays held under ``parent``.
 
@@ -157,20 +171,31 @@ def state_walk(state: Any, fn: str) -> tuple[list[Leaf], Callable[[list[Any]], A
     return leaves_by_name(entries), TreedefRebuild(treedef)
 
 
-def leaves_by_name(entries: list[tuple], around: tuple[Layer, ...] = ()) -> list[Leaf]:
+def leaves_by_name(
+    entries: list[tuple], around: tuple[Layer, ...] = (), depths: tuple[int, ...] = ()
+) -> list[Leaf]:
     """Leaves whose kinds come from their keys and sibling arrays alone.
 
     Each entry is (path to read names from, full path, variable or None, value,
-    (shape, dtype)); ``around`` are the modules enclosing the first path's root.
+    (shape, dtype)), the first the last keys of the second, below one root for all;
+    ``around`` are the modules enclosing that root, standing at ``depths`` of the
+    full paths.
     """
     groups: dict[tuple, dict[str, tuple[int, ...]]] = {}
     for path, _, _, _, found in entries:
         groups.setdefault(path[:-1], {})[leaf_name(path)] = found[0]
-    owners = {parent: _name_owner(parent, arrays) for parent, arrays in groups.items()}
+    # The keys of the full paths before the root the names are read from.
+    offset = len(entries[0][1]) - len(entries[0][0]) if entries else 0
+    owners = {}
+    for parent, arrays in groups.items():
+        layer, outer, inner = _name_owner(parent, arrays)
+        if offset:
+            inner = tuple([offset + d for d in inner])
+        owners[parent] = (layer, around + outer, depths + inner)
     leaves = []
     for path, full_path, variable, value, (shape, dtype) in entries:
         name = leaf_name(path)
-        layer, ancestors = owners[path[:-1]]
+        layer, ancestors, module_depths = owners[path[:-1]]
         own = module_key(path[:-1])
         stacked = 0
         if layer.kind == "conv":
@@ -195,7 +220,8 @@ def leaves_by_name(entries: list[tuple], around: tuple[Layer, ...] = ()) -> list
                 shape=shape,
                 dtype=dtype,
                 name=name,
-                ancestors=around + ancestors,
+                ancestors=ancestors,
+                module_depths=module_depths,
                 is_param=_is_param_by_name(variable, value, layer.kind, name),
                 kind_source=layer.source,
                 batch_axes=stacked,

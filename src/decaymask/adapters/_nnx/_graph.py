@@ -51,6 +51,11 @@ class NnxOwner:
     enclosing: tuple[Layer, ...]
     """The ancestors of anything entered below: ``ancestors``, the owner and the
     containers between it and this point."""
+    depths: tuple[int, ...]
+    """Where the modules of ``ancestors + (layer,)`` stand: the number of path keys
+    naming each (``Leaf.module_depths``)."""
+    enclosing_depths: tuple[int, ...]
+    """Where the modules of ``enclosing`` stand."""
     registration: _registry.Registration | None
     absorbing: bool
     """A recurrent cell: the layers inside it are its gates, not owners."""
@@ -100,11 +105,12 @@ class NnxWalk:
             if _is_to_nnx(node) and not repeat:
                 # A Linen module in NNX: its variables carry Linen's names, not classes.
                 around = (owner.enclosing if owner is not None else ()) + (nnx_layer(node),)
-                bridged = (len(self.leaves), around)
+                depths = (owner.enclosing_depths if owner is not None else ()) + (len(path),)
+                bridged = (len(self.leaves), around, depths)
                 owner = None
             else:
                 bridged = None
-                owner = self._owner(node, owner)
+                owner = self._owner(node, owner, len(path))
         else:
             bridged = None
         items, _ = impl.flatten(node)
@@ -136,16 +142,19 @@ class NnxWalk:
         if graph_node:
             self._active.discard(node_id)
 
-    def _read_by_name(self, path: tuple, start: int, around: tuple[Layer, ...]) -> None:
+    def _read_by_name(
+        self, path: tuple, start: int, around: tuple[Layer, ...], depths: tuple[int, ...]
+    ) -> None:
         """Re-reads the leaves from ``start`` on, all below ``path`` (an
         ``nnx.bridge.ToNNX``), by their Linen names as a State's are: the wrapper is no
-        layer, and registering it could not help."""
+        layer, and registering it could not help. ``around`` are the modules enclosing
+        the names' root, at ``depths``."""
         entries = [
             (self.paths[i][len(path):], self.paths[i], None, None,
              (self.leaves[i].shape, self.leaves[i].dtype))
             for i in range(start, len(self.leaves))
         ]
-        for offset, leaf in enumerate(leaves_by_name(entries, around)):
+        for offset, leaf in enumerate(leaves_by_name(entries, around, depths)):
             index = start + offset
             # Whether it is a parameter is the variable's type, already read.
             is_param = self.leaves[index].is_param and not (
@@ -154,7 +163,8 @@ class NnxWalk:
             self.leaves[index] = dataclasses.replace(leaf, is_param=is_param)
 
     @staticmethod
-    def _owner(module: Any, outer: NnxOwner | None) -> NnxOwner:
+    def _owner(module: Any, outer: NnxOwner | None, depth: int) -> NnxOwner:
+        """The owner of the arrays below ``module``, which ``depth`` path keys name."""
         facts = nnx_class(type(module))
         if outer is not None and outer.absorbing:
             # A cell's gates (LSTMCell.ii, GRUCell.dense_h, ...): the cell owns their
@@ -164,12 +174,15 @@ class NnxWalk:
             )
         layer = nnx_layer(module)
         enclosing = (outer.enclosing if outer is not None else ()) + (layer,)
+        depths = (outer.enclosing_depths if outer is not None else ()) + (depth,)
         if outer is not None and facts.non_owning:
-            return dataclasses.replace(outer, enclosing=enclosing)
+            return dataclasses.replace(outer, enclosing=enclosing, enclosing_depths=depths)
         return NnxOwner(
             layer=layer,
             ancestors=outer.enclosing if outer is not None else (),
             enclosing=enclosing,
+            depths=depths,
+            enclosing_depths=depths,
             registration=facts.registration,
             absorbing=layer.kind == "recurrent" and layer.source in ("class", "registered"),
             holder=module,
@@ -206,9 +219,10 @@ class NnxWalk:
         layout_axes = 0
         ancestors: tuple[Layer, ...]
         if owner is None:
-            layer, ancestors = UNOWNED, ()
+            # No module around it: it stands where its parent's keys end.
+            layer, ancestors, depths = UNOWNED, (), (len(path) - 1,)
         else:
-            layer, ancestors = owner.layer, owner.ancestors
+            layer, ancestors, depths = owner.layer, owner.ancestors, owner.depths
             registration = owner.registration
             if registration is not None:
                 role = registration.role_of(name)
@@ -241,6 +255,7 @@ class NnxWalk:
             layer_type=layer.type_name,
             layer_class=layer.cls,
             ancestors=ancestors,
+            module_depths=depths,
             # Params are parameters, and raw array attributes the selection holds (the
             # optimizer trains them as it trains params) but a batch norm's running
             # statistics; BatchStat, Cache and RNG state are state, never decayed.
