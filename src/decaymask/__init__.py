@@ -30,5 +30,7 @@ from ._check import MaskMismatchError as MaskMismatchError
 from ._check import check_mask as check_mask
 from ._transforms import add_decayed_weights as add_decayed_weights
 from ._groups import merge as merge
+from ._verify import Mismatch as Mismatch
+from ._verify import VerifyError as VerifyError
 
 __version__ = "0.1.0"

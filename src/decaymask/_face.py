@@ -216,10 +216,44 @@ class Policy(_CorePolicy):
     def verify(self, tx: Any, params: Any, *, framework: str | None = None, **options: Any) -> None:
         """Checks with one probe that ``tx`` does to ``params`` what this policy says.
 
-        See :func:`decaymask.verify` (this method is that function with the policy
-        given).
+        The probe calls ``tx.init(params)`` and ``tx.update`` twice, with zero gradients
+        and with gradients of ones, and changes nothing (no state is kept, no array is
+        written). It then compares, leaf by leaf:
+
+        - **decay**: with zero gradients, a leaf the policy decays moves by ``-c * m * p``
+          (``c`` the learning rate times the weight decay, the same for every leaf; ``m``
+          its multiplier) and every other leaf stays where it is;
+        - **multipliers**: with gradients of ones, an element-wise optimizer (sgd, adam,
+          adamw, lion, ...) moves every element of every trainable leaf alike, times the
+          leaf's multiplier;
+        - **frozen leaves**: no update in either probe, and no array of their shape kept
+          under their path in the optimizer's state.
+
+        It catches a forgotten :meth:`wrap`, a missing ``mask=`` (every leaf
+        decayed), a mask of another policy, and multipliers applied where the policy has
+        none.
+
+        What it cannot check: multipliers where the optimizer is not element-wise (Muon
+        orthogonalises a matrix's update, Adafactor factors its second moment): where a
+        leaf's elements move differently under gradients of ones, its multiplier is left
+        unchecked; decay and freezing are still checked. A weight decay applied before
+        a non-element-wise step is not seen as decay. Leaves whose values are all zero
+        cannot show decay. Schedules are probed at their first step.
+
+        Args:
+          tx: the ``optax.GradientTransformation`` training ``params``.
+          params: what ``tx.init`` is handed (Equinox ``eqx.filter(model, eqx.is_array)``,
+            a Linen or Haiku params mapping, ``nnx.state(model, nnx.Param)``).
+          framework: as :meth:`Policy.mask`.
+          **options: the adapter's options.
+
+        Raises:
+          VerifyError: (a ``ValueError``) the leaves where ``tx`` does not do what the
+            policy says, each with its path, what was expected and what happened; or
+            ``tx`` cannot be run on ``params`` (built for another structure).
+          TypeError: ``tx`` is not a gradient transformation.
         """
-        from ._groups import verify
+        from ._verify import verify
 
         verify(self, tx, params, framework=framework, **options)
 
