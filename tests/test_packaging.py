@@ -90,6 +90,8 @@ MODULES = [
     "decaymask.core._report",
     "decaymask.presets",
     "decaymask._check",
+    "decaymask.core._ladder",
+    "decaymask._groups",
 ]
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from ._face import Policy
-from .core._rules import decay, no_decay
+from .core._ladder import BlockSelector, layer_decay
+from .core._rules import decay, lr, no_decay
+from .core._selectors import PathSelector
 
 
 # Arrays no recipe decays, whatever the layer: learned position tables and tokens
@@ -143,4 +145,83 @@ def muon(*, exclude: Any = None) -> Policy:
     return Policy(*rules)
 
 
-__all__ = ["everything_but_bias_and_norm", "gpt", "muon", "standard"]
+def vit_finetune(rate: float = 0.65, *, blocks: BlockSelector | None = None) -> Policy:
+    """Fine-tuning a ViT as MAE and BEiT do: layer-wise learning-rate decay, and no
+    decay for biases, norms, position embeddings and tokens.
+
+    MAE (He et al., ``util/lr_decay.py``: ``param_groups_lrd`` and
+    ``get_layer_id_for_vit``) and BEiT (Bao et al., ``optim_factory.py``:
+    ``get_parameter_groups`` and ``get_num_layer_for_vit``) give ``cls_token``,
+    ``pos_embed`` and ``patch_embed`` layer id 0, block ``i`` id ``i + 1`` and the rest
+    (the final norm, the head) ``n + 1``, and scale each group's learning rate by
+    ``rate ** (n + 1 - id)``; both keep 1-D parameters (biases, norm scales) and the
+    position embedding and tokens out of weight decay. Their papers fine-tune ViT-B
+    with ``rate=0.65`` and ViT-L/H with ``0.75``. Here the ids come from
+    :func:`decaymask.layer_decay` and the decay from roles, so a scanned model gets
+    the same multipliers per layer as an unrolled one.
+
+    Args:
+      rate: the layer decay, in (0, 1].
+      blocks: the blocks, where the model has more than one candidate stack (see
+        :func:`decaymask.layer_decay`).
+
+    Example:
+      >>> import decaymask as dm
+      >>> dm.presets.vit_finetune(0.75)
+      Policy(
+          decay(),
+          no_decay(param=('bias', 'scale', 'position', 'token', 'gain', 'buffer')),
+          no_decay(layer='norm'),
+          layer_decay(0.75),
+      )
+    """
+    return Policy(
+        *everything_but_bias_and_norm().rules,
+        layer_decay(rate, blocks=blocks),
+    )
+
+
+def dinov2(
+    rate: float = 0.9,
+    *,
+    patch_embed_lr: float = 0.2,
+    patch_embed: PathSelector = ("patch_embed/*", "*/patch_embed/*"),
+    blocks: BlockSelector | None = None,
+) -> Policy:
+    """DINOv2's parameter groups: layer-wise decay 0.9, the patch embedding at 0.2 of
+    its layer's learning rate, and no decay for biases, norms and LayerScale gains.
+
+    DINOv2 (Oquab et al., ``dinov2/train/param_groups.py``:
+    ``get_params_groups_with_decay`` and ``get_vit_lr_decay_rate``, with
+    ``layerwise_decay: 0.9`` and ``patch_embed_lr_mult: 0.2`` in
+    ``configs/ssl_default_config.yaml``) gives the tokens, the position embedding and
+    the patch embedding layer id 0 and block ``i`` id ``i + 1``, multiplies the patch
+    embedding's learning rate by ``patch_embed_lr_mult``, and sets the weight decay of
+    every bias, norm and ``gamma`` (LayerScale) to 0. Here the last is said by roles,
+    and the position embedding and tokens are not decayed either, as in every preset.
+
+    Args:
+      rate: the layer decay, in (0, 1].
+      patch_embed_lr: the patch embedding's multiplier, on top of its layer's.
+      patch_embed: path globs of the patch embedding's parameters.
+      blocks: as in :func:`decaymask.layer_decay`.
+
+    Example:
+      >>> import decaymask as dm
+      >>> dm.presets.dinov2()
+      Policy(
+          decay(),
+          no_decay(param=('bias', 'scale', 'position', 'token', 'gain', 'buffer')),
+          no_decay(layer='norm'),
+          lr(0.2, path=('patch_embed/*', '*/patch_embed/*')),
+          layer_decay(0.9),
+      )
+    """
+    return Policy(
+        *everything_but_bias_and_norm().rules,
+        lr(patch_embed_lr, path=patch_embed),
+        layer_decay(rate, blocks=blocks),
+    )
+
+
+__all__ = ["dinov2", "everything_but_bias_and_norm", "gpt", "muon", "standard", "vit_finetune"]

@@ -35,7 +35,9 @@ class Policy:
     __slots__ = ("rules", "default", "strict", "layer_decay", "_hash", "_asks", "_lr", "_freeze")
 
     rules: tuple[Rule, ...]
-    """The rules in the order given; the last one that matches a leaf decides it."""
+    """The rules in the order given; the last one that matches a leaf decides it. The
+    :attr:`layer_decay` is not among them: to extend a policy, pass the policy itself,
+    ``dm.Policy(policy, *more_rules)``, which keeps both."""
     layer_decay: LayerDecay | None
     """The :func:`layer_decay` given among the rules, if any."""
     default: bool
@@ -50,8 +52,10 @@ class Policy:
     def __init__(self, *rules: Rule | LayerDecay, default: bool = False, strict: bool = False):
         """Args:
           *rules: :class:`Rule` values from :func:`decay`, :func:`no_decay`,
-            :func:`label`, :func:`lr`, :func:`freeze` and :func:`unfreeze`, and at most
-            one :func:`layer_decay`.
+            :func:`label`, :func:`lr`, :func:`freeze` and :func:`unfreeze`, at most
+            one :func:`layer_decay`, and policies (a preset), whose rules and layer
+            decay are taken in their place: ``dm.Policy(dm.presets.vit_finetune(),
+            dm.freeze(...))``.
           default: the decision for leaves no rule matches (a numpy bool counts).
           strict: a rule that matches no parameter of a tree handed to a ``for_*``
             method raises :class:`UnmatchedRuleError` instead of a :class:`PolicyWarning`.
@@ -60,6 +64,22 @@ class Policy:
           TypeError: a rule is not a :class:`Rule`, or ``default``/``strict`` is not a bool.
           ValueError: more than one :func:`layer_decay`.
         """
+        spliced: list[Any] = []
+        for index, item in enumerate(rules):
+            if isinstance(item, Policy):
+                if item.default or item.strict:
+                    raise TypeError(
+                        f"Policy(...): argument {index} is a policy with "
+                        f"{'default=True' if item.default else 'strict=True'}; its rules "
+                        f"are taken, its flags are not. Pass default= and strict= to the "
+                        f"outer Policy."
+                    )
+                spliced += item.rules
+                if item.layer_decay is not None:
+                    spliced.append(item.layer_decay)
+            else:
+                spliced.append(item)
+        rules = tuple(spliced)
         ladders = [r for r in rules if isinstance(r, LayerDecay)]
         if len(ladders) > 1:
             raise ValueError(
