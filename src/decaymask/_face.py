@@ -101,6 +101,10 @@ class Policy(_CorePolicy):
             del found
             if value == "muon":
                 values = adapter.muon_dims(values, method)
+            elif value == "trainable" and isinstance(rebuild, adapters.TreedefRebuild):
+                # A filter spec (eqx.partition's) holds a bool at every leaf: what is
+                # not an array is not trained.
+                rebuild = rebuild.filled(False)
             out = rebuild(values)
             if key is not None:
                 _remember(key, out, values, rebuild, messages)
@@ -157,7 +161,8 @@ class Policy(_CorePolicy):
         ``False`` where a :func:`freeze` rule (not undone by :func:`unfreeze`) matches,
         and at state and arrays that are not floating point. For Equinox it is a
         ``filter_spec``: ``eqx.partition(model, policy.trainable(model))`` splits the
-        model so that frozen leaves get no gradient. For NNX see
+        model so that frozen leaves get no gradient; where the mask has ``None`` (a
+        leaf that is not an array: an activation function, an int) it has ``False``. For NNX see
         :meth:`trainable_filter`, for Linen and Haiku params :meth:`split`.
         """
         return self._build("trainable", tree, framework, "trainable", options)

@@ -28,8 +28,21 @@ def check_transformation(tx: Any, method: str) -> None:
     raise TypeError(
         f"policy.{method}(tx): expected an optax.GradientTransformation (with init and "
         f"update), e.g. optax.adamw(1e-3, weight_decay=0.05, mask=policy.mask); got "
-        f"{type(tx).__module__}.{type(tx).__qualname__}.{hint}"
+        f"{_described(tx)}.{hint}"
     )
+
+
+def _described(value: Any) -> str:
+    """``value`` as an error shows it: a class or function by its full name, anything
+    else by a short repr and its type."""
+    import inspect
+    import reprlib
+
+    if isinstance(value, type) or inspect.isroutine(value):
+        what = "class" if isinstance(value, type) else "function"
+        name = getattr(value, "__qualname__", getattr(value, "__name__", "?"))
+        return f"the {what} {getattr(value, '__module__', '?')}.{name}"
+    return f"{reprlib.repr(value)} ({type(value).__name__})"
 
 
 def wrap(policy: Policy, tx: Any, framework: str | None, options: dict[str, Any]) -> optax.GradientTransformationExtraArgs:
@@ -64,7 +77,11 @@ def wrap(policy: Policy, tx: Any, framework: str | None, options: dict[str, Any]
 
     def update_fn(updates: Any, state: Any, params: Any = None, **extra: Any) -> Any:
         new, state = inner.update(updates, state, params, **extra)
-        return jax.tree.map(scale, scales(updates), new), state
+        # One multiplier per array, in the flattening order of both trees: the updates
+        # keep their own structure (an NNX State keeps its Variable boxes).
+        leaves, treedef = jax.tree_util.tree_flatten(new)
+        factors = jax.tree_util.tree_leaves(scales(updates))
+        return treedef.unflatten([scale(s, u) for s, u in zip(factors, leaves)]), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -27,7 +27,7 @@ class TreedefRebuild:
     leaves it was given instead of flattening each output it keeps.
     """
 
-    __slots__ = ("positions", "size", "treedef")
+    __slots__ = ("fill", "positions", "size", "treedef")
 
     treedef: Any
     """The jax treedef (``jax.tree_util.PyTreeDef``) of the output."""
@@ -35,17 +35,26 @@ class TreedefRebuild:
     """The index among the treedef's leaves of each value; ``None``: all, in order."""
     size: int
     """The treedef's number of leaves, where ``positions`` are given."""
+    fill: Any
+    """What the treedef's other leaves get (``None``)."""
 
-    def __init__(self, treedef: Any, positions: Sequence[int] | None = None, size: int = 0):
+    def __init__(
+        self, treedef: Any, positions: Sequence[int] | None = None, size: int = 0, fill: Any = None
+    ):
         self.treedef = treedef
         self.positions = positions
         self.size = size
+        self.fill = fill
+
+    def filled(self, fill: Any) -> TreedefRebuild:
+        """The same rebuild, with ``fill`` at the treedef's other leaves."""
+        return TreedefRebuild(self.treedef, self.positions, self.size, fill)
 
     def leaves(self, values: list[Any]) -> list[Any]:
         """The treedef's leaves with ``values`` in place."""
         if self.positions is None:
             return list(values)
-        out: list[Any] = [None] * self.size
+        out: list[Any] = [self.fill] * self.size
         for position, value in zip(self.positions, values):
             out[position] = value
         return out
