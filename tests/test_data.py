@@ -86,7 +86,7 @@ def test_json_and_yaml_files(tmp_path):
         ({"rules": {"decay": True}}, "Policy.from_dict: rules: expected a list of rule tables, got dict."),
         ({"rules": [], "defaults": True}, "Policy.from_dict: unknown key 'defaults'. Valid keys: rules, default, strict, layer_decay."),
         ({"rules": [], "default": "no"}, "Policy.from_dict: default: expected true or false, got 'no'."),
-        ([], "Policy.from_dict: expected a mapping with 'rules' (and optionally 'default', 'strict'), got list."),
+        ([], "Policy.from_dict: expected a mapping with 'rules' (and optionally 'default', 'strict', 'layer_decay'), got list."),
     ],
     ids=["kind", "key", "action", "decay", "rate", "import", "regex", "rules", "top_key", "default", "type"],
 )

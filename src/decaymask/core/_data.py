@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import json
 import pathlib
@@ -12,12 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 from ._ladder import LayerDecay, check_layer_decay_rate, layer_decay
 from ._rules import SELECTORS, Rule, _make, check_multiplier, check_rate, importable, type_name
+from ._selectors import short_repr
 
 if TYPE_CHECKING:
     from ._policy import Policy
 
 _RULE_KEYS = ("decay", "label", "rate", "lr", "freeze") + SELECTORS
 _LAYER_DECAY_KEYS = ("rate", "blocks", "stem")
+_POLICY_KEYS = ("rules", "default", "strict", "layer_decay")
 _WHERE = "Policy.from_dict"
 
 
@@ -163,17 +166,27 @@ def _flags_from_data(value: Any, key: str) -> int:
     return flags
 
 
+def _unknown_key(where: str, key: Any, valid: tuple[str, ...]) -> PolicyDataError:
+    close = difflib.get_close_matches(key, valid, n=1) if isinstance(key, str) else []
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return PolicyDataError(
+        f"{_WHERE}: {where}unknown key {_shown(key)}. Valid keys: {', '.join(valid)}.{hint}"
+    )
+
+
 def rule_from_data(data: Any, where: str, imports: bool | tuple[str, ...] = ()) -> Rule:
     if not isinstance(data, Mapping):
         raise PolicyDataError(
             f"{_WHERE}: {where}: expected a table of rule keys, got {type(data).__name__}."
         )
+    if "layer_decay" in data:
+        raise PolicyDataError(
+            f"{_WHERE}: {where}: layer_decay is not a rule key; it is a key of the policy "
+            f"itself, beside rules: layer_decay = {{rate = 0.75}}."
+        )
     unknown = [k for k in data if k not in _RULE_KEYS]
     if unknown:
-        raise PolicyDataError(
-            f"{_WHERE}: {where}: unknown key {unknown[0]!r}. Valid keys: "
-            f"{', '.join(_RULE_KEYS)}."
-        )
+        raise _unknown_key(f"{where}: ", unknown[0], _RULE_KEYS)
     for k in _RULE_KEYS:
         if k in data and data[k] is None:
             raise PolicyDataError(
@@ -191,11 +204,35 @@ def rule_from_data(data: Any, where: str, imports: bool | tuple[str, ...] = ()) 
     if len(actions) > 1 and not set(actions) <= {"decay", "label"}:
         raise PolicyDataError(
             f"{_WHERE}: {where}: {' and '.join(actions)} in one rule; an lr or freeze "
-            f"rule stands alone: write one rule for each."
+            f"rule stands alone: write one rule for each, with the same selectors."
         )
     if decay is not None and not isinstance(decay, bool):
         raise PolicyDataError(
-            f"{_WHERE}: {where}.decay: expected true or false, got {decay!r}."
+            f"{_WHERE}: {where}.decay: expected true or false, got {_shown(decay)}."
+        )
+    if "rate" in data and decay is not True:
+        raise PolicyDataError(
+            f"{_WHERE}: {where}.rate: only decay = true rules take a rate."
+            + (
+                " A rate multiplies weight decay; the learning-rate multiplier is lr itself."
+                if "lr" in data
+                else ""
+            )
+        )
+    lr_value = None
+    if "lr" in data:
+        try:
+            lr_value = check_multiplier(
+                data["lr"],
+                where=f"{_WHERE}: {where}.lr",
+                freeze="write freeze = true in place of lr (no update, no optimizer state, no decay)",
+            )
+        except (TypeError, ValueError) as err:
+            raise PolicyDataError(str(err)) from None
+    if "freeze" in data and not isinstance(data["freeze"], bool):
+        raise PolicyDataError(
+            f"{_WHERE}: {where}.freeze: expected true (freeze) or false (unfreeze), "
+            f"got {_shown(data['freeze'])}."
         )
     selectors: dict[str, Any] = {k: data[k] for k in SELECTORS if k in data}
     for key in ("layer", "within"):
@@ -208,43 +245,21 @@ def rule_from_data(data: Any, where: str, imports: bool | tuple[str, ...] = ()) 
     for key in ("param", "name"):
         if isinstance(selectors.get(key), list):
             selectors[key] = tuple(selectors[key])
-    if "lr" in data or "freeze" in data:
-        return _group_rule_from_data(data, where, selectors)
-    fn = "label" if decay is None else ("decay" if decay else "no_decay")
-    extra: dict[str, Any] = {"label": label}
-    if "rate" in data:
-        if decay is not True:
-            raise PolicyDataError(f"{_WHERE}: {where}.rate: only decay = true rules take a rate.")
-        try:
-            extra["rate"] = check_rate("decay", data["rate"])
-        except TypeError as err:
-            raise PolicyDataError(f"{_WHERE}: {where}.rate: {err}") from err
-    try:
-        return _make(fn, decay, selectors, **extra)
-    except (TypeError, ValueError) as err:
-        raise PolicyDataError(f"{_WHERE}: {where}: {err}") from err
-
-
-def _group_rule_from_data(data: Mapping[str, Any], where: str, selectors: dict[str, Any]) -> Rule:
     from ._rules import freeze, lr, unfreeze
 
     try:
-        if "lr" in data:
-            value = data["lr"]
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise PolicyDataError(
-                    f"{_WHERE}: {where}.lr: expected a multiplier (a number > 0), got "
-                    f"{type_name(value)}."
-                )
-            check_multiplier("lr", value)
-            return lr(value, **selectors)
-        frozen = data["freeze"]
-        if not isinstance(frozen, bool):
-            raise PolicyDataError(
-                f"{_WHERE}: {where}.freeze: expected true (freeze) or false (unfreeze), "
-                f"got {frozen!r}."
-            )
-        return (freeze if frozen else unfreeze)(**selectors)
+        if lr_value is not None:
+            return lr(lr_value, **selectors)
+        if "freeze" in data:
+            return (freeze if data["freeze"] else unfreeze)(**selectors)
+        fn = "label" if decay is None else ("decay" if decay else "no_decay")
+        extra: dict[str, Any] = {"label": label}
+        if "rate" in data:
+            try:
+                extra["rate"] = check_rate("decay", data["rate"])
+            except TypeError as err:
+                raise PolicyDataError(f"{_WHERE}: {where}.rate: {err}") from err
+        return _make(fn, decay, selectors, **extra)
     except PolicyDataError:
         raise
     except (TypeError, ValueError) as err:
@@ -252,50 +267,76 @@ def _group_rule_from_data(data: Mapping[str, Any], where: str, selectors: dict[s
 
 
 def _module_selectors_from_data(value: Any, key: str, imports: bool | tuple[str, ...]) -> Any:
+    """``blocks``/``stem``: a kind or glob, a class as ``"package.module:Class"``, or a
+    list of those."""
     items = value if isinstance(value, list) else [value]
+    name = key.rpartition(".")[2]
+    if not items:
+        raise PolicyDataError(
+            f"{_WHERE}: {key}: an empty list selects nothing; leave {name} out"
+            + (" to use the one repeated stack." if name == "blocks" else ".")
+        )
     out = []
     for item in items:
         if not isinstance(item, str):
             raise PolicyDataError(
                 f"{_WHERE}: {key}: expected a layer kind, a glob over module paths or a "
-                f"class import path ('package.module:Class'), got {type_name(item)}."
+                f"class import path ('package.module:Class'), or a list of those; got "
+                f"{_shown(item)} ({type_name(item)})."
+            )
+        if not item:
+            raise PolicyDataError(
+                f"{_WHERE}: {key}: an empty glob selects nothing; give a glob such as "
+                f"'encoder/layers/*', or leave {name} out."
             )
         if ":" in item:
             cls = _import(item, key, imports)
             if not isinstance(cls, type):
-                raise PolicyDataError(f"{_WHERE}: {key}: {item!r} is not a class.")
+                raise PolicyDataError(
+                    f"{_WHERE}: {key}: {item!r} is not a class ({type_name(cls)}); "
+                    f"{name} takes module classes."
+                )
             out.append(cls)
         else:
             out.append(item)
     return tuple(out) if isinstance(value, list) else out[0]
 
 
+def _layer_decay_rate(value: Any, where: str) -> float:
+    try:
+        return check_layer_decay_rate(value, where=f"{_WHERE}: {where}")
+    except (TypeError, ValueError) as err:
+        raise PolicyDataError(str(err)) from None
+
+
 def layer_decay_from_data(data: Any, imports: bool | tuple[str, ...]) -> LayerDecay:
     where = "layer_decay"
     if isinstance(data, (int, float)) and not isinstance(data, bool):
-        data = {"rate": data}
+        # layer_decay = 0.75: the rate alone.
+        return layer_decay(_layer_decay_rate(data, where))
     if not isinstance(data, Mapping):
         raise PolicyDataError(
             f"{_WHERE}: {where}: expected a table with rate (and optionally blocks, "
-            f"stem), got {type_name(data)}."
+            f"stem), e.g. layer_decay = {{rate = 0.75}}, got {_shown(data)} "
+            f"({type_name(data)})."
         )
     unknown = [k for k in data if k not in _LAYER_DECAY_KEYS]
     if unknown:
-        raise PolicyDataError(
-            f"{_WHERE}: {where}: unknown key {_shown(unknown[0])}. Valid keys: "
-            f"{', '.join(_LAYER_DECAY_KEYS)}."
-        )
+        raise _unknown_key(f"{where}: ", unknown[0], _LAYER_DECAY_KEYS)
+    for key in _LAYER_DECAY_KEYS:
+        if key in data and data[key] is None:
+            fix = "e.g. rate = 0.75" if key == "rate" else "or leave the key out"
+            raise PolicyDataError(
+                f"{_WHERE}: {where}.{key}: null (no value); give {key} a value, {fix}."
+            )
     if "rate" not in data:
         raise PolicyDataError(f"{_WHERE}: {where}: rate is missing, e.g. rate = 0.75.")
+    rate = _layer_decay_rate(data["rate"], f"{where}.rate")
     options = {}
     for key in ("blocks", "stem"):
         if key in data:
             options[key] = _module_selectors_from_data(data[key], f"{where}.{key}", imports)
-    try:
-        check_layer_decay_rate(data["rate"])
-        return layer_decay(data["rate"], **options)
-    except (TypeError, ValueError) as err:
-        raise PolicyDataError(f"{_WHERE}: {where}: {err}") from err
+    return layer_decay(rate, **options)
 
 
 def _shown(value: Any) -> str:
@@ -318,14 +359,11 @@ def policy_from_data(data: Any, *, imports: Any = ()) -> tuple[list[Rule | Layer
     if not isinstance(data, Mapping):
         raise PolicyDataError(
             f"{_WHERE}: expected a mapping with 'rules' (and optionally 'default', "
-            f"'strict'), got {type(data).__name__}."
+            f"'strict', 'layer_decay'), got {type(data).__name__}."
         )
-    unknown = [k for k in data if k not in ("rules", "default", "strict", "layer_decay")]
+    unknown = [k for k in data if k not in _POLICY_KEYS]
     if unknown:
-        raise PolicyDataError(
-            f"{_WHERE}: unknown key {_shown(unknown[0])}. Valid keys: rules, default, "
-            f"strict, layer_decay."
-        )
+        raise _unknown_key("", unknown[0], _POLICY_KEYS)
     rules = data.get("rules", [])
     if not isinstance(rules, list):
         raise PolicyDataError(

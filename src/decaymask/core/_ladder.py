@@ -16,16 +16,18 @@ Everything here reads :class:`Leaf` records: paths, roles, kinds, stacked axes a
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import fnmatch
+import functools
 import numbers
 import pickle
 import re
-from collections.abc import Sequence
-from typing import Any, Union
+from collections.abc import Callable, Sequence
+from typing import Any, ParamSpec, Union
 
 from ._infer import words
 from ._leaf import Layer, Leaf
-from ._selectors import layer_matches
+from ._selectors import as_float, layer_matches, short_repr
 from ._values import importable, show_value, type_name
 from ._vocab import GROUPS, KINDS
 
@@ -40,38 +42,101 @@ _STEM_WORDS = frozenset(
 _STEM_ROLES = frozenset({"position", "token"})
 
 
-def check_layer_decay_rate(value: Any) -> float:
-    """A layer-decay rate as a float in (0, 1]."""
+_RATE_MEANING = (
+    "Each block learns rate times as fast as the block above it: 0.65 for ViT-B, 0.75 "
+    "for ViT-L in BEiT/MAE fine-tuning; 1 turns layer decay off."
+)
+
+
+def check_layer_decay_rate(value: Any, *, where: str | None = None) -> float:
+    """A layer-decay rate as a float in (0, 1].
+
+    Args:
+      value: the rate given.
+      where: the call or the key it was given to, for the messages; by default
+        ``layer_decay(<value>)``.
+
+    Raises:
+      TypeError: not a real number (a bool is not one).
+      ValueError: outside (0, 1], NaN, or too large for a float.
+    """
+    shown = short_repr(value)
+    if where is None:
+        where = f"layer_decay({shown})"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(
-            f"layer_decay({value!r}): expected a rate in (0, 1] (0.65 for ViT-B in "
-            f"BEiT/MAE fine-tuning), got {type_name(value)}."
+            f"{where}: expected a rate in (0, 1], a number, got {shown} "
+            f"({type_name(value)}). {_RATE_MEANING}"
         )
-    try:
-        rate = float(value)
-    except OverflowError:
+    rate = as_float(value)
+    if rate is None:
+        why = ", a number too large for a float"
+    elif rate != rate or rate in (float("inf"), float("-inf")):
+        why = ""
+    elif rate == 0:
         raise ValueError(
-            f"layer_decay({_short(value)}): expected a rate in (0, 1], got a number too "
-            f"large for a float."
-        ) from None
-    if not (0 < rate <= 1):
-        raise ValueError(
-            f"layer_decay({value!r}): expected a rate in (0, 1]: each block below the "
-            f"top learns rate times as fast as the one above it (0.65 for ViT-B, 0.75 "
-            f"for ViT-L in BEiT/MAE fine-tuning); 1 turns layer decay off."
+            f"{where}: expected a rate in (0, 1], got 0, which gives every layer below "
+            f"the top a multiplier of 0. {_RATE_MEANING} To stop layers from learning, "
+            f"use dm.freeze(...)."
         )
-    return rate
+    elif rate < 0:
+        why = ": a negative rate turns every other block's updates around"
+    elif rate > 1:
+        why = ": above 1, lower blocks would learn faster than the blocks above them"
+    else:
+        return rate
+    raise ValueError(f"{where}: expected a rate in (0, 1], got {shown}{why}. {_RATE_MEANING}")
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 24 else text[:12] + "..." + text[-6:]
+_KEYWORDS = ("blocks", "stem")
+_KEYWORD_FORMS = (
+    "blocks= (a module class, a layer kind or a glob over module paths, or a tuple "
+    "of those; by default the one repeated stack) and stem= (modules outside the "
+    "blocks that also get id 0, in the same forms)"
+)
+
+
+_P = ParamSpec("_P")
+
+
+def _checked_call(make: Callable[_P, LayerDecay]) -> Callable[_P, LayerDecay]:
+    """Gives a misspelt keyword, or blocks given by position, a message with the fix;
+    the signature stays what type checkers read."""
+
+    @functools.wraps(make)
+    def checked(*args: _P.args, **kwargs: _P.kwargs) -> LayerDecay:
+        for key in kwargs:
+            if key not in _KEYWORDS and key != "rate":
+                close = difflib.get_close_matches(key, _KEYWORDS, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise TypeError(
+                    f"layer_decay() got unknown keyword {key!r}{hint}. It takes the rate, "
+                    f"then {_KEYWORD_FORMS}."
+                )
+        if args and "rate" in kwargs:
+            raise TypeError(
+                f"layer_decay({short_repr(args[0])}, rate={short_repr(kwargs['rate'])}): "
+                f"the rate is given twice; give it once, first: "
+                f"layer_decay({short_repr(args[0])}, blocks=...)."
+            )
+        if len(args) > 1:
+            given = ", ".join(show_value(a) for a in args)
+            raise TypeError(
+                f"layer_decay({given}): blocks and stem are given by keyword: "
+                f"layer_decay({show_value(args[0])}, blocks={show_value(args[1])})."
+            )
+        return make(*args, **kwargs)
+
+    return checked
 
 
 def _module_selectors(fn: str, key: str, value: Any) -> tuple[str | type, ...]:
     items = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    leave_out = (
+        "leave blocks out to use the one repeated stack" if key == "blocks" else "leave stem out"
+    )
     if not items:
-        raise ValueError(f"layer_decay({key}=()): an empty tuple selects nothing; leave {key} out.")
+        raise ValueError(f"{fn}({key}=()): an empty tuple selects nothing; {leave_out}.")
     for item in items:
         if not isinstance(item, (str, type)):
             raise TypeError(
@@ -80,12 +145,30 @@ def _module_selectors(fn: str, key: str, value: Any) -> tuple[str | type, ...]:
                 f"'encoder/layers/*'), or a tuple of those; got {type_name(item)}."
             )
         if isinstance(item, str) and not item:
-            raise ValueError(f"{fn}({key}=''): an empty glob selects nothing.")
+            raise ValueError(
+                f"{fn}({key}=''): an empty glob selects nothing; give a glob such as "
+                f"'encoder/layers/*', or {leave_out}."
+            )
     return items
 
 
 def _is_kind(item: str | type) -> bool:
     return isinstance(item, str) and (item in KINDS or item in GROUPS)
+
+
+def _kind_hint(item: str | type) -> str:
+    """What a glob that selects nothing most likely meant: a layer kind it is close to,
+    or a class written as a dotted path."""
+    if not isinstance(item, str) or any(c in item for c in "*?[/:"):
+        return ""
+    if "." in item and all(part.isidentifier() for part in item.split(".")):
+        module, _, name = item.rpartition(".")
+        return (
+            f" A string is a glob over module paths; to select a class, pass the class "
+            f"itself (in a policy file, write it as {module + ':' + name!r})."
+        )
+    close = difflib.get_close_matches(item, KINDS[:-1] + tuple(GROUPS), n=1, cutoff=0.6)
+    return f" Did you mean the layer kind {close[0]!r}?" if close else ""
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -110,8 +193,9 @@ class LayerDecay:
             for item in getattr(self, key) or ():
                 if isinstance(item, type) and not importable(item):
                     raise pickle.PicklingError(
-                        f"cannot pickle {self!r}: {key}={item.__qualname__} has no import "
-                        f"path pickle can follow. Define it at module level."
+                        f"cannot pickle {self!r}: {key}={show_value(item)} has no import "
+                        f"path pickle can follow (a local definition, or a class its "
+                        f"module holds under another name). Define it at module level."
                     )
         return (LayerDecay, (self.rate, self.blocks, self.stem))
 
@@ -130,6 +214,7 @@ class LayerDecay:
         return Ladder(self, leaves)
 
 
+@_checked_call
 def layer_decay(
     rate: float, *, blocks: BlockSelector | None = None, stem: BlockSelector | None = None
 ) -> LayerDecay:
@@ -154,7 +239,10 @@ def layer_decay(
       stem: module classes, kinds or path globs outside the blocks that also get id 0.
 
     Raises:
-      ValueError: a rate outside (0, 1].
+      TypeError: a rate that is not a number, a ``blocks``/``stem`` value of the wrong
+        type, or an unknown keyword (the nearest one is suggested).
+      ValueError: a rate outside (0, 1] (or NaN, or too large for a float), or an
+        empty ``blocks``/``stem``.
 
     Example:
       >>> import decaymask as dm
@@ -279,18 +367,22 @@ class Ladder:
             if not modules:
                 raise ValueError(
                     f"{self.config!r}: blocks={show_value(item)} selects no module of this "
-                    f"tree. Check it against policy.explain(tree), which lists every "
-                    f"path{', kind and class' if not _is_glob(item) else ''}."
+                    f"tree.{_kind_hint(item)} Check it against policy.explain(tree), which "
+                    f"lists every path{', kind and class' if not _is_glob(item) else ''}."
                 )
-            for path in _ordered(modules):
+            for module in _ordered(modules):
+                block = self._block(module)
+                path = block.path
                 if path in seen:
+                    if seen[path] is item:
+                        continue  # several parts of one stacked layer: one block
                     raise ValueError(
                         f"{self.config!r}: the module {'/'.join(path)} is selected by both "
                         f"{show_value(seen[path])} and {show_value(item)}; each block "
                         f"belongs to one stack."
                     )
                 seen[path] = item
-                out.append(Block(path, self._stack_size(path, params)))
+                out.append(block)
         return out
 
     def _modules(self, item: str | type, params: list[int], key: str) -> dict[tuple[str, ...], int]:
@@ -322,12 +414,20 @@ class Ladder:
                     break
         return found
 
-    def _stack_size(self, path: tuple[str, ...], params: list[int]) -> int:
-        """The length of the layer axis of a selected module, 0 if it is not stacked."""
+    def _block(self, path: tuple[str, ...]) -> Block:
+        """The block a selected module makes.
+
+        A module inside a stacked root (the block class of an ``hk.layer_stack``, one
+        layer of an ``nn.scan``) is part of every layer of that stack: the block is
+        the stacked root, one id per layer. A module that holds a stacked root is
+        stacked as that root is.
+        """
         for root, (size, _) in self.stacks.items():
+            if _inside(path, root):
+                return Block(root, size)
             if _inside(root, path):
-                return size
-        return 0
+                return Block(path, size)
+        return Block(path)
 
     # The ids.
 
@@ -351,7 +451,9 @@ class Ladder:
             if found is not None:
                 start, size = found
                 if size:
-                    self._check_stacked(i, size, keys)
+                    if self.leaves[i].is_param:
+                        # State need not be stacked: it takes no multiplier.
+                        self._check_stacked(i, size, keys)
                     out.append(tuple(range(start, start + size)))
                 else:
                     out.append(start)
@@ -379,7 +481,8 @@ class Ladder:
             if not modules:
                 raise ValueError(
                     f"{self.config!r}: stem={show_value(item)} selects no module of this "
-                    f"tree. Check it against policy.explain(tree)."
+                    f"tree.{_kind_hint(item)} Check it against policy.explain(tree), which "
+                    f"lists every path{', kind and class' if not _is_glob(item) else ''}."
                 )
             extra.update(modules)
         for i, leaf in enumerate(self.leaves):
@@ -414,15 +517,26 @@ def _inside(path: tuple[str, ...], outer: tuple[str, ...]) -> bool:
 
 
 def _ordered(modules: dict[tuple[str, ...], int]) -> list[tuple[str, ...]]:
-    """Modules in the tree's order of stacks, each stack by its own indices."""
+    """Modules in the tree's order of stacks, each stack by its own indices.
+
+    A bare ``block`` beside ``block_1``, ``block_2`` (and no ``block_0``) is the first
+    of that stack, as Haiku names alike modules, wherever the tree's order puts it.
+    """
+    numbers: dict[tuple[tuple[str, ...], str | None], set[int]] = {}
+    for path in modules:
+        index = _index(path[-1])
+        if index is not None:
+            numbers.setdefault((path[:-1], index[0]), set()).add(index[1])
     stacks: dict[tuple[tuple[str, ...], str | None], int] = {}
     keyed = []
     for path, first in modules.items():
         index = _index(path[-1])
-        if index is None:
-            stack, number = (path, None), 0
-        else:
+        if index is not None:
             stack, number = (path[:-1], index[0]), index[1]
+        elif 0 not in numbers.get((path[:-1], path[-1]), {0}):
+            stack, number = (path[:-1], path[-1]), 0
+        else:
+            stack, number = (path, None), 0
         stacks.setdefault(stack, first)
         keyed.append((stack, number, path))
     keyed.sort(key=lambda item: (stacks[item[0]], item[1]))
@@ -478,9 +592,12 @@ def _stack_roots(
     leaves: Sequence[Leaf], keys: list[tuple[str, ...]], params: list[int]
 ) -> dict[tuple[str, ...], tuple[int, int]]:
     """The modules stacked along a layer axis: the outermost modules all of whose
-    parameters are stacked, each with its number of layers and its first leaf."""
+    parameters are stacked along one layer axis, each with its number of layers and
+    its first leaf. A module holding stacks of different lengths side by side (an
+    encoder of 4 layers and a decoder of 2) is not one: each of its stacks is."""
     total: dict[tuple[str, ...], int] = {}
     stacked: dict[tuple[str, ...], int] = {}
+    sizes: dict[tuple[str, ...], set[int]] = {}
     any_stacked = False
     for i in params:
         path = keys[i]
@@ -491,9 +608,31 @@ def _stack_roots(
             total[prefix] = total.get(prefix, 0) + 1
             if s:
                 stacked[prefix] = stacked.get(prefix, 0) + 1
+                sizes.setdefault(prefix, set()).add(leaves[i].shape[0])
     roots: dict[tuple[str, ...], tuple[int, int]] = {}
     if not any_stacked:
         return roots
+    for i in params:
+        if leaves[i].batch_axes == 0:
+            continue
+        path = keys[i]
+        for end in range(len(path)):
+            prefix = path[:end]
+            if stacked.get(prefix, 0) != total[prefix]:
+                continue
+            if len(sizes[prefix]) > 1 and end < len(path) - 1:
+                continue  # stacks of different lengths side by side: each is a root
+            size = leaves[i].shape[0]
+            if prefix not in roots:
+                roots[prefix] = (size, i)
+            elif roots[prefix][0] != size:
+                raise ValueError(
+                    f"layer_decay: the arrays stacked under {'/'.join(prefix) or 'the root'} "
+                    f"disagree on the number of layers ({roots[prefix][0]} and {size} at "
+                    f"{leaves[i].path}). Fix: select the blocks by path with blocks=."
+                )
+            break
+    return roots
     for i in params:
         if leaves[i].batch_axes == 0:
             continue

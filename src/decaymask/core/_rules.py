@@ -20,6 +20,7 @@ from ._selectors import PathSelector as PathSelector
 from ._selectors import check_label, checked_keywords, layer_matches, path_matcher, rule_fields
 from ._selectors import check_multiplier as check_multiplier
 from ._selectors import check_rate as check_rate
+from ._selectors import short_repr
 from ._values import as_bool as as_bool
 from ._values import importable as importable
 from ._values import show_value
@@ -144,10 +145,9 @@ class Rule:
             return decided
         return True
 
-    def __repr__(self) -> str:
+    def selector_texts(self) -> list[str]:
+        """The selectors as the call that makes the rule writes them: ``layer='linear'``."""
         parts = []
-        if self.lr is not None:
-            parts.append(repr(self.lr))
         for key in SELECTORS:
             value = getattr(self, key)
             if value is None:
@@ -158,8 +158,12 @@ class Rule:
             else:
                 text = show_value(value)
             parts.append(f"{key}={text}")
+        return parts
+
+    def __repr__(self) -> str:
+        parts = self.selector_texts()
         if self.lr is not None:
-            return f"lr({', '.join(parts)})"
+            return f"lr({', '.join([repr(self.lr)] + parts)})"
         if self.frozen is not None:
             return f"{'freeze' if self.frozen else 'unfreeze'}({', '.join(parts)})"
         if self.decay is None:
@@ -272,7 +276,7 @@ def no_decay(
     return _make("no_decay", False, selectors, label=label)
 
 
-@checked_keywords("label", ())
+@checked_keywords("label", (), ("group",))
 def label(
     group: str,
     /,
@@ -304,7 +308,7 @@ def label(
     return _make("label", None, selectors, label=check_label("label", group))
 
 
-@checked_keywords("lr", ())
+@checked_keywords("lr", (), ("multiplier",))
 def lr(
     multiplier: float,
     /,
@@ -344,7 +348,14 @@ def lr(
         min_ndim=min_ndim, when=when,
     )
     rule = _make("lr", None, selectors)
-    return dataclasses.replace(rule, lr=check_multiplier("lr", multiplier))
+    where = f"lr({', '.join([short_repr(multiplier)] + rule.selector_texts())})"
+    freeze_fix = (
+        f"use dm.freeze({', '.join(rule.selector_texts())}) instead (no update, no "
+        f"optimizer state, no decay)"
+    )
+    return dataclasses.replace(
+        rule, lr=check_multiplier(multiplier, where=where, freeze=freeze_fix)
+    )
 
 
 def _freezing(fn: str, frozen: bool, selectors: dict[str, Any]) -> Rule:

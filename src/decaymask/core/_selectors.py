@@ -14,7 +14,7 @@ from typing import Any, ParamSpec, TypeVar, Union
 
 from ._leaf import Layer
 from ._values import show_value, type_name
-from ._vocab import check_kind, check_role, kind_in
+from ._vocab import GROUPS, KINDS, ROLES, check_kind, check_role, kind_in
 
 SELECTORS = ("layer", "within", "param", "name", "path", "min_ndim", "when")
 """The keywords :func:`decay` and :func:`no_decay` accept, combined with AND."""
@@ -126,6 +126,27 @@ def check_label(fn: str, value: Any) -> str:
     return value
 
 
+def short_repr(value: Any) -> str:
+    """A value as a message shows it: its repr, with the middle of a long one (a number
+    such as ``10**400``) left out.
+
+    Example:
+      >>> short_repr(0.5), short_repr(10**40)
+      ('0.5', '1000000000...0000000000')
+    """
+    text = repr(value)
+    return text if len(text) <= 24 else text[:10] + "..." + text[-10:]
+
+
+def as_float(value: Any) -> float | None:
+    """A real number as a float; ``None`` where it is too large for one (an int such as
+    ``10**400``), which ``float()`` would raise ``OverflowError`` for."""
+    try:
+        return float(value)
+    except OverflowError:
+        return None
+
+
 def check_rate(fn: str, value: Any) -> float:
     """A rate as a float; it must be a finite number >= 0.
 
@@ -138,57 +159,88 @@ def check_rate(fn: str, value: Any) -> float:
             f"{fn}(rate={value!r}): expected a non-negative number that multiplies the "
             f"weight decay of the matching leaves, got {type_name(value)}."
         )
-    if not (math.isfinite(value) and float(value) >= 0):
+    number = as_float(value)
+    if number is None or not (math.isfinite(number) and number >= 0):
+        shown = short_repr(value)
         raise TypeError(
-            f"{fn}(rate={value!r}): expected a non-negative number that multiplies the "
+            f"{fn}(rate={shown}): expected a non-negative number that multiplies the "
             f"weight decay of the matching leaves, finite (inf or nan would turn every "
-            f"decayed weight into inf or nan), got {value!r}."
-        )
-    return float(value)
-
-
-def check_multiplier(fn: str, value: Any) -> float:
-    """A learning-rate multiplier as a float: a finite number > 0.
-
-    Raises:
-      TypeError: not a real number.
-      ValueError: 0 (the message points at ``dm.freeze``), negative, NaN, infinite, or
-        too large for a float.
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"{fn}({value!r}): expected a learning-rate multiplier, a number > 0, got "
-            f"{type_name(value)}."
-        )
-    try:
-        number = float(value)
-    except OverflowError:
-        raise ValueError(
-            f"{fn}({show_value(value)}): the multiplier is too large for a float; "
-            f"expected a finite number > 0."
-        ) from None
-    if number == 0:
-        raise ValueError(
-            f"{fn}(0): a multiplier of 0 still keeps the optimizer state of the matching "
-            f"leaves, and a decoupled weight decay still moves them. To stop them from "
-            f"learning, use dm.freeze(...) with the same selectors."
-        )
-    if not math.isfinite(number) or number < 0:
-        raise ValueError(
-            f"{fn}({value!r}): expected a finite learning-rate multiplier > 0, got "
-            f"{value!r}."
+            f"decayed weight into inf or nan), got {shown}."
         )
     return number
 
 
-def check_keywords(fn: str, keys: Sequence[str]) -> None:
-    """A rate where none is taken, or an unknown selector: the error listing every
-    valid selector (Python's own names only the bad keyword)."""
-    if "rate" in keys:
-        raise TypeError(
-            f"{fn}(rate=...): a rate multiplies weight decay, so only decay(...) rules "
-            f"take one."
+def check_multiplier(value: Any, *, where: str, freeze: str) -> float:
+    """A learning-rate multiplier as a float: a finite number > 0.
+
+    Args:
+      value: the multiplier given.
+      where: the rule or the key it was given to, for the messages (``"lr(0)"``).
+      freeze: how to freeze the same leaves instead, where that is what a multiplier
+        of 0 or less most likely meant.
+
+    Raises:
+      TypeError: not a real number (a bool is not one).
+      ValueError: 0 (the message points at freezing), negative, NaN, infinite, or too
+        large for a float.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        hint = (
+            f" True and False are not multipliers; to stop leaves from learning, {freeze}."
+            if isinstance(value, bool)
+            else ""
         )
+        raise TypeError(
+            f"{where}: expected a learning-rate multiplier, a number > 0 (e.g. 0.1), "
+            f"got {value!r} ({type_name(value)}).{hint}"
+        )
+    number = as_float(value)
+    shown = short_repr(value)
+    if number == 0:
+        raise ValueError(
+            f"{where}: a multiplier of 0 still keeps the optimizer state of the matching "
+            f"leaves, and a decoupled weight decay still moves them. To stop them from "
+            f"learning, {freeze}."
+        )
+    if value < 0:
+        raise ValueError(
+            f"{where}: expected a learning-rate multiplier > 0, got {shown}: a negative "
+            f"multiplier moves the matching leaves up the gradient. To stop them from "
+            f"learning, {freeze}."
+        )
+    if number is None:
+        raise ValueError(
+            f"{where}: the multiplier {shown} is too large for a float; expected a finite "
+            f"number > 0 (e.g. 0.1 or 10)."
+        )
+    if not math.isfinite(number):
+        raise ValueError(
+            f"{where}: expected a finite learning-rate multiplier > 0, got {shown}: it "
+            f"would turn the matching leaves into {'nan' if number != number else 'inf or nan'} "
+            f"at the first step."
+        )
+    return number
+
+
+_NOT_SELECTORS = {
+    "rate": "a rate multiplies weight decay, so only decay(...) rules take one",
+    "label": "a label names a group for optax.partition, so only decay(...), "
+    "no_decay(...) and label(...) rules give one",
+}
+
+
+def check_keywords(fn: str, keys: Sequence[str]) -> None:
+    """A keyword ``fn`` does not take: the error that says why, or, for an unknown
+    selector, lists every valid selector and the nearest one (Python's own message
+    names only the bad keyword)."""
+    for key in keys:
+        if key in _NOT_SELECTORS:
+            hint = (
+                " To scale the learning rate, give the multiplier first: lr(0.1, ...)."
+                if fn == "lr" and key == "rate"
+                else ""
+            )
+            raise TypeError(f"{fn}({key}=...): {_NOT_SELECTORS[key]}.{hint}")
     unknown = [key for key in keys if key not in SELECTORS]
     if unknown:
         import difflib
@@ -204,20 +256,63 @@ def check_keywords(fn: str, keys: Sequence[str]) -> None:
         )
 
 
+def _check_call(fn: str, positional: tuple[str, ...], args: tuple, kwargs: dict) -> None:
+    """A positional argument given by keyword, or a selector given by position: the
+    call written the way ``fn`` takes it."""
+    for key in positional:
+        if key in kwargs:
+            raise TypeError(
+                f"{fn}({key}={show_value(kwargs[key])}): the {key} is given by position, "
+                f"first: {fn}({show_value(kwargs[key])}, layer=...)."
+            )
+    if len(args) <= len(positional):
+        return
+    lead = "".join(show_value(a) + ", " for a in args[: len(positional)])
+    first = args[len(positional)]
+    shown = show_value(first)
+    if isinstance(first, type):
+        examples = (
+            f"{fn}({lead}layer={shown}) for the layer itself, or {fn}({lead}within={shown}) "
+            f"for everything inside it"
+        )
+    elif isinstance(first, str) and (first in KINDS or first in GROUPS):
+        examples = f"{fn}({lead}layer={shown})"
+    elif isinstance(first, str) and first in ROLES:
+        examples = f"{fn}({lead}param={shown})"
+    elif isinstance(first, str) and first:
+        glob = first if any(c in first for c in "*?[") else first.rstrip("/") + "/*"
+        examples = f"{fn}({lead}path={glob!r})"
+    else:
+        examples = f"{fn}({lead}layer='linear')"
+    given = lead + ", ".join(show_value(a) for a in args[len(positional):])
+    raise TypeError(
+        f"{fn}({given}): selectors are given by keyword, e.g. {examples}. Valid "
+        f"selectors: {', '.join(SELECTORS)}."
+    )
+
+
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
 def checked_keywords(
-    fn: str, extra: tuple[str, ...]
+    fn: str, extra: tuple[str, ...], positional: tuple[str, ...] = ()
 ) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
-    """Gives a misspelt keyword of ``fn`` the message of :func:`check_keywords`; the
-    signature stays what type checkers read."""
+    """Gives a misspelt keyword of ``fn`` the message of :func:`check_keywords`, and a
+    selector given by position (or a positional argument given by keyword) the form
+    ``fn`` takes; the signature stays what type checkers read.
+
+    Args:
+      fn: the rule's function, for the messages.
+      extra: the keywords ``fn`` takes besides the selectors.
+      positional: the names of ``fn``'s positional-only arguments.
+    """
 
     def wrap(make: Callable[_P, _R]) -> Callable[_P, _R]:
         @functools.wraps(make)
         def checked(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-            if any(key not in SELECTORS and key not in extra for key in kwargs):
+            if len(args) != len(positional) or any(key not in SELECTORS for key in kwargs):
+                _check_call(fn, positional, args, kwargs)
                 check_keywords(fn, [key for key in kwargs if key not in extra])
             return make(*args, **kwargs)
 

@@ -45,6 +45,32 @@ def unmatched_rules(policy: Policy, leaves: Sequence[Leaf], decisions: Sequence[
     ]
 
 
+# The entry points that read the whole model to set freezing up. Every other build may
+# be handed only the trainable part of it (eqx.partition by policy.trainable, the NNX
+# state policy.trainable_filter selects, policy.split's first half), where a rule that
+# selects only frozen parameters rightly matches nothing; the whole model's build
+# reports it.
+_WHOLE_TREE_METHODS = frozenset({"trainable", "trainable_filter", "split", "explain"})
+
+
+def _maybe_trainable_part(policy: Policy, decisions: Sequence[Decision]) -> bool:
+    """Whether the tree may be the trainable part of a model the policy freezes some of:
+    the policy has a freeze rule, and no leaf of the tree is frozen."""
+    return any(rule.frozen for rule in policy.rules) and not any(d.frozen for d in decisions)
+
+
+def all_frozen(decisions: Sequence[Decision]) -> str:
+    """The rules that freeze every floating-point parameter, as a message lists them
+    (``"rule 2 freeze()"``); empty where something is trained, or there is nothing to
+    train."""
+    params = [d for d in decisions if d.leaf.is_param and d.leaf.floating]
+    if not params or not all(d.frozen for d in params):
+        return ""
+    # A frozen leaf's reason is "rule N", N the freeze rule's place in the policy.
+    named = {d.reason: f"{d.reason} {d.freeze_rule!r}" for d in params}
+    return ", ".join(named[r] for r in sorted(named, key=lambda r: int(r.rpartition(" ")[2])))
+
+
 # `layer=` for a kind whose arrays are owned by layers inside it (CONTAINER_KINDS) is a
 # likely misunderstanding of `within=`.
 
@@ -112,6 +138,8 @@ def find_problems(
     unmatched = unmatched_rules(policy, leaves, decisions)
     if unmatched and partial_view is not None and partial_view():
         unmatched = []
+    if unmatched and method not in _WHOLE_TREE_METHODS and _maybe_trainable_part(policy, decisions):
+        unmatched = []
     if unmatched:
         check = "Check the kind, role, name or path it selects against policy.explain(tree), which lists what every array is."
         if policy.strict:
@@ -128,6 +156,14 @@ def find_problems(
                     f"these arrays are owned by layers inside it; within= selects those."
                 )
             messages.append(message + " (strict=True makes this an error.)")
+
+    frozen = all_frozen(decisions)
+    if frozen and not (partial_view is not None and partial_view()):
+        messages.append(
+            f"{method}: every parameter of this tree is frozen (by {frozen}), so the "
+            f"optimizer trains nothing. If that is not what you meant, narrow what "
+            f"freezing selects, or add dm.unfreeze(...) for what should train."
+        )
 
     # Integer arrays named as indices (`relative_position_index`) are buffers a model
     # keeps on purpose; other integer params most likely reach optax by mistake.
