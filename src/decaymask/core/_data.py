@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 from ._ladder import LayerDecay, check_layer_decay_rate, layer_decay
 from ._rules import SELECTORS, Rule, _make, check_multiplier, check_rate, importable, type_name
-from ._selectors import short_repr
 
 if TYPE_CHECKING:
     from ._policy import Policy
