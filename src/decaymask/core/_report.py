@@ -113,6 +113,120 @@ def _notes(row: Decision, ranks: bool) -> str:
     return notes
 
 
+def _ids_text(ids: int | tuple[int, ...] | None) -> str:
+    """A layer id, or a stacked leaf's ids as runs: ``"3"``, ``"1-12"``, ``"1-3,7"``."""
+    if ids is None:
+        return "-"
+    if not isinstance(ids, tuple):
+        return str(ids)
+    runs: list[list[int]] = []
+    for i in ids:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _scale_text(scale: float | tuple[float, ...]) -> str:
+    """A multiplier to three significant digits; several as their range, ``"0.0317-0.75"``."""
+    if isinstance(scale, tuple):
+        low, high = min(scale), max(scale)
+        return f"{low:.3g}" if low == high else f"{low:.3g}-{high:.3g}"
+    return f"{scale:.3g}"
+
+
+def _plural(count: int, one: str, many: str) -> str:
+    return f"{count:,} {one if count == 1 else many}"
+
+
+def _rule_text(rule: Rule, rules: Sequence[Rule]) -> str:
+    """``"rule N: <rule>"`` for a rule of the policy (the last one that is it), else its repr."""
+    for index in range(len(rules) - 1, -1, -1):
+        if rules[index] is rule:
+            return f"rule {index + 1}: {rule!r}"
+    return repr(rule)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRow:
+    """One layer of the layer-decay ladder, as :meth:`Report.layers` sums it up."""
+
+    id: int
+    """The layer id: 0 the stem, 1 to n the blocks, n + 1 the rest."""
+    leaves: int
+    """The leaves in the layer; a leaf stacked along the layer axis counts once in each
+    of its layers."""
+    parameters: int
+    """Their elements; a stacked leaf's share is its size over its number of layers."""
+    multiplier: float | tuple[float, float]
+    """The learning-rate multiplier of the layer's trained leaves: one float where
+    they all agree, else ``(min, max)`` (an :func:`lr` rule on some of them); 0 where
+    none is trained."""
+    frozen: int
+    """How many of the layer's leaves are frozen."""
+
+    @property
+    def frozen_text(self) -> str:
+        """``"none"``, ``"all"``, or ``"k of n"``."""
+        if self.frozen == 0:
+            return "none"
+        if self.frozen == self.leaves:
+            return "all"
+        return f"{self.frozen} of {self.leaves}"
+
+    def cells(self) -> list[str]:
+        """The row as :meth:`Report.layer_rows` shows it."""
+        return [
+            str(self.id),
+            f"{self.leaves:,}",
+            f"{self.parameters:,}",
+            _scale_text(self.multiplier),
+            self.frozen_text,
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        scale = self.multiplier
+        return {
+            "id": self.id,
+            "leaves": self.leaves,
+            "parameters": self.parameters,
+            "lr": list(scale) if isinstance(scale, tuple) else scale,
+            "frozen": self.frozen,
+        }
+
+
+_LAYER_HEADER = ["layer id", "leaves", "parameters", "lr", "frozen"]
+_LAYER_NUMERIC = (True, True, True, False, False)
+
+
+def _text_table(
+    header: list[str], cells: list[list[str]], right: Sequence[bool] = ()
+) -> list[str]:
+    """Aligned columns, two spaces apart; the last column ragged (no trailing spaces)."""
+    widths = [len(h) for h in header]
+    for line in cells:
+        widths = [max(w, len(c)) for w, c in zip(widths, line)]
+    widths[-1] = 0
+    right = list(right) + [False] * (len(header) - len(right))
+
+    def fmt(line: list[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if r else c.ljust(w) for c, w, r in zip(line, widths, right)
+        ).rstrip()
+
+    return [fmt(header), fmt(["-" * len(h) for h in header])] + [fmt(line) for line in cells]
+
+
+def _markdown_table(header: list[str], cells: list[list[str]]) -> list[str]:
+    def line(items: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in items) + " |"
+
+    return [line(header), "| " + " | ".join("---" for _ in header) + " |"] + [
+        line(c) for c in cells
+    ]
+
+
 class Report(Sequence[Decision]):
     """The decisions on every array leaf of a tree, in flattening order."""
 
@@ -187,40 +301,94 @@ class Report(Sequence[Decision]):
     def num_elements_decayed(self) -> int:
         return sum(row.leaf.size for row in self._rows if row.decay)
 
+    @property
+    def num_frozen(self) -> int:
+        """How many leaves are frozen."""
+        return sum(row.frozen for row in self._rows)
+
+    @property
+    def num_elements_frozen(self) -> int:
+        return sum(row.leaf.size for row in self._rows if row.frozen)
+
     def summary(self) -> str:
-        """One line of totals: leaves and elements decayed."""
+        """One line of totals: leaves and elements decayed, and frozen where the
+        policy freezes anything."""
         elements = self.num_elements
         decayed = self.num_elements_decayed
         share = f" ({100 * decayed / elements:.1f}%)" if elements else ""
-        return (
+        text = (
             f"decayed {sum(row.decay for row in self._rows)} of {len(self)} leaves, "
             f"{decayed:,} of {elements:,} elements{share}"
         )
+        if self._group_columns()[2]:
+            text += (
+                f"; frozen {_plural(self.num_frozen, 'leaf', 'leaves')}, "
+                f"{_plural(self.num_elements_frozen, 'element', 'elements')}"
+            )
+        return text
 
     def _extra_columns(self) -> tuple[bool, bool, bool]:
         rules = self.policy.rules if self.policy is not None else ()
         via = any(row.leaf.kind_source != "class" for row in self._rows)
-        labels = any(rule.decay is None or rule.label is not None for rule in rules)
+        # Only rules that name a group: lr and freeze rules leave the label alone.
+        labels = any(rule.label is not None for rule in rules)
         rates = any(rule.rate != 1.0 for rule in rules)
         return via, labels, rates
 
+    def _group_columns(self) -> tuple[bool, bool, bool]:
+        """Whether the policy gives layer ids, lr multipliers and frozen leaves."""
+        policy = self.policy
+        if policy is None:
+            return False, False, False
+        ladder = getattr(policy, "layer_decay", None) is not None
+        lr = ladder or any(rule.lr is not None for rule in policy.rules)
+        frozen = any(rule.frozen is not None for rule in policy.rules)
+        return ladder, lr, frozen
+
+    def _groups_why(self, row: Decision) -> str:
+        """The lr and freeze/unfreeze rules that matched a trained leaf, after its
+        decay reason: ``"; lr: rule 4: lr(0.1, layer='embedding')"``. A frozen leaf's
+        freeze rule is its decay reason already."""
+        if not (row.leaf.is_param and row.leaf.floating):
+            return ""
+        rules = self.policy.rules if self.policy is not None else ()
+        text = ""
+        if row.lr_rule is not None:
+            text += f"; lr: {_rule_text(row.lr_rule, rules)}"
+        if row.freeze_rule is not None and not row.frozen:
+            text += f"; freeze: {_rule_text(row.freeze_rule, rules)}"
+        return text
+
     def table_rows(self) -> tuple[list[str], list[list[str]]]:
-        """The column headers and the cells of :meth:`__str__`'s table."""
+        """The column headers and the cells of :meth:`__str__`'s table.
+
+        Where the policy sets them, ``layer id`` (with :func:`layer_decay`), ``lr``
+        (with an :func:`lr` rule or :func:`layer_decay`) and ``frozen`` (with a
+        :func:`freeze` or :func:`unfreeze` rule) follow ``decay``; a leaf stacked
+        along the layer axis shows its ids as runs (``1-12``) and its multipliers as
+        their range (``0.0317-0.75``). ``lr`` and ``frozen`` are ``-`` for leaves
+        that are never trained (state, integer arrays)."""
         via, labels, rates = self._extra_columns()
+        ids, lrs, frozen = self._group_columns()
         header = (
             ["path", "kind"]
             + (["via"] if via else [])
             + ["class", "role", "shape", "decay"]
             + (["label"] if labels else [])
             + (["rate"] if rates else [])
+            + (["layer id"] if ids else [])
+            + (["lr"] if lrs else [])
+            + (["frozen"] if frozen else [])
             + (["muon dims"] if self.show_dims else [])
             + ["rule"]
         )
         rules = self.policy.rules if self.policy is not None else ()
         ranks = any(rule.min_ndim is not None for rule in rules)
+        groups = ids or lrs or frozen
         cells = []
         for row in self._rows:
             leaf = row.leaf
+            trained = leaf.is_param and leaf.floating
             cells.append(
                 [leaf.path, leaf.layer]
                 + ([leaf.kind_source] if via else [])
@@ -232,15 +400,83 @@ class Report(Sequence[Decision]):
                 ]
                 + ([row.label] if labels else [])
                 + ([f"{row.rate:g}"] if rates else [])
+                + ([_ids_text(row.layer_id)] if ids else [])
+                + ([_scale_text(row.lr_scale) if trained else "-"] if lrs else [])
+                + ([("yes" if row.frozen else "no") if trained else "-"] if frozen else [])
                 + ([_dims(row)] if self.show_dims else [])
-                + [row.why + _notes(row, ranks)]
+                + [row.why + _notes(row, ranks) + (self._groups_why(row) if groups else "")]
             )
         return header, cells
 
+    def layers(self) -> tuple[LayerRow, ...]:
+        """The rows per layer of the layer-decay ladder, in id order (0 to n + 1).
+
+        Each :class:`LayerRow` holds the layer's id, its leaves and elements (a leaf
+        stacked along the layer axis counts once in each of its layers, with its size
+        over the number of layers), its learning-rate multiplier (a float, or
+        ``(min, max)`` where :func:`lr` rules make it differ inside the layer; over the
+        trained leaves, 0 where all are frozen) and how many of its leaves are frozen.
+        Empty for a policy without :func:`layer_decay`.
+
+        Example:
+          >>> import decaymask as dm
+          >>> blocks = [
+          ...     dm.Leaf(f"blocks/{i}/fc/kernel", layer="linear", role="weight", shape=(2, 2))
+          ...     for i in range(2)
+          ... ]
+          >>> head = dm.Leaf("head/kernel", layer="linear", role="weight", shape=(2, 3))
+          >>> report = dm.Policy(dm.layer_decay(0.5)).report([*blocks, head])
+          >>> [(row.id, row.parameters, row.multiplier) for row in report.layers()]
+          [(1, 4, 0.25), (2, 4, 0.5), (3, 6, 1.0)]
+        """
+        found: dict[int, list[Any]] = {}
+        for row in self._rows:
+            if row.layer_id is None:
+                continue
+            leaf = row.leaf
+            trained = leaf.is_param and leaf.floating and not row.frozen
+            if isinstance(row.layer_id, tuple):
+                n = len(row.layer_id)
+                scales = row.lr_scale if isinstance(row.lr_scale, tuple) else (row.lr_scale,) * n
+                parts = [(i, leaf.size // n, s) for i, s in zip(row.layer_id, scales)]
+            else:
+                value = row.lr_scale
+                parts = [(row.layer_id, leaf.size, min(value) if isinstance(value, tuple) else value)]
+            for i, size, scale in parts:
+                entry = found.setdefault(i, [0, 0, [], 0])
+                entry[0] += 1
+                entry[1] += size
+                if trained:
+                    entry[2].append(float(scale))
+                entry[3] += row.frozen
+        out = []
+        for i in sorted(found):
+            leaves, size, scales, frozen = found[i]
+            low, high = (min(scales), max(scales)) if scales else (0.0, 0.0)
+            multiplier: float | tuple[float, float] = low if low == high else (low, high)
+            out.append(LayerRow(i, leaves, size, multiplier, frozen))
+        return tuple(out)
+
+    def layer_rows(self) -> tuple[list[str], list[list[str]]]:
+        """The column headers and the cells of the per-layer table (:meth:`layers`)."""
+        return list(_LAYER_HEADER), [row.cells() for row in self.layers()]
+
+    def _shows_layers(self) -> bool:
+        return self._group_columns()[0]
+
     def to_dicts(self) -> list[dict[str, Any]]:
-        """One plain dict per row (for JSON, dataframes, logs)."""
-        return [
-            {
+        """One plain dict per row (for JSON, dataframes, logs).
+
+        Where the policy sets them, ``layer_id`` (an int, or a list for a stacked leaf),
+        ``lr`` (a float or a list), ``frozen`` (a bool) and the matching ``lr_rule`` and
+        ``freeze_rule`` join each row, and ``why`` names those rules too."""
+        ids, lrs, frozen = self._group_columns()
+        has_lr_rules = self.policy is not None and any(
+            rule.lr is not None for rule in self.policy.rules
+        )
+        out = []
+        for row in self._rows:
+            entry: dict[str, Any] = {
                 "path": row.path,
                 "kind": row.layer,
                 "via": row.leaf.kind_source,
@@ -251,36 +487,58 @@ class Report(Sequence[Decision]):
                 "decay": row.decay,
                 "label": row.label,
                 "rate": row.rate,
-                "rule": repr(row.rule) if row.rule is not None else None,
-                "why": row.why,
             }
-            for row in self._rows
-        ]
+            if ids:
+                layer_id = row.layer_id
+                entry["layer_id"] = list(layer_id) if isinstance(layer_id, tuple) else layer_id
+            if lrs:
+                scale = row.lr_scale
+                entry["lr"] = list(scale) if isinstance(scale, tuple) else scale
+            if frozen:
+                entry["frozen"] = row.frozen
+            entry["rule"] = repr(row.rule) if row.rule is not None else None
+            if has_lr_rules:
+                entry["lr_rule"] = repr(row.lr_rule) if row.lr_rule is not None else None
+            if frozen:
+                entry["freeze_rule"] = (
+                    repr(row.freeze_rule) if row.freeze_rule is not None else None
+                )
+            entry["why"] = row.why + (self._groups_why(row) if ids or lrs or frozen else "")
+            out.append(entry)
+        return out
 
     def totals(self) -> dict[str, int]:
-        return {
+        """Leaves and elements, decayed, and frozen where the policy freezes anything."""
+        out = {
             "leaves": len(self),
             "leaves_decayed": sum(row.decay for row in self._rows),
             "elements": self.num_elements,
             "elements_decayed": self.num_elements_decayed,
         }
+        if self._group_columns()[2]:
+            out["leaves_frozen"] = self.num_frozen
+            out["elements_frozen"] = self.num_elements_frozen
+        return out
 
     def to_json(self, **dumps_kwargs: Any) -> str:
-        """The rows and the totals as JSON."""
+        """The rows and the totals as JSON, and the ``layers`` (:meth:`layers`) with
+        :func:`layer_decay`."""
         import json
 
-        return json.dumps({"rows": self.to_dicts(), "totals": self.totals()}, **dumps_kwargs)
+        data: dict[str, Any] = {"rows": self.to_dicts(), "totals": self.totals()}
+        if self._shows_layers():
+            data["layers"] = [row.to_dict() for row in self.layers()]
+        return json.dumps(data, **dumps_kwargs)
 
     def to_markdown(self) -> str:
-        """The table as GitHub-flavoured Markdown, then the totals."""
+        """The table as GitHub-flavoured Markdown, then the totals (and the per-layer
+        table with :func:`layer_decay`)."""
         header, cells = self.table_rows()
-
-        def line(items: list[str]) -> str:
-            return "| " + " | ".join(c.replace("|", "\\|") for c in items) + " |"
-
-        lines = [line(header), "| " + " | ".join("---" for _ in header) + " |"]
-        lines += [line([f"`{c[0]}`"] + c[1:]) for c in cells]
-        return "\n".join(lines) + f"\n\n{self.summary()}\n"
+        lines = _markdown_table(header, [[f"`{c[0]}`"] + c[1:] for c in cells])
+        text = "\n".join(lines) + f"\n\n{self.summary()}\n"
+        if self._shows_layers():
+            text += "\n**per layer**\n\n" + "\n".join(_markdown_table(*self.layer_rows())) + "\n"
+        return text
 
     def _repr_html_(self) -> str:
         """The notebook view: totals and warnings first, then the rows; decayed rows
@@ -288,18 +546,9 @@ class Report(Sequence[Decision]):
         return report_html(self)
 
     def __str__(self) -> str:
-        header, cells = self.table_rows()
-        widths = [len(h) for h in header]
-        for line in cells:
-            widths = [max(w, len(c)) for w, c in zip(widths, line)]
-        # The last column is left ragged: no trailing spaces.
-        widths[-1] = 0
-
-        def fmt(line: list[str]) -> str:
-            return "  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
-
-        lines = [fmt(header), fmt(["-" * len(h) for h in header])]
-        lines += [fmt(line) for line in cells]
+        lines = _text_table(*self.table_rows())
         lines.append(self.summary())
+        if self._shows_layers():
+            lines += ["", "per layer"] + _text_table(*self.layer_rows(), right=_LAYER_NUMERIC)
         lines += [f"warning: {message}" for message in self.warnings]
         return "\n".join(lines)

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 _HTML_CLASS = "decaymask-report"
 _HTML_FLAT_ROWS = 40  # longer reports are grouped by module, each group collapsed
 _MARK = {True: "&#10003;", False: "&middot;"}
+_NUMERIC = frozenset({"rate", "layer id", "lr"})  # right-aligned columns
 # Scoped to the report's class and specific enough to win over a notebook's own table
 # styles (JupyterLab right-aligns every cell); colours are tints, readable on light and
 # dark themes alike.
@@ -74,6 +75,8 @@ def report_html(report: Report) -> str:
         parts.append(_html_table(report, header, cells, range(len(cells))))
     else:
         parts.append(_html_groups(report, header, cells, list(range(len(cells))), 0))
+    if report._shows_layers():
+        parts.append(_html_layers(*report.layer_rows()))
     parts.append("</div>")
     return "".join(parts)
 
@@ -115,7 +118,7 @@ def _html_table(
     report: Report, header: list[str], cells: list[list[str]], indices: Any
 ) -> str:
     decay_col = header.index("decay")
-    numeric = {i for i, h in enumerate(header) if h == "rate"}
+    numeric = {i for i, h in enumerate(header) if h in _NUMERIC}
     head = "".join(
         f'<th class="dm-num">{escape(h)}</th>' if i in numeric else f"<th>{escape(h)}</th>"
         for i, h in enumerate(header)
@@ -136,3 +139,21 @@ def _html_table(
                 tds.append(f"<td>{escape(c)}</td>")
         body.append(f'<tr class="{"dm-yes" if yes else "dm-no"}">{"".join(tds)}</tr>')
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _html_layers(header: list[str], cells: list[list[str]]) -> str:
+    """The per-layer table of a policy with a layer-decay ladder, under its heading."""
+    numeric = {i for i, h in enumerate(header) if h in _NUMERIC or h in ("leaves", "parameters")}
+
+    def cell(tag: str, i: int, text: str) -> str:
+        align = ' class="dm-num"' if i in numeric else ""
+        return f"<{tag}{align}>{escape(text)}</{tag}>"
+
+    head = "".join(cell("th", i, h) for i, h in enumerate(header))
+    body = "".join(
+        "<tr>" + "".join(cell("td", i, c) for i, c in enumerate(row)) + "</tr>" for row in cells
+    )
+    return (
+        f'<p class="dm-summary dm-layers"><b>per layer</b></p>'
+        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    )
