@@ -87,7 +87,7 @@ class Policy:
                 f"a policy has one ladder. To chain several stacks into it, pass them "
                 f"together: dm.layer_decay(rate, blocks=(first, second))."
             )
-        rules = tuple(r for r in rules if not isinstance(r, LayerDecay))  # type: ignore[assignment]
+        rules = tuple(r for r in rules if not isinstance(r, LayerDecay))
         for index, rule in enumerate(rules):
             if not isinstance(rule, Rule):
                 hint = (

@@ -218,6 +218,7 @@ class NnxWalk:
         role = expected = axes = None
         layout_axes = 0
         ancestors: tuple[Layer, ...]
+        depths: tuple[int, ...]
         if owner is None:
             # No module around it: it stands where its parent's keys end.
             layer, ancestors, depths = UNOWNED, (), (len(path) - 1,)
