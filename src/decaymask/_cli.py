@@ -14,7 +14,7 @@ import pathlib
 import sys
 from typing import Any, NoReturn
 
-PRESETS = ("standard", "everything_but_bias_and_norm", "gpt", "muon")
+PRESETS = ("standard", "everything_but_bias_and_norm", "gpt", "muon", "vit_finetune", "dinov2")
 
 
 def _adapters() -> dict[str, Any]:
@@ -238,8 +238,9 @@ def _missing(spec: str, err: ImportError) -> str:
 def explain(args: argparse.Namespace) -> int:
     import decaymask as dm
 
-    policy = _policy(args)
+    # The model's module first: a policy file may name classes of the modules it imports.
     factory = _factory(args.factory)
+    policy = _policy(args)
     try:
         built = build(factory, args.framework, concrete=args.concrete)
     except ImportError as err:
@@ -259,7 +260,9 @@ def explain(args: argparse.Namespace) -> int:
         report = policy.explain(
             built.tree, framework=built.framework, show_dims=args.dims, **built.kwargs
         )
-    except (ImportError, dm.PolicyDataError, dm.UnmatchedRuleError) as err:
+    except (ImportError, ValueError) as err:
+        # The policy's own errors (a file, a strict rule, layer-decay blocks that
+        # cannot be found) say what to fix in one message.
         raise CliError(_one_line(str(err))) from err
     if args.format == "json":
         print(report.to_json(indent=2))

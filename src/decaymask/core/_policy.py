@@ -183,10 +183,13 @@ class Policy:
     def from_dict(cls, data: Any, *, imports: bool | Sequence[str] = ()) -> Policy:
         """The policy :meth:`to_dict` wrote, or one written by hand in the same form.
 
-        Each rule is a table with ``decay = true|false`` and/or ``label = "..."``, an
-        optional ``rate``, and the selectors of :func:`decay`. A selector value that
-        contains a dot or a colon in ``layer``/``within`` is a class import path, and
-        ``when`` is always one.
+        Each rule is a table with ``decay = true|false`` and/or ``label = "..."`` (and
+        an optional ``rate``), or ``lr = <multiplier>``, or ``freeze = true|false``
+        (``false`` unfreezes), and the selectors of :func:`decay`. A selector value
+        that contains a dot or a colon in ``layer``/``within`` is a class import path,
+        and ``when`` is always one. A top-level ``layer_decay = {rate = 0.75, blocks =
+        ..., stem = ...}`` table gives the :func:`layer_decay` (classes in ``blocks``
+        and ``stem`` written ``"module:Class"``).
 
         Importing a module runs its code, so data (a config file someone else wrote)
         imports nothing unless asked to: an import path into a module that is already
