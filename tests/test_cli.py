@@ -300,3 +300,21 @@ def test_console_script_is_declared():
 
     project = tomllib.loads((pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     assert project["project"]["scripts"] == {"decaymask": "decaymask._cli:main"}
+
+
+def test_a_policy_file_imports_only_the_packages_given(capsys, tmp_path, monkeypatch):
+    (tmp_path / "blockmod_for_cli.py").write_text("class Stem:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "blockmod_for_cli", raising=False)
+    policy = tmp_path / "p.toml"
+    policy.write_text('rules = []\nlayer_decay = {rate = 0.75, stem = ["blockmod_for_cli:Stem"]}\n')
+    code, out, err = run(capsys, "explain", f"{DEMO}:equinox_model", "--policy", str(policy))
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.rstrip().endswith("On the command line: --imports PACKAGE.")
+    assert "blockmod_for_cli" not in sys.modules
+    code, out, err = run(
+        capsys, "explain", f"{DEMO}:equinox_model", "--policy", str(policy), "--imports", "blockmod_for_cli"
+    )
+    # Imported now; the demo model has no stack of blocks, which is the next error.
+    assert "blockmod_for_cli" in sys.modules
+    assert code == 2 and "found no repeated stack of blocks" in err and err.count("\n") == 1

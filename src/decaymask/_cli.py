@@ -205,11 +205,13 @@ def _policy(args: argparse.Namespace) -> Any:
             f".json, .yaml or .yml file."
         )
     try:
-        return dm.Policy.from_file(path, key=args.policy_key)
+        return dm.Policy.from_file(path, key=args.policy_key, imports=tuple(args.imports or ()))
     except (dm.PolicyDataError, ImportError) as err:
         message = _one_line(str(err))
         if args.policy not in message:
             message = f"{args.policy}: {message}"
+        if "not imported, and importing a module runs its code" in message:
+            message += " On the command line: --imports PACKAGE."
         raise CliError(message) from err
     except Exception as err:  # the file's own syntax: TOML, JSON or YAML errors
         raise CliError(
@@ -316,6 +318,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--policy", help="a .toml, .json, .yaml or .yml file holding the policy")
     ex.add_argument("--policy-key", help="the dotted key of the policy's table in that file")
+    ex.add_argument(
+        "--imports",
+        action="append",
+        metavar="PACKAGE",
+        help="a package whose modules the policy file's class paths may import (importing "
+        "runs its code; repeat for several)",
+    )
     ex.add_argument("--preset", choices=PRESETS, help="a preset policy (default: standard)")
     ex.add_argument(
         "--framework",
