@@ -113,9 +113,26 @@ def numpy_step():
 
 def not_a_model():
     return {"w": np.ones(3)}
+
+
+def needs_size(size):
+    return linen_dense()
+
+
+def raises():
+    raise RuntimeError("the user's own bug")
+
+
+def haiku_linear():
+    import haiku as hk
+    import jax.numpy as jnp
+
+    return hk.transform(lambda x: hk.Linear(2)(x)), (jnp.ones((1, 3)),)
 '''
 
 FILES = {
+    "syntax_error.py": "def f(:\n",
+    "name_error.py": "x = undefined_name\n",
     "layer.toml": 'rules = [{decay = true, layer = "linaer"}]\n',
     "value.toml": 'rules = [{decay = "maybe", layer = "linear"}]\n',
     "syntax.toml": 'rules = [{decay = true layer = "linear"}]\n',
@@ -318,3 +335,67 @@ def test_a_policy_file_imports_only_the_packages_given(capsys, tmp_path, monkeyp
     # Imported now; the demo model has no stack of blocks, which is the next error.
     assert "blockmod_for_cli" in sys.modules
     assert code == 2 and "found no repeated stack of blocks" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (".my_models:linen_dense", "'.my_models:linen_dense': a relative module name has no package to be relative to; write my_models:linen_dense (a module on the path or in the current directory) or a file path, ./my_models.py:linen_dense."),
+        ("my_models:needs_size", "'my_models:needs_size' takes arguments (size); the factory is called with none. Give a function that builds the model by itself (e.g. one that calls this one with its arguments)."),
+        ("nowhere_module:f", "no module 'nowhere_module' (looked in the current directory and on the Python path); give the module of the factory, or a file path such as ./my_models.py:f."),
+        ("./missing.py:f", "'./missing.py:f': no file './missing.py'."),
+    ],
+    ids=["relative", "arguments", "no_module", "no_file"],
+)
+def test_factory_mistakes_are_one_line(capsys, models, spec, message):
+    code, out, err = run(capsys, "explain", spec)
+    assert (code, out) == (2, "")
+    assert err == f"python -m decaymask explain: error: {message}\n"
+
+
+def test_a_file_path_and_the_current_directory_find_the_factory(capsys, models, monkeypatch):
+    code, out, err = run(capsys, "explain", "./my_models.py:linen_dense")
+    assert code == 0 and err == "" and "decayed 1 of 2 leaves" in out
+    # The console script has no current directory on the path, as python -m has.
+    sys.modules.pop("my_models", None)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(models))])
+    code, out, err = run(capsys, "explain", "my_models:linen_dense")
+    assert code == 0 and err == "" and "decayed 1 of 2 leaves" in out
+
+
+@pytest.mark.parametrize(
+    "spec, where, shown",
+    [
+        ("my_models:raises", "calling my_models:raises raised RuntimeError", "RuntimeError: the user's own bug"),
+        ("syntax_error:f", "importing syntax_error raised SyntaxError", "SyntaxError: invalid syntax"),
+        ("name_error:f", "importing name_error raised NameError", "NameError: name 'undefined_name' is not defined"),
+    ],
+    ids=["factory_raises", "syntax_error", "name_error"],
+)
+def test_the_users_own_errors_are_shown_as_theirs(capsys, models, spec, where, shown):
+    code, out, err = run(capsys, "explain", spec)
+    assert (code, out) == (2, "")
+    lines = err.splitlines()
+    assert lines[-1] == f"python -m decaymask explain: error: {where} (its traceback is above): fix the model code."
+    assert lines[-2] == shown
+    # The traceback is the user's code alone.
+    assert "decaymask" not in "\n".join(lines[:-1])
+    sys.modules.pop(spec.partition(":")[0], None)
+
+
+def test_a_forced_framework_names_what_the_factory_returned(capsys, models):
+    code, out, err = run(capsys, "explain", "my_models:haiku_linear", "--framework", "linen")
+    assert (code, out) == (2, "")
+    assert err == (
+        "python -m decaymask explain: error: --framework linen: the factory returned a Haiku "
+        "(transformed, args) pair, not a Linen (module, args) pair; give --framework haiku or "
+        "leave --framework out.\n"
+    )
+
+
+def test_help_names_every_framework(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for title in ("Equinox", "Flax Linen", "Flax NNX", "Haiku"):
+        assert title in out
