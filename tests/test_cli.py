@@ -63,11 +63,11 @@ def test_explain_markdown_with_dims(capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["explain", "nodots"], "expected the model factory as PKG.MODULE:FACTORY, e.g. decaymask._demo:equinox_model; got 'nodots'."),
-        (["explain", "no_such_module:f"], "cannot import 'no_such_module': No module named 'no_such_module'"),
+        (["explain", "nodots"], "expected the model factory as PKG.MODULE:FACTORY or path/to/file.py:FACTORY, e.g. decaymask._demo:equinox_model; got 'nodots'."),
+        (["explain", "no_such_module:f"], "no module 'no_such_module' (looked in the current directory and on the Python path); give the module of the factory, or a file path such as ./my_models.py:f."),
         (["explain", f"{DEMO}:nope"], "'decaymask._demo' has no attribute 'nope'."),
         (["explain", f"{DEMO}:VOCAB"], "'decaymask._demo:VOCAB' is not callable: it must build and return the model."),
-        (["explain", f"{DEMO}:equinox_model", "--framework", "linen"], "for Linen the factory must return (module, args) or (module, args, kwargs) with example inputs; got TinyLM."),
+        (["explain", f"{DEMO}:equinox_model", "--framework", "linen"], "--framework linen: the factory returned an Equinox module, not a Linen (module, args) pair; give --framework equinox or leave --framework out."),
         (["explain", f"{DEMO}:equinox_model", "--policy", "x.toml", "--preset", "gpt"], "give --policy FILE or --preset NAME, not both."),
     ],
     ids=["spec", "import", "attr", "not_callable", "framework", "policy_and_preset"],

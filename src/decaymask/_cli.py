@@ -165,8 +165,10 @@ class _Reported:
         try:
             return self.fn()
         except Exception as err:
-            if _is_tracer_error(err):
-                raise  # the abstract build retries concretely
+            if isinstance(err, ImportError) or _is_tracer_error(err):
+                # A framework that is not installed has its own message; a concrete
+                # step is retried outside the abstract build.
+                raise
             raise FactoryError(f"calling {self.spec}", err) from err
 
 
