@@ -226,3 +226,47 @@ EQUIMO: dict[str, Callable[[], Built]] = {
 }
 if sys.version_info >= (3, 11):  # equimo 1.1.0 needs Python 3.11; so does its extra
     MODELS.update(EQUIMO)
+
+
+# Builders for the parameter-group tests (tests/zoo/test_zoo_groups.py); not in MODELS,
+# whose every model has a weight-decay reference.
+
+
+def bert_classifier() -> Built:
+    """BERT with its sequence-classification head (``bert/pooler``, ``classifier``)."""
+    from transformers import BertConfig, FlaxBertForSequenceClassification
+
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=32,
+                        max_position_embeddings=16, num_labels=3)
+    ids = _ids()
+    return _linen("bert_classifier", FlaxBertForSequenceClassification, config,
+                  (ids, jnp.ones_like(ids), jnp.zeros_like(ids), jnp.arange(8)[None],
+                   jnp.ones((2, 2))), {})
+
+
+def beit_shared_bias() -> Built:
+    """BEiT configured as its self-supervised checkpoints (``pt22k``): one relative
+    position bias shared by every layer (``beit/encoder/relative_position_bias``), no
+    absolute position embeddings."""
+    from transformers import BeitConfig, FlaxBeitForImageClassification
+
+    config = BeitConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=32, image_size=8,
+                        patch_size=4, num_labels=3, use_relative_position_bias=False,
+                        use_shared_relative_position_bias=True,
+                        use_absolute_position_embeddings=False, layer_scale_init_value=0.1,
+                        use_mean_pooling=True)
+    return _linen("beit_shared_bias", FlaxBeitForImageClassification, config,
+                  (jnp.zeros((1, 8, 8, 3)),), {})
+
+
+def equimo_vit_chunked(depths: tuple[int, ...] = (2, 2)) -> Built:
+    """equimo's ViT with its blocks in chunks (``depths=[2, 2]``): ``blocks/<chunk>/
+    blocks/<i>``, i counted from 0 in each chunk."""
+    from equimo.models import VisionTransformer
+
+    name = "equimo_vit_chunked_" + "_".join(map(str, depths))
+    return _equinox(name, lambda key: VisionTransformer(
+        img_size=16, in_channels=3, dim=16, patch_size=4, num_heads=2, depths=list(depths),
+        reg_tokens=4, init_values=1e-5, use_mask_token=True, num_classes=3, key=key))
