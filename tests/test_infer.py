@@ -115,6 +115,7 @@ def test_content_kind():
         ("embedding", "weight", "LearnedPosEmbed", "position"),
         ("embedding", "embedding", "token_type_embeddings", "embedding"),
         ("unknown", "cls_token", "", "token"),
+        ("unknown", "cls", "", "token"),
         ("unknown", "reg_tokens", "", "token"),
         ("unknown", "register_tokens", "", "token"),
         ("unknown", "mask_token", "", "token"),

@@ -272,7 +272,8 @@ def resolve_kind(
 
 _POSITION_WORDS = frozenset({"pos", "position", "positions", "positional"})
 _TABLE_WORDS = frozenset({"embed", "embeds", "embedding", "embeddings", "emb", "table", "bias", "encoding", "enc"})
-_TOKEN_NAMES = frozenset({"masked_spec_embed"})
+# big_vision's ViT keeps its class token as `cls`.
+_TOKEN_NAMES = frozenset({"masked_spec_embed", "cls"})
 _TOKEN_WORDS = frozenset({"token", "tokens"})
 _GAIN_NAMES = frozenset({"gamma", "g", "weight_g", "ls1", "ls2", "alpha", "logit_scale",
                          "layer_scale", "D", "A_log"})
