@@ -236,11 +236,6 @@ CASES: dict[str, Case] = {
 }
 
 KNOWN_DEFECTS = {
-    "big_vision_tok": (
-        "big_vision's class token is a bare `self.param('cls', ...)`: decaymask reads its "
-        "role as 'other', not 'token', so layer_decay gives it the head's id n + 1 where "
-        "MAE/BEiT (`cls_token`, as timm's loader names it) give 0"
-    ),
     "equimo_vit_chunked": (
         "nested stacks: equimo's ViT with depths=[2, 2] holds blocks/<chunk>/blocks/<i>; "
         "layer_decay silently takes the 2 chunks as the blocks (ids 1, 1, 2, 2 of a "
