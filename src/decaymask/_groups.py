@@ -60,17 +60,26 @@ def wrap(policy: Policy, tx: Any, framework: str | None, options: dict[str, Any]
 
     inner = optax.masked(tx, trainable)
 
+    def factors(tree: Any, what: str) -> list[Any]:
+        """One multiplier per leaf of ``tree``, in its flattening order."""
+        out = jax.tree_util.tree_leaves(scales(tree))
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        if len(out) != len(leaves):
+            raise ValueError(_not_arrays(leaves, len(out), what))
+        return out
+
     def init_fn(params: Any) -> Any:
-        scales(params)  # a ladder that cannot be found fails here, not at the first step
+        if not _is_placeholder(params):
+            factors(params, "params")  # a ladder that cannot be found fails here, not at the first step
         return inner.init(params)
 
     def scale(s: Any, u: Any) -> Any:
-        if u is None or isinstance(u, optax.MaskedNode):
-            return u
         if type(s) is float:
             if s == 1.0:
                 return u
             if s == 0.0:
+                # Not u * 0: a frozen leaf's inf or nan gradient must not reach it, and
+                # a constant lets XLA drop the frozen gradient's computation.
                 return jnp.zeros_like(u)
             return u * s
         return u * jnp.asarray(s, dtype=u.dtype)
@@ -80,10 +89,46 @@ def wrap(policy: Policy, tx: Any, framework: str | None, options: dict[str, Any]
         # One multiplier per array, in the flattening order of both trees: the updates
         # keep their own structure (an NNX State keeps its Variable boxes).
         leaves, treedef = jax.tree_util.tree_flatten(new)
-        factors = jax.tree_util.tree_leaves(scales(updates))
-        return treedef.unflatten([scale(s, u) for s, u in zip(factors, leaves)]), state
+        scaled = [scale(s, u) for s, u in zip(factors(updates, "updates"), leaves)]
+        return jax.tree_util.tree_unflatten(treedef, scaled), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _not_arrays(leaves: list[tuple[Any, Any]], arrays: int, what: str) -> str:
+    """The message for params or updates with leaves the policy does not decide."""
+    from .adapters._common import is_array_like, path_text
+
+    found = [
+        f"{path_text(path)}: {type(leaf).__name__}"
+        for path, leaf in leaves
+        if not is_array_like(leaf)
+    ]
+    if not found:
+        return (
+            f"policy.wrap: the policy decided {arrays} arrays in {what} of "
+            f"{len(leaves)} leaves; pass the params and updates as the framework "
+            f"makes them (policy.explain(params) lists what the policy sees)."
+        )
+    shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    return (
+        f"policy.wrap: the {what} hold leaves that are not arrays ({shown}); the "
+        f"policy decides arrays only, and optax would update the others unscaled. "
+        f"Fix: keep them out of the params and the updates, e.g. eqx.filter(model, "
+        f"eqx.is_inexact_array) rather than eqx.is_inexact_array_like, or mark the "
+        f"field static."
+    )
+
+
+def _is_placeholder(params: Any) -> bool:
+    """Whether ``params`` is the stand-in ``optax.tree_utils.tree_map_params`` passes to
+    ``init`` to find where the state holds params-shaped trees: it has no leaves to
+    decide, and ``optax.masked`` passes it through unmasked."""
+    try:
+        from optax.tree_utils._state_utils import _ParamsPlaceholder
+    except ImportError:  # a later optax: let the build say what it makes of it
+        return False
+    return isinstance(params, _ParamsPlaceholder)
 
 
 def trainable_filter(policy: Policy, model: Any, options: dict[str, Any]) -> Any:
@@ -154,8 +199,9 @@ def _halves(tree: Mapping[str, Any], flags: Any, keep: bool) -> Any:
 def _like(tree: Mapping[str, Any], items: dict[str, Any]) -> Any:
     if type(tree) is dict:
         return items
+    kind: Any = type(tree)
     try:
-        return type(tree)(items)  # FrozenDict, OrderedDict
+        return kind(items)  # FrozenDict, OrderedDict
     except TypeError:
         return items
 
