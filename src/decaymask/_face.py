@@ -194,7 +194,7 @@ class Policy(_CorePolicy):
 
     # Parameter groups with optax: the wrapped optimizer, and its check.
 
-    def wrap(self, tx: Any, *, framework: str | None = None, **options: Any) -> Any:
+    def wrap(self, tx: Any, *, full: Any = None, framework: str | None = None, **options: Any) -> Any:
         """``tx`` with this policy's learning-rate multipliers and frozen leaves.
 
         An ``optax.GradientTransformation``: frozen leaves get a zero update and no
@@ -208,15 +208,24 @@ class Policy(_CorePolicy):
           tx: any ``optax.GradientTransformation`` (``optax.adamw(...)``,
             ``optax.chain(...)``, ``optax.inject_hyperparams(...)(...)``,
             ``optax.contrib.muon(...)``).
+          full: the whole model or params, where ``tx`` is handed a part of them
+            (the trainable half of ``eqx.partition`` or :meth:`split`, the state of
+            :meth:`trainable_filter`, one branch of ``optax.partition``): layer ids
+            number the blocks of the whole model, so the multipliers are worked out
+            on ``full`` and looked up by path. Where the policy has
+            :func:`layer_decay` and ``tx.init`` is handed such a part without
+            ``full=``, ``init`` raises.
           framework: as :meth:`mask`, where the params could be read by several adapters.
           **options: the adapter's options (Linen ``module=``, NNX ``wrt=``...).
 
         Raises:
           TypeError: ``tx`` is not a gradient transformation.
+          ValueError: (at ``init``) the layer-decay blocks cannot be found, or ``tx``
+            is handed a part of the model without ``full=``.
         """
         from ._groups import wrap
 
-        return wrap(self, tx, framework, options)
+        return wrap(self, tx, framework, options, full)
 
     def verify(self, tx: Any, params: Any, *, framework: str | None = None, **options: Any) -> None:
         """Checks with one probe that ``tx`` does to ``params`` what this policy says.

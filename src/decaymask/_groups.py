@@ -45,12 +45,16 @@ def _described(value: Any) -> str:
     return f"{reprlib.repr(value)} ({type(value).__name__})"
 
 
-def wrap(policy: Policy, tx: Any, framework: str | None, options: dict[str, Any]) -> optax.GradientTransformationExtraArgs:
+def wrap(
+    policy: Policy, tx: Any, framework: str | None, options: dict[str, Any], full: Any = None
+) -> optax.GradientTransformationExtraArgs:
     """See :meth:`decaymask.Policy.wrap`."""
     check_transformation(tx, "wrap")
     import jax
     import jax.numpy as jnp
     import optax
+
+    reference = None if full is None else Reference(policy, full, framework, options)
 
     def trainable(tree: Any) -> Any:
         return policy._build("trainable", tree, framework, "wrap", options)
@@ -62,7 +66,10 @@ def wrap(policy: Policy, tx: Any, framework: str | None, options: dict[str, Any]
 
     def factors(tree: Any, what: str) -> list[Any]:
         """One multiplier per leaf of ``tree``, in its flattening order."""
-        out = jax.tree_util.tree_leaves(scales(tree))
+        if reference is not None:
+            out = reference.factors(tree)
+        else:
+            out = jax.tree_util.tree_leaves(scales(tree))
         leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
         if len(out) != len(leaves):
             raise ValueError(_not_arrays(leaves, len(out), what))
@@ -70,6 +77,8 @@ def wrap(policy: Policy, tx: Any, framework: str | None, options: dict[str, Any]
 
     def init_fn(params: Any) -> Any:
         if not _is_placeholder(params):
+            if reference is None:
+                _check_whole(policy, params, framework, options, trainable)
             factors(params, "params")  # a ladder that cannot be found fails here, not at the first step
         return inner.init(params)
 
@@ -93,6 +102,74 @@ def wrap(policy: Policy, tx: Any, framework: str | None, options: dict[str, Any]
         return jax.tree_util.tree_unflatten(treedef, scaled), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class Reference:
+    """The multipliers of a whole model, looked up by path for any part of it: a
+    part (the trainable half, one branch of ``optax.partition``) lacks blocks, and
+    layer ids need them all. Keeps the multipliers by path and, per structure of a
+    part, the list it gave; never the model."""
+
+    def __init__(self, policy: Policy, full: Any, framework: str | None, options: dict[str, Any]):
+        from ._face import _per_layer_arrays
+
+        report = policy.explain(full, framework=framework, **options)
+        values = _per_layer_arrays([row.lr_scale for row in report], [row.leaf for row in report])
+        self.by_path: dict[str, Any] = {row.path: v for row, v in zip(report, values)}
+        self.framework = framework
+        self.options = options
+        self.memo: dict[Any, list[Any]] = {}
+
+    def factors(self, tree: Any) -> list[Any]:
+        """The multiplier of every array of ``tree``, a part of the whole model."""
+        import jax
+
+        from . import adapters
+
+        treedef = jax.tree_util.tree_structure(tree)
+        found = self.memo.get(treedef)
+        if found is None:
+            adapter = adapters.choose(tree, self.framework, "wrap")
+            leaves, _ = adapter.walk(tree, method="wrap", **self.options)
+            paths = [leaf.path for leaf in leaves]
+            missing = [p for p in paths if p not in self.by_path]
+            if missing:
+                shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+                raise ValueError(
+                    f"policy.wrap(tx, full=...): the params tx is handed hold arrays the "
+                    f"full tree does not ({shown}); pass the whole model or params the "
+                    f"trained part was cut from."
+                )
+            found = self.memo[treedef] = [self.by_path[p] for p in paths]
+        return found
+
+
+def _check_whole(policy: Policy, params: Any, framework: str | None, options: dict[str, Any], trainable: Any) -> None:
+    """Layer ids count every block: refuses a part of the model (the trainable half,
+    a branch of ``optax.partition``) where the policy has layer decay and no ``full=``."""
+    if policy.layer_decay is None:
+        return
+    import jax
+
+    from . import adapters
+
+    adapter = adapters.choose(params, framework, "wrap")
+    if adapter.is_partial(params):
+        why = "one branch of optax.partition (the other branches' arrays are masked out)"
+    elif any(rule.frozen for rule in policy.rules) and all(
+        flag is not False for flag in jax.tree_util.tree_leaves(trainable(params))
+    ):
+        why = (
+            "no frozen parameter, though the policy freezes some: they look like the "
+            "trainable part alone (eqx.partition, policy.split, trainable_filter)"
+        )
+    else:
+        return
+    raise ValueError(
+        f"policy.wrap: the params tx.init is handed are {why}, and layer decay numbers "
+        f"the blocks of the whole model: ids worked out on a part would shift. Fix: "
+        f"give the whole model or params, policy.wrap(tx, full=model)."
+    )
 
 
 def _not_arrays(leaves: list[tuple[Any, Any]], arrays: int, what: str) -> str:
