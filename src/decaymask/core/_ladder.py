@@ -328,6 +328,7 @@ class Ladder:
             blocks = [Block(group.prefix + (group.members[i],)) for i in sorted(group.members)]
             candidates.append((f"{group.glob} ({len(blocks)} blocks)", blocks, group.first))
         for root, (size, first) in self.stacks.items():
+            self._check_whole(root, size, params)
             text = "/".join(root) or "the root"
             candidates.append((f"{text} (stacked {size} times)", [Block(root, size)], first))
         # A candidate inside another's block is part of that block (an MLP's layers).
@@ -357,6 +358,37 @@ class Ladder:
             f"({names}), and layer decay needs one ladder. Fix: say which, e.g. "
             f"dm.layer_decay({self.config.rate!r}, blocks={globs[0]!r}), or chain them in "
             f"order, blocks={globs!r}."
+        )
+
+    def _check_whole(self, root: tuple[str, ...], size: int, params: list[int]) -> None:
+        """Raises where a stacked module's siblings look stacked but are not marked so.
+
+        Every other array of the module holding ``root`` has ``size`` in front and no
+        stacked axis: the leaves were likely read without seeing the stacking (by
+        names), which marked only the layers whose arrays prove it. Taking ``root``
+        alone for the stack would give the rest of each layer the head's multiplier.
+        """
+        parent = root[:-1]
+        if not parent:
+            return  # beside a top-level stack are the embeddings and the head
+        others = [
+            i for i in params
+            if _inside(self.keys[i], parent) and not _inside(self.keys[i], root)
+        ]
+        if not others or not all(
+            self.leaves[i].batch_axes == 0 and self.leaves[i].shape[:1] == (size,) for i in others
+        ):
+            return
+        where = "/".join(parent)
+        example = self.leaves[others[0]]
+        raise ValueError(
+            f"{self.config!r}: {'/'.join(root)} is stacked {size} times, but beside it in "
+            f"{where} the arrays not marked stacked all have {size} in front too (e.g. "
+            f"{example.path}, shape {example.shape}): the tree was likely read without "
+            f"seeing the stacking, and only part of each layer is known to be stacked. "
+            f"Fix: read the model with its classes (Linen module= and args=, the NNX "
+            f"module rather than a State, Haiku fn= and args=), or name the stacked "
+            f"module: dm.layer_decay({self.config.rate!r}, blocks={where!r})."
         )
 
     def _selected(self, params: list[int]) -> list[Block]:
@@ -556,7 +588,7 @@ def _indexed_groups(keys: list[tuple[str, ...]], params: list[int]) -> list[_Gro
     structure, with at least two members."""
     groups: dict[tuple[tuple[str, ...], str | None], _Group] = {}
     bare: dict[tuple[tuple[str, ...], str], int] = {}
-    structure: dict[tuple[tuple[str, ...], str], set[tuple[str, ...]]] = {}
+    structure: dict[tuple[str, ...], set[tuple[str, ...]]] = {}  # module -> what it holds
     for i in params:
         path = keys[i]
         for j in range(len(path) - 1):
