@@ -619,7 +619,7 @@ def test_equinox_partition_trains_only_the_trainable_half():
     every = paths_of(eqx.filter(model, eqx.is_array))
     assert paths_of(eqx.filter(static, eqx.is_array)) == frozen
     assert paths_of(diff) == every - frozen
-    tx = policy.wrap(adamw(policy.mask))
+    tx = policy.wrap(adamw(policy.mask), full=model)
     state = tx.init(diff)
 
     def loss(diff, static):
@@ -654,7 +654,7 @@ def test_nnx_diff_state_and_optimizer_wrt_the_trainable_filter():
     }
     assert paths_of(nnx.state(model, trainable)) == every - frozen
     assert paths_of(nnx.state(model, nnx.All(nnx.Param, nnx.Not(trainable)))) == frozen
-    optimizer = nnx.Optimizer(model, policy.wrap(adamw(policy.mask)), wrt=trainable)
+    optimizer = nnx.Optimizer(model, policy.wrap(adamw(policy.mask), full=model), wrt=trainable)
     before = {k: np.asarray(v) for k, v in flat(nnx.state(model, nnx.Param)).items()}
 
     @nnx.jit
@@ -742,7 +742,8 @@ def test_linen_split_and_merge():
     def apply(params, tokens):
         return net.apply({"params": params}, tokens)
 
-    losses, trained, state = train_split(apply, params, trainable, frozen, policy.wrap(adamw(policy.mask)))
+    tx = policy.wrap(adamw(policy.mask), full=params)
+    losses, trained, state = train_split(apply, params, trainable, frozen, tx)
     after = flat(dm.merge(trained, frozen))
     assert_trained(losses, flat(params), after, paths_of(frozen))
     held = flat(state)
@@ -818,7 +819,7 @@ def test_a_stacked_model_steps_each_layer_by_its_multiplier(stacked, dtype):
 
 
 PART_MESSAGE = (
-    "policy.wrap: the params tx.init is handed are no frozen parameter, though the policy "
+    "policy.wrap: tx.init was handed params with no frozen parameter, though the policy "
     "freezes some: they look like the trainable part alone (eqx.partition, policy.split, "
     "trainable_filter), and layer decay numbers the blocks of the whole model: ids worked "
     "out on a part would shift. Fix: give the whole model or params, policy.wrap(tx, "

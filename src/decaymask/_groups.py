@@ -155,18 +155,18 @@ def _check_whole(policy: Policy, params: Any, framework: str | None, options: di
 
     adapter = adapters.choose(params, framework, "wrap")
     if adapter.is_partial(params):
-        why = "one branch of optax.partition (the other branches' arrays are masked out)"
+        why = "one branch of optax.partition (the other branches' arrays masked out)"
     elif any(rule.frozen for rule in policy.rules) and all(
         flag is not False for flag in jax.tree_util.tree_leaves(trainable(params))
     ):
         why = (
-            "no frozen parameter, though the policy freezes some: they look like the "
-            "trainable part alone (eqx.partition, policy.split, trainable_filter)"
+            "params with no frozen parameter, though the policy freezes some: they look "
+            "like the trainable part alone (eqx.partition, policy.split, trainable_filter)"
         )
     else:
         return
     raise ValueError(
-        f"policy.wrap: the params tx.init is handed are {why}, and layer decay numbers "
+        f"policy.wrap: tx.init was handed {why}, and layer decay numbers "
         f"the blocks of the whole model: ids worked out on a part would shift. Fix: "
         f"give the whole model or params, policy.wrap(tx, full=model)."
     )
