@@ -275,8 +275,8 @@ REFERENCE_TOLERANCE = {"rtol": 2e-5, "atol": 0.0}
 SHORTER = {("gru", "bias"): 18}
 """Elements a (module, role) holds in NNX and Haiku, where Linen's holds more."""
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-"""Compiling adamw over seventy leaves costs seconds; these halve it, the same IEEE
-arithmetic."""
+"""Compiling adamw over seventy leaves costs seconds; these shorten it (measured 5.2 s
+to 4.0 s on a busy machine) with the same IEEE arithmetic."""
 FRAMEWORKS = ("equinox", "linen", "nnx", "haiku")
 NAMES_READING = {
     "equinox": "equinox", "linen": "linen-names", "nnx": "nnx-state", "haiku": "haiku-names"
