@@ -10,7 +10,7 @@ from ._report import Decision as Decision
 from ._report import Report as Report
 from ._rules import SELECTORS as SELECTORS
 from ._rules import Rule as Rule
-from ._data import PolicyDataError as PolicyDataError
+from ._imports import PolicyDataError as PolicyDataError
 from ._rules import decay as decay
 from ._rules import label as label
 from ._rules import no_decay as no_decay

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import difflib
-import importlib
-import json
-import pathlib
 import re
-import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from ._imports import _WHERE, PolicyDataError, _dotted, _import, _shown, _unknown_key, check_imports
 from ._ladder import LayerDecay, check_layer_decay_rate, layer_decay
-from ._rules import SELECTORS, Rule, _make, check_multiplier, check_rate, importable, type_name
+from ._rules import SELECTORS, Rule, _make, check_multiplier, check_rate, type_name
 
 if TYPE_CHECKING:
     from ._policy import Policy
@@ -20,98 +16,11 @@ if TYPE_CHECKING:
 _RULE_KEYS = ("decay", "label", "rate", "lr", "freeze") + SELECTORS
 _LAYER_DECAY_KEYS = ("rate", "blocks", "stem")
 _POLICY_KEYS = ("rules", "default", "strict", "layer_decay")
-_WHERE = "Policy.from_dict"
-
-
-class PolicyDataError(ValueError):
-    """Policy data that does not describe a policy; the message names the key."""
 
 
 # Flags a compiled pattern keeps through to_dict/from_dict, by their names in `re`.
 # UNICODE is left out: every str pattern has it.
 _FLAGS = ("ASCII", "IGNORECASE", "LOCALE", "MULTILINE", "DOTALL", "VERBOSE")
-
-
-def check_imports(fn: str, imports: Any) -> bool | tuple[str, ...]:
-    """The ``imports=`` argument as ``True`` or a tuple of module prefixes."""
-    if imports is True:
-        return True
-    if imports is False or imports is None:
-        return ()
-    if isinstance(imports, Sequence) and not isinstance(imports, str):
-        if all(isinstance(p, str) and p and not p.startswith(".") for p in imports):
-            return tuple(imports)
-    raise TypeError(
-        f"{fn}(imports={imports!r}): expected True (import any module) or a tuple of "
-        f"module prefixes, e.g. ('mylib',), got {type_name(imports)}."
-    )
-
-
-def _allowed(module_name: str, imports: bool | tuple[str, ...]) -> bool:
-    if imports is True:
-        return True
-    return any(module_name == p or module_name.startswith(p + ".") for p in imports)  # type: ignore[union-attr]
-
-
-def _import(path: str, key: str, imports: bool | tuple[str, ...]) -> Any:
-    """An object from ``"pkg.module:Name"`` or ``"pkg.module.Name"``.
-
-    A module already imported is looked up, which runs no code; any other is imported
-    only where ``imports`` allows it.
-    """
-    module_name, sep, attr = path.partition(":")
-    if not sep:
-        module_name, _, attr = path.rpartition(".")
-    if not module_name or not attr:
-        raise PolicyDataError(
-            f"{_WHERE}: {key}: {path!r} is not an import path; write 'package.module:Name' "
-            f"or 'package.module.Name'."
-        )
-    if module_name.startswith("."):
-        raise PolicyDataError(
-            f"{_WHERE}: {key}: {path!r} is a relative import path, which data cannot "
-            f"resolve; write the whole module path, e.g. 'package.module:Name'."
-        )
-    obj: Any = sys.modules.get(module_name)
-    if obj is None:
-        if not _allowed(module_name, imports):
-            top = module_name.split(".", 1)[0]
-            raise PolicyDataError(
-                f"{_WHERE}: {key}: {path!r} is in the module {module_name!r}, which is "
-                f"not imported, and importing a module runs its code. If you trust this "
-                f"data, allow it: Policy.from_dict(data, imports=({top!r},)) or "
-                f"Policy.from_file(path, imports=({top!r},)) (imports=True allows any "
-                f"module); or import {module_name} before loading the policy."
-            )
-        try:
-            obj = importlib.import_module(module_name)
-        except (ImportError, TypeError, ValueError) as err:
-            raise PolicyDataError(f"{_WHERE}: {key}: cannot import {path!r}: {err}.") from err
-    try:
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except AttributeError as err:
-        raise PolicyDataError(f"{_WHERE}: {key}: cannot import {path!r}: {err}.") from err
-    return obj
-
-
-def _dotted(obj: Any, key: str) -> str:
-    module = getattr(obj, "__module__", None)
-    qualname = getattr(obj, "__qualname__", "")
-    if not module or not qualname or "<" in qualname:
-        raise PolicyDataError(
-            f"Policy.to_dict: {key}: {obj!r} has no import path (a lambda or a local "
-            f"definition); define it at module level to write the policy as data."
-        )
-    if not importable(obj):
-        # Its module holds another object (or nothing) under that name: the path would
-        # read back as something else.
-        raise PolicyDataError(
-            f"Policy.to_dict: {key}: {obj!r} is not what its import path "
-            f"{module}:{qualname} names; define it at module level under its own name "
-            f"to write the policy as data."
-        )
-    return f"{module}:{qualname}"
 
 
 def _layers_from_data(value: Any, key: str, imports: bool | tuple[str, ...]) -> Any:
@@ -163,14 +72,6 @@ def _flags_from_data(value: Any, key: str) -> int:
     for name in names:
         flags |= getattr(re, name)
     return flags
-
-
-def _unknown_key(where: str, key: Any, valid: tuple[str, ...]) -> PolicyDataError:
-    close = difflib.get_close_matches(key, valid, n=1) if isinstance(key, str) else []
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return PolicyDataError(
-        f"{_WHERE}: {where}unknown key {_shown(key)}. Valid keys: {', '.join(valid)}.{hint}"
-    )
 
 
 def rule_from_data(data: Any, where: str, imports: bool | tuple[str, ...] = ()) -> Rule:
@@ -338,11 +239,6 @@ def layer_decay_from_data(data: Any, imports: bool | tuple[str, ...]) -> LayerDe
     return layer_decay(rate, **options)
 
 
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:40] + "..." + text[-10:]
-
-
 def layer_decay_to_data(config: LayerDecay) -> dict[str, Any]:
     out: dict[str, Any] = {"rate": config.rate}
     for key in ("blocks", "stem"):
@@ -421,50 +317,3 @@ def policy_to_data(policy: Policy) -> dict[str, Any]:
     if policy.layer_decay is not None:
         out["layer_decay"] = layer_decay_to_data(policy.layer_decay)
     return out
-
-
-def read_file(path: str | pathlib.Path, key: str | None) -> Any:
-    path = pathlib.Path(path)
-    suffix = path.suffix.lower()
-    text = path.read_text()
-    where = f"Policy.from_file({str(path)!r})"
-    if suffix == ".toml":
-        try:
-            import tomllib
-        except ImportError:  # Python 3.10
-            try:
-                import tomli as tomllib  # type: ignore[no-redef,import-not-found,unused-ignore]
-            except ImportError as err:
-                raise ImportError(f"{where}: reading TOML on Python 3.10 needs: pip install tomli") from err
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as err:
-            raise PolicyDataError(f"{where}: the file is not valid TOML: {err}.") from err
-    elif suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise PolicyDataError(f"{where}: the file is not valid JSON: {err}.") from err
-    elif suffix in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError as err:
-            raise ImportError(f"{where}: reading YAML needs PyYAML: pip install pyyaml") from err
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            # safe_load also refuses tags such as !!python/object, which would run code.
-            # YAML's own message quotes the offending lines: its problem and place suffice.
-            problem, mark = getattr(err, "problem", None), getattr(err, "problem_mark", None)
-            said = f"{problem} (at line {mark.line + 1}, column {mark.column + 1})" if problem and mark else str(err)
-            raise PolicyDataError(f"{where}: the file is not valid (safe) YAML: {said}.") from err
-    else:
-        raise PolicyDataError(
-            f"{where}: unknown file type {suffix!r}; expected .toml, .json, .yaml or .yml."
-        )
-    if key:
-        for part in key.split("."):
-            if not isinstance(data, Mapping) or part not in data:
-                raise PolicyDataError(f"{where}: no table {key!r} in the file (missing {part!r}).")
-            data = data[part]
-    return data

@@ -8,7 +8,8 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from ._data import policy_from_data, policy_to_data, read_file
+from ._data import policy_from_data, policy_to_data
+from ._files import read_file
 from ._ladder import LayerDecay
 from ._leaf import Leaf
 from ._table import LeafTable, as_table
