@@ -14,7 +14,7 @@ from typing import Any
 from . import adapters
 from .core import _registry
 from .core._policy import Policy as _CorePolicy
-from .core._policy import collector_paused
+from .core._collector import collector_paused
 from .core._report import Report
 from .core._table import LeafTable
 from .core._warnings import warn_again
@@ -230,29 +230,35 @@ class Policy(_CorePolicy):
     def verify(self, tx: Any, params: Any, *, framework: str | None = None, **options: Any) -> None:
         """Checks with one probe that ``tx`` does to ``params`` what this policy says.
 
-        The probe calls ``tx.init(params)`` and ``tx.update`` twice, with zero gradients
-        and with gradients of ones, and changes nothing (no state is kept, no array is
-        written). It then compares, leaf by leaf:
+        The probe calls ``tx.init(params)`` once and ``tx.update`` three times from that
+        state: with zero gradients, with gradients of ones, and with random signs at
+        ``2 * params``. It changes nothing: no state is kept, no array is written (an
+        NNX State is handed to ``tx.update`` without its Variable boxes, as
+        ``nnx.Optimizer`` does). It then compares, leaf by leaf:
 
-        - **decay**: with zero gradients, a leaf the policy decays moves by ``-c * m * p``
-          (``c`` the learning rate times the weight decay, the same for every leaf; ``m``
-          its multiplier) and every other leaf stays where it is;
+        - **decay**: with zero gradients, a leaf the policy decays moves by
+          ``-c * m * r * p`` (``c`` the learning rate times the weight decay, the same
+          for every leaf; ``m`` its multiplier, ``r`` its decay rate) and every other
+          leaf stays where it is;
         - **multipliers**: with gradients of ones, an element-wise optimizer (sgd, adam,
-          adamw, lion, ...) moves every element of every trainable leaf alike, times the
-          leaf's multiplier;
-        - **frozen leaves**: no update in either probe, and no array of their shape kept
+          adamw, lion, with or without a global clip) moves every element of a trainable
+          leaf alike, by one value times the leaf's multiplier (per layer for a stacked
+          leaf);
+        - **frozen leaves**: no update in any probe, and no array of their shape kept
           under their path in the optimizer's state.
 
         It catches a forgotten :meth:`wrap`, a missing ``mask=`` (every leaf
-        decayed), a mask of another policy, and multipliers applied where the policy has
-        none.
+        decayed), a mask of another policy, a decay without the policy's rates, and
+        multipliers applied twice, or where the policy has none.
 
-        What it cannot check: multipliers where the optimizer is not element-wise (Muon
-        orthogonalises a matrix's update, Adafactor factors its second moment): where a
-        leaf's elements move differently under gradients of ones, its multiplier is left
-        unchecked; decay and freezing are still checked. A weight decay applied before
-        a non-element-wise step is not seen as decay. Leaves whose values are all zero
-        cannot show decay. Schedules are probed at their first step.
+        What it cannot check: multipliers where the step is not element-wise. Muon
+        orthogonalises a matrix and normalises a vector, LAMB scales each leaf by its
+        norm (a trust ratio), Adafactor by the params' scale: the probe with signs shows
+        such a leaf, whose multiplier is then left unchecked; its decay and freezing are
+        still checked. Multipliers are relative: the value most leaves share is taken as
+        the base, and a multiplier every leaf shares cannot be told from the learning
+        rate. Leaves whose values are all zero cannot show decay. Schedules are probed
+        at their first step.
 
         Args:
           tx: the ``optax.GradientTransformation`` training ``params``.
@@ -264,8 +270,20 @@ class Policy(_CorePolicy):
         Raises:
           VerifyError: (a ``ValueError``) the leaves where ``tx`` does not do what the
             policy says, each with its path, what was expected and what happened; or
-            ``tx`` cannot be run on ``params`` (built for another structure).
+            ``tx`` cannot be run on ``params`` (built for another structure), or moved
+            no leaf at all (a learning rate of 0 at the first step).
           TypeError: ``tx`` is not a gradient transformation.
+
+        Example:
+          >>> import decaymask as dm, equinox as eqx, jax, optax
+          >>> params = eqx.filter(eqx.nn.Linear(2, 2, key=jax.random.key(0)), eqx.is_array)
+          >>> policy = dm.Policy(dm.decay(param="weight"), dm.lr(0.5, param="bias"))
+          >>> policy.verify(policy.wrap(optax.adamw(0.1, mask=policy.mask)), params)
+          >>> try:
+          ...     policy.verify(optax.adamw(0.1, mask=policy.mask), params)
+          ... except dm.VerifyError as err:
+          ...     print(err.mismatches[0])
+          bias: multiplier: expected the update times 0.5, got the update times 1 (no multiplier applied)
         """
         from ._verify import verify
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import gc
-import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -14,7 +12,8 @@ from ._ladder import LayerDecay
 from ._leaf import Leaf
 from ._table import LeafTable, as_table
 from ._report import Decision, Report
-from ._rules import DECAY_LABEL, NO_DECAY_LABEL, Rule, as_bool, type_name
+from ._rules import Rule, as_bool, type_name
+from ._decide import decide_one
 from ._warnings import check_decisions, find_problems
 
 _VALUE_ATTR = {
@@ -24,10 +23,6 @@ _VALUE_ATTR = {
     "lr_scales": "lr_scale",
     "trainable": "trainable",
 }
-FROZEN_LABEL = "frozen"
-NOT_A_PARAM = "state: never decayed"
-NOT_FLOATING = "not floating point: never decayed"
-DEFAULT = "default"
 
 
 class Policy:
@@ -288,78 +283,7 @@ class Policy:
         layer_id: int | tuple[int, ...] | None = None,
         layer_scale: float | tuple[float, ...] = 1.0,
     ) -> Decision:
-        key = (leaf.owner, leaf.ancestors, leaf.role, leaf.name)
-        candidates = cache.get(key)
-        if candidates is None:
-            # The rules whose owner/role/name selectors match, last first: a leaf with
-            # this key can only be decided by one of them.
-            rules = self.rules
-            candidates = tuple(
-                i for i in range(len(rules) - 1, -1, -1) if rules[i].matches_key(leaf)
-            )
-            cache[key] = candidates
-        decidable = leaf.is_param and leaf.floating
-        label: str | None = None
-        decided: int | None = None
-        lr_at: int | None = None
-        freeze_at: int | None = None
-        want_lr, want_freeze = self._lr, self._freeze
-        for i in candidates:
-            rule = self.rules[i]
-            if rule.lr is not None:
-                if lr_at is None and (not rule.per_leaf or rule.matches_rest(leaf)):
-                    lr_at = i
-            elif rule.frozen is not None:
-                if freeze_at is None and (not rule.per_leaf or rule.matches_rest(leaf)):
-                    freeze_at = i
-            elif decided is None:
-                if rule.per_leaf and not rule.matches_rest(leaf):
-                    continue
-                if label is None and (decidable or rule.decay is None):
-                    label = rule.group
-                if rule.decay is not None and decidable:
-                    decided = i
-            if (
-                decided is not None
-                and (lr_at is not None or not want_lr)
-                and (freeze_at is not None or not want_freeze)
-            ):
-                break
-        lr_rule = self.rules[lr_at] if lr_at is not None else None
-        freeze_rule = self.rules[freeze_at] if freeze_at is not None else None
-        groups: dict[str, Any] = {"layer_id": layer_id, "lr_rule": lr_rule, "freeze_rule": freeze_rule}
-        if not leaf.is_param:
-            return Decision(leaf, False, None, NOT_A_PARAM, label=label or NO_DECAY_LABEL, lr_scale=0.0, **groups)
-        if not leaf.floating:
-            return Decision(leaf, False, None, NOT_FLOATING, label=label or NO_DECAY_LABEL, lr_scale=0.0, **groups)
-        if freeze_rule is not None and freeze_rule.frozen:
-            return Decision(
-                leaf, False, freeze_rule, f"rule {freeze_at + 1}",  # type: ignore[operator]
-                label=FROZEN_LABEL, lr_scale=0.0, frozen=True, **groups,
-            )
-        multiplier = lr_rule.lr if lr_rule is not None and lr_rule.lr is not None else 1.0
-        if type(layer_scale) is tuple:
-            lr_scale: float | tuple[float, ...] = tuple(s * multiplier for s in layer_scale)
-        else:
-            lr_scale = layer_scale * multiplier  # type: ignore[operator]
-        if decided is not None:
-            rule = self.rules[decided]
-            rate = rule.rate if rule.decay else 0.0
-            return Decision(
-                leaf, bool(rule.decay), rule, f"rule {decided + 1}", label=label or rule.group,
-                rate=rate, lr_scale=lr_scale, **groups,
-            )
-        default_label = DECAY_LABEL if self.default else NO_DECAY_LABEL
-        return Decision(
-            leaf,
-            self.default,
-            None,
-            DEFAULT,
-            label=label or default_label,
-            rate=1.0 if self.default else 0.0,
-            lr_scale=lr_scale,
-            **groups,
-        )
+        return decide_one(self, leaf, cache, layer_id, layer_scale)
 
     def decide_for_mask(
         self, leaves: Sequence[Leaf], *, method: str, non_floating_fix: str
@@ -452,39 +376,3 @@ def _restore(
 ) -> Policy:
     extra = (layer_decay,) if layer_decay is not None else ()
     return cls(*rules, *extra, default=default, strict=strict)
-
-
-_paused = 0
-_paused_lock = threading.Lock()
-_was_enabled = False
-
-
-class _CollectorPaused:
-    """Pauses the cyclic garbage collector while any thread builds; the first build to
-    start records whether it was on, and the last one to end turns it back on."""
-
-    __slots__ = ()
-
-    def __enter__(self) -> None:
-        global _paused, _was_enabled
-        with _paused_lock:
-            if _paused == 0:
-                _was_enabled = gc.isenabled()
-                gc.disable()
-            _paused += 1
-
-    def __exit__(self, *exc: object) -> None:
-        global _paused
-        with _paused_lock:
-            _paused -= 1
-            if _paused == 0 and _was_enabled:
-                gc.enable()
-
-
-_COLLECTOR_PAUSED = _CollectorPaused()
-
-
-def collector_paused() -> _CollectorPaused:
-    """A context manager that pauses the cyclic garbage collector while any thread
-    builds (see :class:`_CollectorPaused`)."""
-    return _COLLECTOR_PAUSED
