@@ -819,11 +819,11 @@ def test_a_stacked_model_steps_each_layer_by_its_multiplier(stacked, dtype):
 
 
 PART_MESSAGE = (
-    "policy.wrap: tx.init was handed params with no frozen parameter, though the policy "
-    "freezes some: they look like the trainable part alone (eqx.partition, policy.split, "
+    "policy.wrap: tx.init was handed params that no freeze rule of the policy matches: "
+    "they look like the trainable part alone (eqx.partition, policy.split, "
     "trainable_filter), and layer decay numbers the blocks of the whole model: ids worked "
     "out on a part would shift. Fix: give the whole model or params, policy.wrap(tx, "
-    "full=model)."
+    "full=model) (full=params where these are the whole model)."
 )
 
 

@@ -78,7 +78,7 @@ def wrap(
     def init_fn(params: Any) -> Any:
         if not _is_placeholder(params):
             if reference is None:
-                _check_whole(policy, params, framework, options, trainable)
+                _check_whole(policy, params, framework, options)
             factors(params, "params")  # a ladder that cannot be found fails here, not at the first step
         return inner.init(params)
 
@@ -144,31 +144,34 @@ class Reference:
         return found
 
 
-def _check_whole(policy: Policy, params: Any, framework: str | None, options: dict[str, Any], trainable: Any) -> None:
+def _check_whole(policy: Policy, params: Any, framework: str | None, options: dict[str, Any]) -> None:
     """Layer ids count every block: refuses a part of the model (the trainable half,
-    a branch of ``optax.partition``) where the policy has layer decay and no ``full=``."""
+    a branch of ``optax.partition``) where the policy has layer decay and no ``full=``.
+
+    A trainable half is told by its freeze rules: none matches any of its arrays."""
     if policy.layer_decay is None:
         return
-    import jax
-
     from . import adapters
 
     adapter = adapters.choose(params, framework, "wrap")
+    freezes = [rule for rule in policy.rules if rule.frozen]
     if adapter.is_partial(params):
         why = "one branch of optax.partition (the other branches' arrays masked out)"
-    elif any(rule.frozen for rule in policy.rules) and all(
-        flag is not False for flag in jax.tree_util.tree_leaves(trainable(params))
-    ):
+    elif freezes:
+        leaves, _ = adapter.walk(params, method="wrap", **options)
+        if any(rule.matches(leaf) for leaf in leaves if leaf.is_param for rule in freezes):
+            return
         why = (
-            "params with no frozen parameter, though the policy freezes some: they look "
-            "like the trainable part alone (eqx.partition, policy.split, trainable_filter)"
+            "params that no freeze rule of the policy matches: they look like the "
+            "trainable part alone (eqx.partition, policy.split, trainable_filter)"
         )
     else:
         return
     raise ValueError(
-        f"policy.wrap: tx.init was handed {why}, and layer decay numbers "
-        f"the blocks of the whole model: ids worked out on a part would shift. Fix: "
-        f"give the whole model or params, policy.wrap(tx, full=model)."
+        f"policy.wrap: tx.init was handed {why}, and layer decay numbers the blocks of "
+        f"the whole model: ids worked out on a part would shift. Fix: give the whole "
+        f"model or params, policy.wrap(tx, full=model) (full=params where these are "
+        f"the whole model)."
     )
 
 
