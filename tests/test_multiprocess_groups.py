@@ -247,11 +247,6 @@ def test_updated_params_keep_their_sharding(reports, framework):
         assert kept == dict.fromkeys(EXPECTED[framework], True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="policy.wrap makes a frozen leaf's update with jnp.zeros_like(u): under jit "
-    "nothing ties it to u, so it comes out replicated on every device",
-)
 @FRAMEWORKS
 def test_updates_keep_the_gradients_sharding(reports, framework):
     for report in reports:

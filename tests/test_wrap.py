@@ -366,9 +366,11 @@ def test_tree_map_params_reads_the_wrapped_state(eqx_params):
     assert shown.inner_state[0].count is None
 
 
-def test_a_frozen_gradient_is_never_computed_in_a_jitted_step():
-    # The full gradient taken, the frozen embedding's (a scatter into its table) feeds
-    # only a zero update, and XLA drops it: wrap under jit costs no frozen gradient.
+def test_a_frozen_gradient_is_computed_only_where_it_is_taken():
+    # wrap's zero update for a frozen leaf depends on its gradient (so that jit keeps
+    # the gradient's sharding): the frozen embedding's gradient (a scatter into its
+    # table) is computed when the full gradient is taken, and not when only the
+    # trainable part is differentiated (eqx.partition by policy.trainable).
     class Lookup(eqx.Module):
         embed: eqx.nn.Embedding
         head: eqx.nn.Linear
@@ -385,16 +387,20 @@ def test_a_frozen_gradient_is_never_computed_in_a_jitted_step():
     params = eqx.filter(model, eqx.is_array)
     policy = dm.Policy(*STANDARD, dm.freeze(layer="embedding"))
 
-    def compiled(tx):
+    def compiled(tx, params, rest):
         def step(params, state):
-            grads = jax.grad(lambda p: jnp.sum(eqx.combine(p, model)(TOKENS) ** 2))(params)
+            grads = jax.grad(lambda p: jnp.sum(eqx.combine(p, rest)(TOKENS) ** 2))(params)
             updates, state = tx.update(grads, state, params)
             return optax.apply_updates(params, updates), state
 
         return jax.jit(step).lower(params, tx.init(params)).compile().as_text()
 
-    assert "scatter" in compiled(adamw(policy.mask))
-    assert "scatter" not in compiled(policy.wrap(adamw(policy.mask)))
+    assert "scatter" in compiled(adamw(policy.mask), params, model)
+    assert "scatter" in compiled(policy.wrap(adamw(policy.mask)), params, model)
+    trained, frozen = eqx.partition(model, policy.trainable(model))
+    trained = eqx.filter(trained, eqx.is_array)
+    tx = policy.wrap(adamw(policy.mask), full=model)
+    assert "scatter" not in compiled(tx, trained, frozen)
 
 
 def test_clipping_inside_sees_only_trained_gradients(eqx_params, eqx_expected):

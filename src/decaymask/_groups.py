@@ -87,9 +87,12 @@ def wrap(
             if s == 1.0:
                 return u
             if s == 0.0:
-                # Not u * 0: a frozen leaf's inf or nan gradient must not reach it, and
-                # a constant lets XLA drop the frozen gradient's computation.
-                return jnp.zeros_like(u)
+                # Zeros that depend on u, so that jit keeps u's sharding (a constant
+                # comes out replicated on every device); not u * 0, which a frozen
+                # leaf's inf or nan gradient would turn into nan. To spare the frozen
+                # gradients' computation too, take no gradient of frozen leaves (each
+                # framework's split: policy.trainable, trainable_filter, split).
+                return jnp.zeros_like(u) * jnp.isfinite(u)
             return u * s
         return u * jnp.asarray(s, dtype=u.dtype)
 
