@@ -322,7 +322,8 @@ class Ladder:
     # The blocks.
 
     def _found(self, params: list[int]) -> list[Block]:
-        groups = _indexed_groups(self.keys, params)
+        groups, every = _indexed_groups(self.keys, params)
+        self._check_nesting(groups, every)
         candidates: list[tuple[str, list[Block], int]] = []
         for group in groups:
             blocks = [Block(group.prefix + (group.members[i],)) for i in sorted(group.members)]
@@ -359,6 +360,26 @@ class Ladder:
             f"dm.layer_decay({self.config.rate!r}, blocks={globs[0]!r}), or chain them in "
             f"order, blocks={globs!r}."
         )
+
+    def _check_nesting(self, groups: list[_Group], every: list[_Group]) -> None:
+        """Raises where indexed modules hold indexed modules (chunks of blocks, stages
+        of blocks): which level holds the layers is the recipe's choice, not a reading."""
+        for inner in groups:
+            for outer in every:
+                if outer is inner:
+                    continue
+                for key in outer.members.values():
+                    member = outer.prefix + (key,)
+                    if _inside(inner.prefix, member):
+                        levels = (outer.glob, _nested_glob(outer, inner))
+                        raise ValueError(
+                            f"{self.config!r}: this tree has stacks inside stacks "
+                            f"({levels[0]} holds {levels[1]}), and which level holds the "
+                            f"layers is the recipe's to say, not decaymask's to guess. "
+                            f"Fix: name the blocks, e.g. dm.layer_decay("
+                            f"{self.config.rate!r}, blocks={levels[1]!r}) for the inner "
+                            f"level, or blocks={levels[0]!r} for the outer."
+                        )
 
     def _check_whole(self, root: tuple[str, ...], size: int, params: list[int]) -> None:
         """Raises where a stacked module's siblings look stacked but are not marked so.
@@ -583,9 +604,21 @@ def _candidate_glob(blocks: list[Block]) -> str:
     return _glob(index[0] if index else None, first.path[:-1])
 
 
-def _indexed_groups(keys: list[tuple[str, ...]], params: list[int]) -> list[_Group]:
-    """Groups of indexed sibling modules that each hold submodules, all of one
-    structure, with at least two members."""
+def _nested_glob(outer: _Group, inner: _Group) -> str:
+    """The glob of ``inner``'s level across every member of ``outer``:
+    ``blocks/*/blocks/*`` for ``blocks/1/blocks/*`` inside ``blocks/*``."""
+    depth = len(outer.prefix)
+    parts = list(inner.prefix)
+    parts[depth] = "*" if outer.stem is None else f"{outer.stem}_*"
+    return _glob(inner.stem, tuple(parts))
+
+
+def _indexed_groups(
+    keys: list[tuple[str, ...]], params: list[int]
+) -> tuple[list[_Group], list[_Group]]:
+    """Groups of two or more indexed sibling modules that each hold submodules: those
+    all of one structure (candidate stacks), and all of them (to tell stacks inside
+    stacks, such as chunks of blocks)."""
     groups: dict[tuple[tuple[str, ...], str | None], _Group] = {}
     bare: dict[tuple[tuple[str, ...], str], int] = {}
     structure: dict[tuple[str, ...], set[tuple[str, ...]]] = {}  # module -> what it holds
@@ -603,7 +636,8 @@ def _indexed_groups(keys: list[tuple[str, ...]], params: list[int]) -> list[_Gro
                     group = groups[(path[:j], index[0])] = _Group(path[:j], index[0], first=i)
                 group.members[index[1]] = key
             structure.setdefault(member, set()).add(path[j + 1 :])
-    out = []
+    out: list[_Group] = []
+    every: list[_Group] = []
     for (prefix, stem), group in groups.items():
         if stem is not None and 0 not in group.members and (prefix, stem) in bare:
             # Haiku names the first of several alike modules without a suffix.
@@ -614,10 +648,11 @@ def _indexed_groups(keys: list[tuple[str, ...]], params: list[int]) -> list[_Gro
         shapes = [structure[prefix + (key,)] for key in group.members.values()]
         if not all(any(len(rest) >= 2 for rest in s) for s in shapes):
             continue  # layers that own their arrays (an MLP's linears), not blocks
+        every.append(group)
         if any(s != shapes[0] for s in shapes[1:]):
             continue
         out.append(group)
-    return out
+    return out, every
 
 
 def _stack_roots(
@@ -665,22 +700,3 @@ def _stack_roots(
                 )
             break
     return roots
-    for i in params:
-        if leaves[i].batch_axes == 0:
-            continue
-        path = keys[i]
-        for end in range(len(path)):
-            prefix = path[:end]
-            if stacked.get(prefix, 0) == total[prefix]:
-                size = leaves[i].shape[0]
-                if prefix not in roots:
-                    roots[prefix] = (size, i)
-                elif roots[prefix][0] != size:
-                    raise ValueError(
-                        f"layer_decay: the arrays stacked under {'/'.join(prefix) or 'the root'} "
-                        f"disagree on the number of layers ({roots[prefix][0]} and {size} at "
-                        f"{leaves[i].path}). Fix: select the blocks by path with blocks=."
-                    )
-                break
-    return roots
-
