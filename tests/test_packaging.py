@@ -91,6 +91,7 @@ MODULES = [
     "decaymask.presets",
     "decaymask._check",
     "decaymask.core._ladder",
+    "decaymask.core._blocks",
     "decaymask._groups",
 ]
 
