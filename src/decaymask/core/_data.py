@@ -176,7 +176,7 @@ def _module_selectors_from_data(value: Any, key: str, imports: bool | tuple[str,
             f"{_WHERE}: {key}: an empty list selects nothing; leave {name} out"
             + (" to use the one repeated stack." if name == "blocks" else ".")
         )
-    out = []
+    out: list[str | type] = []
     for item in items:
         if not isinstance(item, str):
             raise PolicyDataError(
