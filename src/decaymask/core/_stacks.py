@@ -5,6 +5,7 @@ layer axis."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
 _INDEXED = re.compile(r"^(.*?)_?(\d+)$")
 
 
+@functools.lru_cache(maxsize=8192)
 def _index(key: str) -> tuple[str | None, int] | None:
     """(stem, index) of an indexed key: ``3`` -> (None, 3), ``layers_3`` -> ("layers", 3)."""
     if key.isdigit():
@@ -99,21 +101,42 @@ def _indexed_groups(
     stacks, such as chunks of blocks)."""
     groups: dict[tuple[tuple[str, ...], str | None], _Group] = {}
     bare: dict[tuple[tuple[str, ...], str], int] = {}
-    structure: dict[tuple[str, ...], set[tuple[str, ...]]] = {}  # module -> what it holds
+    # Module paths are few beside leaves: each is looked at once.
+    modules: dict[tuple[str, ...], int] = {}
     for i in params:
         path = keys[i]
-        for j in range(len(path) - 1):
-            key = path[j]
-            member = path[: j + 1]
-            index = _index(key)
-            if index is None:
-                bare.setdefault((path[:j], key), i)
-            else:
-                group = groups.get((path[:j], index[0]))
-                if group is None:
-                    group = groups[(path[:j], index[0])] = _Group(path[:j], index[0], first=i)
-                group.members[index[1]] = key
-            structure.setdefault(member, set()).add(path[j + 1 :])
+        for j in range(1, len(path)):
+            modules.setdefault(path[:j], i)
+    for member, i in modules.items():
+        key = member[-1]
+        index = _index(key)
+        if index is None:
+            bare.setdefault((member[:-1], key), i)
+        else:
+            group = groups.get((member[:-1], index[0]))
+            if group is None:
+                group = groups[(member[:-1], index[0])] = _Group(member[:-1], index[0], first=i)
+            group.members[index[1]] = key
+            group.first = min(group.first, i)
+    # What each member of a group of two or more holds, relative to it.
+    wanted: dict[tuple[str, ...], int] = {}
+    for (prefix, stem), group in groups.items():
+        names = list(group.members.values())
+        if stem is not None and 0 not in group.members and (prefix, stem) in bare:
+            names.append(stem)
+        if len(names) >= 2:
+            for name in names:
+                wanted[prefix + (name,)] = len(prefix) + 1
+    structure: dict[tuple[str, ...], set[tuple[str, ...]]] = {m: set() for m in wanted}
+    if wanted:
+        depths = sorted(set(wanted.values()))
+        for i in params:
+            path = keys[i]
+            for d in depths:
+                if d < len(path):
+                    held = structure.get(path[:d])
+                    if held is not None:
+                        held.add(path[d:])
     out: list[_Group] = []
     every: list[_Group] = []
     for (prefix, stem), group in groups.items():
@@ -140,23 +163,21 @@ def _stack_roots(
     parameters are stacked along one layer axis, each with its number of layers and
     its first leaf. A module holding stacks of different lengths side by side (an
     encoder of 4 layers and a decoder of 2) is not one: each of its stacks is."""
+    roots: dict[tuple[str, ...], tuple[int, int]] = {}
+    if not any(leaves[i].batch_axes > 0 for i in params):
+        return roots
     total: dict[tuple[str, ...], int] = {}
     stacked: dict[tuple[str, ...], int] = {}
     sizes: dict[tuple[str, ...], set[int]] = {}
-    any_stacked = False
     for i in params:
         path = keys[i]
         s = leaves[i].batch_axes > 0
-        any_stacked = any_stacked or s
         for end in range(len(path)):
             prefix = path[:end]
             total[prefix] = total.get(prefix, 0) + 1
             if s:
                 stacked[prefix] = stacked.get(prefix, 0) + 1
                 sizes.setdefault(prefix, set()).add(leaves[i].shape[0])
-    roots: dict[tuple[str, ...], tuple[int, int]] = {}
-    if not any_stacked:
-        return roots
     for i in params:
         if leaves[i].batch_axes == 0:
             continue
