@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import haiku as hk
 import jax
@@ -224,6 +225,149 @@ def test_layer_stack_adds_batch_axes_by_default_names_and_by_the_trace():
     dims = policy.muon_dims_for_haiku(p, fn=t, args=(X,))
     assert dims["blocks/linear"]["w"].reduction_axis == (1,)
     assert dims["__layer_stack_no_per_layer/linear"]["w"].output_axis == (2,)
+
+
+def _stacked_block(h: jax.Array) -> jax.Array:
+    """A block of layers: a Linear and an Embed by Haiku's names, a Linear and a conv
+    by the user's, a layer norm, and a param of its own whose one-layer rank names do
+    not tell."""
+    h = hk.Linear(3)(hk.LayerNorm(-1, True, True, name="ln")(h))
+    h = hk.Linear(3, name="fc")(h) * hk.get_parameter("gate", (3,), init=jnp.ones)[None]
+    h = h + hk.Conv1D(3, 2, name="conv")(h[:, None, :])[:, 0, :]
+    return h + hk.Embed(5, 3)(jnp.zeros((2,), jnp.int32))
+
+
+class _StackedBlock(hk.Module):
+    def __call__(self, h: jax.Array) -> jax.Array:
+        return _stacked_block(h)
+
+
+def _named_stack(how: str) -> hk.Transformed:
+    def f(x):
+        if how == "functions":
+            x = hk.layer_stack(4, name="blocks")(_stacked_block)(x)
+        elif how == "modules":
+            x = hk.layer_stack(4, name="blocks")(lambda h: _StackedBlock(name="block")(h))(x)
+        else:  # a stack of 4 around a stack of 2
+            x = hk.layer_stack(4, name="blocks")(hk.layer_stack(2, name="inner")(_stacked_block))(x)
+        return hk.Linear(5, name="head")(hk.LayerNorm(-1, True, True, name="ln_f")(x))
+
+    return hk.transform(f)
+
+
+NAMED_STACKS = ["functions", "modules", "nested"]
+
+
+@pytest.fixture(scope="module")
+def named_stacks():
+    return {how: (t := _named_stack(how), t.init(jax.random.key(0), X)) for how in NAMED_STACKS}
+
+
+def _named_stack_axes(how: str) -> dict[str, int]:
+    inside, stacked = {"functions": ("blocks", 1), "modules": ("blocks/block", 1),
+                       "nested": ("blocks/inner", 2)}[how]
+    layers = ["conv/b", "conv/w", "embed/embeddings", "fc/b", "fc/w", "linear/b", "linear/w",
+              "ln/offset", "ln/scale"]
+    gate = "blocks/block/gate" if how == "modules" else f"{inside}/~/gate"
+    return {**{f"{inside}/{p}": stacked for p in layers}, gate: stacked,
+            "head/b": 0, "head/w": 0, "ln_f/offset": 0, "ln_f/scale": 0}
+
+
+@pytest.mark.parametrize("how", NAMED_STACKS)
+def test_every_param_of_a_user_named_layer_stack_is_stacked_by_names(named_stacks, how):
+    """By names, the linear and embed (more axes than one layer has) and the fc and conv
+    (a b repeating its w's leading axes) prove the stack; the layer norm and the gate
+    beside them have the same leading sizes: every param of the stacked module is
+    stacked, as the trace says, and layer decay by names is the traced one."""
+    t, p = named_stacks[how]
+    expected = _named_stack_axes(how)
+    policy = dm.Policy(dm.layer_decay(0.5))
+    for options in ({}, {"fn": t, "args": (X,)}):
+        rows = _rows(policy.explain(p, framework="haiku", **options))
+        assert {path: row.leaf.batch_axes for path, row in rows.items()} == expected, options
+    with warnings.catch_warnings():
+        # The gate is owned by no layer: said alike in both readings.
+        warnings.simplefilter("ignore", dm.PolicyWarning)
+        by_names = policy.lr_scales(p, framework="haiku")
+        traced = policy.lr_scales(p, framework="haiku", fn=t, args=(X,))
+    per_layer = np.float32([0.5**4, 0.5**3, 0.5**2, 0.5])
+    for key, module in by_names.items():
+        for name, scale in module.items():
+            if key.startswith("blocks/"):
+                assert scale.dtype == np.float32 and scale.shape[0] == 4, (key, name, scale)
+                np.testing.assert_array_equal(scale.ravel(), per_layer, err_msg=f"{key}/{name}")
+            else:
+                assert scale == 1.0, (key, name, scale)
+            np.testing.assert_array_equal(traced[key][name], scale, err_msg=f"{key}/{name}")
+
+
+@pytest.mark.parametrize("how", NAMED_STACKS)
+def test_muon_dims_of_a_user_named_layer_stack_by_names_are_the_traced_ones(named_stacks, how):
+    """The Linear's and Embed's layouts come from Haiku's names, their stacked axes from
+    the stack: the dims skip them as the trace's do, and a real Muon step runs."""
+    from optax.contrib import MuonDimensionNumbers, muon
+
+    t, p = named_stacks[how]
+    inside, stacked = {"functions": ("blocks", 1), "modules": ("blocks/block", 1),
+                       "nested": ("blocks/inner", 2)}[how]
+    policy = dm.Policy(dm.decay(path=f"{inside}/linear/w"), dm.decay(path=f"{inside}/embed/*"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dm.PolicyWarning)
+        dims = policy.muon_dims_for_haiku(p)
+        assert dims == policy.muon_dims_for_haiku(p, fn=t, args=(X,))
+    found = {f"{k}/{n}": d for k, m in dims.items() for n, d in m.items() if d is not None}
+    assert found == {
+        f"{inside}/linear/w": MuonDimensionNumbers((stacked,), (stacked + 1,)),
+        f"{inside}/embed/embeddings": MuonDimensionNumbers((stacked,), (stacked + 1,)),
+    }
+    tx = muon(0.1, muon_weight_dimension_numbers=dims)
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, p), tx.init(p), p)
+    w = updates[f"{inside}/linear"]["w"]
+    assert w.shape == p[f"{inside}/linear"]["w"].shape
+    assert np.all(np.isfinite(w)) and np.any(w != 0)
+
+
+_STACKED_FC = {"w": jnp.ones((4, 3, 5)), "b": jnp.ones((4, 5))}
+
+
+@pytest.mark.parametrize(
+    ("norm", "axes"),
+    [
+        ({"scale": jnp.ones((5, 3)), "offset": jnp.ones((5, 3))}, 0),
+        ({"scale": jnp.ones((4, 2, 3)), "offset": jnp.ones((4, 2, 3))}, 0),
+        ({"scale": jnp.ones((4, 3)), "offset": jnp.ones((4, 3))}, 1),
+    ],
+    ids=["leading-sizes-disagree", "one-layer-rank-wrong", "agree"],
+)
+def test_params_beside_a_proven_stack_are_stacked_only_where_they_agree(norm, axes):
+    """A stacked fc beside a layer norm under ``blocks``: the norm is stacked only where
+    its leading size is the fc's and its scale is then 1-D; otherwise it stays unmarked
+    (never a guess), and layer decay says the stack is known only in part where the
+    sizes fit."""
+    p = {"blocks/fc": _STACKED_FC, "blocks/ln": norm, "head": {"w": jnp.ones((5, 2))}}
+    rows = _rows(dm.Policy().explain(p, framework="haiku"))
+    assert {path: row.leaf.batch_axes for path, row in rows.items()} == {
+        "blocks/fc/b": 1, "blocks/fc/w": 1, "blocks/ln/offset": axes, "blocks/ln/scale": axes,
+        "head/w": 0,
+    }
+    policy = dm.Policy(dm.layer_decay(0.5))
+    if norm["scale"].shape[0] == 4 and not axes:
+        with pytest.raises(ValueError, match="blocks/fc is stacked 4 times, but beside it in blocks"):
+            policy.lr_scales(p, framework="haiku")
+    elif axes:
+        scales = policy.lr_scales(p, framework="haiku")
+        np.testing.assert_array_equal(scales["blocks/ln"]["scale"].ravel(), [0.0625, 0.125, 0.25, 0.5])
+
+
+def test_a_w_and_b_that_also_read_as_one_layer_prove_no_stack():
+    # w (4, 4, 4) and b (4, 4): 4 stacked (4, 4) layers, or one layer from 4 inputs to
+    # (4, 4) outputs. Neither reading settles it: nothing is marked.
+    p = {"blocks/fc": {"w": jnp.ones((4, 4, 4)), "b": jnp.ones((4, 4))},
+         "blocks/ln": {"scale": jnp.ones((4, 4)), "offset": jnp.ones((4, 4))}}
+    rows = _rows(dm.Policy().explain(p, framework="haiku"))
+    assert {path: row.leaf.batch_axes for path, row in rows.items()} == dict.fromkeys(
+        ("blocks/fc/b", "blocks/fc/w", "blocks/ln/offset", "blocks/ln/scale"), 0
+    )
 
 
 class MyProj(hk.Module):

@@ -1313,6 +1313,191 @@ def test_stack_or_dense_general_is_linear_either_way():
     check_step(params, mask)
 
 
+# The lifted module of a user-named nn.scan or nn.vmap, read by names alone.
+
+
+class LiftedGate(nn.Module):
+    """A layer no table knows: one layer's rank of its array is not known by names."""
+
+    @nn.compact
+    def __call__(self, x):
+        return x * _along_last(self.param("gate", nn.initializers.ones, (x.shape[-1],)), x)
+
+
+class LiftedBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _=None):
+        h = nn.Dense(3)(nn.LayerNorm(name="ln")(x))
+        h = nn.Dense(3, name="fc")(h)
+        h = nn.Conv(3, (2,), name="conv")(h[:, None, :])[:, 0, :]
+        return x + LiftedGate(name="gate")(h), None
+
+
+_LIFT = {"variable_axes": {"params": 0}, "split_rngs": {"params": True}}
+
+
+class LiftedInner(nn.Module):
+    @nn.compact
+    def __call__(self, x, _=None):
+        x, _ = nn.scan(LiftedBlock, length=2, **_LIFT)(name="inner")(x, None)
+        return x, None
+
+
+class NamedLift(nn.Module):
+    """4 blocks under a lifted module named by the user, the head outside."""
+
+    stacking: str  # "scan", "vmap", or "nested": a scan of 4 around a scan of 2
+
+    @nn.compact
+    def __call__(self, x):
+        if self.stacking == "scan":
+            x, _ = nn.scan(LiftedBlock, length=4, **_LIFT)(name="blocks")(x, None)
+        elif self.stacking == "vmap":
+            vmap = nn.vmap(LiftedBlock, in_axes=(None, None), out_axes=0, axis_size=4, **_LIFT)
+            y, _ = vmap(name="blocks")(x, None)
+            x = y.sum(0)
+        else:
+            x, _ = nn.scan(LiftedInner, length=4, **_LIFT)(name="blocks")(x, None)
+        return nn.Dense(5, name="head")(nn.LayerNorm(name="ln_f")(x))
+
+
+LIFTINGS = ["scan", "vmap", "nested"]
+for _stacking in LIFTINGS:
+    MODELS[f"named_{_stacking}"] = (functools.partial(NamedLift, _stacking), (jnp.ones((2, 3)),))
+PARITY += [f"named_{stacking}" for stacking in LIFTINGS]
+
+LIFTED_LEAVES = [
+    "Dense_0/bias", "Dense_0/kernel", "conv/bias", "conv/kernel", "fc/bias", "fc/kernel",
+    "gate/gate", "ln/bias", "ln/scale",
+]
+
+
+def by_path(tree, is_leaf=None) -> dict[str, object]:
+    """Leaves keyed by their ``/``-joined keys, as decaymask writes paths."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    return {"/".join(str(key.key) for key in path): leaf for path, leaf in flat}
+
+
+def lifted_batch_axes(stacking: str) -> dict[str, int]:
+    inside, stacked = ("blocks/inner", 2) if stacking == "nested" else ("blocks", 1)
+    return {
+        **{f"{inside}/{leaf}": stacked for leaf in LIFTED_LEAVES},
+        **{f"{head}/{name}": 0 for head, name in (
+            ("head", "bias"), ("head", "kernel"), ("ln_f", "bias"), ("ln_f", "scale"))},
+    }
+
+
+@pytest.mark.parametrize("stacking", LIFTINGS)
+def test_every_array_of_a_user_named_lift_is_stacked_by_names(stacking):
+    """By names, the Dense_0 (a kernel of 3 axes) and the fc and conv (a bias repeating
+    the kernel's leading axes) prove the stack; the layer norm, the conv's kernel and the
+    gate of unknown rank beside them have the same leading sizes: every array of the
+    lifted module is stacked, as the trace says."""
+    params = variables_of(f"named_{stacking}")["params"]
+    expected = lifted_batch_axes(stacking)
+    by_names = {leaf.path: leaf.batch_axes for leaf in _linen.leaves(params)}
+    assert by_names == expected
+    traced_axes = {
+        leaf.path: leaf.batch_axes for leaf in _linen.leaves(params, **traced(f"named_{stacking}"))
+    }
+    assert traced_axes == expected
+
+
+@pytest.mark.parametrize("stacking", LIFTINGS)
+def test_layer_decay_by_names_of_a_user_named_lift_is_the_traced_one(stacking):
+    params = variables_of(f"named_{stacking}")["params"]
+    policy = dm.Policy(dm.layer_decay(0.5))
+    with warnings.catch_warnings():
+        # The gate is a layer of unknown kind: said alike in both readings.
+        warnings.simplefilter("ignore", dm.PolicyWarning)
+        by_names = by_path(policy.lr_scales(params))
+        by_class = by_path(policy.lr_scales(params, **traced(f"named_{stacking}")))
+    assert set(by_names) == set(by_class) == set(lifted_batch_axes(stacking))
+    per_layer = np.float32([0.5**4, 0.5**3, 0.5**2, 0.5])
+    for path, scale in by_names.items():
+        if path.startswith("blocks/"):
+            assert scale.dtype == np.float32 and scale.shape[0] == 4, (path, scale)
+            np.testing.assert_array_equal(scale.ravel(), per_layer, err_msg=path)
+            np.testing.assert_array_equal(by_class[path], scale, err_msg=path)
+        else:
+            assert scale == by_class[path] == 1.0, path
+
+
+@pytest.mark.parametrize("stacking", LIFTINGS)
+def test_muon_dims_of_a_user_named_lift_by_names_are_the_traced_ones(stacking):
+    """Dense_0's layout comes from its auto name; its stacked axes from the lift: the
+    dims optax gets skip them, as the trace's do, and a real Muon step runs."""
+    from optax.contrib import MuonDimensionNumbers, muon
+
+    params = variables_of(f"named_{stacking}")["params"]
+    policy = dm.Policy(dm.decay(path="*/Dense_0/kernel"))
+    with warnings.catch_warnings():
+        # The gate is a layer of unknown kind: said alike in both readings.
+        warnings.simplefilter("ignore", dm.PolicyWarning)
+        dims = policy.muon_dims_for_flax(params)
+        assert dims == policy.muon_dims_for_flax(params, **traced(f"named_{stacking}"))
+    inside, stacked = (dims["blocks"]["inner"], 2) if stacking == "nested" else (dims["blocks"], 1)
+    assert inside["Dense_0"]["kernel"] == MuonDimensionNumbers((stacked,), (stacked + 1,))
+    leaf = lambda x: x is None or isinstance(x, MuonDimensionNumbers)  # noqa: E731
+    found = [p for p, d in by_path(dims, is_leaf=leaf).items() if d is not None]
+    assert found == [f"{'blocks/inner' if stacking == 'nested' else 'blocks'}/Dense_0/kernel"]
+    tx = muon(0.1, muon_weight_dimension_numbers=dims)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    kernel = by_path(updates)[found[0]]
+    assert kernel.shape == by_path(params)[found[0]].shape
+    assert np.all(np.isfinite(kernel)) and np.any(kernel != 0)
+
+
+STACKED_DENSE = {"kernel": jnp.ones((4, 3, 5)), "bias": jnp.ones((4, 5))}
+
+
+@pytest.mark.parametrize(
+    ("norm", "axes"),
+    [
+        ({"scale": jnp.ones((5, 3)), "bias": jnp.ones((5, 3))}, 0),
+        ({"scale": jnp.ones((4, 2, 3)), "bias": jnp.ones((4, 2, 3))}, 0),
+        ({"scale": jnp.ones((4, 3)), "bias": jnp.ones((4, 3))}, 1),
+    ],
+    ids=["leading-sizes-disagree", "one-layer-rank-wrong", "agree"],
+)
+def test_arrays_beside_a_proven_stack_are_stacked_only_where_they_agree(norm, axes):
+    """A stacked Dense_0 beside a layer norm under ``blocks``: the norm is stacked only
+    where its leading size is the Dense's and its scale is then 1-D; otherwise it stays
+    unmarked (never a guess), and layer decay says the stack is known only in part where
+    the sizes fit."""
+    params = {"blocks": {"Dense_0": STACKED_DENSE, "ln": norm}, "head": {"kernel": jnp.ones((5, 2))}}
+    rows = {leaf.path: leaf.batch_axes for leaf in _linen.leaves(params)}
+    assert rows == {
+        "blocks/Dense_0/bias": 1,
+        "blocks/Dense_0/kernel": 1,
+        "blocks/ln/bias": axes,
+        "blocks/ln/scale": axes,
+        "head/kernel": 0,
+    }
+    policy = dm.Policy(dm.layer_decay(0.5))
+    if norm["scale"].shape[0] == 4 and not axes:
+        with pytest.raises(ValueError, match=r"blocks/Dense_0 is stacked 4 times, but beside it in blocks"):
+            policy.lr_scales(params)
+    elif axes:
+        scales = by_path(policy.lr_scales(params))
+        np.testing.assert_array_equal(scales["blocks/ln/scale"].ravel(), [0.0625, 0.125, 0.25, 0.5])
+
+
+def test_a_dense_stacked_along_another_axis_proves_no_stack():
+    # variable_axes={"params": 1}: kernel (in, layers, out), bias (out, layers). The
+    # bias is no longer the kernel's output axis: nothing shows which axis is stacked.
+    params = {"blocks": {"Dense_0": {"kernel": jnp.ones((3, 4, 3)), "bias": jnp.ones((3, 4))},
+                         "ln": {"scale": jnp.ones((3, 4)), "bias": jnp.ones((3, 4))}}}
+    leaves = _linen.leaves(params)
+    assert [(leaf.path, leaf.batch_axes, leaf.matrix_axes) for leaf in leaves] == [
+        ("blocks/Dense_0/bias", 0, None),
+        ("blocks/Dense_0/kernel", 0, None),
+        ("blocks/ln/bias", 0, None),
+        ("blocks/ln/scale", 0, None),
+    ]
+
+
 # Muon layouts: never guessed.
 
 

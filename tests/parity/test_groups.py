@@ -809,12 +809,7 @@ STACKS = [
           _hk_options(False, "layer_stack"), "blocks"),
 ]
 FAILS_TO_FIND = {
-    "linen-scan-named-by-names": PART_MARKED.format(what="a user-named nn.scan in Linen params"),
-    "linen-vmap-named-by-names": PART_MARKED.format(what="a user-named nn.vmap in Linen params"),
     "nnx-vmap-state": NOT_MARKED.format(what="the arrays of an nnx.State of nnx.vmap-built blocks"),
-    "haiku-layer_stack-names": NOT_MARKED.format(
-        what="the arrays of Haiku params of hk.layer_stack"
-    ),
 }
 """Readings whose adapter does not mark the stacked arrays: no ladder is found."""
 

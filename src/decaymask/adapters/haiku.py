@@ -8,8 +8,11 @@ shared inference; ``lstm``/``vanilla_rnn`` own their ``linear`` gates, attention
 children are projections. ``fn=``/``args=`` trace ``init`` (``jax.eval_shape``,
 ``hk.intercept_methods``) for every module's class and every param's one-layer rank.
 ``hk.layer_stack`` adds a batch axis per ``__layer_stack_{no,with}_per_layer`` segment
-(Haiku 0.0.17's names; no ``~``), under a user-named stack where a Linear's ``w`` and
-``b`` share leading axes, or as the trace shows. State (``batch_norm/~/mean_ema``) is
+(Haiku 0.0.17's names; no ``~``), or as the trace shows. A user-named stack shows in no
+name: a ``b`` repeating its ``w``'s leading axes, or a ``Linear``/``Embed`` with more axes
+than one layer has, proves it, and every param of the lifted module (the outermost module
+around the proof all of whose params have the same sizes in front and, where the kind
+fixes it, one layer's rank behind them) gets its axes. State (``batch_norm/~/mean_ema``) is
 never decayed. Muon layouts only where proven (a Haiku class, traced or by its exact
 name, or a registration): ``Linear``/``Embed`` ``(in, out)``, ``ConvND``
 ``(*kernel, in, out)``, ``ConvNDTranspose`` ``(*kernel, out, in)``.
@@ -43,6 +46,7 @@ def snake(class_name: str) -> str:
 
 # Haiku's modules by their instances' names: (class name, kind, layout of the weight).
 _DENSE, _CONV, _TRANSPOSE = "dense", "conv", "transpose"
+Proof = tuple[int, tuple[int, ...]]  # (stacked leading axes, their sizes)
 _BUILTIN: dict[str, tuple[str, str, str | None]] = {snake(c): (c, k, lay) for c, k, lay in (
     ("Linear", "linear", _DENSE), ("Embed", "embedding", _DENSE), ("GRU", "recurrent", _DENSE),
     ("MultiHeadAttention", "attention", None), ("LSTM", "recurrent", None),
@@ -181,36 +185,18 @@ def _walk(tree: Any, method: str, fn: Any, args: Any, kwargs: Any) -> tuple[list
                         f"tracing fn=, but no fn= was given. Pass the transformed function "
                         f"too: policy.{method}(params, fn=transformed, args=(x,)).")
     trace = None if fn is None else HaikuTrace(method, fn, args, kwargs, tree)
-    paths = {key: tuple(key.split("/")) for key in tree}
-    children: dict[tuple[str, ...], set[str]] = {}
-    for segments in paths.values():
-        for i in (i for i in range(1, len(segments)) if segments[i] != "~"):
-            children.setdefault(_module_id(segments[:i]), set()).add(segments[i])
-    modules: dict[tuple[str, ...], _Module] = {}
-
-    def batch_of(key: str, name: str, shape: tuple[int, ...]) -> int:
-        rank = trace.ranks.get(f"{key}/{name}") if trace is not None else None
-        if rank is not None:
-            return max(0, len(shape) - rank)
-        return min(len(shape), _stacked(paths[key], tree[key]))
-
-    def module_of(mid: tuple[str, ...]) -> _Module:
-        found = modules.get(mid)
-        if found is None:
-            up, key = _module_id(mid[:-1]), "/".join(mid)
-            arrays = {n: len(v.shape) - batch_of(key, n, tuple(v.shape))
-                      for n, v in tree.get(key, {}).items() if is_array_like(v)}
-            cls = trace.classes.get(key) if trace is not None else None
-            found = modules[mid] = _read(mid, cls, arrays, children.get(mid, set()),
-                                         module_of(up) if up else None)
-        return found
+    modules = _Modules(tree, trace)
+    if trace is None and any([modules.proof(key) for key in tree]):
+        # By names, some params proved a user-named stack: the modules it lifts.
+        modules.lifted = _lifted(modules)
+    batch_of, paths = modules.batch_of, modules.paths
 
     leaves: list[Leaf] = []
     order: list[tuple[str, str]] = []
     for key in sorted(tree):
         segments = paths[key]
         mid = _module_id(segments)
-        module = module_of(mid) if mid and not all(_STACK.match(s) for s in mid) else None
+        module = modules.of(mid) if mid and not all(_STACK.match(s) for s in mid) else None
         if module is not None:
             owner = module.owner
         else:  # no module: the owner stands for the path's parent, the params' key
@@ -243,9 +229,6 @@ def _walk(tree: Any, method: str, fn: Any, args: Any, kwargs: Any) -> tuple[list
                 batch_axes=batch, layout_axes=layout_axes, matrix_axes=axes,
             ))
             order.append((key, name))
-    # module_of calls itself through its closure: a cycle, freed only by the collector.
-    del module_of
-
     def rebuild(values: list[Any]) -> Any:  # other values (optax.MaskedNode) stay as they are
         out = {key: dict(module) for key, module in tree.items()}
         for (key, name), value in zip(order, values, strict=True):
@@ -255,16 +238,192 @@ def _walk(tree: Any, method: str, fn: Any, args: Any, kwargs: Any) -> tuple[list
     return leaves, rebuild
 
 
-def _stacked(segments: tuple[str, ...], direct: Mapping[str, Any]) -> int:
-    """Stacked leading axes by names: one per default-named stack, or what a Linear's
-    ``w`` and ``b`` share beyond their one-layer ranks of 2 and 1."""
-    stacks = sum(1 for s in segments if _STACK.match(s))
+class _Modules:
+    """The module of every path of a params dict, read once each, and the stacked axes
+    of every param.
+
+    Stacked axes come from the trace, else from names: one per default-named
+    ``hk.layer_stack`` segment, those a module's own params prove (:meth:`proof`), and
+    those of the lifted module around it (``lifted``, set from :func:`_lifted`) where
+    the param agrees. Kinds are read before the lifted modules are known (the ranks
+    they see count the axes that default names and a module's own params show), as
+    they are read from Linen params.
+    """
+
+    def __init__(self, tree: Mapping[str, Any], trace: HaikuTrace | None):
+        self.tree, self.trace = tree, trace
+        self.lifted: dict[tuple[str, ...], Proof] = {}
+        self.paths = {key: tuple(key.split("/")) for key in tree}
+        self.children: dict[tuple[str, ...], set[str]] = {}
+        for segments in self.paths.values():
+            for i in (i for i in range(1, len(segments)) if segments[i] != "~"):
+                self.children.setdefault(_module_id(segments[:i]), set()).add(segments[i])
+        self.modules: dict[tuple[str, ...], _Module] = {}
+        self.proofs: dict[str, Proof | None] = {}
+
+    def of(self, mid: tuple[str, ...]) -> _Module:
+        """The module of path segments ``mid`` (no trailing ``~``)."""
+        found = self.modules.get(mid)
+        if found is None:
+            up, key = _module_id(mid[:-1]), "/".join(mid)
+            direct = self.tree.get(key, {})
+            arrays = {n: len(v.shape) - self.batch_of(key, n, tuple(v.shape), False)
+                      for n, v in direct.items() if is_array_like(v)}
+            cls = self.trace.classes.get(key) if self.trace is not None else None
+            found = self.modules[mid] = _read(mid, cls, arrays, self.children.get(mid, set()),
+                                              self.of(up) if up else None)
+        return found
+
+    def batch_of(self, key: str, name: str, shape: tuple[int, ...], read: bool = True) -> int:
+        """The stacked leading axes of the param ``name`` of the module at ``key``;
+        without ``read``, only what names and shapes show before its module is read."""
+        rank = self.trace.ranks.get(f"{key}/{name}") if self.trace is not None else None
+        if rank is not None:
+            return max(0, len(shape) - rank)
+        segments = self.paths[key]
+        direct = self.tree[key]
+        batch = sum(1 for s in segments if _STACK.match(s))
+        if not read:  # a w and b of a stacked linear show it before its kind is read
+            return min(len(shape), max(batch, _stacked_by_bias(segments, direct) or 0))
+        own = self.proof(key)
+        batch = max(batch, own[0] if own is not None else 0)
+        found = _lifted_at(self.lifted, _module_path(segments)) if self.lifted else None
+        if found is not None and _agrees(shape, self.one_layer_ndim(key, name), found,
+                                        own and (own[0], tuple(shape[: own[0]]))):
+            batch = max(batch, found[0])
+        return min(len(shape), batch)
+
+    def proof(self, key: str) -> Proof | None:
+        """The stack the params of the module at ``key`` prove by names, if any."""
+        if key not in self.proofs:
+            proof = None
+            if self.trace is None:
+                proof = _proof(self.paths[key], self.module_at(key), self.tree[key])
+            self.proofs[key] = proof
+        return self.proofs[key]
+
+    def one_layer_ndim(self, key: str, name: str) -> int | None:
+        """The rank the param ``name`` has in one layer of the module at ``key``, where
+        its kind fixes it."""
+        module = self.module_at(key)
+        return _ONE_LAYER_NDIM.get(module.layer.kind, {}).get(name) if module else None
+
+    def module_at(self, key: str) -> _Module | None:
+        """The module that holds the params at ``key`` (none for the root's, ``~``)."""
+        mid = _module_id(self.paths[key])
+        return self.of(mid) if mid else None
+
+
+# The rank a param has in one layer of a kind, where known by names; a norm's params
+# have the input's rank with param_axis, a conv's bias with channels first.
+_NORM_NDIM = {"scale": 1, "offset": 1}
+_ONE_LAYER_NDIM: dict[str, dict[str, int]] = {
+    "linear": {"w": 2, "b": 1},
+    "embedding": {"embeddings": 2},
+    **{kind: _NORM_NDIM for kind in ("layer_norm", "rms_norm", "group_norm", "instance_norm")},
+}
+# The ranks that prove a stack: Haiku's Linear and Embed make them whatever their
+# configuration.
+_FIXED_NDIM: dict[str, dict[str, int]] = {
+    "Linear": {"w": 2, "b": 1},
+    "Embed": {"embeddings": 2},
+}
+
+
+def _stacked_by_bias(segments: tuple[str, ...], direct: Mapping[str, Any]) -> int | None:
+    """The stacked axes a ``w`` and a ``b`` of two or more axes prove: ``b``'s leading
+    axes repeat ``w``'s, and ``b`` ends as ``w`` does (a stacked linear's ``w`` (4, 3, 5)
+    and ``b`` (4, 5), a stacked conv's ``w`` (4, 2, 3, 5) and ``b`` (4, 5)). Not where
+    ``b`` is ``w``'s last axes too (one layer from 3 inputs to (3, 5) outputs reads the
+    same), nor for Haiku's modules other than Linear (a conv's bias may have the
+    input's rank)."""
+    if _BUILTIN.get(_base(segments[-1]), ("Linear",))[0] != "Linear":
+        return None
     w, b = getattr(direct.get("w"), "shape", None), getattr(direct.get("b"), "shape", None)
-    if _base(segments[-1]) == "linear" and w is not None and b is not None:
-        extra = len(b) - 1
-        if 0 < extra == len(w) - 2 and tuple(w[:extra]) == tuple(b[:extra]):
-            return max(stacks, extra)
-    return stacks
+    if w is None or b is None or len(b) < 2 or len(w) < len(b):
+        return None
+    extra = len(b) - 1
+    stack = tuple(w[:extra]) == tuple(b[:extra]) and w[-1] == b[-1]
+    general = tuple(w[-len(b):]) == tuple(b)
+    return extra if stack and not general else None
+
+
+def _proof(segments: tuple[str, ...], module: _Module | None,
+           direct: Mapping[str, Any]) -> Proof | None:
+    """(stacked axes, their sizes) that a module's params prove by names: a stacked
+    linear's ``w`` and ``b``, or a Linear or Embed with more axes than one layer has."""
+    arrays = {n: tuple(v.shape) for n, v in direct.items() if is_array_like(v)}
+    stacked = None
+    if module is None:
+        return None
+    if module.registration is None:
+        stacked = _stacked_by_bias(segments, direct)
+    fixed = _FIXED_NDIM.get(module.layer.type_name or "", {}) if module.trusted else {}
+    for name, shape in arrays.items():
+        if name in fixed:
+            extra = len(shape) - fixed[name]
+            if extra < 1 or stacked not in (None, extra):
+                return None
+            stacked = extra
+    if not stacked:
+        return None
+    w, b = arrays.get("w"), arrays.get("b")
+    if w is not None and b is not None and (not b[stacked:] or w[-1] != b[-1]):
+        return None  # one layer's b is w's output axis: stacked along another axis
+    sizes = {shape[:stacked] for shape in arrays.values()}
+    return (stacked, sizes.pop()) if len(sizes) == 1 else None
+
+
+def _lifted(modules: _Modules) -> dict[tuple[str, ...], Proof]:
+    """The lifted modules of user-named stacks (``hk.layer_stack(n, name=...)``).
+
+    For each module whose params prove a stack, the outermost module around it all of
+    whose params agree with the proof (:func:`_agrees`): its params are all stacked
+    alike, the layer norm beside a stacked linear too. Where a param disagrees (a
+    leading size that differs, a norm's scale of the wrong rank, another proof), no
+    module above it is taken: never a guess.
+    """
+    arrays = []
+    for key, direct in modules.tree.items():
+        own = modules.proof(key)
+        for name, value in direct.items():
+            if is_array_like(value):
+                shape = tuple(value.shape)
+                arrays.append((_module_path(modules.paths[key]), shape,
+                               modules.one_layer_ndim(key, name),
+                               own and (own[0], shape[: own[0]])))
+    proofs = {path: own for path, _, _, own in arrays if own is not None}
+    lifted: dict[tuple[str, ...], Proof] = {}
+    for proof in set(proofs.values()):
+        refused = {path[:end] for path, shape, ndim, own in arrays
+                   if not _agrees(shape, ndim, proof, own) for end in range(1, len(path) + 1)}
+        for path in (path for path, own in proofs.items() if own == proof):
+            top = next((path[:end] for end in range(1, len(path) + 1)
+                        if path[:end] not in refused), None)
+            if top is not None:
+                lifted[top] = proof
+    return lifted
+
+
+def _agrees(shape: tuple[int, ...], ndim: int | None, proof: Proof, own: Proof | None) -> bool:
+    """Whether a param can be stacked as ``proof`` says: its own module proves the same
+    or nothing, it has the stacked sizes in front and then one layer's rank (``ndim``,
+    where known)."""
+    stacked, sizes = proof
+    return (own is None or own == proof) and tuple(shape[:stacked]) == sizes and \
+        (ndim is None or len(shape) - stacked == ndim)
+
+
+def _lifted_at(lifted: Mapping[tuple[str, ...], Proof], path: tuple[str, ...]) -> Proof | None:
+    """The proof of the lifted module around the module at ``path``, if any."""
+    return next((lifted[path[:end]] for end in range(1, len(path) + 1)
+                 if path[:end] in lifted), None)
+
+
+def _module_path(segments: tuple[str, ...]) -> tuple[str, ...]:
+    """A params key's module path without ``~``: a constructor's modules belong to the
+    module that made them."""
+    return tuple(s for s in segments if s != "~")
 
 
 def _base(segment: str) -> str:

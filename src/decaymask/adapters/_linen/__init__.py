@@ -35,6 +35,15 @@ as a module, in this order:
    the leaf is ``"ambiguous"``. The ``query``/``key``/``value``/``out`` children of an
    attention layer are its projections.
 
+A user-named ``nn.scan``/``nn.vmap`` shows in no name. Read by names, its stacked axes
+are proven by some arrays (a bias repeating the kernel's leading axes, a ``Dense_0``,
+``Embed_0`` or attention projection with more axes than its class ever makes, a conv's
+bias beyond ``(out,)``), and then given to every array of the lifted module: the
+outermost module around the proof all of whose arrays have the same sizes in front and,
+where the layer fixes it, one layer's rank behind them (the ``LayerNorm`` beside the
+``Dense`` in each block). Where an array disagrees, no module above it is taken
+(``_stacks.py``).
+
 Two kinds of module own the arrays of modules inside them. A recurrent cell (Linen's
 cells keep their gates in ``Dense`` or ``Conv`` children such as ``ii``/``hi``) owns
 its gates' kernels and biases, with roles ``weight`` and ``bias``, exactly as an
@@ -46,8 +55,9 @@ norm inside a user's cell stays a norm).
 With ``module=`` and ``args=``, ``model.init`` is traced abstractly (``jax.eval_shape``,
 no arrays allocated) with a method interceptor that records the class of every module
 path and the rank each array has inside its layer (so arrays stacked by ``nn.scan`` or
-``nn.vmap`` get ``batch_axes``; by names alone, only layers of a fixed rank under a
-``Scan``/``Vmap`` auto name, or a stack a bias proves, get them). A class is looked up
+``nn.vmap`` get ``batch_axes``; by names alone, layers of a fixed rank under a
+``Scan``/``Vmap`` auto name and the arrays of a lifted module a proof finds get them). A
+class is looked up
 in the registry, then in :data:`KIND_TABLE` (subclasses count); any other class name is
 read with the module's arrays as in step 2, so the classes are never worse than the
 names. A call compiled by ``nn.jit`` that jax has cached runs no Python: where the

@@ -11,7 +11,13 @@ from ...core import _registry
 from ...core._infer import kind_from_name, name_kind, resolve_kind, role_from_name
 from ...core._leaf import Layer
 from ._kinds import auto_name_kind, linen_class_kind
-from ._tables import ATTENTION_NAMES, ATTENTION_PROJECTIONS, CELL_GATE_SETS, auto_class
+from ._tables import (
+    ATTENTION_NAMES,
+    ATTENTION_PROJECTIONS,
+    CELL_GATE_SETS,
+    auto_class,
+    fixed_ndim,
+)
 from ._trace import LinenTrace
 
 
@@ -33,7 +39,9 @@ class LinenModule:
     visible: bool = True  # listed among ancestors
     trusted: bool = False  # kind from a table or the registry (class or auto name)
     key: str = ""  # its own key: an embedding named for positions holds a position table
-    batch: int | None = None  # stacked axes its arrays prove (a user-named stack)
+    # Stacked leading axes its own arrays prove (a bias repeating the kernel's leading
+    # axes, or a layer of fixed ranks with more axes), the same sizes on each.
+    batch: int | None = None
 
 
 def owner_identity(owner: LinenModule) -> tuple:
@@ -142,6 +150,35 @@ def _stacked_by_bias(
     return None, None
 
 
+def _stacked_by_rank(layer: Layer, key: str, direct: Mapping[str, Any]) -> int | None:
+    """Stacked axes that the arrays of a layer of fixed ranks prove (:func:`fixed_ndim`).
+
+    Each array of a fixed rank has the same number of axes more than one layer's, every
+    array of the layer the same sizes on them, and the bias behind them the kernel's
+    output axes: a ``Dense_0`` kernel ``(4, 3, 5)`` and bias ``(4, 5)`` are 4 stacked
+    layers.
+    """
+    fixed = {name: fixed_ndim(layer, key, name) for name in direct}
+    if not any(rank is not None for rank in fixed.values()):
+        return None  # shapes unread: alike modules of any shapes share one reading
+    # get: the walk notes it, and keys the module by its shapes.
+    shapes = {name: tuple(cast(Any, direct.get(name)).shape) for name in direct}
+    extra = {len(shapes[name]) - rank for name, rank in fixed.items() if rank is not None}
+    if len(extra) != 1 or min(extra) < 1:
+        return None
+    (stacked,) = extra
+    if len({shape[:stacked] for shape in shapes.values()}) != 1:
+        return None
+    kernel, bias = shapes.get("kernel"), shapes.get("bias")
+    if kernel is not None and bias is not None:
+        # One layer's bias is the kernel's output axes: not so where the layers are
+        # stacked along another axis (variable_axes={"params": 1}).
+        one = bias[stacked:]
+        if not one or kernel[len(kernel) - len(one) :] != one:
+            return None
+    return stacked
+
+
 class LinenInference:
     """A module's kind from the trace, its names and its arrays.
 
@@ -190,8 +227,11 @@ class LinenInference:
         )
         type_name = _projection_type_name(said, cls is not None, kind, key, parent)
         trusted = said.kind is not None
+        layer = Layer(kind, type_name, cls, source)
+        if batch is None and self.trace is None and path:
+            batch = _stacked_by_rank(layer, key, direct)
         return LinenModule(
-            layer=Layer(kind, type_name, cls, source),
+            layer=layer,
             ancestors=ancestors,
             depths=depths + (len(path),),
             stacked=stacked,
@@ -275,6 +315,7 @@ class LinenInference:
                 return ambiguous, "ambiguous", None
             if batch is not None:
                 ranks = {n: max(0, r - batch) for n, r in ranks.items()}
+                batch += stacked  # with the axes an auto name stacks: all of them
         kind, evidence = resolve_kind(name, ranks, children)
         return kind, evidence, batch
 

@@ -10,12 +10,15 @@ from ...core._leaf import Leaf
 from .._common import path_text
 from ._arrays import cached_dtype_name
 from ._infer import LinenInference, LinenModule
+from ._stacks import Proof, agrees, lifted_at
 from ._tables import ATTENTION_LAYOUT, layout_base, natural_ndim
 
 
 class LinenReader(LinenInference):
     """What the walk reads of a module: its kind (:class:`LinenInference`) and the
     :class:`Leaf` record of one array."""
+
+    lifted: dict[tuple[str, ...], Proof]  # by names: lifted modules (_stacks.py)
 
     def leaf_record(
         self,
@@ -43,9 +46,7 @@ class LinenReader(LinenInference):
             else:
                 role = role_from_name(layer.kind, name, owner.key)
         shape = tuple(array.shape)
-        batch_axes, known_rank = self._batch_axes(
-            collection, path, key, name, shape, module, direct
-        )
+        batch_axes, known_rank = self._batch_axes(collection, path, key, name, shape, module)
         if collection == "params":
             text = path_text(path + (key,))
             depths = owner.depths
@@ -100,33 +101,46 @@ class LinenReader(LinenInference):
         name: str,
         shape: tuple[int, ...],
         module: LinenModule,
-        direct: Mapping[str, Any],
     ) -> tuple[int, bool]:
-        """(stacked leading axes, whether one layer's rank is known) of an array."""
-        layer = (module.absorbed_by or module).layer
+        """(stacked leading axes, whether one layer's rank is known) of an array.
+
+        Traced, the rank the trace saw. By names: under a ``Scan``/``Vmap`` auto name,
+        the axes beyond one layer's rank where the layer fixes it; the axes its own
+        module's arrays prove (:attr:`LinenModule.batch`); and the axes of the lifted
+        module around it (``lifted``), where the array agrees with them.
+        """
         batch_axes = 0
         known_rank = True
         if self.trace is not None:
             inner = self.trace.ndims.get((collection, path + (key,)))
             if inner is not None:
                 batch_axes = max(0, len(shape) - inner)
-        elif module.stacked:
-            natural = natural_ndim(module.layer, path[-1] if path else "", name)
+            return batch_axes, known_rank
+        natural = self.one_layer_ndim(path, name, module)
+        if module.stacked:
             if natural is not None:
                 batch_axes = min(module.stacked, max(0, len(shape) - natural))
             known_rank = natural is not None
         elif module.batch is not None:
-            # A bias whose leading axes repeat the kernel's: layers stacked by a
-            # user-named nn.scan or nn.vmap, which must not widen the kernel's window.
+            # Its arrays proved layers stacked by a user-named nn.scan or nn.vmap (a
+            # conv's bias beyond (out,), a bias repeating the kernel's leading axes),
+            # which must not widen a conv kernel's window.
             batch_axes = min(module.batch, len(shape))
-        elif layer.kind == "conv" and collection == "params" and layer.type_name != "ConvLocal":
-            # A conv's bias is (out,) in one layer (ConvLocal's has one per position):
-            # more axes show stacked layers (a user-named nn.scan), which must not widen
-            # the kernel's window.
-            bias = direct.get("bias")
-            if bias is not None and hasattr(bias, "shape"):
-                batch_axes = max(0, len(bias.shape) - 1)
+        proof = lifted_at(self.lifted, path) if self.lifted else None
+        if proof is not None and agrees(shape, natural, proof, self.own_proof(shape, module)):
+            # Inside a module whose arrays all agree with a stack that some of them prove.
+            batch_axes, known_rank = max(batch_axes, proof[0]), True
         return batch_axes, known_rank
+
+    @staticmethod
+    def one_layer_ndim(path: tuple[str, ...], key: str, module: LinenModule) -> int | None:
+        """The rank an array has in one layer known by its names, or ``None``."""
+        return natural_ndim(module.layer, path[-1] if path else "", key.rsplit("/", 1)[-1])
+
+    @staticmethod
+    def own_proof(shape: tuple[int, ...], module: LinenModule) -> Proof | None:
+        """The stack an array's own module proves (:attr:`LinenModule.batch`), if any."""
+        return (module.batch, tuple(shape[: module.batch])) if module.batch else None
 
     def _registered_batch(
         self,

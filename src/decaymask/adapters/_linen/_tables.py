@@ -113,6 +113,26 @@ def layout_base(layer: Layer) -> str | None:
     return _LAYOUT_NAMES.get(layer.type_name) if layer.type_name is not None else None
 
 
+# The ranks one layer's arrays have whatever the layer's configuration: more axes can
+# only be layers stacked in front (by a user-named nn.scan or nn.vmap), which proves the
+# stack. A norm's scale is left out: LayerNorm(feature_axes=(-2, -1)) makes it 2-D.
+_FIXED_NDIM: dict[str, dict[str, int]] = {
+    "Dense": {"kernel": 2, "bias": 1},
+    "Embed": {"embedding": 2},
+}
+
+
+def fixed_ndim(layer: Layer, module_key: str, name: str) -> int | None:
+    """The rank ``name`` has in one layer of any configuration, or ``None``: Dense and
+    Embed (by auto name), attention projections, and a conv's bias (but ConvLocal's)."""
+    if layer.type_name == "DenseGeneral" and module_key in _ATTENTION_NDIM:
+        kernel, bias = _ATTENTION_NDIM[module_key]
+        return kernel if name == "kernel" else bias if name == "bias" else None
+    if layer.kind == "conv" and layer.type_name != "ConvLocal":
+        return 1 if name == "bias" else None
+    return _FIXED_NDIM.get(layer.type_name or "", {}).get(name)
+
+
 def natural_ndim(layer: Layer, module_key: str, name: str) -> int | None:
     """The rank ``name`` has in one layer known by name only, or ``None``."""
     if layer.type_name == "DenseGeneral" and module_key in _ATTENTION_NDIM:

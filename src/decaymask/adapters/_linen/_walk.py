@@ -26,6 +26,7 @@ from ._infer import LinenModule
 from ._nodes import AT_LEAF, AT_NODE, STR_ONLY, EmptyNode, mapping_of
 from ._other import OtherCollections
 from ._signature import ResolvedModule, WatchedArrays, key_traits, traits_of
+from ._stacks import Proof, lifted_modules
 from ._traced import traced_reading
 from ._variables import looks_like_variables, undecidable_error
 
@@ -62,6 +63,8 @@ class LinenWalk(OtherCollections):
         self.fn = fn
         self.tree = tree
         self.trace = None
+        # Lifted modules of user-named stacks, by names: their arrays' stacked axes.
+        self.lifted: dict[tuple[str, ...], Proof] = {}
         self.boxed = False  # a box (nn.Partitioned) was met: it is a leaf of the result
         if mapping_of(tree) is None:
             one = jax.tree_util.tree_flatten(tree, is_leaf=lambda x: x is not tree)[0]
@@ -89,6 +92,8 @@ class LinenWalk(OtherCollections):
         except EmptyNode:
             self.careful = True
             self._start()
+        if self.proved:
+            self._find_lifted()
         self.leaves = LeafTable(self.keys, self._build_leaf)
         self.treedef = jax.tree_util.tree_structure(tree, is_leaf=is_box if self.boxed else None)
         flattened = self.treedef.num_leaves  # type: ignore[attr-defined, unused-ignore]  # mypy cannot resolve jaxlib's PyTreeDef
@@ -116,6 +121,7 @@ class LinenWalk(OtherCollections):
         self.located: dict[int, tuple] = {}
         self.seen: set[int] = set()
         self.complete = False
+        self.proved = False  # by names, a module's arrays proved a stack
         # The other collections of a variables mapping, by module path.
         self.other: dict[tuple[str, ...], dict[str, Any]] = {}
         self.other_children: dict[tuple[str, ...], set[str]] = {}
@@ -321,6 +327,8 @@ class LinenWalk(OtherCollections):
         module = self.infer_module(
             path, parent.module if parent is not None else None, watched, merged, children
         )
+        if module.batch and self.trace is None:
+            self.proved = True
         keys = tuple(
             self.key_ids.setdefault((self._owner_id(module), name, is_floating(array)), len(self.key_ids))
             for name, array in direct.items()
@@ -338,15 +346,31 @@ class LinenWalk(OtherCollections):
 
     # Leaves.
 
-    def _build_leaf(self, index: int) -> Leaf:
-        found = self.located.get(index)
-        if found is None and not self.complete:
-            # A leaf that is no key's first: locate every leaf, once.
+    def _locate_all(self) -> None:
+        """Locates every leaf, once (a leaf that is no key's first is located only by
+        visiting once more)."""
+        if not self.complete:
             keys = self.keys
             self.keys = keys[: self.base]
             self._run(self.params, True)
             self.keys = keys
             self.complete = True
+
+    def _find_lifted(self) -> None:
+        """The lifted modules of user-named stacks that some arrays proved by names."""
+        self._locate_all()
+        arrays = []
+        for collection, path, name, array, module, _ in self.located.values():
+            if collection == "params":
+                shape = tuple(array.shape)
+                arrays.append((path, shape, self.one_layer_ndim(path, name, module),
+                               self.own_proof(shape, module)))
+        self.lifted = lifted_modules(arrays)
+
+    def _build_leaf(self, index: int) -> Leaf:
+        found = self.located.get(index)
+        if found is None:
+            self._locate_all()
             found = self.located[index]
-        collection, path, name, array, module, direct = found  # type: ignore[misc]
+        collection, path, name, array, module, direct = found
         return self.leaf_record(collection, path, name, array, module, direct)
