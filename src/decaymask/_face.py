@@ -270,8 +270,9 @@ class Policy(_CorePolicy):
         Raises:
           VerifyError: (a ``ValueError``) the leaves where ``tx`` does not do what the
             policy says, each with its path, what was expected and what happened; or
-            ``tx`` cannot be run on ``params`` (built for another structure), or moved
-            no leaf at all (a learning rate of 0 at the first step).
+            ``tx`` cannot be run on ``params`` (built for another structure), moved no
+            leaf at all (a learning rate of 0 at the first step), or gave updates that
+            are not finite (an eps that float16 rounds to 0).
           TypeError: ``tx`` is not a gradient transformation.
 
         Example:

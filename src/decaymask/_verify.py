@@ -1,24 +1,27 @@
 """verify: one probe of an optimizer against what a policy says it should do.
 
-The probe runs ``tx.update`` three times from ``tx.init(params)``:
+The probe calls ``tx.init(params)`` once and ``tx.update`` three times from that state:
 
 - zero gradients at ``p``: an optimizer moves a leaf only by its weight decay, so the
   update is ``-c * f * p`` where the policy decays the leaf (``c`` common to every
   leaf, ``f`` its multiplier times its decay rate) and zero elsewhere;
-- gradients of ones at ``p``: minus the first, what the gradient alone does. An
-  element-wise optimizer treats every element alike: one value per leaf (per layer for a
-  stacked leaf), the same for every leaf once divided by its multiplier;
-- random signs ``s`` at ``2 * p``: an element-wise optimizer odd in the gradient (sgd,
-  adam, lion...) whose step does not depend on the params' scale gives ``s`` times the
-  second probe's gradient part plus twice the first probe's decay. Where it does not
-  (Muon orthogonalises the matrix, LAMB and Adafactor scale by the params' norm), the
-  leaf's multiplier cannot be read from the probe and is left unchecked.
+- gradients of ones at ``p``: minus the first, what a gradient does. An element-wise
+  optimizer moves every element of a layer alike, by a value that is the same for
+  every leaf once divided by its multiplier;
+- signs ``s`` at ``2 * p`` (of the ones' global norm; a few elements are 2 or 0): an
+  element-wise optimizer whose step does not depend on the params' scale (sgd, adam,
+  lion, with or without a global clip) moves each element of magnitude 1 by ``s``
+  times what the ones moved it, plus twice the first probe's decay. Where a leaf does
+  not (Muon orthogonalises its matrices and normalises its vectors, LAMB and Adafactor
+  scale by the params' norm), its multiplier cannot be read from the probe and is
+  left unchecked.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -29,11 +32,26 @@ if TYPE_CHECKING:
     from ._face import Policy
 
 # Relative tolerance of the probe's comparisons: float32 rounding of a few products.
+# Params of a coarser dtype get a few of its epsilons (bfloat16: 3%).
 _TOLERANCE = 1e-3
+_EPSILONS = 4
 # Mismatches shown in the message; ``VerifyError.mismatches`` holds them all.
 _SHOWN = 12
-# Order of the checks within one leaf in the message.
+# The order of one leaf's checks in the message.
 _CHECKS = ("frozen update", "frozen state", "decay", "multiplier")
+_DECAYED = ("decayed", "not decayed")
+_UNAPPLIED = "(no multiplier applied)"
+_STILL = "no update from its gradient"
+
+
+def _untraceable() -> tuple[type[BaseException], ...]:
+    import jax
+
+    return (
+        jax.errors.ConcretizationTypeError,
+        jax.errors.TracerArrayConversionError,
+        jax.errors.TracerIntegerConversionError,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,9 +63,9 @@ class Mismatch:
     check: str
     """``"decay"``, ``"multiplier"``, ``"frozen update"`` or ``"frozen state"``."""
     expected: str
-    """What the policy says, e.g. ``"decayed"``, ``"the update times 0.5"``."""
+    """What the policy says, e.g. ``"decayed"`` or ``"the update times 0.5"``."""
     got: str
-    """What the probe found, e.g. ``"not decayed"``, ``"the update times 1"``."""
+    """What the probe found, e.g. ``"not decayed (no move with zero gradients)"``."""
 
     def __str__(self) -> str:
         return f"{self.path}: {self.check}: expected {self.expected}, got {self.got}"
@@ -59,20 +77,23 @@ class VerifyError(ValueError):
     def __init__(self, message: str, mismatches: Sequence[Mismatch] = ()):
         super().__init__(message)
         self.mismatches: tuple[Mismatch, ...] = tuple(mismatches)
-        """Every mismatch, in the params' order (the message shows the first few)."""
+        """Every mismatch, in the params' order (the message shows the first few);
+        empty where ``tx`` could not be probed at all."""
 
 
-# Per-layer statistics the jitted measurement returns for each leaf, in this order.
+# What the measurement gives for each leaf, one value per layer, in this order.
 _STATS = (
     "u0",  # max |update| with zero gradients
     "u1",  # max |update| with gradients of ones
-    "u2",  # max |update| with signs at 2p
+    "u2",  # max |update| with the signs at 2p
     "p",  # max |p|
-    "rmin",  # min of -u0 / p over nonzero p (the decay per unit of p)
+    "rmin",  # min of -u0 / p over p != 0 (and u0 a normal number): the decay per unit of p
     "rmax",
-    "dmin",  # min of u1 - u0 (the gradient's effect)
+    "dmin",  # min of d = u1 - u0: what the gradient of ones does
     "dmax",
-    "odd",  # max |u2 - 2 u0 - s (u1 - u0)|: zero for an element-wise optimizer
+    "qmin",  # min of (u2 - 2 u0) / (s d) over |s| = 1 and d != 0: 1 for element-wise
+    "qmax",
+    "qstray",  # max |u2 - 2 u0| over |s| = 1 and d = 0: 0 for element-wise
     "finite",  # 1 where every probe is finite
 )
 _AT = {name: i for i, name in enumerate(_STATS)}
@@ -80,15 +101,18 @@ _AT = {name: i for i, name in enumerate(_STATS)}
 
 @dataclasses.dataclass
 class _Leaf:
-    """One leaf's measurements, one value per layer (one layer unless stacked)."""
+    """One leaf's decision and measurements."""
 
     row: Any
-    stats: Any  # float64 numpy array (len(_STATS), layers)
+    stats: Any  # float64 array (len(_STATS), layers)
 
     def __getattr__(self, name: str) -> Any:
         if name not in _AT:
             raise AttributeError(name)
         return self.stats[_AT[name]]
+
+    def most(self, *names: str) -> float:
+        return max(float(getattr(self, name).max()) for name in names)
 
 
 def verify(
@@ -100,64 +124,95 @@ def verify(
     import numpy as np
 
     report = policy.explain(params, framework=framework, **options)
-    leaves, treedef = jax.tree_util.tree_flatten(params)
+    leaves = jax.tree_util.tree_leaves(params)
     if len(leaves) != len(report):
         raise VerifyError(
-            f"policy.verify: params hold {len(leaves)} leaves but {len(report)} arrays; "
-            f"pass what tx.init is handed (e.g. eqx.filter(model, eqx.is_array) or "
-            f"nnx.state(model, nnx.Param))."
+            f"policy.verify: params hold {len(leaves)} leaves, of which {len(report)} "
+            f"are arrays; pass what tx.init is handed, the arrays alone (e.g. "
+            f"eqx.filter(model, eqx.is_array), or nnx.state(model, nnx.Param))."
         )
-    # NNX: tx.init sees the State of Variables, tx.update the bare arrays, as
-    # nnx.Optimizer hands them (nnx.as_pure).
-    pure = _pure(params)
-    pure_def = jax.tree_util.tree_structure(pure)
-    layers = tuple(_layers(row) for row in report)
-    zero, one, signs, doubled = jax.jit(_probes)(leaves)
+    state, updates, signs = _run(tx, params, leaves, report)
+    found = [
+        _Leaf(row, _measure(p, u0, u1, u2, s, _layers(row)))
+        for row, p, u0, u1, u2, s in zip(report, leaves, *updates, signs)
+    ]
+    broken = [leaf.row.path for leaf in found if leaf.row.trainable and not np.all(leaf.finite)]
+    if broken:
+        shown = ", ".join(broken[:3]) + (f" and {len(broken) - 3} more" if len(broken) > 3 else "")
+        raise VerifyError(
+            f"policy.verify: tx's updates are not finite at {shown}, so there is "
+            f"nothing to compare. With zero gradients, an optimizer dividing by a second "
+            f"moment divides 0 by its eps, and 1e-8 is 0 in float16: pass a larger eps, "
+            f"or verify the optimizer on float32 params."
+        )
+    trained = [leaf for leaf in found if leaf.row.trainable]
+    if trained and not any(leaf.most("u0", "u1", "u2") > 0 for leaf in trained):
+        raise VerifyError(
+            "policy.verify: tx moved no leaf, with zero gradients, gradients of ones or "
+            "random signs, so there is nothing to compare: its learning rate is 0 at the "
+            "first step (a warmup from 0?), or it accumulates gradients before its first "
+            "update (optax.MultiSteps). Verify the same optimizer with a constant "
+            "learning rate, or the transformation inside optax.MultiSteps."
+        )
+    mismatches = [
+        Mismatch(
+            leaf.row.path, "frozen update", "no update",
+            f"an update of up to {leaf.most('u0', 'u1', 'u2'):.3g}",
+        )
+        for leaf in found
+        if leaf.row.frozen and (leaf.most("u0", "u1", "u2") > 0 or not np.all(leaf.finite))
+    ]
+    mismatches += _decay_and_multipliers(trained, _tolerance(leaves))
+    mismatches += _state_of_frozen(report, params, state)
+    if mismatches:
+        order = {row.path: i for i, row in enumerate(report)}
+        mismatches.sort(key=lambda m: (order[m.path], _CHECKS.index(m.check)))
+        rated = {row.path for row in report if row.decay and row.rate != 1.0}
+        raise VerifyError(_message(mismatches, rated), mismatches)
 
-    def run(grads: list[Any], at: list[Any]) -> list[Any]:
-        updates, _ = tx.update(pure_def.unflatten(grads), _pure(state), pure_def.unflatten(at))
-        return _aligned(updates, pure_def, len(leaves))
 
+def _run(
+    tx: Any, params: Any, leaves: list[Any], report: Any
+) -> tuple[Any, list[list[Any]], list[Any]]:
+    """``tx.init(params)``, and the updates of the three probes from that state (three
+    lists of leaves in the params' order); and the signs of the third probe."""
+    import jax
+
+    # As nnx.Optimizer does: tx.init sees the State of Variables, tx.update bare arrays.
+    treedef = jax.tree_util.tree_structure(_pure(params))
+
+    def tree(values: list[Any]) -> Any:
+        return jax.tree_util.tree_unflatten(treedef, values)
+
+    zero, one, signs, doubled = _probes(leaves, [row.trainable for row in report])
     try:
         state = tx.init(params)
-        u0 = run(zero, leaves)
-        u1 = run(one, leaves)
-        u2 = run(signs, doubled)
+        pure_state = _pure(state)
+        step = _stepper(tx, tree(zero), pure_state, tree(leaves))
+        updates = [
+            _aligned(step(tree(grads), pure_state, tree(at)), treedef, report)
+            for grads, at in ((zero, leaves), (one, leaves), (signs, doubled))
+        ]
     except VerifyError:
         raise
     except Exception as err:  # the user's optimizer, or a tree built for other params
         raise _failed(err) from err
-    measured = jax.device_get(jax.jit(_measure, static_argnums=5)(leaves, u0, u1, u2, signs, layers))
-    found = [_Leaf(row, np.asarray(m, np.float64)) for row, m in zip(report, measured)]
+    return state, updates, signs
 
-    trained = [leaf for leaf in found if leaf.row.trainable]
-    if trained and not any(
-        np.any(leaf.u0 > 0) or np.any(leaf.u1 > 0) or np.any(leaf.u2 > 0) for leaf in trained
-    ):
-        raise VerifyError(
-            "policy.verify: tx updated no leaf at all, with zero gradients, gradients of "
-            "ones nor random signs, so there is nothing to compare: its learning rate is 0 "
-            "at the first step (a warmup from 0?) or it accumulates gradients before its "
-            "first update (optax.MultiSteps). Verify the same optimizer with a constant "
-            "learning rate, or the transformation inside optax.MultiSteps."
-        )
+
+def _decay_and_multipliers(trained: list[_Leaf], tol: float) -> list[Mismatch]:
+    """The decay and multiplier checks of the trained leaves, to a relative tolerance
+    ``tol``."""
+    import numpy as np
 
     mismatches: list[Mismatch] = []
-    decays: list[tuple[_Leaf, Any]] = []  # leaf, expected decay factor per layer
-    moves: list[tuple[_Leaf, Any]] = []  # leaf, expected multiplier per layer
-    for leaf in found:
+    wise = _element_wise(trained, tol)
+    decays: list[tuple[_Leaf, Any]] = []  # with the decay factor per layer
+    moves: list[tuple[_Leaf, Any]] = []  # with the multiplier per layer
+    stray: list[_Leaf] = []  # decayed where the policy says not
+    for leaf in trained:
         row = leaf.row
-        if row.frozen:
-            moved = max(float(np.max(leaf.u0)), float(np.max(leaf.u1)), float(np.max(leaf.u2)))
-            if moved > 0 or not np.all(leaf.finite):
-                mismatches.append(Mismatch(
-                    row.path, "frozen update", "no update", f"an update of up to {moved:.3g}"
-                ))
-            continue
-        if not row.trainable or not np.all(leaf.finite):
-            continue  # not a parameter the optimizer trains, or nothing to read
-        scale = _per_layer(row.lr_scale, leaf)
-        wise = _element_wise(leaf)
+        scale = np.broadcast_to(np.asarray(row.lr_scale, np.float64), leaf.u0.shape)
         if row.decay:
             if not np.any(leaf.p > 0):
                 pass  # an all-zero leaf cannot show decay
@@ -165,30 +220,56 @@ def verify(
                 mismatches.append(Mismatch(
                     row.path, "decay", "decayed", "not decayed (no move with zero gradients)"
                 ))
-            elif wise or _near(float(np.min(leaf.rmin)), float(np.max(leaf.rmax))):
+            elif id(leaf) in wise or all(
+                _near(lo, hi, tol) for lo, hi in zip(leaf.rmin, leaf.rmax)
+            ):
                 decays.append((leaf, scale * row.rate))
-            # else: the decay went through a step that is not element-wise.
+            # else: a decay passed through a step that is not element-wise.
         elif np.any(leaf.u0 > 0):
-            mismatches.append(Mismatch(
-                row.path, "decay", "not decayed",
-                f"decayed (moved by up to {float(np.max(leaf.u0)):.3g} with zero gradients)",
-            ))
-        if wise:
+            stray.append(leaf)
+        if id(leaf) in wise:
             moves.append((leaf, scale))
-    mismatches += _compare(decays, "decay", "the weight decay", "rmin", "rmax")
-    mismatches += _compare(moves, "multiplier", "the update", "dmin", "dmax")
-    mismatches += _state_of_frozen(report, params, state)
-    if mismatches:
-        order = {row.path: i for i, row in enumerate(report)}
-        mismatches.sort(key=lambda m: (order[m.path], _CHECKS.index(m.check)))
-        raise VerifyError(_message(mismatches), mismatches)
+    wrong, decay = _compare(decays, "decay", "the weight decay", "rmin", "rmax", tol)
+    mismatches += wrong
+    for leaf in stray:
+        got = "decayed (it moves with zero gradients)"
+        if decay and np.all(np.isfinite(leaf.rmin)) and np.all(np.isfinite(leaf.rmax)):
+            factor = _show_got(leaf.rmin / decay, leaf.rmax / decay, tol)
+            got = f"decayed, the weight decay times {factor}"
+        mismatches.append(Mismatch(leaf.row.path, "decay", "not decayed", got))
+    mismatches += _compare(moves, "multiplier", "the update", "dmin", "dmax", tol)[0]
+    return mismatches
+
+
+def _stepper(tx: Any, grads: Any, state: Any, params: Any) -> Any:
+    """``tx.update``'s updates as the probes run it: compiled once for the three where
+    it holds loops (run op by op, Muon compiles its Newton-Schulz iterations again at
+    every call), op by op otherwise (each op compiles once per shape, and a model
+    repeats a few shapes: faster than compiling the whole step)."""
+    import jax
+
+    def update(grads: Any, state: Any, params: Any) -> Any:
+        return tx.update(grads, state, params)[0]
+
+    try:
+        traced = jax.jit(update).trace(grads, state, params)
+    except _untraceable():
+        return update  # a step that reads the values it is handed
+    return traced.lower().compile() if _has_loops(traced.jaxpr.jaxpr) else update
+
+
+def _has_loops(jaxpr: Any) -> bool:
+    from jax.extend.core import subjaxprs
+
+    return any(eqn.primitive.name in ("while", "scan") for eqn in jaxpr.eqns) or any(
+        _has_loops(sub) for sub in subjaxprs(jaxpr)
+    )
 
 
 def _pure(tree: Any) -> Any:
-    """``tree`` without NNX's Variable boxes (as ``nnx.Optimizer`` hands it to
-    ``tx.update``); any other tree as it is."""
-    nnx_loaded = "flax.nnx" in sys.modules
-    if not nnx_loaded:
+    """``tree`` without NNX's Variable boxes, as ``nnx.Optimizer`` hands it to
+    ``tx.update``; any other tree as it is."""
+    if "flax.nnx" not in sys.modules:
         return tree
     from flax import nnx
 
@@ -196,166 +277,269 @@ def _pure(tree: Any) -> Any:
 
 
 def _layers(row: Any) -> int:
-    """The number of layers a leaf is stacked along: its multipliers' count, else 1."""
+    """How many layers a leaf is stacked along: its multipliers' count, else 1."""
     return len(row.lr_scale) if isinstance(row.lr_scale, tuple) else 1
 
 
-def _per_layer(scale: Any, leaf: _Leaf) -> Any:
-    import numpy as np
+def _probes(leaves: list[Any], trained: list[bool]) -> tuple[list[Any], ...]:
+    """Zero gradients, gradients of ones, signs (see :func:`_sign_arrays`), and the
+    params doubled.
 
-    return np.broadcast_to(np.asarray(scale, np.float64), leaf.u0.shape)
-
-
-def _probes(leaves: list[Any]) -> tuple[list[Any], ...]:
-    """Zero gradients, gradients of ones, random signs, and the params doubled.
-
-    The signs are ``+-1`` drawn with a fixed key, with a 2x2 minor of full rank forced
-    over the first two and the last two axes: an orthogonalising optimizer (Muon) turns
-    a rank-one gradient into a multiple of itself, as an element-wise one does, and a
-    full-rank minor tells them apart on the smallest matrices too."""
+    Made op by op: jax compiles each op once per shape, and the optimizer's own ops
+    meet the same shapes, where a function compiled over every leaf would take
+    seconds on a model of a few hundred leaves."""
     import jax
     import jax.numpy as jnp
 
+    inexact = [jnp.issubdtype(x.dtype, jnp.inexact) for x in leaves]
+    shapes = [tuple(x.shape) if wanted else None for x, wanted in zip(leaves, inexact)]
     zero, one, signs, doubled = [], [], [], []
-    key = jax.random.key(0)
-    for i, x in enumerate(leaves):
-        if not jnp.issubdtype(x.dtype, jnp.inexact):
-            # Integers, bools, keys: not trained; the gradient jax gives them is zero.
-            keep = x if jnp.issubdtype(x.dtype, jax.dtypes.extended) else jnp.zeros_like(x)
-            for probe in (zero, one, signs):
-                probe.append(keep)
-            doubled.append(x)
+    for x, wanted, s in zip(leaves, inexact, _sign_arrays(shapes, trained)):
+        if wanted:
+            zero.append(jnp.zeros_like(x))
+            one.append(jnp.ones_like(x))
+            signs.append(jnp.asarray(s, x.dtype))
+            doubled.append(x * 2)
             continue
-        s = jax.random.rademacher(jax.random.fold_in(key, i), x.shape, x.dtype)
-        if x.ndim >= 2:
-            minor = jnp.asarray([[1, 1], [1, -1]], x.dtype)
-            for first in (0, x.ndim - 2):
-                if x.shape[first] >= 2 and x.shape[first + 1] >= 2:
-                    at = [0] * x.ndim
-                    at[first] = at[first + 1] = slice(0, 2)
-                    s = s.at[tuple(at)].set(minor)
-        zero.append(jnp.zeros_like(x))
-        one.append(jnp.ones_like(x))
-        signs.append(s)
-        doubled.append(x * 2)
+        # Integers, bools, keys: not trained; the gradient jax gives them is zero.
+        z = x if jnp.issubdtype(x.dtype, jax.dtypes.extended) else jnp.zeros_like(x)
+        zero.append(z)
+        one.append(z)
+        signs.append(z)
+        doubled.append(x)
     return zero, one, signs, doubled
 
 
-def _measure(
-    params: list[Any], zero: list[Any], one: list[Any], two: list[Any], signs: list[Any],
-    layers: tuple[int, ...],
-) -> list[Any]:
-    """Per leaf and layer, the statistics named in ``_STATS``."""
-    import jax.numpy as jnp
+def _sign_arrays(shapes: list[tuple[int, ...] | None], trained: list[bool]) -> list[Any]:
+    """The third probe's gradient of each leaf of ``shapes`` (``None`` where none).
 
-    out = []
-    for p, u0, u1, u2, s, n in zip(params, zero, one, two, signs, layers):
-        if not jnp.issubdtype(p.dtype, jnp.inexact):
-            out.append(jnp.zeros((len(_STATS), n), jnp.float32))
+    ``+-1`` from a hash of each element's index, with a 2x2 minor of full rank over the
+    first two and over the last two axes: an orthogonalising optimizer (Muon) turns a
+    rank-one gradient into a multiple of itself, as an element-wise one does, and the
+    minor tells them apart on the smallest matrices too. A matrix with an axis of size 1
+    is a vector, which Muon turns into a multiple of itself over its norm: one of its
+    elements (one per layer, axis 0, of a stack) is 2, to change that norm. As many
+    elements of other leaves are 0 as keep the gradient's global norm that of the
+    ones, so that a global clip scales both alike. Both only in ``trained`` leaves:
+    ``policy.wrap`` hides the others from a clip inside it.
+    """
+    import numpy as np
+
+    out: list[Any] = []
+    extra = 0  # the squared norm the 2s add
+    for seed, (shape, adjust) in enumerate(zip(shapes, trained)):
+        if shape is None:
+            out.append(None)
             continue
+        s = _signs(shape, seed)
+        if adjust and len(shape) >= 2 and 1 in shape and s.size >= 2:
+            flat = s.reshape(-1)
+            slices = shape[0] if len(shape) >= 3 else 1
+            ends = np.arange(1, slices + 1) * (s.size // slices) - 1
+            flat[ends] *= 2
+            extra += 3 * len(ends)
+        out.append(s)
+    donors = sorted(
+        (
+            i for i, s in enumerate(out)
+            if s is not None and trained[i] and not np.any(np.abs(s) == 2)
+        ),
+        key=lambda i: -out[i].size,
+    )
+    for i in donors:
+        if not extra:
+            break
+        take = min(extra, out[i].size // 2)  # the last elements, far from the minors
+        if take:
+            out[i].reshape(-1)[out[i].size - take :] = 0
+            extra -= take
+    return out
 
-        def rows(x: Any) -> Any:
-            return jnp.reshape(jnp.asarray(x, jnp.float32), (n, -1))
 
-        p, u0, u1, u2, s = rows(p), rows(u0), rows(u1), rows(u2), rows(s)
+def _signs(shape: tuple[int, ...], seed: int) -> Any:
+    """``+-1`` of ``shape`` from a hash of each element's index and ``seed``, with the
+    2x2 minors of :func:`_sign_arrays`."""
+    import numpy as np
+
+    h = np.arange(math.prod(shape), dtype=np.uint32) + np.uint32((seed * 0x9E3779B9) % 2**32)
+    with np.errstate(over="ignore"):
+        for shift, factor in ((16, 0x7FEB352D), (15, 0x846CA68B)):  # an integer hash
+            h = (h ^ (h >> np.uint32(shift))) * np.uint32(factor)
+    h ^= h >> np.uint32(16)
+    s = np.where(h >> np.uint32(31) == 0, 1.0, -1.0).astype(np.float32).reshape(shape)
+    if len(shape) >= 2:
+        for first in sorted({0, len(shape) - 2}):
+            if shape[first] >= 2 and shape[first + 1] >= 2:
+                at: list[Any] = [0] * len(shape)
+                at[first] = at[first + 1] = slice(0, 2)
+                s[tuple(at)] = [[1.0, 1.0], [1.0, -1.0]]
+    return s
+
+
+def _measure(p: Any, u0: Any, u1: Any, u2: Any, s: Any, layers: int) -> Any:
+    """The statistics named in ``_STATS`` of one leaf, one column per layer, read on
+    the host (nothing to compile)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    if not jnp.issubdtype(p.dtype, jnp.inexact):
+        return np.zeros((len(_STATS), layers))
+    # Below the smallest normal number an update keeps few digits (float16: 6e-5).
+    tiny = float(jnp.finfo(u0.dtype).tiny) if jnp.issubdtype(u0.dtype, jnp.inexact) else 0.0
+
+    def rows(x: Any) -> Any:
+        return np.asarray(jax.device_get(x)).astype(np.float64).reshape(layers, -1)
+
+    p, u0, u1, u2, s = rows(p), rows(u0), rows(u1), rows(u2), rows(s)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         d = u1 - u0
-        nonzero = p != 0
-        ratio = -u0 / jnp.where(nonzero, p, 1.0)
-        finite = jnp.isfinite(u0) & jnp.isfinite(u1) & jnp.isfinite(u2)
+        nonzero = (p != 0) & (np.abs(u0) >= tiny)
+        ratio = -u0 / np.where(nonzero, p, 1.0)
+        unit = np.abs(s) == 1
+        gradient = u2 - 2 * u0
+        seen = unit & (d != 0)
+        q = gradient / np.where(seen, s * d, 1.0)
+        finite = np.isfinite(u0) & np.isfinite(u1) & np.isfinite(u2)
 
-        def biggest(x: Any) -> Any:
-            return jnp.max(jnp.abs(x), axis=1, initial=0.0)
+        def biggest(x: Any, where: Any = True) -> Any:
+            return np.max(np.abs(x), axis=1, initial=0.0, where=where)
 
-        out.append(jnp.stack([
+        return np.stack([
             biggest(u0),
             biggest(u1),
             biggest(u2),
             biggest(p),
-            jnp.min(jnp.where(nonzero, ratio, jnp.inf), axis=1, initial=jnp.inf),
-            jnp.max(jnp.where(nonzero, ratio, -jnp.inf), axis=1, initial=-jnp.inf),
-            jnp.min(d, axis=1, initial=jnp.inf),
-            jnp.max(d, axis=1, initial=-jnp.inf),
-            biggest(u2 - 2 * u0 - s * d),
-            jnp.all(finite, axis=1).astype(jnp.float32),
-        ]))
+            np.min(ratio, axis=1, initial=np.inf, where=nonzero),
+            np.max(ratio, axis=1, initial=-np.inf, where=nonzero),
+            np.min(d, axis=1, initial=np.inf),
+            np.max(d, axis=1, initial=-np.inf),
+            np.min(q, axis=1, initial=np.inf, where=seen),
+            np.max(q, axis=1, initial=-np.inf, where=seen),
+            biggest(gradient, unit & (d == 0)),
+            np.all(finite, axis=1).astype(np.float64),
+        ])
+
+
+def _element_wise(trained: list[_Leaf], tol: float) -> set[int]:
+    """The ids of the leaves the probes show an element-wise step on: every element of
+    a layer moved alike under gradients of ones, and under the signs each element of
+    magnitude 1 moved by as much, each its way."""
+    out = set()
+    for leaf in trained:
+        size = max(2 * leaf.most("u0"), leaf.most("u1", "u2"))
+        if leaf.most("qstray") > tol * size:
+            continue  # an element the ones left still moved under the signs
+        if not all(_near(lo, hi, tol) for lo, hi in zip(leaf.dmin, leaf.dmax)):
+            continue  # the elements of a layer moved differently
+        # Layers without a value have one element, or did not move: nothing to tell.
+        if all(
+            _near(lo, 1.0, tol) and _near(hi, 1.0, tol)
+            for lo, hi in zip(leaf.qmin, leaf.qmax)
+            if math.isfinite(lo)
+        ):
+            out.add(id(leaf))
     return out
 
 
-def _element_wise(leaf: _Leaf) -> bool:
-    """Whether the probes show an element-wise step: every element of a layer moved
-    alike under gradients of ones, and the signs moved the elements by as much, each
-    its way, whatever the params' scale."""
-    import numpy as np
+def _tolerance(leaves: list[Any]) -> float:
+    """The relative tolerance of the comparisons, from the coarsest float dtype."""
+    import jax.numpy as jnp
 
-    size = max(float(np.max(leaf.u0)) * 2, float(np.max(leaf.u1)), float(np.max(leaf.u2)))
-    if float(np.max(leaf.odd)) > _TOLERANCE * size:
-        return False
-    return all(_near(lo, hi) for lo, hi in zip(leaf.dmin, leaf.dmax))
+    epsilons = [
+        float(jnp.finfo(x.dtype).eps) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    return max([_TOLERANCE] + [_EPSILONS * eps for eps in epsilons])
 
 
-def _near(x: float, y: float) -> bool:
-    return abs(x - y) <= _TOLERANCE * max(abs(x), abs(y), 1e-30)
+def _near(x: float, y: float, tol: float) -> bool:
+    return abs(x - y) <= tol * max(abs(x), abs(y), 1e-30)
 
 
 def _compare(
-    found: list[tuple[_Leaf, Any]], check: str, what: str, lo_name: str, hi_name: str
-) -> list[Mismatch]:
+    found: list[tuple[_Leaf, Any]], check: str, what: str, lo_name: str, hi_name: str,
+    tol: float,
+) -> tuple[list[Mismatch], float]:
     """Leaves whose value per unit of factor is not the common one.
 
-    Each leaf's value (the decay per unit of p, or the gradient's effect) divided by the
-    factor the policy gives it should be one constant ``c`` for every leaf and layer.
-    Where the undivided values are all alike while the factors differ, the optimizer
-    applies no factor at all. Otherwise ``c`` is the value most layers share (ties go to
-    factor 1), and each leaf that differs is reported with the factor it got, its
-    value over ``c``. Where every factor is the same, it is indistinguishable from the
-    learning rate or the weight decay itself: nothing is reported.
+    Each leaf's value (the decay per unit of p, or what the gradient of ones does)
+    divided by the factor the policy gives it should be one constant ``c`` for every
+    leaf and layer. Where the undivided values are all alike while the factors differ,
+    the optimizer applies no factor at all. Otherwise ``c`` is the value most layers
+    share (ties go to factor 1), and each leaf that differs is reported with the factor
+    it got: its value over ``c``. A value of 0 is always reported, as the policy's
+    factors are positive. (A factor every leaf shares cannot be told from the
+    learning rate.)
+
+    Returns the mismatches and ``c`` (0 where there is none).
     """
     import numpy as np
 
-    if not found:
-        return []
-    units = []  # (leaf number, layer, raw low, raw high, factor)
+    units = []  # (leaf number, raw low, raw high, factor), one per layer
     for k, (leaf, factor) in enumerate(found):
         lows, highs = getattr(leaf, lo_name), getattr(leaf, hi_name)
         for j in range(len(lows)):
-            units.append((k, j, float(lows[j]), float(highs[j]), float(factor[j])))
-    factors = [u[4] for u in units]
-    if all(_near(f, factors[0]) for f in factors):
-        return []
-    raw = units[0][2]
-    if all(_near(lo, raw) and _near(hi, raw) for _, _, lo, hi, _ in units):
-        out = []
-        for leaf, factor in found:
-            if not np.all(factor == 1.0):
-                out.append(Mismatch(
-                    leaf.row.path, check, f"{what} times {_show(_factor(leaf.row, check))}",
-                    f"{what} times 1 (no multiplier applied)",
-                ))
-        return out
-    values = [(lo + hi) / 2 / f if f else math.inf for _, _, lo, hi, f in units]
-    ones = [f == 1.0 for *_, f in units]
-
-    def support(v: float) -> tuple[int, int]:
-        agree = [i for i, w in enumerate(values) if _near(v, w)]
-        return len(agree), sum(ones[i] for i in agree)
-
-    common = max(values, key=support)
-    wrong: dict[int, list[int]] = {}
-    for (k, j, lo, hi, f) in units:
-        if not (_near(lo, common * f) and _near(hi, common * f)):
-            wrong.setdefault(k, []).append(j)
+            if math.isfinite(lows[j]) and math.isfinite(highs[j]):  # else all zero
+                units.append((k, float(lows[j]), float(highs[j]), float(factor[j])))
+    moving = [i for i, (_, lo, hi, _) in enumerate(units) if lo != 0 or hi != 0]
+    raws = [units[i][1:3] for i in moving]
+    unapplied: set[int] = set()
+    if (
+        len({units[i][3] for i in moving}) > 1
+        and all(_near(lo, raws[0][0], tol) and _near(hi, raws[0][0], tol) for lo, hi in raws)
+    ):
+        # Alike before the factors: none is applied.
+        common = raws[0][0]
+        agree = {i for i in moving if units[i][3] == 1.0}
+        unapplied = {units[i][0] for i in moving if i not in agree}
+    else:
+        common, shared = _most_shared(
+            [(units[i][1] + units[i][2]) / 2 / units[i][3] for i in moving],
+            [units[i][3] == 1.0 for i in moving],
+            tol,
+        )
+        agree = {moving[i] for i in shared}
+    wrong = sorted({
+        k for i, (k, lo, hi, f) in enumerate(units)
+        if i not in agree
+        and not (common and _near(lo, common * f, tol) and _near(hi, common * f, tol))
+    })
     out = []
-    for k in sorted(wrong):
-        leaf, factor = found[k]
+    for k in wrong:
+        leaf, _ = found[k]
         lows, highs = getattr(leaf, lo_name), getattr(leaf, hi_name)
-        if common == 0:
-            got = f"{what} where no other leaf moves"
+        if k in unapplied:
+            got = f"{what} times 1 {_UNAPPLIED}"
+        elif not common or not (np.any(lows) or np.any(highs)):
+            got = "no weight decay" if check == "decay" else _STILL
         else:
-            got = f"{what} times " + _show_got(lows / common, highs / common)
+            got = f"{what} times " + _show_got(lows / common, highs / common, tol)
         out.append(Mismatch(
             leaf.row.path, check, f"{what} times {_show(_factor(leaf.row, check))}", got
         ))
-    return out
+    return out, common
+
+
+def _most_shared(values: list[float], ones: list[bool], tol: float) -> tuple[float, set[int]]:
+    """The value most of ``values`` share (within the tolerance), ties going to the
+    value more of the ``ones`` share, and the indices that share it; 0 and none for
+    no values."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    best: list[int] = []
+    best_support = (0, 0)
+    start = 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and _near(values[order[end]], values[order[start]], tol):
+            end += 1
+        group = order[start:end]
+        support = (len(group), sum(ones[i] for i in group))
+        if support > best_support:
+            best, best_support = group, support
+        start = end
+    if not best:
+        return 0.0, set()
+    return values[best[len(best) // 2]], set(best)
 
 
 def _factor(row: Any, check: str) -> Any:
@@ -373,9 +557,9 @@ def _show(factor: Any) -> str:
     return _number(factor)
 
 
-def _show_got(lows: Any, highs: Any) -> str:
+def _show_got(lows: Any, highs: Any, tol: float) -> str:
     parts = [
-        _number(lo) if _near(lo, hi) else f"{_number(lo)} to {_number(hi)}"
+        _number(lo) if _near(lo, hi, tol) else f"{_number(lo)} to {_number(hi)}"
         for lo, hi in zip(lows, highs)
     ]
     return parts[0] if len(parts) == 1 else "[" + ", ".join(parts) + "]"
@@ -385,8 +569,8 @@ def _number(x: float) -> str:
     return f"{float(x):.4g}"
 
 
-def _aligned(tree: Any, treedef: Any, count: int) -> list[Any]:
-    """The leaves of an update, in the params' order."""
+def _aligned(tree: Any, treedef: Any, report: Any) -> list[Any]:
+    """The leaves of an update, in the params' order, each of its param's shape."""
     import jax
 
     leaves, other = jax.tree_util.tree_flatten(tree)
@@ -395,48 +579,56 @@ def _aligned(tree: Any, treedef: Any, count: int) -> list[Any]:
             leaves = treedef.flatten_up_to(tree)
         except (ValueError, TypeError) as err:
             raise VerifyError(
-                f"policy.verify: tx.update returned updates of another structure than "
-                f"the params it was handed: {_lines(err)}"
+                f"policy.verify: tx.update returned updates of another structure than the "
+                f"params it was handed: a {type(tree).__name__} of {len(leaves)} leaves, "
+                f"for {_container(treedef, len(report))}. An optax transformation returns "
+                f"its updates in the params' structure."
             ) from err
-    if len(leaves) != count:
-        raise VerifyError(
-            f"policy.verify: tx.update returned {len(leaves)} updates for {count} params."
-        )
+    for row, update in zip(report, leaves):
+        shape = tuple(getattr(update, "shape", ()))
+        if shape != tuple(row.shape):
+            raise VerifyError(
+                f"policy.verify: tx.update returned an update of shape {shape} for "
+                f"{row.path}, of shape {tuple(row.shape)}. An optax transformation returns "
+                f"one update of each param's shape."
+            )
     return leaves
 
 
+def _container(treedef: Any, count: int) -> str:
+    data = treedef.node_data()
+    return f"params of type {data[0].__name__} ({count} leaves)" if data else "one array"
+
+
 def _lines(err: BaseException, most: int = 12) -> str:
-    lines = [line.rstrip() for line in str(err).strip().splitlines()]
-    lines = [line if len(line) <= 300 else line[:300] + "..." for line in lines[:most]]
-    return "\n    ".join(lines) if lines else type(err).__name__
+    """``err``'s message, its lines indented, at most ``most`` of them."""
+    lines = [line.rstrip() for line in str(err).strip().splitlines()][:most]
+    lines = [line if len(line) <= 300 else line[:300] + "..." for line in lines]
+    return "\n    ".join(lines) if lines else "(no message)"
 
 
 def _failed(err: BaseException) -> VerifyError:
     """The error of a ``tx`` that cannot run on the params."""
     head = f"policy.verify: tx cannot be run on params: {type(err).__name__}: {_lines(err)}"
-    if _raised_by_decaymask(err):
-        # decaymask's own errors (a mask called on the wrong thing) carry their fix.
-        return VerifyError(head)
+    if _raised_here(err):
+        return VerifyError(head)  # decaymask's own errors name their fix
     return VerifyError(
         f"{head}\nIs tx built for these params? A mask, labels or Muon dimension numbers "
-        f"made from other params do not fit them: pass the policy's functions "
+        f"made from other params do not fit them: pass the policy's methods themselves "
         f"(mask=policy.mask, muon_weight_dimension_numbers=policy.muon_dims), which "
-        f"build them from what optax is handed."
+        f"build them from what optax hands them."
     )
 
 
-def _raised_by_decaymask(err: BaseException) -> bool:
-    import os
-
+def _raised_here(err: BaseException) -> bool:
+    """Whether ``err`` was raised by decaymask's own code."""
     tb = err.__traceback__
-    last = None
-    while tb is not None:
-        last = tb
-        tb = tb.tb_next
-    if last is None:
+    if tb is None:
         return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
     here = os.path.dirname(os.path.abspath(__file__))
-    return os.path.abspath(last.tb_frame.f_code.co_filename).startswith(here + os.sep)
+    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(here + os.sep)
 
 
 def _state_of_frozen(report: Any, params: Any, state: Any) -> list[Mismatch]:
@@ -469,42 +661,54 @@ def _state_of_frozen(report: Any, params: Any, state: Any) -> list[Mismatch]:
     return list(out.values())
 
 
-def _message(mismatches: list[Mismatch]) -> str:
+def _message(mismatches: list[Mismatch], rated: set[str]) -> str:
     count = len({m.path for m in mismatches})
     lines = "\n".join(f"  {m}" for m in mismatches[:_SHOWN])
     more = f"\n  ... and {len(mismatches) - _SHOWN} more" if len(mismatches) > _SHOWN else ""
     leaves = "1 leaf" if count == 1 else f"{count} leaves"
     return (
         f"policy.verify: tx does not do what the policy says at {leaves}:\n"
-        f"{lines}{more}\n{_hint(mismatches)}"
+        f"{lines}{more}\n{_hint(mismatches, rated)}"
     )
 
 
-def _hint(mismatches: list[Mismatch]) -> str:
-    """The fix, from what went wrong."""
-    none_applied = any(m.got.endswith("(no multiplier applied)") for m in mismatches)
+def _hint(mismatches: list[Mismatch], rated: set[str]) -> str:
+    """The fix, from what went wrong; ``rated`` are the paths of leaves whose decay
+    rate is not 1."""
+    unapplied = any(m.got.endswith(_UNAPPLIED) for m in mismatches)
     frozen = any(m.check.startswith("frozen") for m in mismatches)
-    masked = any(m.check == "decay" and m.expected in ("decayed", "not decayed") for m in mismatches)
-    wrong = any(
-        m.check in ("decay", "multiplier") and m.expected not in ("decayed", "not decayed")
-        and not m.got.endswith("(no multiplier applied)")
-        for m in mismatches
-    )
+    still = any(m.got == _STILL for m in mismatches)
+    factors = [
+        m for m in mismatches
+        if m.check in ("decay", "multiplier") and m.expected not in _DECAYED
+        and not m.got.endswith(_UNAPPLIED) and m.got != _STILL
+    ]
     hints = []
-    if none_applied or frozen:
+    if unapplied or frozen:
         hints.append(
             "wrap the optimizer, tx = policy.wrap(optax.adamw(..., mask=policy.mask)): it "
             "multiplies each update by its multiplier and gives frozen leaves no update "
             "and no state."
         )
-    if masked:
+    if any(m.check == "decay" and m.expected in _DECAYED for m in mismatches):
         hints.append(
             "give the optimizer this policy's mask, optax.adamw(..., mask=policy.mask) "
             "(or optax.add_decayed_weights(..., mask=policy.mask))."
         )
-    if wrong:
+    if still:
         hints.append(
-            "apply the multipliers once, with policy.wrap around an optimizer that scales "
-            "no leaf itself (one optax.adamw, not an optax.partition of scaled copies)."
+            "update every leaf the policy trains: freeze leaves with dm.freeze, which "
+            "policy.wrap applies, rather than optax.set_to_zero or a mask of its own."
+        )
+    if any(m.check == "decay" and m.path in rated for m in factors):
+        hints.append(
+            "decay each leaf by its rate, with dm.add_decayed_weights(weight_decay, "
+            "policy.rates) in place of the optimizer's own decay."
+        )
+    elif factors:
+        hints.append(
+            "apply the multipliers once, with policy.wrap around an optimizer that "
+            "scales no leaf itself (one optax.adamw, not an optax.partition of scaled "
+            "copies)."
         )
     return "Fix: " + " Then ".join(hints)
