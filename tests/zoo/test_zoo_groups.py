@@ -214,13 +214,14 @@ CASES: dict[str, Case] = {
         tuple(gref.big_vision_freezings(BV_DEPTH, scan=False, pool="map")),
         {"linear_probe": _BV_PROBE, "frozen_patch_projection": _BV_PATCH},
     ),
-    # By names alone the scan's layer axis cannot be seen: see the tests further down.
+    # By names alone the scan's layer axis shows in its Dense biases: see the tests
+    # further down.
     "big_vision_scan": Case(
         lambda: _big_vision("map", scan=True),
         gref.big_vision_ladder(BV_DEPTH, scan=True, pool="map"),
         tuple(gref.big_vision_freezings(BV_DEPTH, scan=True, pool="map")),
         {"linear_probe": _BV_PROBE, "frozen_patch_projection": _BV_PATCH},
-        ("traced",),
+        ("names", "traced"),
     ),
     "big_vision_tok": Case(
         lambda: _big_vision("tok", scan=False),
@@ -618,11 +619,6 @@ def test_scanned_by_names_is_right_or_a_clear_error():
     assert all(_scale_matches(got[p], want[p], len(leaves[p].shape)) for p in want)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "by names, blocks='Transformer/encoderblock' takes the scanned module as one block: "
-    "n = 1 and one float per leaf (0.5625, 0.75, 1.0) where the recipe has 3 blocks and "
-    "(n, 1, ..., 1) multipliers; no error says the layer axis went unseen"
-))
 def test_scanned_by_names_with_blocks_is_right_or_a_clear_error():
     case = CASES["big_vision_scan"]
     tree = built("big_vision_scan").tree
