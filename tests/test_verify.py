@@ -868,3 +868,41 @@ def test_verify_error_is_a_value_error_and_a_mismatch_reads_as_a_line():
     assert str(mismatch) == (
         "head/w: multiplier: expected the update times 2, got the update times 1"
     )
+
+
+class _PartBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return x + nn.Dense(4)(nn.LayerNorm()(x))
+
+
+class _PartNet(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):
+        x = nn.Embed(5, 4)(tokens)
+        for i in range(3):
+            x = _PartBlock(name=f"blocks_{i}")(x)
+        return nn.Dense(3, name="head")(x)
+
+
+def test_a_trained_part_is_verified_against_the_whole_model():
+    params = _PartNet().init(jax.random.key(0), jnp.array([1]))["params"]
+    policy = dm.Policy(*dm.presets.standard().rules, dm.freeze(path="blocks_1/*"), dm.layer_decay(0.5))
+    trainable, _ = policy.split(params)
+    tx = policy.wrap(optax.adamw(1e-2, weight_decay=0.1, mask=policy.mask), full=params)
+    # The part alone would number two blocks, not three: refused with the fix.
+    with pytest.raises(dm.VerifyError) as info:
+        policy.verify(tx, trainable)
+    assert str(info.value) == (
+        "policy.verify: it was handed params that no freeze rule of the policy matches: "
+        "they look like the trainable part alone (eqx.partition, policy.split, "
+        "trainable_filter), and layer decay numbers the blocks of the whole model: ids "
+        "worked out on a part would shift. Fix: give the whole model or params, "
+        "policy.verify(tx, params, full=model) (full=params where these are the whole model)."
+    )
+    policy.verify(tx, trainable, full=params)
+    # A wrap whose multipliers were worked out on the part is caught against the whole.
+    shifted = policy.wrap(optax.adamw(1e-2, weight_decay=0.1, mask=policy.mask), full=trainable)
+    with pytest.raises(dm.VerifyError) as info:
+        policy.verify(shifted, trainable, full=params)
+    assert {m.path for m in info.value.mismatches} >= {"blocks_0/Dense_0/kernel", "Embed_0/embedding"}

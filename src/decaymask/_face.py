@@ -227,7 +227,9 @@ class Policy(_CorePolicy):
 
         return wrap(self, tx, framework, options, full)
 
-    def verify(self, tx: Any, params: Any, *, framework: str | None = None, **options: Any) -> None:
+    def verify(
+        self, tx: Any, params: Any, *, full: Any = None, framework: str | None = None, **options: Any
+    ) -> None:
         """Checks with one probe that ``tx`` does to ``params`` what this policy says.
 
         The probe calls ``tx.init(params)`` once and ``tx.update`` three times from that
@@ -264,6 +266,9 @@ class Policy(_CorePolicy):
           tx: the ``optax.GradientTransformation`` training ``params``.
           params: what ``tx.init`` is handed (Equinox ``eqx.filter(model, eqx.is_array)``,
             a Linen or Haiku params mapping, ``nnx.state(model, nnx.Param)``).
+          full: the whole model or params, where ``params`` (and ``tx``) are a part
+            of it (see :meth:`wrap`): the layer ids and multipliers expected are the
+            whole model's.
           framework: as :meth:`Policy.mask`.
           **options: the adapter's options.
 
@@ -288,7 +293,7 @@ class Policy(_CorePolicy):
         """
         from ._verify import verify
 
-        verify(self, tx, params, framework=framework, **options)
+        verify(self, tx, params, full=full, framework=framework, **options)
 
     def trainable_filter(self, model: Any, **options: Any) -> Any:
         """An NNX filter of the parameters this policy trains, for

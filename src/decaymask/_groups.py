@@ -78,7 +78,9 @@ def wrap(
     def init_fn(params: Any) -> Any:
         if not _is_placeholder(params):
             if reference is None:
-                _check_whole(policy, params, framework, options)
+                refused = check_whole(policy, params, framework, options)
+                if refused is not None:
+                    raise ValueError(refused)
             factors(params, "params")  # a ladder that cannot be found fails here, not at the first step
         return inner.init(params)
 
@@ -147,34 +149,38 @@ class Reference:
         return found
 
 
-def _check_whole(policy: Policy, params: Any, framework: str | None, options: dict[str, Any]) -> None:
-    """Layer ids count every block: refuses a part of the model (the trainable half,
-    a branch of ``optax.partition``) where the policy has layer decay and no ``full=``.
+def check_whole(
+    policy: Policy, params: Any, framework: str | None, options: dict[str, Any], method: str = "wrap"
+) -> str | None:
+    """Layer ids count every block: the message refusing a part of the model (the
+    trainable half, a branch of ``optax.partition``) where the policy has layer decay
+    and no ``full=`` was given, else ``None``.
 
     A trainable half is told by its freeze rules: none matches any of its arrays."""
     if policy.layer_decay is None:
-        return
+        return None
     from . import adapters
 
-    adapter = adapters.choose(params, framework, "wrap")
+    adapter = adapters.choose(params, framework, method)
     freezes = [rule for rule in policy.rules if rule.frozen]
     if adapter.is_partial(params):
         why = "one branch of optax.partition (the other branches' arrays masked out)"
     elif freezes:
-        leaves, _ = adapter.walk(params, method="wrap", **options)
+        leaves, _ = adapter.walk(params, method=method, **options)
         if any(rule.matches(leaf) for leaf in leaves if leaf.is_param for rule in freezes):
-            return
+            return None
         why = (
             "params that no freeze rule of the policy matches: they look like the "
             "trainable part alone (eqx.partition, policy.split, trainable_filter)"
         )
     else:
-        return
-    raise ValueError(
-        f"policy.wrap: tx.init was handed {why}, and layer decay numbers the blocks of "
+        return None
+    handed = "tx.init was handed" if method == "wrap" else "it was handed"
+    return (
+        f"policy.{method}: {handed} {why}, and layer decay numbers the blocks of "
         f"the whole model: ids worked out on a part would shift. Fix: give the whole "
-        f"model or params, policy.wrap(tx, full=model) (full=params where these are "
-        f"the whole model)."
+        f"model or params, policy.{method}({'tx' if method == 'wrap' else 'tx, params'}, "
+        f"full=model) (full=params where these are the whole model)."
     )
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from ._groups import check_transformation
+from ._groups import check_transformation, check_whole
 from ._probe import (
     Mismatch,
     VerifyError,
@@ -47,14 +47,26 @@ _STILL = "no update from its gradient"
 
 
 def verify(
-    policy: Policy, tx: Any, params: Any, *, framework: str | None = None, **options: Any
+    policy: Policy,
+    tx: Any,
+    params: Any,
+    *,
+    full: Any = None,
+    framework: str | None = None,
+    **options: Any,
 ) -> None:
     """See :meth:`decaymask.Policy.verify`."""
     check_transformation(tx, "verify")
     import jax
     import numpy as np
 
-    report = policy.explain(params, framework=framework, **options)
+    if full is None:
+        refused = check_whole(policy, params, framework, options, "verify")
+        if refused is not None:
+            raise VerifyError(refused)
+        report = policy.explain(params, framework=framework, **options)
+    else:
+        report = _part_of(policy, params, full, framework, options)
     leaves = jax.tree_util.tree_leaves(params)
     if len(leaves) != len(report):
         raise VerifyError(
@@ -362,3 +374,28 @@ def _hint(mismatches: list[Mismatch], rated: set[str]) -> str:
             "copies)."
         )
     return "Fix: " + " Then ".join(hints)
+
+
+def _part_of(
+    policy: Policy, params: Any, full: Any, framework: str | None, options: dict[str, Any]
+) -> Any:
+    """The report on ``params``, a part of ``full``: decided as usual, with the layer
+    ids and multipliers of the whole model, looked up by path."""
+    import dataclasses
+
+    from .core._report import Report
+
+    whole = {row.path: row for row in policy.explain(full, framework=framework, **options)}
+    plain = type(policy)(*policy.rules, default=policy.default, strict=policy.strict)
+    rows = []
+    for row in plain.explain(params, framework=framework, **options):
+        found = whole.get(row.path)
+        if found is None:
+            raise VerifyError(
+                f"policy.verify(tx, params, full=...): params hold {row.path}, which the "
+                f"full tree does not; pass the whole model or params the trained part "
+                f"was cut from."
+            )
+        scale = found.lr_scale if row.trainable else row.lr_scale
+        rows.append(dataclasses.replace(row, layer_id=found.layer_id, lr_scale=scale))
+    return Report(rows, policy=policy)
