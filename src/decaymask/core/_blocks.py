@@ -54,6 +54,18 @@ def _keys(leaf: Leaf) -> tuple[str, ...]:
 class Ladder:
     """The blocks found in a tree, and every leaf's id and multiplier."""
 
+    config: LayerDecay
+    """The rule the ladder is found for."""
+    keys: list[tuple[str, ...]]
+    """Each leaf's path, split into its keys."""
+    leaves: Sequence[Leaf]
+    stacks: dict[tuple[str, ...], tuple[int, int]]
+    """The modules stacked along a layer axis: their layers and first leaf."""
+    blocks: list[Block]
+    """The blocks, in the ladder's order."""
+    size: int
+    """The number of blocks, a stacked module counting one per layer: ``n``."""
+
     def __init__(self, config: LayerDecay, leaves: Sequence[Leaf]):
         self.config = config
         self.keys = [_keys(leaf) for leaf in leaves]
