@@ -449,7 +449,7 @@ def test_vmap_stacked_layers_have_batch_axes():
     ]
 
 
-def test_min_ndim_counts_one_layer_of_a_stack_where_names_alone_cannot():
+def test_min_ndim_counts_one_layer_of_a_stack_by_classes_and_by_names():
     model = stacked(3)
     policy = dm.Policy(dm.decay(min_ndim=2))
     by_class = decays_of(policy.explain(model))
@@ -463,18 +463,274 @@ def test_min_ndim_counts_one_layer_of_a_stack_where_names_alone_cannot():
         "norm/bias": False,
         "norm/scale": False,
     }
-    # A State knows no stacked axes: every stacked array has at least 2, but a linear
-    # layer's bias is one vector by name, however many axes it has, and a conv's bias
-    # with more than one axis shows a stack.
-    by_name = decays_of(policy.explain(nnx.state(model, nnx.Param)))
-    assert by_name == {
-        **dict.fromkeys(by_class, True),
-        "linear/bias": False,
-        "general/bias": False,
-        "conv/bias": False,  # a conv's bias with two axes shows a stack
-    }
+    # A State's arrays show the stack: every layer under the root agrees on one
+    # leading axis of 3 (the LinearGeneral's arrays alone could be stacked once or
+    # twice; its neighbours settle it).
+    state = nnx.state(model, nnx.Param)
+    assert decays_of(policy.explain(state)) == by_class
+    assert {r.path: r.leaf.batch_axes for r in policy.explain(state)} == dict.fromkeys(by_class, 1)
     assert_optimizer_decays(model, policy.for_flax(model), by_class)
-    assert_optimizer_decays(model, policy.for_flax, by_name)
+    assert_optimizer_decays(model, policy.for_flax, by_class)
+    # Muon sees the layer axis as a batch axis either way.
+    muon = dm.Policy(dm.decay(param="weight"))
+    dims = dict(nnx.to_flat_state(muon.muon_dims_for_flax(state)))
+    assert dims == dict(nnx.to_flat_state(muon.muon_dims_for_flax(model)))
+    assert dims[("linear", "kernel")] == optax.contrib.MuonDimensionNumbers((1,), (2,))
+    assert dims[("general", "kernel")] == optax.contrib.MuonDimensionNumbers((1,), (2, 3))
+
+
+# Stacked blocks in a State (what nnx.Optimizer hands optax): the names' reading must
+# find the stacking the module's classes show.
+
+FEATURES, DEPTH = 3, 4  # a leading axis of 4 is the layer axis, never a feature axis
+
+
+def vmapped(make_block, count: int, rngs: nnx.Rngs):
+    """The NNX docs' pattern: split the rngs, vmap the block constructor."""
+
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(rngs):
+        return make_block(rngs)
+
+    return make(rngs)
+
+
+class StackBlock(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.ln = nnx.LayerNorm(FEATURES, rngs=rngs)
+        self.fc = nnx.Linear(FEATURES, FEATURES, rngs=rngs)
+
+
+class Expert(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.up = nnx.Linear(FEATURES, 5, rngs=rngs)
+        self.down = nnx.Linear(5, FEATURES, rngs=rngs)
+
+
+class ExpertBlock(nnx.Module):
+    """An unrolled block holding a vmapped MLP: only the experts are stacked."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.ln = nnx.LayerNorm(FEATURES, rngs=rngs)
+        self.router = nnx.Linear(FEATURES, DEPTH, rngs=rngs)
+        self.experts = vmapped(Expert, DEPTH, rngs)
+
+
+class AttentionBlock(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.norm = nnx.RMSNorm(8, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=8, decode=False, rngs=rngs)
+        self.up = nnx.LoRALinear(8, 16, lora_rank=2, rngs=rngs)
+        self.mix = nnx.Einsum("ab,bc->ac", (8, 8), (8,), rngs=rngs)
+        self.act = nnx.PReLU()
+
+
+class StackNet(nnx.Module):
+    def __init__(self, stacking: str, rngs: nnx.Rngs):
+        self.embed = nnx.Embed(5, FEATURES, rngs=rngs)
+        if stacking == "vmap":
+            self.blocks = vmapped(StackBlock, DEPTH, rngs)
+        elif stacking == "scan":
+
+            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+            def grow(carry, key):
+                return carry, StackBlock(nnx.Rngs(key))
+
+            _, self.blocks = grow(0, jax.random.split(jax.random.key(1), DEPTH))
+        elif stacking == "experts":
+            self.blocks = nnx.List([ExpertBlock(rngs) for _ in range(2)])
+        else:
+            self.blocks = nnx.List([StackBlock(rngs) for _ in range(DEPTH)])
+        self.ln_f = nnx.LayerNorm(FEATURES, rngs=rngs)
+        self.head = nnx.Linear(FEATURES, 5, rngs=rngs)
+
+
+def _parity_model():
+    from parity import models
+
+    return models.nnx_model()
+
+
+def _blocks(path: str) -> bool:
+    return path.startswith("blocks/")
+
+
+def _experts(path: str) -> bool:
+    return "/experts/" in path
+
+
+# name -> (model factory, which paths are stacked)
+STACKED_MODELS = {
+    "vmap": (lambda: StackNet("vmap", nnx.Rngs(0)), _blocks),
+    "scan": (lambda: StackNet("scan", nnx.Rngs(0)), _blocks),
+    "experts": (lambda: StackNet("experts", nnx.Rngs(0)), _experts),
+    "attention": (lambda: vmapped(AttentionBlock, DEPTH, nnx.Rngs(0)), lambda path: True),
+    "stackable": (lambda: stacked(3), lambda path: True),
+    "unrolled": (lambda: StackNet("unrolled", nnx.Rngs(0)), lambda path: False),
+    "zoo": (lambda: Zoo(nnx.Rngs(0)), lambda path: False),
+    "tower": (lambda: Tower(nnx.Rngs(0)), lambda path: False),
+    "parity": (_parity_model, lambda path: False),
+}
+_built: dict[str, nnx.Module] = {}
+
+
+def built(name: str) -> nnx.Module:
+    """The model of ``STACKED_MODELS``, abstract (shapes are all a reading needs),
+    built once."""
+    if name not in _built:
+        _built[name] = nnx.eval_shape(STACKED_MODELS[name][0])
+    return _built[name]
+
+
+NAMES_SAY_TOO_LITTLE = {
+    "cell/dense_h/kernel", "cell/dense_i/bias", "cell/dense_i/kernel", "inorm/bias", "inorm/scale",
+}
+"""Zoo's arrays whose kinds names cannot tell (see the test comparing names and classes)."""
+
+
+@pytest.mark.parametrize("name", list(STACKED_MODELS))
+def test_state_reads_the_stacked_axes_the_module_reads(name):
+    """The State's reading by names marks the arrays the module's classes mark, with
+    the same count of stacked axes, and no others: for these models, every array."""
+    model = built(name)
+    by_class = _nnx.leaves(model)
+    by_name = _nnx.leaves(nnx.state(model, nnx.Param))
+    assert [leaf.path for leaf in by_name] == [leaf.path for leaf in by_class]
+    assert [leaf.batch_axes for leaf in by_name] == [leaf.batch_axes for leaf in by_class]
+    is_stacked = STACKED_MODELS[name][1]
+    assert {leaf.path: leaf.batch_axes for leaf in by_name} == {
+        leaf.path: int(is_stacked(leaf.path)) for leaf in by_class
+    }
+    # Kinds and roles are read from one layer's ranks: a stacked layer norm is a layer
+    # norm (its scale is 2-D), a stacked linear layer no convolution (its kernel 3-D).
+    # Only where names say too little (see the test above) do they differ.
+    differ = {
+        leaf.path
+        for leaf, other in zip(by_name, by_class)
+        if (leaf.layer, leaf.role, leaf.ndim) != (other.layer, other.role, other.ndim)
+    }
+    assert differ == (NAMES_SAY_TOO_LITTLE if name == "zoo" else set())
+
+
+def _arrays(tree: dict) -> nnx.State:
+    """A State of abstract arrays from nested dicts of shapes."""
+    return nnx.State(
+        jax.tree.map(
+            lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32),
+            tree,
+            is_leaf=lambda x: isinstance(x, tuple),
+        )
+    )
+
+
+def _batch_axes(state: nnx.State) -> dict[str, int]:
+    return {leaf.path: leaf.batch_axes for leaf in _nnx.leaves(state)}
+
+
+NORM = {"scale": (DEPTH, FEATURES), "bias": (DEPTH, FEATURES)}
+
+
+@pytest.mark.parametrize(
+    "tree, expected",
+    [
+        # Arrays of no known rank (a user's "w") are stacked with the layers they sit
+        # among, where their leading sizes are the layers'.
+        ({"blocks": {"norm": NORM, "mix": {"w": (DEPTH, 2, 2)}}},
+         {"blocks/mix/w": 1, "blocks/norm/bias": 1, "blocks/norm/scale": 1}),
+        # ... and not where they are not: the norm alone still shows its own stack.
+        ({"blocks": {"norm": NORM, "mix": {"w": (5, 2, 2)}}},
+         {"blocks/mix/w": 0, "blocks/norm/bias": 1, "blocks/norm/scale": 1}),
+        # A layer whose arrays disagree shows nothing, and keeps the module around it
+        # from agreeing: the array of no known rank beside it stays unmarked.
+        ({"blocks": {"norm": {"scale": (DEPTH, FEATURES), "bias": (FEATURES,)},
+                     "mix": {"w": (DEPTH, 2, 2)}}},
+         {"blocks/mix/w": 0, "blocks/norm/bias": 0, "blocks/norm/scale": 0}),
+        # Two stackings inside one module: each is its own (a norm per layer, a
+        # vmapped expert pair per layer).
+        ({"blocks": {"norm": NORM, "experts": {"kernel": (DEPTH, 2, 3, 5), "bias": (DEPTH, 2, 5)}}},
+         {"blocks/experts/bias": 2, "blocks/experts/kernel": 2, "blocks/norm/bias": 1,
+          "blocks/norm/scale": 1}),
+        # A kernel (4, 4, 3) beside a bias (4, 3) is 4 stacked Linear(4, 3) or one
+        # LinearGeneral(4, (4, 3)): names alone do not tell, and guess nothing ...
+        ({"fc": {"kernel": (DEPTH, DEPTH, FEATURES), "bias": (DEPTH, FEATURES)}},
+         {"fc/bias": 0, "fc/kernel": 0}),
+        # ... but a layer norm beside it in one block settles it.
+        ({"blocks": {"fc": {"kernel": (DEPTH, DEPTH, FEATURES), "bias": (DEPTH, FEATURES)},
+                     "norm": NORM}},
+         {"blocks/fc/bias": 1, "blocks/fc/kernel": 1, "blocks/norm/bias": 1, "blocks/norm/scale": 1}),
+        # One layer's ranks, unstacked: a table, a linear layer, a conv and a norm.
+        ({"embed": {"embedding": (5, FEATURES)}, "fc": {"kernel": (FEATURES, FEATURES), "bias": (FEATURES,)},
+          "conv": {"kernel": (3, 2, FEATURES), "bias": (FEATURES,)}, "norm": {"scale": (FEATURES,)}},
+         {"conv/bias": 0, "conv/kernel": 0, "embed/embedding": 0, "fc/bias": 0, "fc/kernel": 0,
+          "norm/scale": 0}),
+    ],
+    ids=["unknown-rank-agrees", "unknown-rank-differs", "layer-disagrees", "nested-stacks",
+         "linear-or-general", "settled-by-a-norm", "unstacked"],
+)
+def test_state_marks_a_module_stacked_only_where_its_arrays_agree(tree, expected):
+    assert _batch_axes(_arrays(tree)) == expected
+
+
+def test_state_leaves_a_stack_its_names_cannot_tell_unmarked():
+    """Four stacked Linear(4, 3) alone: the module knows it is a stack, names see a
+    LinearGeneral's arrays as well, and mark nothing."""
+    model = nnx.eval_shape(lambda: vmapped(lambda r: nnx.Linear(DEPTH, FEATURES, rngs=r), DEPTH, nnx.Rngs(0)))
+    assert _batch_axes(nnx.state(model, nnx.Param)) == {"bias": 0, "kernel": 0}
+    assert {leaf.path: leaf.batch_axes for leaf in _nnx.leaves(model)} == {"bias": 1, "kernel": 1}
+
+
+LADDER = dm.Policy(*dm.presets.standard().rules, dm.layer_decay(0.5))
+
+
+@pytest.mark.parametrize("name", ["vmap", "scan", "experts", "unrolled"])
+def test_layer_decay_of_a_state_of_stacked_blocks_is_the_modules(name):
+    """What nnx.Optimizer hands optax (a State) gets the module's multipliers, leaf by
+    leaf: one per layer along the stacked axis."""
+    model = built(name)
+    by_class = dict(nnx.to_flat_state(LADDER.lr_scales(model)))
+    by_name = dict(nnx.to_flat_state(LADDER.lr_scales(nnx.state(model, nnx.Param))))
+    assert by_name.keys() == by_class.keys()
+    for path, scale in by_class.items():
+        assert type(by_name[path]) is type(scale), path
+        if isinstance(scale, np.ndarray):
+            assert by_name[path].dtype == scale.dtype == np.float32, path
+            np.testing.assert_array_equal(by_name[path], scale, err_msg=str(path))
+        else:
+            assert by_name[path] == scale, path
+    if name in ("vmap", "scan"):
+        # Blocks 0 to 3 of 4, then the final norm and head at 1, the embedding below.
+        assert by_name[("blocks", "fc", "kernel")].shape == (DEPTH, 1, 1)
+        np.testing.assert_array_equal(by_name[("blocks", "ln", "scale")].ravel(), np.float32([0.0625, 0.125, 0.25, 0.5]))
+        assert (by_name[("embed", "embedding")], by_name[("head", "kernel")]) == (0.03125, 1.0)
+
+
+@pytest.mark.parametrize("name", ["vmap", "scan"])
+def test_wrapped_adamw_steps_stacked_blocks_through_nnx_optimizer(name):
+    """policy.wrap(optax.adamw(..., mask=policy.mask)) in nnx.Optimizer, with no full=:
+    it initialises on the State it is handed, and one zero-gradient step moves each
+    decayed array by exactly -weight_decay * multiplier * p, each layer of the stack by
+    its own multiplier; the others not at all."""
+    model = nonzero(STACKED_MODELS[name][0]())
+    scales = dict(nnx.to_flat_state(LADDER.lr_scales(model)))
+    decays = {row.path: row.decay for row in LADDER.explain(model)}
+    before = values_of(model)
+    tx = LADDER.wrap(optax.adamw(1.0, weight_decay=WEIGHT_DECAY, mask=LADDER.mask))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    optimizer.update(model, jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param)))
+    after = values_of(model)
+    wrong = []
+    for path, p in before.items():
+        scale = scales[tuple(key_of(part) for part in path.split("/"))]
+        expected = p + -(WEIGHT_DECAY * p) * scale if decays[path] else p
+        if not np.array_equal(after[path], expected):
+            wrong.append(path)
+    assert not wrong, wrong
+    # The stacked kernel decays, each layer by its own multiplier.
+    assert decays["blocks/fc/kernel"]
+    np.testing.assert_array_equal(
+        scales[("blocks", "fc", "kernel")].ravel(), np.float32([0.0625, 0.125, 0.25, 0.5])
+    )
 
 
 # Shared variables.

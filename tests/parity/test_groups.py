@@ -808,9 +808,7 @@ STACKS = [
           lambda: (hk_stack_params("layer_stack"), hk_stack_params("unrolled")),
           _hk_options(False, "layer_stack"), "blocks"),
 ]
-FAILS_TO_FIND = {
-    "nnx-vmap-state": NOT_MARKED.format(what="the arrays of an nnx.State of nnx.vmap-built blocks"),
-}
+FAILS_TO_FIND: dict[str, str] = {}
 """Readings whose adapter does not mark the stacked arrays: no ladder is found."""
 
 

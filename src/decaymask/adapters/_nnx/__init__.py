@@ -4,7 +4,8 @@ A module is walked once, in the order ``nnx.state`` flattens it (``_graph``), so
 walk sees the same variables at the same paths as ``nnx.state(model, wrt)`` and knows
 the class of every module on the way (``_classes``, ``_layouts``). A State carries no
 classes: kinds come from its keys and the arrays each key holds, read by the shared
-inference (``_by_name``).
+inference (``_by_name``), and stacked axes from the ranks the arrays under a module agree
+on (``_stacking``).
 """
 
 from __future__ import annotations
@@ -53,9 +54,10 @@ def leaves(tree: Any, *, wrt: Any = None) -> list[Leaf]:
     are read as a State's are. Raw array attributes the selection holds (``wrt=...``)
     are decided like params. From a State, kinds come from its keys and sibling arrays
     alone (``kind_source`` ``"name"`` or ``"content"``, ``"ambiguous"`` where they
-    contradict), with no stacked axes known; in a State of raw arrays, which carries
-    no variable types, every array is a parameter but a batch norm's ``mean`` and
-    ``var``.
+    contradict); a module's arrays are stacked (``nnx.vmap``, ``nnx.scan``) where the
+    layers of a fixed rank under it agree on their extra leading axes, as the module's
+    classes would say, and nowhere else. In a State of raw arrays, which carries no
+    variable types, every array is a parameter but a batch norm's ``mean`` and ``var``.
 
     Args:
       tree: an ``nnx.Module`` (abstract ones from ``nnx.eval_shape`` too) or an

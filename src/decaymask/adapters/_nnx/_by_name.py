@@ -1,7 +1,9 @@
 """NNX leaves read by names alone: a State, and the variables of a Linen module in NNX.
 
 A State carries no classes: kinds come from its keys and the arrays each key holds,
-read by the shared inference, with what only a State shows added.
+read by the shared inference, with what only a State shows added; stacked leading axes
+from what the arrays under a module agree on (``_stacking``), and everything else from
+one layer's shapes.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from ...core._leaf import Layer, Leaf
 from .._common import MatrixAxes, key_name, path_text
 from .._contract import TreedefRebuild
 from ._layouts import IN_OUT
-from ._values import leaf_name, not_an_array, module_key, shape_dtype
+from ._stacking import stacked_axes
+from ._values import EMPTY, leaf_name, not_an_array, module_key, shape_dtype
 
 # Attention projections: their kernels have more than two axes but are not convolutions.
 _PROJECTIONS = frozenset({"query", "key", "value", "out"})
@@ -171,6 +174,10 @@ def state_walk(state: Any, fn: str) -> tuple[list[Leaf], Callable[[list[Any]], A
     return leaves_by_name(entries), TreedefRebuild(treedef)
 
 
+def _kind_of(parent: tuple, one: dict[str, tuple[int, ...]]) -> str:
+    return _name_layers_of(parent, one)[0].kind
+
+
 def leaves_by_name(
     entries: list[tuple], around: tuple[Layer, ...] = (), depths: tuple[int, ...] = ()
 ) -> list[Leaf]:
@@ -179,39 +186,41 @@ def leaves_by_name(
     Each entry is (path to read names from, full path, variable or None, value,
     (shape, dtype)), the first the last keys of the second, below one root for all;
     ``around`` are the modules enclosing that root, standing at ``depths`` of the
-    full paths.
+    full paths. Stacked leading axes are those the arrays under a module agree on
+    (``_stacking``); kinds, roles and layouts are read from one layer's ranks.
     """
     groups: dict[tuple, dict[str, tuple[int, ...]]] = {}
     for path, _, _, _, found in entries:
-        groups.setdefault(path[:-1], {})[leaf_name(path)] = found[0]
+        arrays = groups.setdefault(path[:-1], {})
+        if found != EMPTY:
+            arrays[leaf_name(path)] = found[0]
+    stacking = stacked_axes(groups, _kind_of)
     # The keys of the full paths before the root the names are read from.
     offset = len(entries[0][1]) - len(entries[0][0]) if entries else 0
     owners = {}
     for parent, arrays in groups.items():
-        layer, outer, inner = _name_owner(parent, arrays)
+        stacked = stacking.get(parent, 0)
+        one = {name: shape[stacked:] for name, shape in arrays.items()}
+        layer, outer, inner = _name_owner(parent, one)
         if offset:
             inner = tuple([offset + d for d in inner])
-        owners[parent] = (layer, around + outer, depths + inner)
+        owners[parent] = (layer, around + outer, depths + inner, stacked, one)
     leaves = []
     for path, full_path, variable, value, (shape, dtype) in entries:
         name = leaf_name(path)
-        layer, ancestors, module_depths = owners[path[:-1]]
+        layer, ancestors, module_depths, stacked, one = owners[path[:-1]]
+        if (shape, dtype) == EMPTY:
+            stacked = 0
         own = module_key(path[:-1])
-        stacked = 0
-        if layer.kind == "conv":
-            # A conv's bias is (out,) in one layer: more axes are stacked layers. With no
-            # bias in sight (none, or masked out on one optax.partition branch) the
-            # kernel is read as one layer's.
-            bias = groups[path[:-1]].get("bias")
-            stacked = 0 if bias is None else max(0, len(bias) - 1)
+        single = shape[stacked:]
         # Names and ranks that contradict give no layout: Muon never guesses.
-        axes = None if layer.source == "ambiguous" else _name_axes(layer.kind, own, name, len(shape) - stacked)
-        if axes is None and layer.kind == "linear" and name == "kernel" and len(shape) > 2:
+        axes = None if layer.source == "ambiguous" else _name_axes(layer.kind, own, name, len(single))
+        if axes is None and layer.kind == "linear" and name == "kernel" and len(single) > 2:
             # A LinearGeneral: its bias is the kernel's trailing (output) axes.
-            bias = groups[path[:-1]].get("bias")
-            if bias is not None and 1 < len(bias) < len(shape) and shape[-len(bias):] == bias:
-                split = len(shape) - len(bias)
-                axes = tuple(range(split)), tuple(range(split, len(shape)))
+            bias = one.get("bias")
+            if bias is not None and 1 < len(bias) < len(single) and single[-len(bias):] == bias:
+                split = len(single) - len(bias)
+                axes = tuple(range(split)), tuple(range(split, len(single)))
         leaves.append(
             Leaf(
                 path=path_text(full_path),
@@ -226,7 +235,7 @@ def leaves_by_name(
                 kind_source=layer.source,
                 batch_axes=stacked,
                 matrix_axes=axes,
-                layout_axes=_name_layout_axes(layer.kind, name, shape, axes),
+                layout_axes=_name_layout_axes(layer.kind, name, single, axes),
             )
         )
     return leaves

@@ -12,7 +12,7 @@ from .._common import path_text
 # A variable holding None has no array, but nnx.state lists it and optax sees its box
 # at init: it gets a leaf of no elements that is never decayed, so that every value
 # rebuilt from the decisions (mask, label, rate) has a place there too.
-_EMPTY = ((0,), "none")
+EMPTY = ((0,), "none")
 
 _nnx_dtype_names: dict[Any, str] = {}  # dtype -> its name
 
@@ -26,9 +26,9 @@ def _dtype_text(dtype: Any) -> str:
 
 
 def shape_dtype(value: Any) -> tuple[tuple[int, ...], str] | None:
-    """Shape and dtype name of an array-like value; ``_EMPTY`` for ``None``; else ``None``."""
+    """Shape and dtype name of an array-like value; ``EMPTY`` for ``None``; else ``None``."""
     if value is None:
-        return _EMPTY
+        return EMPTY
     dtype = getattr(value, "dtype", None)
     shape = getattr(value, "shape", None)
     if dtype is not None and shape is not None:
