@@ -763,8 +763,8 @@ def test_a_mask_built_from_other_params_names_the_cause_and_chains_optax_s_error
     tx = POLICY.wrap(optax.adamw(LR, weight_decay=WD, mask=dm.Policy(dm.decay()).mask(other)))
     err = verify_error(POLICY, tx, EQX_PARAMS)
     cause = err.__cause__
-    assert type(cause) is ValueError
-    assert str(cause).startswith("pytree structure error: different types at key path")
+    # jax's own words for the mismatch differ between releases; the message quotes them.
+    assert type(cause) is ValueError and "MLP" in str(cause)
     assert str(err) == cannot_run(cause)
     assert err.mismatches == ()
 
