@@ -205,7 +205,9 @@ def decay_times(expected: str, got: str = f"1 {UNAPPLIED}") -> Row:
 
 def cannot_run(cause: BaseException, hint: bool = True) -> str:
     """The message of a tx that raised ``cause`` on the params."""
-    text = "\n    ".join(str(cause).strip().splitlines())
+    # At most 12 lines of it, each at most 300 characters.
+    lines = [line.rstrip() for line in str(cause).strip().splitlines()][:12]
+    text = "\n    ".join(line if len(line) <= 300 else line[:300] + "..." for line in lines)
     return f"policy.verify: tx cannot be run on params: {type(cause).__name__}: {text}" + (
         "\nIs tx built for these params? A mask, labels or Muon dimension numbers made from "
         "other params do not fit them: pass the policy's methods themselves "
