@@ -921,11 +921,10 @@ def test_a_wrapped_step_on_stacked_layers_is_the_unrolled_step(stack, selector):
     assert len(moved) == len(values)
 
 
-def test_a_stack_partly_marked_is_an_error_with_the_fix():
-    """An NNX State of vmap-built blocks holding a conv and a layer norm: by names only
-    the conv's arrays are marked stacked (its bias proves it). Taking the conv alone
-    for the stack would give every layer's norm the head's multiplier: the ladder
-    refuses, and the fix it gives (the stacked module by name) is the module's answer."""
+def test_a_stack_of_a_conv_and_a_norm_read_by_names_is_the_modules():
+    """An NNX State of vmap-built blocks holding a conv and a layer norm: by names the
+    conv's bias proves the stack and the norm agrees with it, so the State's ladder is
+    the module's."""
 
     class Block(nnx.Module):
         def __init__(self, rngs: nnx.Rngs):
@@ -942,16 +941,31 @@ def test_a_stack_partly_marked_is_an_error_with_the_fix():
     model = Model(nnx.Rngs(0))
     state = nnx.state(model, nnx.Param)
     batch_axes = {row.path: row.leaf.batch_axes for row in dm.Policy().explain(state)}
-    assert batch_axes["blocks/conv/kernel"] == 1 and batch_axes["blocks/norm/scale"] == 0
+    assert batch_axes["blocks/conv/kernel"] == 1 and batch_axes["blocks/norm/scale"] == 1
     found = flat(dm.Policy(dm.layer_decay(STACK_RATE)).lr_scales(model))
+    read = flat(dm.Policy(dm.layer_decay(STACK_RATE)).lr_scales(state))
+    assert set(read) == set(found)
+    for path, scale in found.items():
+        np.testing.assert_array_equal(read[path], scale, err_msg=path)
+    np.testing.assert_array_equal(found["blocks/norm/scale"].ravel(), np.float32(PER_LAYER))
+
+
+def test_a_stack_partly_marked_is_an_error_with_the_fix():
+    """Where only part of each layer is known to be stacked (a conv whose bias proves it,
+    a norm beside it left unmarked), taking the conv alone for the stack would give
+    every layer's norm the head's multiplier: the ladder refuses, with the fix."""
+    leaves = [
+        leaf("embed/embedding", "embedding", shape=(V, W)),
+        leaf("blocks/conv/kernel", "conv", shape=(LAYERS, 3, W, W), batch_axes=1),
+        leaf("blocks/conv/bias", "conv", role="bias", shape=(LAYERS, W), batch_axes=1),
+        leaf("blocks/norm/scale", "layer_norm", shape=(LAYERS, W)),
+        leaf("head/kernel", shape=(W, V)),
+    ]
     partly = r"blocks/conv is stacked 4 times, but beside it in blocks .*blocks='blocks'\)"
     with pytest.raises(ValueError, match=partly):
-        dm.Policy(dm.layer_decay(STACK_RATE)).lr_scales(state)
-    named = flat(dm.Policy(dm.layer_decay(STACK_RATE, blocks="blocks")).lr_scales(state))
-    assert set(named) == set(found)
-    for path, scale in found.items():
-        np.testing.assert_array_equal(named[path], scale, err_msg=path)
-    np.testing.assert_array_equal(found["blocks/norm/scale"].ravel(), np.float32(PER_LAYER))
+        dm.Policy(dm.layer_decay(STACK_RATE)).decide(leaves)
+    named = dm.Policy(dm.layer_decay(STACK_RATE, blocks="blocks")).decide(leaves)
+    assert [d.layer_id for d in named] == [0, (1, 2, 3, 4), (1, 2, 3, 4), (1, 2, 3, 4), 5]
 
 
 # 5. Finding the blocks, on Leaf records.
