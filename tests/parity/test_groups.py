@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -767,15 +766,6 @@ def _no_options() -> tuple[dict, dict]:
     return {}, {}
 
 
-NOT_MARKED = (
-    "read by names, {what} are not marked stacked (batch_axes 0): no stack is found, and "
-    "blocks='blocks' would take the whole stack for one block"
-)
-PART_MARKED = (
-    "read by names, {what}: the Dense's arrays are marked stacked (its 2-D bias proves "
-    "it), the LayerNorm's are not (batch_axes 0), and the ladder refuses a stack known "
-    "only in part"
-)
 STACKS = [
     Stack("equinox-filter_vmap", "equinox", _eqx_build, _no_options, "blocks",
           unrolled_key="blocks/{}", block_class=EqxStackBlock),
