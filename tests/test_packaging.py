@@ -68,6 +68,14 @@ PUBLIC = [
     "presets",
     "register_layer",
     "unregister_layer",
+    "lr",
+    "freeze",
+    "unfreeze",
+    "layer_decay",
+    "LayerDecay",
+    "merge",
+    "VerifyError",
+    "Mismatch",
 ]
 
 
@@ -91,7 +99,6 @@ MODULES = [
     "decaymask.presets",
     "decaymask._check",
     "decaymask.core._ladder",
-    "decaymask.core._blocks",
     "decaymask._groups",
 ]
 

@@ -31,6 +31,8 @@ from ..core._infer import resolve_kind, role_from_name, words
 from ..core._leaf import Layer, Leaf
 from ._contract import Adapter, Claim, PytreeAdapter, Rebuild
 from ._haiku_trace import LIFT, HaikuTrace, is_array_like
+from ._haiku_stacks import ONE_LAYER_NDIM, lifted, module_path, proof_of, stacked_by_bias
+from ._stacks import Proof, agrees, lifted_at
 
 _SNAKE = re.compile(r"((?<=[a-z0-9])[A-Z]|(?!^)[A-Z](?=[a-z]))")
 _NUMBERED = re.compile(r"(.+?)_\d+\Z")
@@ -46,7 +48,6 @@ def snake(class_name: str) -> str:
 
 # Haiku's modules by their instances' names: (class name, kind, layout of the weight).
 _DENSE, _CONV, _TRANSPOSE = "dense", "conv", "transpose"
-Proof = tuple[int, tuple[int, ...]]  # (stacked leading axes, their sizes)
 _BUILTIN: dict[str, tuple[str, str, str | None]] = {snake(c): (c, k, lay) for c, k, lay in (
     ("Linear", "linear", _DENSE), ("Embed", "embedding", _DENSE), ("GRU", "recurrent", _DENSE),
     ("MultiHeadAttention", "attention", None), ("LSTM", "recurrent", None),
@@ -188,7 +189,7 @@ def _walk(tree: Any, method: str, fn: Any, args: Any, kwargs: Any) -> tuple[list
     modules = _Modules(tree, trace)
     if trace is None and any([modules.proof(key) for key in tree]):
         # By names, some params proved a user-named stack: the modules it lifts.
-        modules.lifted = _lifted(modules)
+        modules.lifted = lifted(modules)
     batch_of, paths = modules.batch_of, modules.paths
 
     leaves: list[Leaf] = []
@@ -284,11 +285,11 @@ class _Modules:
         direct = self.tree[key]
         batch = sum(1 for s in segments if _STACK.match(s))
         if not read:  # a w and b of a stacked linear show it before its kind is read
-            return min(len(shape), max(batch, _stacked_by_bias(segments, direct) or 0))
+            return min(len(shape), max(batch, stacked_by_bias(_is_linear(segments), direct) or 0))
         own = self.proof(key)
         batch = max(batch, own[0] if own is not None else 0)
-        found = _lifted_at(self.lifted, _module_path(segments)) if self.lifted else None
-        if found is not None and _agrees(shape, self.one_layer_ndim(key, name), found,
+        found = lifted_at(self.lifted, module_path(segments)) if self.lifted else None
+        if found is not None and agrees(shape, self.one_layer_ndim(key, name), found,
                                         own and (own[0], tuple(shape[: own[0]]))):
             batch = max(batch, found[0])
         return min(len(shape), batch)
@@ -298,7 +299,7 @@ class _Modules:
         if key not in self.proofs:
             proof = None
             if self.trace is None:
-                proof = _proof(self.paths[key], self.module_at(key), self.tree[key])
+                proof = proof_of(_is_linear(self.paths[key]), self.module_at(key), self.tree[key])
             self.proofs[key] = proof
         return self.proofs[key]
 
@@ -306,7 +307,7 @@ class _Modules:
         """The rank the param ``name`` has in one layer of the module at ``key``, where
         its kind fixes it."""
         module = self.module_at(key)
-        return _ONE_LAYER_NDIM.get(module.layer.kind, {}).get(name) if module else None
+        return ONE_LAYER_NDIM.get(module.layer.kind, {}).get(name) if module else None
 
     def module_at(self, key: str) -> _Module | None:
         """The module that holds the params at ``key`` (none for the root's, ``~``)."""
@@ -314,116 +315,9 @@ class _Modules:
         return self.of(mid) if mid else None
 
 
-# The rank a param has in one layer of a kind, where known by names; a norm's params
-# have the input's rank with param_axis, a conv's bias with channels first.
-_NORM_NDIM = {"scale": 1, "offset": 1}
-_ONE_LAYER_NDIM: dict[str, dict[str, int]] = {
-    "linear": {"w": 2, "b": 1},
-    "embedding": {"embeddings": 2},
-    **{kind: _NORM_NDIM for kind in ("layer_norm", "rms_norm", "group_norm", "instance_norm")},
-}
-# The ranks that prove a stack: Haiku's Linear and Embed make them whatever their
-# configuration.
-_FIXED_NDIM: dict[str, dict[str, int]] = {
-    "Linear": {"w": 2, "b": 1},
-    "Embed": {"embeddings": 2},
-}
-
-
-def _stacked_by_bias(segments: tuple[str, ...], direct: Mapping[str, Any]) -> int | None:
-    """The stacked axes a ``w`` and a ``b`` of two or more axes prove: ``b``'s leading
-    axes repeat ``w``'s, and ``b`` ends as ``w`` does (a stacked linear's ``w`` (4, 3, 5)
-    and ``b`` (4, 5), a stacked conv's ``w`` (4, 2, 3, 5) and ``b`` (4, 5)). Not where
-    ``b`` is ``w``'s last axes too (one layer from 3 inputs to (3, 5) outputs reads the
-    same), nor for Haiku's modules other than Linear (a conv's bias may have the
-    input's rank)."""
-    if _BUILTIN.get(_base(segments[-1]), ("Linear",))[0] != "Linear":
-        return None
-    w, b = getattr(direct.get("w"), "shape", None), getattr(direct.get("b"), "shape", None)
-    if w is None or b is None or len(b) < 2 or len(w) < len(b):
-        return None
-    extra = len(b) - 1
-    stack = tuple(w[:extra]) == tuple(b[:extra]) and w[-1] == b[-1]
-    general = tuple(w[-len(b):]) == tuple(b)
-    return extra if stack and not general else None
-
-
-def _proof(segments: tuple[str, ...], module: _Module | None,
-           direct: Mapping[str, Any]) -> Proof | None:
-    """(stacked axes, their sizes) that a module's params prove by names: a stacked
-    linear's ``w`` and ``b``, or a Linear or Embed with more axes than one layer has."""
-    arrays = {n: tuple(v.shape) for n, v in direct.items() if is_array_like(v)}
-    stacked = None
-    if module is None:
-        return None
-    if module.registration is None:
-        stacked = _stacked_by_bias(segments, direct)
-    fixed = _FIXED_NDIM.get(module.layer.type_name or "", {}) if module.trusted else {}
-    for name, shape in arrays.items():
-        if name in fixed:
-            extra = len(shape) - fixed[name]
-            if extra < 1 or stacked not in (None, extra):
-                return None
-            stacked = extra
-    if not stacked:
-        return None
-    w, b = arrays.get("w"), arrays.get("b")
-    if w is not None and b is not None and (not b[stacked:] or w[-1] != b[-1]):
-        return None  # one layer's b is w's output axis: stacked along another axis
-    sizes = {shape[:stacked] for shape in arrays.values()}
-    return (stacked, sizes.pop()) if len(sizes) == 1 else None
-
-
-def _lifted(modules: _Modules) -> dict[tuple[str, ...], Proof]:
-    """The lifted modules of user-named stacks (``hk.layer_stack(n, name=...)``).
-
-    For each module whose params prove a stack, the outermost module around it all of
-    whose params agree with the proof (:func:`_agrees`): its params are all stacked
-    alike, the layer norm beside a stacked linear too. Where a param disagrees (a
-    leading size that differs, a norm's scale of the wrong rank, another proof), no
-    module above it is taken: never a guess.
-    """
-    arrays = []
-    for key, direct in modules.tree.items():
-        own = modules.proof(key)
-        for name, value in direct.items():
-            if is_array_like(value):
-                shape = tuple(value.shape)
-                arrays.append((_module_path(modules.paths[key]), shape,
-                               modules.one_layer_ndim(key, name),
-                               own and (own[0], shape[: own[0]])))
-    proofs = {path: own for path, _, _, own in arrays if own is not None}
-    lifted: dict[tuple[str, ...], Proof] = {}
-    for proof in set(proofs.values()):
-        refused = {path[:end] for path, shape, ndim, own in arrays
-                   if not _agrees(shape, ndim, proof, own) for end in range(1, len(path) + 1)}
-        for path in (path for path, own in proofs.items() if own == proof):
-            top = next((path[:end] for end in range(1, len(path) + 1)
-                        if path[:end] not in refused), None)
-            if top is not None:
-                lifted[top] = proof
-    return lifted
-
-
-def _agrees(shape: tuple[int, ...], ndim: int | None, proof: Proof, own: Proof | None) -> bool:
-    """Whether a param can be stacked as ``proof`` says: its own module proves the same
-    or nothing, it has the stacked sizes in front and then one layer's rank (``ndim``,
-    where known)."""
-    stacked, sizes = proof
-    return (own is None or own == proof) and tuple(shape[:stacked]) == sizes and \
-        (ndim is None or len(shape) - stacked == ndim)
-
-
-def _lifted_at(lifted: Mapping[tuple[str, ...], Proof], path: tuple[str, ...]) -> Proof | None:
-    """The proof of the lifted module around the module at ``path``, if any."""
-    return next((lifted[path[:end]] for end in range(1, len(path) + 1)
-                 if path[:end] in lifted), None)
-
-
-def _module_path(segments: tuple[str, ...]) -> tuple[str, ...]:
-    """A params key's module path without ``~``: a constructor's modules belong to the
-    module that made them."""
-    return tuple(s for s in segments if s != "~")
+def _is_linear(segments: Sequence[str]) -> bool:
+    """Whether a module is Haiku's Linear by its name (or a name Haiku gives no class)."""
+    return _BUILTIN.get(_base(segments[-1]), ("Linear",))[0] == "Linear"
 
 
 def _base(segment: str) -> str:

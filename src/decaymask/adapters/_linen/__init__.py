@@ -42,7 +42,7 @@ bias beyond ``(out,)``), and then given to every array of the lifted module: the
 outermost module around the proof all of whose arrays have the same sizes in front and,
 where the layer fixes it, one layer's rank behind them (the ``LayerNorm`` beside the
 ``Dense`` in each block). Where an array disagrees, no module above it is taken
-(``_stacks.py``).
+(``adapters/_stacks.py``).
 
 Two kinds of module own the arrays of modules inside them. A recurrent cell (Linen's
 cells keep their gates in ``Dense`` or ``Conv`` children such as ``ii``/``hi``) owns

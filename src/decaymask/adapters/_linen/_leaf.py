@@ -10,7 +10,7 @@ from ...core._leaf import Leaf
 from .._common import path_text
 from ._arrays import cached_dtype_name
 from ._infer import LinenInference, LinenModule
-from ._stacks import Proof, agrees, lifted_at
+from .._stacks import Proof, agrees, lifted_at
 from ._tables import ATTENTION_LAYOUT, layout_base, natural_ndim
 
 
@@ -18,7 +18,7 @@ class LinenReader(LinenInference):
     """What the walk reads of a module: its kind (:class:`LinenInference`) and the
     :class:`Leaf` record of one array."""
 
-    lifted: dict[tuple[str, ...], Proof]  # by names: lifted modules (_stacks.py)
+    lifted: dict[tuple[str, ...], Proof]  # by names: lifted modules (adapters/_stacks.py)
 
     def leaf_record(
         self,

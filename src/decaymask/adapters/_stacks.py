@@ -1,7 +1,8 @@
-"""Layers stacked by a user-named ``nn.scan`` or ``nn.vmap``, read by names alone.
+"""Layers stacked by a user-named lift (Linen ``nn.scan``/``nn.vmap``, Haiku
+``hk.layer_stack(n, name=...)``), read by names alone.
 
-No name shows such a stack; some arrays prove it (:attr:`LinenModule.batch`: a bias
-repeating its kernel's leading axes, a ``Dense`` kernel of three axes). The stack is
+No name shows such a stack; some arrays prove it (a bias repeating its kernel's leading
+axes, a ``Dense`` or ``Linear`` kernel of three axes). The stack is
 the whole lifted module, not the layers that happen to prove it: the layer norm beside
 the ``Dense`` in each block is stacked too. The lifted module is taken to be the
 outermost module all of whose arrays agree with the proof (the same leading sizes, and
