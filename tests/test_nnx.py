@@ -78,11 +78,18 @@ def assert_optimizer_decays(model, mask, decays: dict[str, bool], wrt=nnx.Param)
     assert not wrong, "nnx.Optimizer moved params against the mask:\n" + "\n".join(wrong)
 
 
+def state_at_keys(model: nnx.Module, decays: dict[str, bool], wrt=nnx.Param) -> nnx.State:
+    """The expected mask at the model's own keys (a key that is not a string, such as a
+    WeightNorm's ``('kernel',)``, is written as its text in a canonical path)."""
+    flat = nnx.to_flat_state(nnx.state(model, wrt))
+    return nnx.from_flat_state([(p, decays["/".join(map(str, p))]) for p, _ in flat])
+
+
 def assert_optax_decays(model, mask, decays: dict[str, bool], *, jit: bool = False) -> None:
     """A zero-gradient optax.adamw step on the raw arrays of nnx.state(model, nnx.Param)."""
     params = nnx.as_pure(nnx.state(model, nnx.Param))
     updates = zero_grad_updates(params, mask, jit=jit)
-    assert_decays_exactly(params, updates, flat_with_paths(state_of(decays)))
+    assert_decays_exactly(params, updates, flat_with_paths(state_at_keys(model, decays)))
 
 
 def decays_of(report) -> dict[str, bool]:
@@ -202,12 +209,17 @@ LAYERS = [
 def test_every_layer_kind_role_and_mask(make, expected):
     model = nonzero(make(nnx.Rngs(0)))
     report = TABLE.explain(model)
+    held = {path[0] for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    if isinstance(model, nnx.WeightNorm) and "scales" in held:
+        # Newer Flax (0.12.12) keeps WeightNorm's gain as a param at init: a gain of the
+        # wrapped layer, never decayed.
+        expected = expected + [("scales/('kernel',)", "linear", "WeightNorm", "gain", False)]
     assert [(r.path, r.layer, r.layer_type, r.role, r.decay) for r in report] == expected
     assert {r.leaf.kind_source for r in report} == {"class"}
     decays = decays_of(report)
     mask = TABLE.for_flax(model)
     assert_bool_leaves(mask)
-    assert_same_tree(mask, state_of(decays))
+    assert_same_tree(mask, state_at_keys(model, decays))
     assert_optax_decays(model, mask, decays)
     assert_optimizer_decays(model, mask, decays)
 
