@@ -17,6 +17,7 @@ from flax.core import FrozenDict, freeze
 import decaymask as dm
 from decaymask.adapters import _linen
 from helpers import (
+    assert_depths_fit_paths,
     assert_bool_leaves,
     assert_decays_exactly,
     assert_same_tree,
@@ -1830,26 +1831,6 @@ DEPTH_STATE_ROWS = {
     "batch_stats/encoder/layers_1/BatchNorm_0/var": ((2, 3, 4), (0, 2, 3, 4)),
     "batch_stats/scanned/BatchNorm_0/mean": ((2, 3), (0, 2, 3)),
 }
-
-
-def assert_depths_fit_paths(leaves):
-    """``module_depths`` line up with ``ancestors + (owner,)``, outermost first, inside
-    the keys of the path that lead to a module; the keys at a listed depth name one
-    module (one layer wherever they are read), which every leaf below lists (but the
-    root, which by names owns the arrays it holds and encloses nothing)."""
-    listed = {}
-    for leaf in leaves:
-        keys = tuple(leaf.path.split("/"))
-        depths = leaf.module_depths
-        assert len(depths) == len(leaf.ancestors) + 1, leaf
-        assert list(depths) == sorted(depths), leaf
-        assert 0 <= depths[0] and depths[-1] <= len(keys) - 1, leaf
-        for depth, layer in zip(depths, (*leaf.ancestors, leaf.owner)):
-            assert listed.setdefault(keys[:depth], layer) == layer, (leaf, depth)
-    for leaf in leaves:
-        keys = tuple(leaf.path.split("/"))
-        below = {d for d in range(1, len(keys)) if keys[:d] in listed}
-        assert below == set(leaf.module_depths) - {0}, leaf
 
 
 def module_classes(model, *args):

@@ -17,6 +17,7 @@ from flax import nnx
 import decaymask as dm
 from decaymask.adapters import _nnx
 from helpers import (
+    assert_depths_fit_paths,
     WEIGHT_DECAY,
     assert_bool_leaves,
     assert_decays_exactly,
@@ -1460,27 +1461,6 @@ DEPTH_ROWS = {
 }
 
 
-def assert_depths_fit_paths(leaves):
-    """``module_depths`` line up with ``ancestors + (owner,)``, outermost first, inside
-    the keys of the path that lead to a module; the keys at a listed depth name one
-    module (one layer wherever they are read), which every leaf below lists (but the
-    root, which by names owns the arrays it holds and encloses nothing)."""
-    listed = {}
-    for leaf in leaves:
-        keys = tuple(leaf.path.split("/"))
-        depths = leaf.module_depths
-        assert len(depths) == len(leaf.ancestors) + 1, leaf
-        assert list(depths) == sorted(depths), leaf
-        assert 0 <= depths[0] and depths[-1] <= len(keys) - 1, leaf
-        for depth, layer in zip(depths, (*leaf.ancestors, leaf.owner)):
-            assert listed.setdefault(keys[:depth], layer) == layer, (leaf, depth)
-    for leaf in leaves:
-        keys = tuple(leaf.path.split("/"))
-        below = {d for d in range(1, len(keys)) if keys[:d] in listed}
-        assert below == set(leaf.module_depths) - {0}, leaf
-
-
-@pytest.mark.parametrize("as_state", [False, True], ids=["module", "state"])
 def test_module_depths_say_where_each_module_stands(as_state):
     model = DepthNet(nnx.Rngs(0))
     tree = nnx.state(model, nnx.Param) if as_state else model
