@@ -1461,6 +1461,7 @@ DEPTH_ROWS = {
 }
 
 
+@pytest.mark.parametrize("as_state", [False, True], ids=["module", "state"])
 def test_module_depths_say_where_each_module_stands(as_state):
     model = DepthNet(nnx.Rngs(0))
     tree = nnx.state(model, nnx.Param) if as_state else model
