@@ -99,6 +99,7 @@ MODULES = [
     "decaymask.presets",
     "decaymask._check",
     "decaymask.core._ladder",
+    "decaymask.core._group_rules",
     "decaymask._groups",
 ]
 

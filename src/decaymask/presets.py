@@ -12,7 +12,8 @@ from typing import Any
 
 from ._face import Policy
 from .core._ladder import BlockSelector, layer_decay
-from .core._rules import decay, lr, no_decay
+from .core._group_rules import lr
+from .core._rules import decay, no_decay
 from .core._selectors import PathSelector
 
 

@@ -14,9 +14,9 @@ from ._imports import PolicyDataError as PolicyDataError
 from ._rules import decay as decay
 from ._rules import label as label
 from ._rules import no_decay as no_decay
-from ._rules import lr as lr
-from ._rules import freeze as freeze
-from ._rules import unfreeze as unfreeze
+from ._group_rules import lr as lr
+from ._group_rules import freeze as freeze
+from ._group_rules import unfreeze as unfreeze
 from ._ladder import LayerDecay as LayerDecay
 from ._ladder import layer_decay as layer_decay
 from ._vocab import GROUPS as GROUPS

@@ -176,12 +176,6 @@ class Ladder:
         seen: dict[tuple[str, ...], str | type] = {}
         for item in self.config.blocks or ():
             modules = self._modules(item, params, "blocks")
-            if not modules:
-                raise ValueError(
-                    f"{self.config!r}: blocks={show_value(item)} selects no module of this "
-                    f"tree.{_kind_hint(item)} Check it against policy.explain(tree), which "
-                    f"lists every path{', kind and class' if not _is_glob(item) else ''}."
-                )
             for module in _ordered(modules):
                 block = self._block(module)
                 path = block.path
@@ -199,6 +193,17 @@ class Ladder:
 
     def _modules(self, item: str | type, params: list[int], key: str) -> dict[tuple[str, ...], int]:
         """The outermost modules ``item`` selects, each with its first leaf."""
+        found = self._modules_of(item, params, key)
+        if not found:
+            raise ValueError(
+                f"{self.config!r}: {key}={show_value(item)} selects no module of this "
+                f"tree.{_kind_hint(item)} Check it against policy.explain(tree), which "
+                f"lists every path{', kind and class' if not _is_glob(item) else ''}."
+            )
+        return found
+
+    def _modules_of(self, item: str | type, params: list[int], key: str) -> dict[tuple[str, ...], int]:
+        """:meth:`_modules`, empty where ``item`` selects nothing."""
         found: dict[tuple[str, ...], int] = {}
         if _is_glob(item):
             match = re.compile(fnmatch.translate(str(item))).match
@@ -290,12 +295,6 @@ class Ladder:
         params = list(range(len(self.leaves)))
         for item in self.config.stem or ():
             modules = self._modules(item, params, "stem")
-            if not modules:
-                raise ValueError(
-                    f"{self.config!r}: stem={show_value(item)} selects no module of this "
-                    f"tree.{_kind_hint(item)} Check it against policy.explain(tree), which "
-                    f"lists every path{', kind and class' if not _is_glob(item) else ''}."
-                )
             extra.update(modules)
         for i, leaf in enumerate(self.leaves):
             keys = self.keys[i]

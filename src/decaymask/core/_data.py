@@ -145,7 +145,7 @@ def rule_from_data(data: Any, where: str, imports: bool | tuple[str, ...] = ()) 
     for key in ("param", "name"):
         if isinstance(selectors.get(key), list):
             selectors[key] = tuple(selectors[key])
-    from ._rules import freeze, lr, unfreeze
+    from ._group_rules import freeze, lr, unfreeze
 
     try:
         if lr_value is not None:
