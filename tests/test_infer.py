@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from decaymask.core._infer import content_kind, name_kind, resolve_kind, role_from_name, words
+from decaymask.core._infer import content_kind, resolve_kind
+from decaymask.core._names import name_kind, words
+from decaymask.core._roles import role_from_name
 
 
 @pytest.mark.parametrize(

@@ -101,6 +101,7 @@ MODULES = [
     "decaymask.core._ladder",
     "decaymask.core._group_rules",
     "decaymask._groups",
+    "decaymask.core._names",
 ]
 
 

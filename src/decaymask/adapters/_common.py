@@ -11,8 +11,9 @@ import jax
 import numpy as np
 
 from ..core import _registry
-from ..core._infer import is_generic_norm_name, kind_from_name, resolve_kind
+from ..core._infer import resolve_kind
 from ..core._leaf import Layer, Leaf
+from ..core._names import is_generic_norm_name, kind_from_name
 
 _KEY_TYPES = (
     jax.tree_util.GetAttrKey,

@@ -27,11 +27,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..core import _registry
-from ..core._infer import resolve_kind, role_from_name, words
+from ..core._infer import resolve_kind
 from ..core._leaf import Layer, Leaf
+from ..core._names import words
+from ..core._roles import role_from_name
 from ._contract import Adapter, Claim, PytreeAdapter, Rebuild
-from ._haiku_trace import LIFT, HaikuTrace, is_array_like
 from ._haiku_stacks import ONE_LAYER_NDIM, lifted, module_path, proof_of, stacked_by_bias
+from ._haiku_trace import LIFT, HaikuTrace, is_array_like
 from ._stacks import Proof, agrees, lifted_at
 
 _SNAKE = re.compile(r"((?<=[a-z0-9])[A-Z]|(?!^)[A-Z](?=[a-z]))")

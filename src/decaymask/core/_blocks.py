@@ -10,9 +10,9 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ._infer import words
 from ._ladder import _is_kind, _kind_hint
 from ._leaf import Layer, Leaf
+from ._names import words
 from ._selectors import layer_matches
 from ._stacks import (
     _candidate_glob,

@@ -8,9 +8,10 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._infer import CONTAINER_KINDS, is_index_name
 from ._leaf import Leaf
+from ._names import CONTAINER_KINDS
 from ._report import Decision
+from ._roles import is_index_name
 
 if TYPE_CHECKING:
     from ._policy import Policy

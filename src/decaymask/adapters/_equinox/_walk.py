@@ -13,8 +13,8 @@ from typing import Any
 import jax
 
 from ...core import _registry
-from ...core._infer import owner_says_position, role_from_name
 from ...core._leaf import Layer, Leaf
+from ...core._roles import owner_says_position, role_from_name
 from ...core._table import LeafTable
 from .._common import (
     ARRAY_TYPES,

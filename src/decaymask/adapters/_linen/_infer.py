@@ -8,8 +8,10 @@ from collections.abc import Collection, Mapping
 from typing import Any, NamedTuple, cast
 
 from ...core import _registry
-from ...core._infer import kind_from_name, name_kind, resolve_kind, role_from_name
+from ...core._infer import resolve_kind
 from ...core._leaf import Layer
+from ...core._names import kind_from_name, name_kind
+from ...core._roles import role_from_name
 from ._kinds import auto_name_kind, linen_class_kind
 from ._tables import (
     ATTENTION_NAMES,

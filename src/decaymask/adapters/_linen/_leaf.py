@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ...core._infer import role_from_name
 from ...core._leaf import Leaf
+from ...core._roles import role_from_name
 from .._common import path_text
+from .._stacks import Proof, agrees, lifted_at
 from ._arrays import cached_dtype_name
 from ._infer import LinenInference, LinenModule
-from .._stacks import Proof, agrees, lifted_at
 from ._tables import ATTENTION_LAYOUT, layout_base, natural_ndim
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...core._infer import name_kind, role_from_name
+from ...core._names import name_kind
+from ...core._roles import role_from_name
 from ._infer import LinenModule
 from ._tables import ATTENTION_PROJECTIONS, auto_class
 

@@ -22,11 +22,11 @@ from ._arrays import (
     shapes_of,
     unbox,
 )
+from .._stacks import Proof, lifted_modules
 from ._infer import LinenModule
 from ._nodes import AT_LEAF, AT_NODE, STR_ONLY, EmptyNode, mapping_of
 from ._other import OtherCollections
 from ._signature import ResolvedModule, WatchedArrays, key_traits, traits_of
-from .._stacks import Proof, lifted_modules
 from ._traced import traced_reading
 from ._variables import looks_like_variables, undecidable_error
 

@@ -15,8 +15,10 @@ from typing import Any
 import jax
 from flax import nnx
 
-from ...core._infer import kind_from_name, resolve_kind, role_from_name
+from ...core._infer import resolve_kind
 from ...core._leaf import Layer, Leaf
+from ...core._names import kind_from_name
+from ...core._roles import role_from_name
 from .._common import MatrixAxes, key_name, path_text
 from .._contract import TreedefRebuild
 from ._layouts import IN_OUT

@@ -17,8 +17,8 @@ import numpy as np
 from flax import nnx
 
 from ...core import _registry
-from ...core._infer import role_from_name
 from ...core._leaf import Layer, Leaf
+from ...core._roles import role_from_name
 from .._common import UNOWNED, path_text, registered_batch_axes
 from ._by_name import leaves_by_name
 from ._classes import NNX_TRANSPARENT, nnx_class, nnx_layer
