@@ -169,3 +169,104 @@ def test_a_missing_framework_is_named_with_its_extra():
             POLICY.mask(BAG, framework="missing")
     finally:
         adapters.unregister("missing")
+
+
+class FlaxDicts(BagAdapter):
+    """A registered adapter of the face "flax" that claims every plain dict certainly."""
+
+    name = "flax-dicts"
+    face = "flax"
+
+    def claim(self, tree):
+        return Claim.CERTAINLY if isinstance(tree, (Bag, Mapping)) else Claim.NO
+
+
+class AllDicts(FlaxDicts):
+    name = "all-dicts"
+    face = "all-dicts"
+
+
+def test_a_registered_adapter_of_a_face_never_takes_over_its_entry_points():
+    params = {"block": {"layer": {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}}}
+    model = eqx.nn.Linear(2, 3, key=jax.random.key(0))
+    before, labels = POLICY.for_flax(params), POLICY.labels_for_flax(params)
+    for adapter in (FlaxDicts(), AllDicts()):
+        adapters.register(adapter)
+        try:
+            assert POLICY.for_flax(params) == before
+            assert POLICY.labels_for_flax(params) == labels
+            assert POLICY.mask(params, framework="flax") == before
+            assert POLICY.for_equinox(model).weight is True
+            # Asked by its own name, it reads the tree.
+            assert POLICY.mask(params, framework=adapter.name).arrays == {"block": False}
+        finally:
+            adapters.unregister(adapter.name)
+    # A tree the face's own adapters refuse goes to the registered one.
+    adapters.register(FlaxDicts())
+    try:
+        assert POLICY.for_flax(BAG).arrays == {"b": False, "w": True}
+    finally:
+        adapters.unregister("flax-dicts")
+
+
+class Raising(BagAdapter):
+    name = "raising"
+    face = "raising"
+
+    def claim(self, tree):
+        raise KeyError("arrays")
+
+
+def test_an_adapter_whose_claim_raises_is_named_with_its_exception():
+    adapters.register(Raising())
+    model = eqx.nn.Linear(2, 3, key=jax.random.key(0))
+    try:
+        # Entry points whose own adapters read the tree never ask it.
+        assert POLICY.for_equinox(model).weight is True
+        assert POLICY.for_flax({"Dense_0": {"kernel": jnp.ones((2, 3))}}) == {
+            "Dense_0": {"kernel": True}
+        }
+        with pytest.raises(RuntimeError) as info:
+            POLICY.mask(model)
+        assert str(info.value) == (
+            f"mask: the adapter 'raising' ({__name__}.Raising) raised KeyError in "
+            "claim() on a Linear: 'arrays'. claim() must answer Claim.NO for a tree it does "
+            "not know, not raise. Fix the adapter's claim, or remove it: "
+            "decaymask.adapters.unregister('raising')."
+        )
+        assert isinstance(info.value.__cause__, KeyError)
+    finally:
+        adapters.unregister("raising")
+    assert POLICY.mask(model).weight is True
+
+
+def test_an_incomplete_adapter_is_refused_with_what_it_lacks():
+    class Incomplete(Adapter):
+        name = "incomplete"
+        face = "incomplete"
+        title = "Incomplete"
+        requires = "numpy"
+
+        def claim(self, tree):
+            return Claim.NO
+
+        def walk(self, tree, *, method, **options):
+            return [], list
+
+    with pytest.raises(TypeError) as info:
+        adapters.register(Incomplete())
+    assert str(info.value) == (
+        f"register: the adapter {__name__}.test_an_incomplete_adapter_is_refused_"
+        "with_what_it_lacks.<locals>.Incomplete lacks the class attributes extra, accepts, "
+        "usage, non_floating_fix (non-empty strings), which the contract "
+        "decaymask.adapters.Adapter requires. Fix: define them on the class; see the "
+        "Adapter docstring for what each one is."
+    )
+    assert "incomplete" not in adapters.names()
+
+    class NoWalk(BagAdapter):
+        name = "no-walk"
+        walk = None
+
+    with pytest.raises(TypeError, match=r"lacks the methods walk, which the contract"):
+        adapters.register(NoWalk())

@@ -33,6 +33,9 @@ __all__ = [
 _lock = threading.Lock()
 _adapters: tuple[Adapter, ...] | None = None
 _added: list[Adapter] = []
+# Moves at every register and unregister: outputs cached under an adapter's name are
+# not served once another adapter has that name.
+generation = 0
 # A framework or face -> (the registered adapters, those of that name or face).
 _candidates: dict[str, tuple[Sequence[Adapter], list[Adapter]]] = {}
 
@@ -40,11 +43,19 @@ _candidates: dict[str, tuple[Sequence[Adapter], list[Adapter]]] = {}
 def register(adapter: Adapter) -> Adapter:
     """Makes ``adapter`` known to every entry point, the CLI and ``check_mask``.
 
+    A registered adapter never changes how an entry point of this package's adapters
+    reads the trees they read: ``policy.for_flax`` (or ``framework="flax"``) asks an
+    adapter registered under the face ``"flax"`` only about a tree Linen and NNX both
+    refuse. Its :meth:`~Adapter.claim` must not raise: one that does makes every call
+    that asks it a ``RuntimeError`` naming the adapter, its exception chained.
+
     Raises:
-      TypeError: ``adapter`` is not an :class:`Adapter` instance.
+      TypeError: ``adapter`` is not an :class:`Adapter` instance, or its class lacks a
+        part of the contract (a class attribute such as ``name``, or a method); the
+        message names them all.
       ValueError: another adapter already has its ``name``.
     """
-    global _adapters
+    global _adapters, generation
     if isinstance(adapter, type) and issubclass(adapter, Adapter):
         raise TypeError(
             f"register: got the class {adapter.__name__}; pass an instance: "
@@ -55,13 +66,43 @@ def register(adapter: Adapter) -> Adapter:
             f"register: expected an instance of decaymask.adapters.Adapter, got "
             f"{type(adapter).__name__}."
         )
+    _check_contract(adapter)
     with _lock:
         known = _discover() if _adapters is None else _adapters
         if any(a.name == adapter.name for a in known):
             raise ValueError(f"register: an adapter named {adapter.name!r} is already registered.")
         _added.append(adapter)
         _adapters = (*known, adapter)
+        generation += 1
     return adapter
+
+
+# The class attributes the contract requires, and those whose value must not be empty.
+_REQUIRED = ("name", "face", "title", "requires", "extra", "accepts", "usage", "non_floating_fix")
+_NOT_EMPTY = ("name", "face", "title", "requires")
+
+
+def _check_contract(adapter: Adapter) -> None:
+    cls = type(adapter)
+    missing = [
+        attribute
+        for attribute in _REQUIRED
+        if not isinstance(getattr(adapter, attribute, None), str)
+        or (attribute in _NOT_EMPTY and not getattr(adapter, attribute))
+    ]
+    methods = [m for m in ("claim", "walk") if not callable(getattr(adapter, m, None))]
+    if not missing and not methods:
+        return
+    parts = []
+    if missing:
+        parts.append(f"the class attributes {', '.join(missing)} (non-empty strings)")
+    if methods:
+        parts.append(f"the methods {', '.join(methods)}")
+    raise TypeError(
+        f"register: the adapter {cls.__module__}.{cls.__qualname__} lacks "
+        f"{' and '.join(parts)}, which the contract decaymask.adapters.Adapter requires. "
+        f"Fix: define them on the class; see the Adapter docstring for what each one is."
+    )
 
 
 def unregister(name: str) -> None:
@@ -71,7 +112,7 @@ def unregister(name: str) -> None:
       ValueError: no adapter was registered under ``name`` (this package's own adapters
         cannot be removed).
     """
-    global _adapters
+    global _adapters, generation
     with _lock:
         found = [a for a in _added if a.name == name]
         if not found:
@@ -79,6 +120,7 @@ def unregister(name: str) -> None:
         _added.remove(found[0])
         if _adapters is not None:
             _adapters = tuple(a for a in _adapters if a is not found[0])
+        generation += 1
 
 
 def registered() -> tuple[Adapter, ...]:
@@ -146,23 +188,50 @@ def choose(tree: Any, framework: str | None, method: str) -> Adapter:
 def _explicit(tree: Any, framework: str, method: str, adapters: Sequence[Adapter]) -> Adapter:
     found = _candidates.get(framework)
     if found is None or found[0] is not adapters:
+        added = tuple(_added)
+        own = [a for a in adapters if a not in added]
         found = _candidates[framework] = (
-            adapters, [a for a in adapters if framework in (a.name, a.face)]
+            adapters,
+            [a for a in own if framework in (a.name, a.face)],
+            [a for a in added if framework in (a.name, a.face)],
+            own,
         )
-    candidates = found[1]
-    if not candidates:
+    _, own_candidates, added_candidates, own = found
+    if not own_candidates and not added_candidates:
         raise ValueError(
             f"{method}(framework={framework!r}): unknown framework; expected one of "
             f"{', '.join(map(repr, names()))}."
         )
+    if own_candidates:
+        # This package's adapters of that name or face read the tree as they would with
+        # no adapter registered: a registered one is asked only about a tree they refuse.
+        chosen = _among(tree, method, own_candidates, own, reading_only=True)
+        if chosen is not None:
+            return chosen
+    chosen = _among(tree, method, [*own_candidates, *added_candidates], adapters)
+    assert chosen is not None
+    return chosen
+
+
+def _among(
+    tree: Any,
+    method: str,
+    candidates: Sequence[Adapter],
+    adapters: Sequence[Adapter],
+    reading_only: bool = False,
+) -> Adapter | None:
+    """The candidate that reads ``tree``, or the one that refuses it in favour of another
+    of ``adapters``; with ``reading_only``, ``None`` where no candidate claims it."""
     best, refusing = Claim.NO, candidates[0]
     for candidate in candidates:
-        claim = candidate.claim(tree)
+        claim = _claim(candidate, tree, method)
         if claim is Claim.CERTAINLY:
             return candidate
         if claim > best:
             best, refusing = claim, candidate
-    others = [(a.claim(tree), a) for a in adapters if a not in candidates]
+    if best is Claim.NO and reading_only:
+        return None
+    others = [(_claim(a, tree, method), a) for a in adapters if a not in candidates]
     if best is Claim.POSSIBLY:
         # A tree this adapter could read, which another framework certainly made: the
         # adapter may send the user there, or read it (its walk may say more).
@@ -173,21 +242,39 @@ def _explicit(tree: Any, framework: str, method: str, adapters: Sequence[Adapter
                     raise TypeError(message)
         return refusing
     # A tree no framework in this process made claims little: only name a framework
-    # that is installed, or that certainly made the tree.
-    others = [
-        (claim, a)
-        for claim, a in others
-        if claim is Claim.CERTAINLY or (claim is Claim.POSSIBLY and a.installed())
-    ]
+    # that certainly made the tree, or one that is installed (asked only where it would
+    # be named: importing a framework may take seconds).
     for claim, other in sorted(others, key=lambda c: -c[0]):
+        if claim is Claim.NO:
+            continue
         message = refusing.refusal(tree, method, other, claim)
-        if message is not None:
+        if message is not None and (claim is Claim.CERTAINLY or other.installed()):
             raise TypeError(message)
     return refusing  # its walk says what it expected
 
 
+def _claim(adapter: Adapter, tree: Any, method: str) -> Claim:
+    """``adapter.claim(tree)``; an adapter whose claim raises is named, not let through
+    as a bare exception from deep inside another framework's call."""
+    try:
+        return adapter.claim(tree)
+    except Exception as err:
+        cls = type(adapter)
+        removal = (
+            f", or remove it: decaymask.adapters.unregister({adapter.name!r})"
+            if adapter in _added
+            else ""
+        )
+        raise RuntimeError(
+            f"{method}: the adapter {adapter.name!r} ({cls.__module__}.{cls.__qualname__}) "
+            f"raised {type(err).__name__} in claim() on a {type(tree).__name__}: {err}. "
+            f"claim() must answer Claim.NO for a tree it does not know, not raise. "
+            f"Fix the adapter's claim{removal}."
+        ) from err
+
+
 def _inferred(tree: Any, method: str, adapters: Sequence[Adapter]) -> Adapter:
-    claims = [(a.claim(tree), a) for a in adapters]
+    claims = [(_claim(a, tree, method), a) for a in adapters]
     for level in (Claim.CERTAINLY, Claim.POSSIBLY):
         found = [a for claim, a in claims if claim is level]
         if len(found) == 1:
