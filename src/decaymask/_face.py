@@ -111,6 +111,27 @@ class Policy(GroupsFace, _CorePolicy):
                 _remember(key, out, values, rebuild, messages)
             return out
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Refused: a Policy is not a mask.
+
+        optax takes a callable for ``mask=``, ``param_labels=`` and
+        ``muon_weight_dimension_numbers=`` and calls it with the params, and each of
+        those asks for another tree (bools, labels, dimension numbers); as a tree a
+        Policy would be one leaf, read as ``True`` for every parameter. Pass the method
+        that builds the tree asked for.
+
+        Raises:
+          TypeError: always; the message names the methods to pass.
+        """
+        raise TypeError(
+            "a decaymask Policy was called as a function (optax calls what it is given "
+            "for mask=, param_labels= and muon_weight_dimension_numbers= with the params), "
+            "but a Policy is not one tree: pass the method that builds the tree asked "
+            "for: mask=policy.mask, param_labels=policy.labels, "
+            "muon_weight_dimension_numbers=policy.muon_dims (or their for_equinox, "
+            "for_flax and for_haiku forms), rates=policy.rates."
+        )
+
     # The generic entry points.
 
     def mask(self, tree: Any, *, framework: str | None = None, **options: Any) -> Any:
