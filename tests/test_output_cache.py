@@ -186,3 +186,73 @@ def test_a_signature_that_cannot_be_hashed_is_not_cached_and_the_walk_speaks():
     with pytest.raises(TypeError, match=re.escape("for_flax: leaf 'Dense_0/kernel' is")):
         policy.for_flax({"Dense_0": {"kernel": Listed(), "bias": jnp.ones(3)}})
     assert not _face._built
+
+
+class _Waiting(dm.adapters.Adapter):
+    """Reads a list of arrays, one linear layer each, and waits in its walk until told."""
+
+    name = face = "waiting"
+    title = "Waiting"
+    requires = "numpy"
+    extra = "waiting"
+    accepts = "a Waiting list"
+    usage = "policy.mask(tree, framework='waiting')"
+    non_floating_fix = "-"
+
+    def __init__(self):
+        import threading
+
+        self.walking, self.go = threading.Event(), threading.Event()
+
+    def claim(self, tree):
+        return dm.adapters.Claim.NO
+
+    def walk(self, tree, *, method, **options):
+        self.walking.set()
+        assert self.go.wait(30)
+        leaves = [
+            dm.Leaf(str(i), layer="linear", role="weight", shape=x.shape)
+            for i, x in enumerate(tree)
+        ]
+        return leaves, list
+
+
+def test_a_build_never_switches_the_collector_another_thread_switched():
+    import gc
+    import threading
+
+    adapter = dm.adapters.register(_Waiting())
+    policy = dm.Policy(dm.decay())
+    out = []
+    builder = threading.Thread(
+        target=lambda: out.append(policy.mask([np.ones(2)], framework="waiting"))
+    )
+    try:
+        builder.start()
+        assert adapter.walking.wait(30)
+        gc.disable()  # this thread's choice, while the other one builds
+        adapter.go.set()
+        builder.join(30)
+        assert out == [[True]]
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+        adapter.go.set()
+        dm.adapters.unregister("waiting")
+
+
+def test_a_build_alone_leaves_the_collector_as_it_found_it():
+    import gc
+
+    policy = dm.Policy(dm.decay(param="weight"))
+    model = eqx.nn.Linear(2, 3, key=KEY)
+    assert gc.isenabled()
+    policy.for_equinox(model)
+    assert gc.isenabled()
+    _face._built.clear()
+    gc.disable()
+    try:
+        policy.for_equinox(model)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
