@@ -256,3 +256,106 @@ def test_a_build_alone_leaves_the_collector_as_it_found_it():
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+# The key holds everything a build reads, and never the user's objects.
+
+
+@jax.tree_util.register_pytree_node_class
+class Pouch:
+    """A pytree of named arrays that only the adapters below read."""
+
+    def __init__(self, arrays):
+        self.arrays = arrays
+
+    def tree_flatten(self):
+        names = tuple(sorted(self.arrays))
+        return [self.arrays[n] for n in names], names
+
+    @classmethod
+    def tree_unflatten(cls, names, values):
+        return cls(dict(zip(names, values)))
+
+
+def _pouch_adapter(kind):
+    class PouchAdapter(dm.adapters.PytreeAdapter):
+        name = face = "pouches"
+        title = "Pouches"
+        requires = "numpy"
+        extra = "pouches"
+        accepts = "a Pouch"
+        usage = "policy.mask(pouch, framework='pouches')"
+        non_floating_fix = "-"
+
+        def claim(self, tree):
+            return dm.adapters.Claim.CERTAINLY if isinstance(tree, Pouch) else dm.adapters.Claim.NO
+
+        def walk(self, tree, *, method, **options):
+            leaves, treedef = jax.tree_util.tree_flatten(tree)
+            names = treedef.node_data()[1]
+            found = [dm.Leaf(n, layer=kind, role="weight", shape=x.shape) for n, x in zip(names, leaves)]
+            return found, dm.adapters.TreedefRebuild(treedef)
+
+    return PouchAdapter()
+
+
+def test_an_adapter_registered_anew_under_a_name_is_never_served_the_old_ones_outputs():
+    policy = dm.Policy(dm.decay(layer="linear"))
+    pouch = Pouch({"w": jnp.ones((2, 2))})
+    dm.adapters.register(_pouch_adapter("linear"))
+    try:
+        assert policy.mask(pouch).arrays == {"w": True}
+        assert policy.mask(pouch).arrays == {"w": True}
+        assert len(_face._built) == 1
+    finally:
+        dm.adapters.unregister("pouches")
+    dm.adapters.register(_pouch_adapter("layer_norm"))
+    try:
+        assert policy.mask(pouch).arrays == {"w": False}
+    finally:
+        dm.adapters.unregister("pouches")
+
+
+class Held:
+    """An object a static field holds: a config, a tokenizer, a callback."""
+
+
+class WithStatic(eqx.Module):
+    linear: eqx.nn.Linear
+    held: Held = eqx.field(static=True)
+
+
+def test_the_cache_never_keeps_an_object_of_a_static_field_alive():
+    import gc
+    import weakref
+
+    policy = dm.Policy(dm.decay(param="weight"))
+    held = Held()
+    model = WithStatic(eqx.nn.Linear(2, 3, key=KEY), held)
+    params = eqx.filter(model, eqx.is_inexact_array)
+    first = policy.for_equinox(model)
+    assert jax.tree.leaves(first) == [True, False]
+    # Cached: the params (the same static field) are served from the entry.
+    assert policy.for_equinox(params).held is held
+    assert len(_face._built) == 1
+    assert jax.tree.leaves(policy.for_equinox(params)) == [True, False]
+    assert len(_face._built) == 1
+    alive = weakref.ref(held)
+    del held, model, params, first
+    gc.collect()
+    assert alive() is None
+    # The entry went with it; another object gets its own.
+    again = WithStatic(eqx.nn.Linear(2, 3, key=KEY), Held())
+    assert jax.tree.leaves(policy.for_equinox(again)) == [True, False]
+    assert len(_face._built) == 1
+
+
+def test_equal_static_values_hit_and_other_objects_do_not():
+    policy = dm.Policy(dm.decay(param="weight"))
+    linear = eqx.nn.Linear(2, 3, key=KEY)
+    one, other = Held(), Held()
+    policy.for_equinox(WithStatic(linear, one))
+    policy.for_equinox(WithStatic(linear, one))
+    assert len(_face._built) == 1
+    assert policy.for_equinox(WithStatic(linear, other)).held is other
+    assert len(_face._built) == 2

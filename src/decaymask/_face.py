@@ -8,12 +8,11 @@ methods are the same with the framework named.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
-from . import adapters
+from . import _output_cache, adapters
+from ._output_cache import _built as _built
 from ._face_groups import GroupsFace
-from .core import _registry
 from .core._policy import Policy as _CorePolicy
 from .core._collector import collector_paused
 from .core._report import Report
@@ -21,28 +20,6 @@ from .core._table import LeafTable
 from .core._warnings import warn_again
 
 adapters.FACES.update(("equinox", "flax", "haiku"))
-
-# Outputs by (policy, output, entry point, adapter, registry generation, tree signature):
-# a callable mask is called with the same structure at every optax step. Each entry
-# holds the output's treedef and leaves (bools, labels, rates, dims), never the tree.
-_BUILT_MAX = 256
-_built: dict[Any, tuple[Any, list[Any], list[str]]] = {}
-_built_lock = threading.Lock()
-
-
-def _remember(key: Any, out: Any, values: list[Any], rebuild: Any, messages: list[str]) -> None:
-    if isinstance(rebuild, adapters.TreedefRebuild):
-        # The output is that treedef over these leaves: no flatten needed.
-        treedef, leaves = rebuild.treedef, rebuild.leaves(values)
-    else:
-        import jax
-
-        leaves, treedef = jax.tree_util.tree_flatten(out)
-    with _built_lock:
-        if len(_built) >= _BUILT_MAX:
-            _built.pop(next(iter(_built)))
-        _built[key] = (treedef, leaves, messages)
-
 
 def _per_layer_arrays(values: list[Any], leaves: Any) -> list[Any]:
     """A stacked leaf's multipliers (one per layer) as an array that broadcasts against
@@ -77,15 +54,14 @@ class Policy(GroupsFace, _CorePolicy):
                 # A when= callable may read anything: only policies without one are cached.
                 signature = adapter.signature(tree, options)
                 if signature is not None:
-                    key = (self, value, method, adapter.name, _registry.generation, signature)
-                    try:
-                        built = _built.get(key)
-                    except TypeError:  # a static field of the tree that is not hashable
-                        key = built = None
-                    if built is not None:
-                        treedef, values, messages = built
+                    key = _output_cache.key_of(self, value, method, adapter, signature)
+                    built = _output_cache.lookup(key)
+                    if built is _output_cache.UNCACHED:
+                        key = None
+                    elif built is not None:
+                        out, messages = built
                         warn_again(messages)
-                        return treedef.unflatten(values)
+                        return out
             found, rebuild = adapter.walk(tree, method=method, **options)
             values, messages = self.values(
                 found,
@@ -108,7 +84,7 @@ class Policy(GroupsFace, _CorePolicy):
                 rebuild = rebuild.filled(False)
             out = rebuild(values)
             if key is not None:
-                _remember(key, out, values, rebuild, messages)
+                _output_cache.remember(key, out, values, rebuild, messages)
             return out
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

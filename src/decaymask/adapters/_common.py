@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import operator
-
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
@@ -292,38 +290,6 @@ class ClassKinds:
         if is_generic_norm_name(cls.__name__):
             return "norm", "name", None
         return "unknown", "class", None
-
-
-_shape_of = operator.attrgetter("shape")
-_dtype_of = operator.attrgetter("dtype")
-
-
-def structure_signature(tree: Any) -> Any:
-    """The tree's structure (node types, keys, static fields), each leaf's type, shape
-    and dtype, and which leaves are one array: everything a walk by names reads. Not
-    hashable where a static field is not."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    # Three tuples, not one per leaf: a call that hits the output cache allocates little.
-    described: tuple[tuple[Any, ...], ...]
-    try:
-        described = (
-            tuple(map(type, leaves)),
-            tuple(map(_shape_of, leaves)),
-            tuple(map(_dtype_of, leaves)),
-        )
-    except AttributeError:  # a leaf that is not an array: a Python scalar, a string
-        described = (
-            tuple(map(type, leaves)),
-            tuple(getattr(x, "shape", None) for x in leaves),
-            tuple(getattr(x, "dtype", None) for x in leaves),
-        )
-    # Which leaves are the same array object: a walk reads that as sharing.
-    shared: tuple[int, ...] = ()
-    if len(set(map(id, leaves))) != len(leaves):
-        first: dict[int, int] = {}
-        shared = tuple(first.setdefault(id(x), n) for n, x in enumerate(leaves))
-    return (treedef, described, shared)
-
 
 
 def instance_layer(

@@ -161,7 +161,9 @@ class Adapter(abc.ABC):
         leaves (paths, kinds, roles, shapes, dtypes, layouts): the face then builds an
         output once per signature. ``None`` (the default) where the adapter cannot say
         cheaply, e.g. a trace that reads ``options``. A signature that turns out not to
-        be hashable (a static field of the tree that is not) is not cached."""
+        be hashable (a static field of the tree that is not) is not cached. It is kept
+        as a cache key: it must not hold the tree or its objects (a static field's),
+        which :class:`PytreeAdapter`'s holds weakly."""
         return None
 
     def factory_model(self, result: Any) -> bool:
@@ -201,7 +203,7 @@ class PytreeAdapter(Adapter):
     def signature(self, tree: Any, options: Mapping[str, Any]) -> Hashable | None:
         if options:
             return None  # a trace reads the module and its inputs too
-        from ._common import structure_signature
+        from ._structure import structure_signature
 
         return structure_signature(tree)
 

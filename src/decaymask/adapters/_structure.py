@@ -1,0 +1,139 @@
+"""What the output cache keys a pytree on: its structure, its leaves' types, shapes and
+dtypes, and which leaves are one array; never the user's objects.
+
+A jax treedef holds the static data of the tree's nodes: an Equinox module's static
+fields, a dict's keys. Kept as a cache key, it would keep those objects (a function, a
+config, anything a static field holds) alive as long as the entry lives. A structure
+whose static data is plain values (strings, numbers, ``None``, classes, tuples of them)
+is keyed by its treedef, exactly; any other object in it is held by a weak reference
+that compares as the object does while it lives, and an entry whose object has died is
+dropped and never served.
+"""
+
+from __future__ import annotations
+
+import gc
+import operator
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+_PLAIN = frozenset({type(None), bool, int, float, complex, str, bytes, type(Ellipsis)})
+_shape_of = operator.attrgetter("shape")
+_dtype_of = operator.attrgetter("dtype")
+
+
+class Structure:
+    """A tree's structure as a cache key, and (not part of the key) its treedef.
+
+    Equal to another exactly when their treedefs are equal, where the static data is
+    plain; otherwise when their treedefs hash alike (node kinds, arities, classes and
+    static data all enter jax's hash), have as many nodes and leaves, and hold equal
+    plain values and the same objects, in the same places.
+    """
+
+    __slots__ = ("_hash", "held", "key", "treedef")
+
+    def __init__(self, key: Any, held: tuple[Any, ...], treedef: Any, hashed: int) -> None:
+        self.key = key
+        self.held = held  # the objects of the static data that are held weakly
+        self.treedef = treedef
+        self._hash = hashed
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Structure) and self.key == other.key
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def kept(self) -> Structure:
+        """The key as a cache keeps it: without the treedef and the objects, where the
+        treedef holds objects."""
+        return Structure(self.key, (), None, self._hash) if self.held else self
+
+    def watch(self, dropped: Callable[[], None]) -> tuple[Any, ...]:
+        """Weak references to the objects held weakly, which call ``dropped`` once one
+        of them is gone; a cache keeps them beside its entry."""
+        return tuple(weakref.ref(x, lambda _: dropped()) for x in self.held)
+
+
+def structure_signature(tree: Any) -> tuple[Structure, Any, Any] | None:
+    """The tree's structure (node types, keys, static fields), each leaf's type, shape
+    and dtype, and which leaves are one array: everything a walk by names reads.
+    ``None`` where the structure holds an object that cannot be keyed without being kept
+    alive, or that cannot be hashed."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    structure = structure_of(treedef)
+    if structure is None:
+        return None
+    # Three tuples, not one per leaf: a call that hits the output cache allocates little.
+    described: tuple[tuple[Any, ...], ...]
+    try:
+        described = (
+            tuple(map(type, leaves)),
+            tuple(map(_shape_of, leaves)),
+            tuple(map(_dtype_of, leaves)),
+        )
+    except AttributeError:  # a leaf that is not an array: a Python scalar, a string
+        described = (
+            tuple(map(type, leaves)),
+            tuple(getattr(x, "shape", None) for x in leaves),
+            tuple(getattr(x, "dtype", None) for x in leaves),
+        )
+    # Which leaves are the same array object: a walk reads that as sharing.
+    shared: tuple[int, ...] = ()
+    if len(set(map(id, leaves))) != len(leaves):
+        first: dict[int, int] = {}
+        shared = tuple(first.setdefault(id(x), n) for n, x in enumerate(leaves))
+    return (structure, described, shared)
+
+
+def structure_of(treedef: Any) -> Structure | None:
+    """The :class:`Structure` of a treedef; ``None`` where it cannot be a key."""
+    try:
+        hashed = hash(treedef)
+    except TypeError:  # a static field that is not hashable
+        return None
+    atoms: list[Any] = []
+    held: list[Any] = []
+    # The treedef's references: its class, the registry, then the static data of its nodes.
+    pending = [x for x in gc.get_referents(treedef) if not _is_machinery(x, treedef)]
+    pending.reverse()
+    while pending:
+        x = pending.pop()
+        kind = type(x)
+        if kind in _PLAIN or isinstance(x, type):
+            atoms.append(x)
+        elif kind is tuple or kind is list or isinstance(x, tuple):
+            atoms.append((kind, len(x)))
+            pending.extend(reversed(x))
+        elif kind is dict:
+            atoms.append((dict, len(x)))
+            for k, v in reversed(list(x.items())):
+                pending.extend((v, k))
+        elif kind is frozenset and all(type(v) in _PLAIN for v in x):
+            atoms.append(x)
+        else:
+            try:
+                ref = weakref.ref(x)
+            except TypeError:
+                if gc.is_tracked(x):
+                    return None  # it may hold anything, and cannot be held weakly
+                atoms.append(x)  # holds no object the collector tracks (object())
+                continue
+            atoms.append(ref)
+            held.append(x)
+    if not held:
+        return Structure(treedef, (), treedef, hashed)
+    key = (hashed, treedef.num_nodes, treedef.num_leaves, tuple(atoms))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return Structure(key, tuple(held), treedef, hashed)
+
+
+def _is_machinery(x: Any, treedef: Any) -> bool:
+    return x is type(treedef) or type(x).__name__ == "PyTreeRegistry"
