@@ -301,7 +301,7 @@ def test_unknown_module_owning_arrays():
     report = dm.Policy(dm.decay(layer="unknown", param="weight")).explain(tree)
     assert [(r.path, r.layer, r.layer_type, r.role, r.decay) for r in report] == [
         ("w", "unknown", "Scaler", "weight", True),
-        ("offset", "unknown", "Scaler", "other", False),
+        ("offset", "unknown", "Scaler", "bias", False),
     ]
 
 

@@ -49,8 +49,11 @@ def test_words(name, expected):
         ("OptimizedLSTMCell", "recurrent"),
         ("MultiHeadDotProductAttention", "attention"),
         ("wte", "embedding"),
-        # Words inside other words are not read: no substring matching.
-        ("roberta_prelayernorm", None),
+        # A word glued from known words is read as them, as its CamelCase spelling
+        # `RobertaPreLayerNorm` is; words inside other words are not read.
+        ("roberta_prelayernorm", "layer_norm"),
+        ("normal", None),
+        ("embedder", None),
         ("q_proj", None),
         ("SqueezeExcitation", None),
     ],

@@ -1042,7 +1042,7 @@ def test_unknown_module_and_names_evident_classes():
     policy = dm.Policy(dm.decay(param="weight"), dm.decay(layer="layer_norm", param="bias"))
     rows = policy.explain(model)
     assert [(r.path, r.layer, r.layer_type, r.leaf.kind_source, r.role, r.decay) for r in rows] == [
-        ("0/offset", "unknown", "Scaler", "class", "other", False),
+        ("0/offset", "unknown", "Scaler", "class", "bias", False),
         ("0/w", "unknown", "Scaler", "class", "weight", True),
         ("1/scale", "rms_norm", "LlamaRMSNorm", "name", "scale", False),
         ("2/bias", "layer_norm", "FinalNorm", "name", "bias", True),

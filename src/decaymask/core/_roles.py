@@ -11,15 +11,21 @@ import functools
 
 from ._infer import TABLE_NAMES
 from ._names import NORM_KINDS, words
+from ._names import says_layer_scale as _says_layer_scale
 
 _POSITION_WORDS = frozenset({"pos", "position", "positions", "positional"})
 _TABLE_WORDS = frozenset({"embed", "embeds", "embedding", "embeddings", "emb", "table", "bias", "encoding", "enc"})
 # big_vision's ViT keeps its class token as `cls`.
 _TOKEN_NAMES = frozenset({"masked_spec_embed", "cls"})
 _TOKEN_WORDS = frozenset({"token", "tokens"})
-_GAIN_NAMES = frozenset({"gamma", "g", "weight_g", "ls1", "ls2", "alpha", "logit_scale",
-                         "layer_scale", "D", "A_log"})
-_GAIN_PREFIXES = ("lambda_", "gamma_", "ls_")
+# Multipliers that are not norm scales, by name: weight norm's `g`, DyT's `alpha`, CLIP's
+# `logit_scale`, Mamba's `D` and `A_log`.
+_GAIN_NAMES = frozenset({"g", "weight_g", "alpha", "logit_scale", "D", "A_log"})
+# A layer scale's own names, by first word with or without an index: BEiT's `lambda_1`,
+# DINOv2's `lambda1`, timm's `gamma_1` and `ls1`, ConvNeXt's `gamma`, `layer_scale`.
+_GAIN_FIRST_WORDS = frozenset({"gamma", "lambda", "ls"})
+# Additive offsets: the `beta` of a `gamma`, Haiku's `offset`, a `shift`.
+_OFFSET_NAMES = frozenset({"beta", "offset", "shift"})
 _BUFFER_WORDS = frozenset({"freqs", "freq", "periods", "sinusoidal", "sinusoid", "coords"})
 _BUFFER_NAMES = frozenset({"freqs", "inv_freq", "periods", "freqs_cis", "cos_cached",
                            "sin_cached", "sinusoidal_table"})
@@ -39,8 +45,11 @@ def role_from_name(kind: str, name: str, owner_name: str = "") -> str:
     ``dt_bias``), position tables and learned tokens by their words (``pos_embed``,
     ``relative_position_bias_table``, ``cls_token``), and an embedding layer whose own
     name says position (``position_embeddings``, ``wpe``, ``embed_positions``) holds
-    a position table. ``owner_name`` may be the owner's key or its class name, or both
-    joined by a space.
+    a position table. Additive offsets (``beta``, ``offset``, ``shift``) are biases in
+    every layer. A module whose own name says it is a layer scale (``layer_scale1``,
+    ``ls1``, ``LayerScale_0``) holds gains whatever they are called, and so does an
+    array named as one (``gamma``, ``gamma_1``, ``lambda1``, ``ls1``, ``layerscale``).
+    ``owner_name`` may be the owner's key or its class name, or both joined by a space.
     """
     ws = words(name)
     if name in _BUFFER_NAMES or _BUFFER_WORDS & set(ws):
@@ -52,16 +61,23 @@ def role_from_name(kind: str, name: str, owner_name: str = "") -> str:
     if len(ws) == 2 and ws[0] in ("cls", "class") and ws[1] in ("embed", "embedding"):
         # CLIP's `class_embedding`: one learned vector, concatenated before the patches.
         return "token"
-    if name in _BIAS_NAMES or (ws and ws[-1] in ("bias", "biases")) or (ws and ws[0] == "bias"):
+    if (
+        name in _BIAS_NAMES
+        or name in _OFFSET_NAMES
+        or (ws and ws[-1] in ("bias", "biases"))
+        or (ws and ws[0] == "bias")
+    ):
         return "bias"
+    if (kind == "unknown" or kind in NORM_KINDS) and owner_trait(owner_name) == "layer_scale":
+        # A layer scale holds gains whatever they are called (content may read a lone
+        # `scale` as an RMS norm's).
+        return "gain"
     if kind in NORM_KINDS:
-        if name in _SCALE_NAMES:
-            return "scale"
-        return "bias" if name == "offset" else "other"
+        return "scale" if name in _SCALE_NAMES else "other"
     if kind in ("embedding", "unknown") and (name in TABLE_NAMES or name == "weight"):
         # The table of a module whose own name says position (`position_embeddings`,
         # GPT-2's `wpe`, BART's `embed_positions`, a `LearnedPosEmbed`).
-        if owner_says_position(owner_name):
+        if owner_trait(owner_name) == "position":
             return "position"
     if kind == "embedding":
         if name in TABLE_NAMES or name == "weight":
@@ -69,7 +85,7 @@ def role_from_name(kind: str, name: str, owner_name: str = "") -> str:
         return "other"
     if kind in ("prelu", "lora"):
         return "other"
-    if name in _GAIN_NAMES or name.startswith(_GAIN_PREFIXES):
+    if name in _GAIN_NAMES or (ws and ws[0] in _GAIN_FIRST_WORDS) or _says_layer_scale(name):
         return "gain"
     if name in _WEIGHT_NAMES or (ws and ws[-1] in ("weight", "weights", "kernel", "kernels") and ws[0] != "bias"):
         return "weight"
@@ -81,12 +97,22 @@ def role_from_name(kind: str, name: str, owner_name: str = "") -> str:
 
 
 @functools.lru_cache(maxsize=8192)
-def owner_says_position(owner_name: str) -> bool:
-    """Whether a module's name says it holds a position table (``position_embeddings``,
-    ``wpe``, ``embed_positions``): the only way :func:`role_from_name` reads an owner's
-    name, so adapters that decide once per key need only this bit of it."""
-    owner = set(words(owner_name)) if owner_name else set()
-    return bool((_POSITION_WORDS & owner and owner & _TABLE_WORDS) or "wpe" in owner)
+def owner_trait(owner_name: str) -> str:
+    """What :func:`role_from_name` reads of an owner's name, and all it reads of it:
+    ``"position"`` for a module whose name says it holds a position table
+    (``position_embeddings``, ``wpe``, ``embed_positions``), ``"layer_scale"`` for one
+    whose name says it is a layer scale (``layer_scale1``, ``ls1``, ``LayerScale``),
+    else ``""``. Adapters that decide once per owner key need only this of its name.
+
+    ``owner_name`` may be the owner's key or its class name, or both joined by a space."""
+    if not owner_name:
+        return ""
+    owner = set(words(owner_name))
+    if (_POSITION_WORDS & owner and owner & _TABLE_WORDS) or "wpe" in owner:
+        return "position"
+    if any(_says_layer_scale(part) for part in owner_name.split()):
+        return "layer_scale"
+    return ""
 
 
 _INDEX_WORDS = frozenset({"index", "indices", "idx", "ids"})

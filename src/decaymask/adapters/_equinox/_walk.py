@@ -14,7 +14,7 @@ import jax
 
 from ...core import _registry
 from ...core._leaf import Layer, Leaf
-from ...core._roles import owner_says_position, role_from_name
+from ...core._roles import owner_trait, role_from_name
 from ...core._table import LeafTable
 from .._common import (
     ARRAY_TYPES,
@@ -208,8 +208,8 @@ class EquinoxWalk:
         depths = parent.depths + (len(prefix),)
         depths = self.depth_tuples.setdefault(depths, depths)
         owner_name = field or ""
-        # A role reads its owner's name only to tell a position table.
-        key_name_part = "position" if owner_says_position(owner_name) else ""
+        # A role reads of its owner's name only its trait (a position table, a layer scale).
+        key_name_part = owner_trait(owner_name)
         return EquinoxContext(node, layer, ancestors, depths, node, parent.in_state,
                               self._intern(layer, ancestors, parent.in_state, key_name_part),
                               field, False, owner_name)

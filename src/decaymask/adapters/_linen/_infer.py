@@ -11,7 +11,7 @@ from ...core import _registry
 from ...core._infer import resolve_kind
 from ...core._leaf import Layer
 from ...core._names import kind_from_name, name_kind
-from ...core._roles import role_from_name
+from ...core._roles import owner_trait
 from ._kinds import auto_name_kind, linen_class_kind
 from ._tables import (
     ATTENTION_NAMES,
@@ -49,8 +49,8 @@ class LinenModule:
 def owner_identity(owner: LinenModule) -> tuple:
     """What a policy can read of a leaf's owner (its layer, the modules around it and
     where they stand): alike owners decide alike."""
-    # A table under a key that says position is a position table (role_from_name).
-    named = role_from_name("embedding", "embedding", owner.key) == "position"
+    # What roles read of the key: a position table, a layer scale (role_from_name).
+    named = owner_trait(owner.key)
     return owner.layer, owner.ancestors, owner.depths, owner.registration, named
 
 

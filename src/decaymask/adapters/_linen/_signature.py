@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...core._names import name_kind
-from ...core._roles import role_from_name
+from ...core._roles import owner_trait
 from ._infer import LinenModule
 from ._tables import ATTENTION_PROJECTIONS, auto_class
 
@@ -22,7 +22,8 @@ def key_traits(key: str) -> int:
     """An id equal for module keys that names-only inference cannot tell apart.
 
     :meth:`LinenReader.infer_module` reads a key only through its auto name, the kind
-    its name makes evident, whether it says "norm", whether it names an attention
+    its name makes evident, what roles read of it (a position table, a layer scale),
+    whether it says "norm", whether it names an attention
     projection, and whether it is empty: ``Block_0`` and ``Block_7`` share an id, and so do
     ``Dense_0`` and ``Dense_1``.
 
@@ -34,7 +35,7 @@ def key_traits(key: str) -> int:
             auto,
             stacked,
             name_kind(key),
-            role_from_name("embedding", "embedding", key),
+            owner_trait(key),
             key in ATTENTION_PROJECTIONS,
             bool(key),
         )
