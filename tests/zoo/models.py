@@ -33,7 +33,13 @@ def _linen(name: str, model_cls: Callable, config: Any, args: tuple, kwargs: dic
     # transformers' own code broadcasts ranks freely (a bias added to a 3-D activation).
     with jax.numpy_rank_promotion("allow"):
         model = model_cls(config, _do_init=False)  # traces init abstractly, allocates nothing
-        module = model.module
+    return _linen_module(name, model.module, args, kwargs)
+
+
+def _linen_module(name: str, module: Any, args: tuple, kwargs: dict) -> Built:
+    """A Linen module of a model class that cannot skip init (``FlaxEncoderDecoderModel``
+    refuses ``_do_init=False``): its ``module_class`` built from the config directly."""
+    with jax.numpy_rank_promotion("allow"):
         variables = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))
     return Built(name, "linen", dict(variables["params"]), module, args, kwargs)
 
@@ -158,9 +164,57 @@ def resnet() -> Built:
                   (jnp.zeros((1, 32, 32, 3)),), {})
 
 
+def dinov2() -> Built:
+    """DINOv2 with its SwiGLU feed-forward (the giant checkpoints' ``weights_in`` and
+    ``weights_out``) and a layer scale after each branch (``layer_scale1/lambda1``)."""
+    from transformers import Dinov2Config, FlaxDinov2ForImageClassification
+
+    config = Dinov2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                          mlp_ratio=2, image_size=8, patch_size=4, num_labels=3,
+                          use_swiglu_ffn=True)
+    return _linen("dinov2", FlaxDinov2ForImageClassification, config,
+                  (jnp.zeros((1, 8, 8, 3)),), {})
+
+
+def bert_decoder() -> Built:
+    """BERT as a decoder attending to an encoder's states (``add_cross_attention``):
+    every layer has a ``crossattention``, the compound transformers writes glued."""
+    from transformers import BertConfig, FlaxBertForCausalLM
+
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=32,
+                        max_position_embeddings=16, is_decoder=True,
+                        add_cross_attention=True)
+    ids = _ids()
+    return _linen("bert_decoder", FlaxBertForCausalLM, config,
+                  (ids, jnp.ones_like(ids), jnp.zeros_like(ids), jnp.arange(8)[None], None,
+                   jnp.zeros((1, 8, 16)), jnp.ones_like(ids)), {})
+
+
+def bert2gpt2() -> Built:
+    """``FlaxEncoderDecoderModel``: a BERT encoder and a GPT-2 decoder with cross-attention
+    (``crossattention`` with ``q_attn``, and ``ln_cross_attn``), joined by
+    ``enc_to_dec_proj`` where their widths differ."""
+    from transformers import (BertConfig, EncoderDecoderConfig, FlaxEncoderDecoderModel,
+                              GPT2Config)
+
+    encoder = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=32,
+                         max_position_embeddings=16)
+    decoder = GPT2Config(vocab_size=64, n_positions=16, n_embd=8, n_layer=1, n_head=2,
+                         is_decoder=True, add_cross_attention=True)
+    config = EncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    ids = _ids()
+    pos = jnp.arange(8)[None]
+    module = FlaxEncoderDecoderModel.module_class(config)
+    return _linen_module("bert2gpt2", module,
+                         (ids, jnp.ones_like(ids), ids, jnp.ones_like(ids), pos, pos), {})
+
+
 TRANSFORMERS: dict[str, Callable[[], Built]] = {
     f.__name__: f
-    for f in (gpt2, bert, roberta_prelayernorm, bart, vit, beit, clip, wav2vec2, llama, resnet)
+    for f in (gpt2, bert, roberta_prelayernorm, bart, vit, beit, clip, wav2vec2, llama, resnet,
+              dinov2, bert_decoder, bert2gpt2)
 }
 
 

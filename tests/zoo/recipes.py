@@ -30,6 +30,16 @@ def transformers_flax_examples(tree: Any) -> dict[str, bool]:
     return {path: k[-1] != "bias" and k[-2:] not in spared_pairs for path, k in keys.items()}
 
 
+def dinov2_param_groups(tree: Any) -> dict[str, bool]:
+    """DINOv2's ``get_params_groups_with_decay``: no decay for names ending in ``.bias``
+    or containing ``norm`` or ``gamma`` (its LayerScale is ``ls1.gamma``); every other
+    array decays, position embeddings and tokens included."""
+    return {
+        path: not (path.endswith("/bias") or "norm" in path or "gamma" in path)
+        for path in ref.array_leaves(tree)
+    }
+
+
 def nanogpt(tree: Any) -> dict[str, bool]:
     """nanoGPT's ``configure_optimizers``: decay every parameter with two or more axes."""
     return {path: len(x.shape) >= 2 for path, x in ref.array_leaves(tree).items()}
@@ -63,12 +73,13 @@ _SWIN_BUFFERS = {"relative_coords_table", "relative_position_index"}
 # (model, recipe name) -> (recipe, the preset it corresponds to)
 RECIPES: dict[tuple[str, str], tuple[Callable[[Any], dict[str, bool]], str]] = {}
 for _name in ("gpt2", "bert", "roberta_prelayernorm", "bart", "vit", "beit", "clip",
-              "wav2vec2", "llama", "resnet"):
+              "wav2vec2", "llama", "resnet", "dinov2", "bert_decoder", "bert2gpt2"):
     RECIPES[(_name, "transformers_flax_examples")] = (
         transformers_flax_examples,
         "everything_but_bias_and_norm",
     )
 RECIPES[("gpt2", "nanogpt")] = (nanogpt, "gpt")
+RECIPES[("dinov2", "dinov2")] = (dinov2_param_groups, "everything_but_bias_and_norm")
 RECIPES[("equimo_vit", "timm")] = (
     timm_param_groups({"cls_token", "global_pos_embed/weight"}),
     "everything_but_bias_and_norm",

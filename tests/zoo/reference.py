@@ -282,6 +282,84 @@ REFERENCES["resnet"] = [
     dense(r"classifier/1"),
 ]
 
+_DINOV2_LAYER = (
+    r"attention/attention/(query|key|value)|attention/output/dense|mlp/weights_(in|out)"
+)
+REFERENCES["dinov2"] = [
+    # FlaxDinov2SwiGLUFFN: `weights_in` (both gates at once) and `weights_out`, nn.Dense.
+    dense(rf"dinov2/encoder/layer/{N}/({_DINOV2_LAYER})|classifier"),
+    flax_norm(rf"dinov2/(layernorm|encoder/layer/{N}/norm[12])"),
+    flax_conv(r"dinov2/embeddings/patch_embeddings/projection"),
+    # FlaxDinov2Embeddings: `cls_token` concatenated before the patches, `mask_token`
+    # written over masked patches, `position_embeddings` added (interpolated to the grid).
+    Array(r"dinov2/embeddings/(cls|mask)_token", "unknown", "token"),
+    Array(r"dinov2/embeddings/position_embeddings", "unknown", "position"),
+    # FlaxDinov2LayerScale: `self.lambda1 * hidden_states` after each residual branch.
+    Array(rf"dinov2/encoder/layer/{N}/layer_scale[12]/lambda1", "unknown", "gain"),
+]
+
+REFERENCES["bert_decoder"] = [
+    # FlaxBertLayer with add_cross_attention: `crossattention = FlaxBertAttention(...)`,
+    # the same layers as its self-attention; FlaxBertForCausalLM has no pooler.
+    dense(
+        rf"bert/encoder/layer/{N}/({_BERT_LAYER}|crossattention/self/(query|key|value)"
+        r"|crossattention/output/dense)|cls/predictions/transform/dense"
+    ),
+    flax_norm(r".*/LayerNorm"),
+    Array(r"bert/embeddings/(word|token_type)_embeddings/embedding", "embedding", "embedding"),
+    Array(r"bert/embeddings/position_embeddings/embedding", "embedding", "position"),
+    Array(r"cls/predictions/bias", "unknown", "bias"),
+]
+
+REFERENCES["bert2gpt2"] = [
+    # FlaxEncoderDecoderModule: a FlaxBertModule encoder (with its pooler), a
+    # FlaxGPT2LMHeadModule decoder (tied LM head), `enc_to_dec_proj = nn.Dense(...)`.
+    dense(rf"encoder/encoder/layer/{N}/({_BERT_LAYER})|encoder/pooler/dense|enc_to_dec_proj"),
+    # FlaxGPT2Attention(is_cross_attention=True): `c_attn` (keys and values) and `q_attn`,
+    # FlaxConv1D stored (out, in) as in self-attention.
+    dense(
+        rf"decoder/transformer/h/{N}/((attn|crossattention)/(c_attn|c_proj)"
+        r"|crossattention/q_attn|mlp/c_fc|mlp/c_proj)",
+        OUT_IN,
+    ),
+    flax_norm(r"encoder/.*/LayerNorm"),
+    flax_norm(rf"decoder/transformer/(h/{N}/(ln_[12]|ln_cross_attn)|ln_f)"),
+    Array(r"encoder/embeddings/(word|token_type)_embeddings/embedding", "embedding", "embedding"),
+    Array(r"encoder/embeddings/position_embeddings/embedding", "embedding", "position"),
+    Array(r"decoder/transformer/wte/embedding", "embedding", "embedding"),
+    Array(r"decoder/transformer/wpe/embedding", "embedding", "position"),
+]
+
+# The attention layers (transformers' `Flax*Attention` modules) by module path: every
+# array at or under one is `within="attention"`, whatever the module's key is.
+ATTENTION: dict[str, str] = {
+    "gpt2": rf"transformer/h/{N}/attn",
+    "bert": rf"bert/encoder/layer/{N}/attention",
+    "roberta_prelayernorm": rf"roberta_prelayernorm/encoder/layer/{N}/attention",
+    "bart": rf"model/(encoder|decoder)/layers/{N}/(self_attn|encoder_attn)",
+    "vit": rf"vit/encoder/layer/{N}/attention",
+    "beit": rf"beit/encoder/layer/{N}/attention",
+    "clip": rf"(text|vision)_model/encoder/layers/{N}/self_attn",
+    "wav2vec2": rf"wav2vec2/encoder/layers/{N}/attention",
+    "llama": rf"model/layers/{N}/self_attn",
+    "resnet": r"(?!)",  # none
+    "dinov2": rf"dinov2/encoder/layer/{N}/attention",
+    "bert_decoder": rf"bert/encoder/layer/{N}/(attention|crossattention)",
+    "bert2gpt2": rf"encoder/encoder/layer/{N}/attention|decoder/transformer/h/{N}/(attn|crossattention)",
+}
+
+
+def within_attention(name: str, tree: Any) -> dict[str, bool]:
+    """Per float leaf: whether an attention layer of ``ATTENTION`` holds it."""
+    pattern = re.compile(ATTENTION[name])
+    out = {}
+    for path, x in array_leaves(tree).items():
+        keys = path.split("/")[:-1]
+        inside = any(pattern.fullmatch("/".join(keys[:i])) for i in range(1, len(keys) + 1))
+        out[path] = bool(is_float(x) and inside)
+    return out
+
+
 # --- equimo 1.1.0, Equinox ----------------------------------------------------------------
 
 B = rf"blocks/{N}/blocks/{N}"  # equimo's BlockChunk: stage, then block

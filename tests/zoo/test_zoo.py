@@ -47,6 +47,9 @@ def test_the_models_are_the_intended_ones():
         "clip": "logit_scale",
         "wav2vec2": "wav2vec2/encoder/pos_conv_embed/conv/weight_g",
         "resnet": "resnet/encoder/stages/1/layers/0/shortcut/normalization/scale",
+        "dinov2": "dinov2/encoder/layer/0/layer_scale1/lambda1",
+        "bert_decoder": "bert/encoder/layer/0/crossattention/self/query/kernel",
+        "bert2gpt2": "decoder/transformer/h/0/crossattention/q_attn/kernel",
         "equimo_vit": "reg_tokens",
         "equimo_vssd": "blocks/0/blocks/0/attn/A_log",
         "equimo_fastervit": "blocks/2/blocks/0/hat_ls3/gamma",
@@ -65,6 +68,26 @@ def test_preset_mask_matches_reference(name, mode, preset):
     diffs = compare.mask_differences(name, mode, preset)
     if diffs:
         pytest.fail(compare.report(name, mode, f"presets.{preset}()", diffs), pytrace=False)
+
+
+WITH_ATTENTION = [(n, m) for n, m in MODEL_MODES if n in ref.ATTENTION]
+
+
+@pytest.mark.parametrize(("name", "mode"), WITH_ATTENTION,
+                         ids=[f"{n}-{m}" for n, m in WITH_ATTENTION])
+def test_within_attention_matches_reference(name, mode):
+    """``within="attention"`` selects exactly the arrays of the model's attention layers,
+    by names alone as by the trace (a glued ``crossattention`` included)."""
+    built = build(name)
+    expected = ref.within_attention(name, built.tree)
+    policy = dm.Policy(dm.decay(within="attention"))
+    with compare.policy_warnings_ignored():
+        got = compare.flat_values(compare.call(policy, built, mode, "mask"))
+    wrong = [p for p in expected if got.get(p) != expected[p]]
+    assert not wrong, (
+        f"{name} ({mode}): within='attention' differs from the reference on "
+        + ", ".join(f"{p} (reference {expected[p]})" for p in wrong)
+    )
 
 
 @pytest.mark.parametrize(("name", "mode"), MODEL_MODES, ids=IDS)
