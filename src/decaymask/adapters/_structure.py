@@ -18,7 +18,6 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-import jax
 
 _PLAIN = frozenset({type(None), bool, int, float, complex, str, bytes, type(Ellipsis)})
 _shape_of = operator.attrgetter("shape")
@@ -64,6 +63,8 @@ def structure_signature(tree: Any) -> tuple[Structure, Any, Any] | None:
     and dtype, and which leaves are one array: everything a walk by names reads.
     ``None`` where the structure holds an object that cannot be keyed without being kept
     alive, or that cannot be hashed."""
+    import jax  # only once a tree is read: `import decaymask` loads no framework
+
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     structure = structure_of(treedef)
     if structure is None:
