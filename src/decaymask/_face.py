@@ -42,7 +42,7 @@ class Policy(GroupsFace, _CorePolicy):
     __slots__ = ()
 
     def _build(self, value: str, tree: Any, framework: str | None, method: str, options: dict[str, Any]) -> Any:
-        adapter = adapters.choose(tree, framework, method)
+        adapter = adapters.choose(tree, framework, method, options)
         # A build allocates a few containers per leaf and frees them all before the
         # collector is back on (the one cycle, a walk and its table, is broken below):
         # collections triggered meanwhile would scan every object of the process (the
@@ -186,7 +186,7 @@ class Policy(GroupsFace, _CorePolicy):
           >>> [(row.path, row.decay) for row in report]
           [('weight', True), ('bias', False)]
         """
-        adapter = adapters.choose(tree, framework, "explain")
+        adapter = adapters.choose(tree, framework, "explain", options)
         leaves, _ = adapter.walk(tree, method="explain", **options)
         return self.report_on(leaves, non_floating_fix=adapter.non_floating_fix, show_dims=show_dims)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ._contract import Adapter as Adapter
@@ -157,14 +157,17 @@ def names() -> tuple[str, ...]:
     return tuple(out)
 
 
-def choose(tree: Any, framework: str | None, method: str) -> Adapter:
+def choose(
+    tree: Any, framework: str | None, method: str, options: Mapping[str, Any] | None = None
+) -> Adapter:
     """The adapter that reads ``tree`` for ``method``.
 
     With ``framework``, the adapter of that name or face that claims ``tree`` most
     surely; where it only possibly does and another adapter certainly does, it may send
     the user there (:meth:`Adapter.refusal`); where none of them claims it, it refuses
     in favour of an adapter that does, or its walk says what it expected. Without, the one adapter that
-    certainly claims it, else the one that possibly does.
+    certainly claims it, else the one that possibly does; of several that possibly do,
+    the one the entry point's ``options`` name (:meth:`Adapter.owns_options`).
 
     Raises:
       TypeError: ``tree`` is another framework's (the message names its entry point),
@@ -177,7 +180,7 @@ def choose(tree: Any, framework: str | None, method: str) -> Adapter:
     if framework is not None:
         chosen = _explicit(tree, framework, method, adapters)
     else:
-        chosen = _inferred(tree, method, adapters)
+        chosen = _inferred(tree, method, adapters, options or {})
     if not chosen.installed():
         raise ImportError(
             f"decaymask needs {chosen.package} for this: pip install 'decaymask[{chosen.extra}]'"
@@ -273,17 +276,24 @@ def _claim(adapter: Adapter, tree: Any, method: str) -> Claim:
         ) from err
 
 
-def _inferred(tree: Any, method: str, adapters: Sequence[Adapter]) -> Adapter:
+def _inferred(
+    tree: Any, method: str, adapters: Sequence[Adapter], options: Mapping[str, Any]
+) -> Adapter:
     claims = [(_claim(a, tree, method), a) for a in adapters]
     for level in (Claim.CERTAINLY, Claim.POSSIBLY):
         found = [a for claim, a in claims if claim is level]
         if len(found) == 1:
             return found[0]
+        named = [a for a in found if options and a.owns_options(options)]
+        if len(named) == 1:
+            return named[0]
         if found:
-            options = " or ".join(f"framework={a.name!r}" for a in found)
+            frameworks = " or ".join(f"framework={a.name!r}" for a in found)
+            calls = _calls(found, method)
+            other = "" if calls == f"policy.{method}(...)" else f", or call {calls}"
             raise ValueError(
                 f"{method}: a {type(tree).__name__} that {_both(found)} could have made; "
-                f"pass {options}, or call {_calls(found, method)}."
+                f"pass {frameworks}{other}."
             )
     accepted = "; ".join(f"{a.title}: {a.accepts}" for a in adapters)
     raise TypeError(

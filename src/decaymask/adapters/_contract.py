@@ -166,6 +166,12 @@ class Adapter(abc.ABC):
         which :class:`PytreeAdapter`'s holds weakly."""
         return None
 
+    def owns_options(self, options: Mapping[str, Any]) -> bool:
+        """Whether an entry point's ``options`` name a model only this framework makes
+        (Haiku's ``fn=hk.transform(f)``): a tree that several adapters could read is
+        then this adapter's."""
+        return False
+
     def factory_model(self, result: Any) -> bool:
         """Whether a CLI model factory's ``result`` is this framework's model."""
         return False

@@ -24,7 +24,13 @@ class HaikuTrace:
         if not wrapped and not callable(fn):
             raise TypeError(f"{method}(params, fn=...): expected hk.transform(f) (or the "
                             f"function f it wraps), got {type(fn).__name__}.")
-        init = fn.init if wrapped else hk.transform_with_state(fn).init
+        made = getattr(fn, "__module__", "").startswith("haiku.") and not wrapped
+        if made and getattr(fn, "__name__", "") == "apply_fn":
+            raise TypeError(f"{method}(params, fn=...): got the apply function of a transformed "
+                            f"function, which cannot make params; pass the transformed "
+                            f"function itself: fn=transformed (hk.transform(f)).")
+        # hk.transform(f), its init (a function Haiku made), or f itself.
+        init = fn.init if wrapped else fn if made else hk.transform_with_state(fn).init
         if not isinstance(args, tuple):
             raise TypeError(f"{method}(params, fn=..., args=...): expected a tuple of example "
                             f"inputs, got {type(args).__name__}. Write args=(x,) for one input.")

@@ -1,0 +1,183 @@
+"""The walk of Haiku params: checks, one reading per distinct module, and a leaf table
+whose keys let a policy decide once per distinct owner, name and role.
+
+The result is jax's treedef of the params unflattened over one value per array, so it
+has exactly the params' containers (``dict``, Haiku's ``FlatMap``) and keeps other
+values (``optax.MaskedNode``) as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..core._leaf import Layer, Leaf
+from ..core._roles import role_from_name
+from ..core._table import LeafTable
+from ._contract import TreedefRebuild
+from ._haiku_modules import CONV, DENSE, Module, Modules, module_id
+from ._haiku_trace import HaikuTrace, is_array_like
+
+ACCEPTS = "a Haiku params dict (module path -> {param name: array})"
+_ARRAY_TYPES: dict[type, bool] = {}  # type -> whether its values are arrays
+_DTYPES: dict[Any, tuple[str, bool]] = {}  # dtype -> (its name, whether it can decay)
+
+
+def _is_array(value: Any) -> bool:
+    kind = type(value)
+    found = _ARRAY_TYPES.get(kind)
+    if found is None:
+        found = _ARRAY_TYPES[kind] = is_array_like(value)
+    return found
+
+
+def _dtype(value: Any) -> tuple[str, bool]:
+    """(dtype name, whether it is floating) of an array, cached per dtype."""
+    found = _DTYPES.get(value.dtype)
+    if found is None:
+        from ._common import dtype_name
+
+        name = dtype_name(value)
+        found = _DTYPES[value.dtype] = (name, Leaf("x", dtype=name).floating)
+    return found
+
+
+def check(tree: Any, method: str, params_and_state: str | None) -> None:
+    """Raises a ``TypeError`` naming the first key or value that is not Haiku's."""
+    if params_and_state:
+        raise TypeError(params_and_state)
+    if not isinstance(tree, Mapping) or type(tree).__module__.startswith("flax."):
+        raise TypeError(f"{method}: expected {ACCEPTS}, as hk.transform(f).init returns; got "
+                        f"{type(tree).__name__}.")
+    for key, module in tree.items():
+        if not isinstance(key, str):
+            raise TypeError(_key_error(method, repr(key), key, "a module path"))
+        if not isinstance(module, Mapping):
+            raise TypeError(f"{method}: expected {ACCEPTS}; {key!r} holds a "
+                            f"{type(module).__name__}, not a dict of params.")
+        for name, value in module.items():
+            if not isinstance(name, str):
+                raise TypeError(_key_error(method, f"{key}/{name!r}", name, "a param name"))
+            # optax.MaskedNode (an empty NamedTuple) stands for other branches' leaves.
+            if not _is_array(value) and value != ():
+                raise TypeError(f"{method}: {key}/{name} is a {type(value).__name__}, not an "
+                                f"array; Haiku params hold arrays, one level below each module.")
+
+
+def _key_error(method: str, path: str, key: Any, what: str) -> str:
+    return (f"{method}: the params key {path} is a {type(key).__name__}, where Haiku keys "
+            f"{what} by a string; expected {ACCEPTS}, as hk.transform(f).init returns. Fix: "
+            f"key it by a string ({str(key)!r}), or pass the params hk.transform(f).init "
+            f"returned.")
+
+
+class HaikuWalk:
+    """The leaves of Haiku params (a :class:`LeafTable`) and their rebuild."""
+
+    def __init__(self, tree: Mapping[str, Any], method: str, trace: HaikuTrace | None):
+        import jax
+
+        from ._common import registered_batch_axes
+
+        self.registered_batch_axes = registered_batch_axes
+        self.tree, self.trace = tree, trace
+        self.modules = modules = Modules(tree, trace)
+        # (module key, name, its module or None for the root's) of every array
+        self.where: list[tuple[str, str, Module | None]] = []
+        keys: list[int] = []
+        key_ids: dict[tuple, int] = {}
+        # (module reading, name, dtype) -> key: what a key reads is the reading's.
+        known: dict[tuple, int] = {}
+        roots: dict[int, Module] = {}
+        state = trace is not None and trace.state
+        for key in sorted(tree):
+            segments = modules.paths[key]
+            mid = module_id(segments)
+            module = modules.of(mid, key) if mid else None  # a stack's too: its proof
+            if module is not None and key in modules.stacks and modules.stacks[key][1]:
+                module = None
+            if module is not None:
+                owner = module.owner
+            else:  # no module: the owner stands for the path's parent, the key
+                owner = roots.get(len(segments)) or self._root(roots, len(segments))
+            last = segments[-1]
+            reading = module.token if module is not None else (owner.token, last)
+            direct = tree[key]
+            for name in sorted(direct):
+                value = direct[name]
+                if isinstance(value, tuple):  # optax.MaskedNode: another branch's array
+                    continue
+                found = known.get((reading, name, value.dtype))
+                if found is None:
+                    registration = owner.registration
+                    role = (registration.role_of(name) if registration is not None else None) \
+                        or role_from_name(owner.layer.kind, name, last)
+                    ema = trace is None and modules.segment(last).ema
+                    is_param = not state and not (ema and name in ("average", "hidden", "counter"))
+                    signature = (owner.token, name, role, _dtype(value)[1], is_param)
+                    found = known[reading, name, value.dtype] = \
+                        key_ids.setdefault(signature, len(key_ids))
+                keys.append(found)
+                self.where.append((key, name, module))
+        modules.find_lifted()
+        self.leaves = LeafTable(keys, self._leaf)
+        treedef = jax.tree_util.tree_structure(tree)
+        if treedef.num_leaves != len(keys):
+            raise RuntimeError(f"{method}: decaymask read {len(keys)} arrays where jax flattens "
+                               f"{treedef.num_leaves} leaves; this is a bug in decaymask, please "
+                               f"report it with the params' structure.")
+        self.rebuild = TreedefRebuild(treedef)
+        self.roots = roots
+
+    @staticmethod
+    def _root(roots: dict[int, Module], depth: int) -> Module:
+        owner = roots[depth] = Module(Layer("unknown", None, None, "name"), ())
+        owner.depths, owner.token = (depth,), -1 - depth
+        return owner
+
+    def _leaf(self, index: int) -> Leaf:
+        from ._common import path_text
+
+        key, name, module = self.where[index]
+        modules, trace = self.modules, self.trace
+        segments = modules.paths[key]
+        owner = module.owner if module is not None else self.roots[len(segments)]
+        layer, registration = owner.layer, owner.registration
+        value = self.tree[key][name]
+        shape = tuple(value.shape)
+        batch = modules.batch_of(key, name, shape)
+        role, axes = (registration.role_of(name), registration.matrix_axes_of(name)) \
+            if registration is not None else (None, None)
+        if axes is not None and (trace is None or f"{key}/{name}" not in trace.ranks):
+            batch = max(batch, self.registered_batch_axes(registration, self.tree[key].get) or 0)
+        elif registration is None and module is not None:
+            axes = _layout(module, name, len(shape) - batch)
+        layout_axes = 0
+        if layer.kind == "batch_norm" and name in ("scale", "offset"):
+            # BatchNorm keeps them in the input's rank, reduced axes of size 1.
+            ones = sum(1 for d in shape[batch:] if d == 1)
+            layout_axes = min(ones, max(0, len(shape) - batch - 1))
+        ema = trace is None and modules.segment(segments[-1]).ema
+        return Leaf(
+            path=path_text((*segments, name)), layer=layer.kind, name=name,
+            role=role or role_from_name(layer.kind, name, segments[-1]),
+            shape=shape, dtype=_dtype(value)[0], layer_type=layer.type_name,
+            layer_class=layer.cls, ancestors=owner.ancestors, module_depths=owner.depths,
+            is_param=not (trace is not None and trace.state) and
+            not (ema and name in ("average", "hidden", "counter")),
+            kind_source=layer.source, batch_axes=batch, layout_axes=layout_axes,
+            matrix_axes=axes,
+        )
+
+
+def _layout(module: Module, name: str, rank: int) -> \
+        tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(reduction, output) axes of a weight in Haiku's layouts, where the class is known."""
+    layout = module.layout
+    if layout is None or name not in ("w", "w_i", "w_h", "embeddings") or rank < 2:
+        return None
+    if layout == DENSE:
+        return ((0,), (1,)) if rank == 2 else None
+    # ConvND: (*kernel, in, out); ConvNDTranspose: (*kernel, out, in).
+    out = rank - 1 if layout == CONV else rank - 2
+    return tuple(a for a in range(rank) if a != out), (out,)
