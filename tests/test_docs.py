@@ -189,6 +189,9 @@ def test_the_reference_vocabulary_is_the_code_s():
     assert rows["KINDS"] == list(dm.KINDS) and rows["ROLES"] == list(dm.ROLES)
     assert rows["SELECTORS"] == list(dm.SELECTORS) and rows["KIND_SOURCES"] == list(dm.KIND_SOURCES)
     assert rows["GROUPS"][0] == "norm" and list(dm.GROUPS) == ["norm"]
+    rules = (DOCS / "reference" / "rules.md").read_text()
+    selectors = re.findall(r"^\| `(\w+)=` \|", rules, re.MULTILINE)
+    assert selectors == list(dm.SELECTORS)
 
 
 def test_every_guide_has_examples():
