@@ -126,6 +126,9 @@ def test_names_that_say_layer_scale(name, says):
         ("", "lambda_2", "gain"),
         ("", "layerscale", "gain"),
         ("", "offset", "bias"),
+        ("block", "beta_1", "bias"),
+        ("block", "gamma_2", "gain"),
+        ("block", "beta_table", "other"),
     ],
 )
 def test_roles_of_layer_scales_and_offsets(owner, name, role):

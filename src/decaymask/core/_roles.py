@@ -24,7 +24,8 @@ _GAIN_NAMES = frozenset({"g", "weight_g", "alpha", "logit_scale", "D", "A_log"})
 # A layer scale's own names, by first word with or without an index: BEiT's `lambda_1`,
 # DINOv2's `lambda1`, timm's `gamma_1` and `ls1`, ConvNeXt's `gamma`, `layer_scale`.
 _GAIN_FIRST_WORDS = frozenset({"gamma", "lambda", "ls"})
-# Additive offsets: the `beta` of a `gamma`, Haiku's `offset`, a `shift`.
+# Additive offsets, with or without an index: the `beta` of a `gamma`, Haiku's `offset`,
+# a `shift`.
 _OFFSET_NAMES = frozenset({"beta", "offset", "shift"})
 _BUFFER_WORDS = frozenset({"freqs", "freq", "periods", "sinusoidal", "sinusoid", "coords"})
 _BUFFER_NAMES = frozenset({"freqs", "inv_freq", "periods", "freqs_cis", "cos_cached",
@@ -63,7 +64,7 @@ def role_from_name(kind: str, name: str, owner_name: str = "") -> str:
         return "token"
     if (
         name in _BIAS_NAMES
-        or name in _OFFSET_NAMES
+        or (ws and ws[0] in _OFFSET_NAMES and all(w.isdigit() for w in ws[1:]))
         or (ws and ws[-1] in ("bias", "biases"))
         or (ws and ws[0] == "bias")
     ):
