@@ -46,12 +46,41 @@ def _outputs(blocked: tuple[str, ...], bodies: tuple[str, ...]) -> list[str]:
 
 EQX_LINEAR = "import equinox as eqx, jax\nmodel = eqx.nn.Linear(2, 3, key=jax.random.key(0))\n"
 NNX_LINEAR = "from flax import nnx\nmodel = nnx.Linear(2, 3, rngs=nnx.Rngs(0))\n"
+HAIKU_LINEAR = (
+    "import haiku as hk, jax\n"
+    "params = hk.transform(lambda x: hk.Linear(3)(x)).init(jax.random.key(0), jax.numpy.ones((1, 2)))\n"
+)
+NO_JAX = ("jax", "jaxlib", "equinox", "flax", "optax", "haiku")
+# Every extra that brings jax and optax, as the messages name them.
+ANY_FRAMEWORK = (
+    "pip install 'decaymask[equinox]', 'decaymask[flax]' or 'decaymask[haiku]' (whichever "
+    "framework you use)."
+)
 
 
 ERRORS = [
-        (("jax", "jaxlib", "equinox", "flax", "optax"), "dm.check_mask({'a': True}, {'a': 1.0})",
-         "ImportError: check_mask needs jax, which comes with either framework: pip install "
-         "'decaymask[equinox]' or 'decaymask[flax]'."),
+        (NO_JAX, "dm.check_mask({'a': True}, {'a': 1.0})",
+         "ImportError: check_mask needs jax, which is not installed: " + ANY_FRAMEWORK),
+        (NO_JAX, "dm.add_decayed_weights(0.1, {'a': 1.0})",
+         "ImportError: dm.add_decayed_weights needs jax and optax, which are not installed: "
+         + ANY_FRAMEWORK),
+        (("optax",), EQX_LINEAR + "dm.add_decayed_weights(0.1, {'a': 1.0})",
+         "ImportError: dm.add_decayed_weights needs optax, which is not installed: " + ANY_FRAMEWORK),
+        (("optax",), EQX_LINEAR + "dm.presets.muon().muon_dims_for_equinox(model)",
+         "ImportError: muon_dims_for_equinox needs optax, which is not installed: " + ANY_FRAMEWORK),
+        (("flax",), EQX_LINEAR + "dm.presets.standard().trainable_filter(model)",
+         "ImportError: policy.trainable_filter needs flax, which is not installed: pip install "
+         "'decaymask[flax]'."),
+        (("flax", "equinox"), HAIKU_LINEAR + "dm.presets.standard().for_flax(params)",
+         "ImportError: for_flax: got Haiku params (module paths such as 'linear'), and flax is "
+         "not installed; use policy.for_haiku(params) for Haiku params. For Flax Linen: pip "
+         "install 'decaymask[flax]'."),
+        (("flax", "equinox"), HAIKU_LINEAR + "dm.presets.muon().muon_dims_for_flax(params)",
+         "ImportError: muon_dims_for_flax: got Haiku params (module paths such as 'linear'), and "
+         "flax is not installed; use policy.muon_dims_for_haiku(params) for Haiku params. For "
+         "Flax Linen: pip install 'decaymask[flax]'."),
+        (("flax", "equinox", "haiku"), "dm.presets.standard().for_flax({'linear': {'w': 1.0}})",
+         "ImportError: decaymask needs flax for this: pip install 'decaymask[flax]'"),
         (("equinox", "flax"), "dm.presets.standard().for_equinox({'a': 1.0})",
          "ImportError: decaymask needs equinox for this: pip install 'decaymask[equinox]'"),
         (("flax",), EQX_LINEAR + "dm.presets.standard().for_flax(model)",
@@ -68,7 +97,9 @@ ERRORS = [
          "like Flax Linen params; use policy.labels_for_flax(params). For a pytree of Equinox "
          "modules, pass the modules themselves."),
 ]
-ERROR_IDS = ["check_mask_no_jax", "no_framework", "for_flax_of_equinox", "muon_dims_for_flax_of_equinox",
+ERROR_IDS = ["check_mask_no_jax", "add_decayed_weights_no_jax", "add_decayed_weights_no_optax",
+         "muon_dims_no_optax", "trainable_filter_no_flax", "for_flax_of_haiku_without_flax",
+         "muon_dims_for_flax_of_haiku_without_flax", "for_flax_no_framework", "no_framework", "for_flax_of_equinox", "muon_dims_for_flax_of_equinox",
          "for_equinox_of_nnx", "labels_for_equinox_of_linen"]
 
 
@@ -94,3 +125,14 @@ CASES = ERRORS + WORKING
 )
 def test_one_framework_alone_works(blocked, body, expected):
     assert _run(blocked, body) == expected
+
+
+def test_yaml_without_pyyaml_names_the_extra(tmp_path):
+    path = tmp_path / "policy.yaml"
+    path.write_text("rules: []\n")
+    body = f"dm.Policy.from_file({str(path)!r})"
+    [out] = _outputs(("yaml",), (body,))
+    assert out == (
+        f"ImportError: Policy.from_file({str(path)!r}): reading YAML needs PyYAML: "
+        f"pip install 'decaymask[yaml]'"
+    )

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import collections.abc
 import doctest
 import importlib
 import pathlib
 import subprocess
 import sys
+import tarfile
+import typing
 import zipfile
 
 import pytest
@@ -76,6 +79,9 @@ PUBLIC = [
     "merge",
     "VerifyError",
     "Mismatch",
+    "LayerKind",
+    "LayerGroup",
+    "Role",
 ]
 
 
@@ -87,6 +93,36 @@ def test_public_names_importable(name):
 def test_no_undocumented_public_names():
     public = {n for n in vars(dm) if not n.startswith("_")} - {"core", "adapters"}
     assert public == set(PUBLIC)
+
+
+def test_all_lists_the_public_names():
+    assert sorted(dm.__all__) == sorted(PUBLIC)
+    namespace: dict[str, object] = {}
+    exec("from decaymask import *", namespace)
+    assert set(namespace) - {"__builtins__"} == set(PUBLIC)
+
+
+def test_literal_types_are_the_names_checked_at_run_time():
+    # The types a checker reads and the tuples a rule is checked against are one list.
+    assert typing.get_args(dm.LayerKind) == dm.KINDS
+    assert typing.get_args(dm.Role) == dm.ROLES
+    assert typing.get_args(dm.LayerGroup) == tuple(dm.GROUPS) == ("norm",)
+    assert dm.GROUPS["norm"] == ("layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm")
+
+
+@pytest.mark.parametrize("fn", [dm.decay, dm.no_decay, dm.label, dm.lr, dm.freeze, dm.unfreeze])
+def test_rule_makers_take_kinds_and_roles_as_literal_types(fn):
+    hints = typing.get_type_hints(fn)
+    for key in ("layer", "within"):
+        assert set(typing.get_args(hints[key])) == {
+            dm.LayerKind, dm.LayerGroup, type,
+            collections.abc.Sequence[typing.Union[dm.LayerKind, dm.LayerGroup, type]], type(None),
+        }
+    assert set(typing.get_args(hints["param"])) == {
+        dm.Role, collections.abc.Sequence[dm.Role], type(None)
+    }
+    with pytest.raises(ValueError, match=r"unknown layer kind 'liner'\. Did you mean 'linear'\?"):
+        fn(*(("x",) if fn is dm.label else (0.5,) if fn is dm.lr else ()), layer="liner")
 
 
 MODULES = [
@@ -127,6 +163,26 @@ def test_wheel_ships_only_the_package(tmp_path):
     license_text = zipfile.ZipFile(wheel).read(f"decaymask-{dm.__version__}.dist-info/licenses/LICENSE")
     assert b"Apache License" in license_text and b"Version 2.0, January 2004" in license_text
     assert not any("test" in n.split("/")[-1] for n in names)
+
+
+def test_sdist_holds_the_package_and_what_its_tests_read(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "hatchling", "build", "-t", "sdist", "-d", str(tmp_path)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    [sdist] = tmp_path.glob("decaymask-*.tar.gz")
+    files = {n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n}
+    for needed in (
+        "LICENSE", "README.md", "CHANGELOG.md", "pyproject.toml", "src/decaymask/__init__.py",
+        "src/decaymask/py.typed", "tests/conftest.py", "docs/index.md", "mkdocs.yml",
+        ".ci/oldest.txt", ".ci/run", "tools/render_report.py",
+    ):
+        assert needed in files, needed
+    # Benchmarks are the repository's, and a README.md below the root is no reason to ship.
+    assert not any(f.startswith(("benchmarks/", ".git/", ".benchmarks/")) for f in files)
+    assert not any("__pycache__" in f or f.endswith(".pyc") for f in files)
 
 
 def _oldest_pins() -> dict[str, str]:
@@ -177,7 +233,7 @@ def test_license_is_apache_2():
 
 def test_api_reference_covers_the_public_names():
     pages = "".join(p.read_text() for p in (ROOT / "docs").rglob("*.md"))
-    constants = {"GROUPS", "KINDS", "KIND_SOURCES", "ROLES", "SELECTORS"}
+    constants = {"GROUPS", "KINDS", "KIND_SOURCES", "ROLES", "SELECTORS", "LayerKind", "LayerGroup", "Role"}
     for name in PUBLIC:
         if name in constants:
             assert f"`decaymask.{name}`" in pages, name

@@ -4,6 +4,9 @@ from .core import GROUPS as GROUPS
 from .core import KIND_SOURCES as KIND_SOURCES
 from .core import KINDS as KINDS
 from .core import ROLES as ROLES
+from .core import LayerGroup as LayerGroup
+from .core import LayerKind as LayerKind
+from .core import Role as Role
 from .core import SELECTORS as SELECTORS
 from .core import Decision as Decision
 from .core import Layer as Layer
@@ -34,3 +37,12 @@ from ._verify import Mismatch as Mismatch
 from ._verify import VerifyError as VerifyError
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "GROUPS", "KINDS", "KIND_SOURCES", "ROLES", "SELECTORS",
+    "Decision", "Layer", "LayerDecay", "LayerGroup", "LayerKind", "Leaf", "MaskMismatchError",
+    "Mismatch", "Policy", "PolicyDataError", "PolicyWarning", "Report", "Role", "Rule",
+    "UnmatchedRuleError", "VerifyError",
+    "add_decayed_weights", "check_mask", "decay", "freeze", "label", "layer_decay", "lr",
+    "merge", "no_decay", "presets", "register_layer", "unfreeze", "unregister_layer",
+]

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from ._needs import needs
 from ._describe import (
     _static_differences,
     _same_data,
@@ -147,13 +148,7 @@ def check_mask(mask: Any, params: Any) -> None:
         keys only in params (1): 'Dense_0'
       Fix: build the mask from the params collection alone: policy.for_flax(variables["params"]).
     """
-    try:
-        import jax  # noqa: F401
-    except ImportError as err:
-        raise ImportError(
-            "check_mask needs jax, which comes with either framework: pip install "
-            "'decaymask[equinox]' or 'decaymask[flax]'."
-        ) from err
+    needs("check_mask", "jax")
 
     if mask is None:
         return

@@ -8,16 +8,26 @@ methods are the same with the framework named.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from . import _output_cache, adapters
 from ._output_cache import _built as _built
 from ._face_groups import GroupsFace
+from ._needs import needs
 from .core._policy import Policy as _CorePolicy
 from .core._collector import collector_paused
 from .core._report import Report
 from .core._table import LeafTable
 from .core._warnings import warn_again
+
+if TYPE_CHECKING:
+    from flax import nnx
+
+T = TypeVar("T")
+"""Any tree: an output has the type of its input (its containers, or its module classes)."""
+M = TypeVar("M", bound=Mapping[Any, Any])
+"""A params mapping (dict, ``FrozenDict``, ``nnx.State``): an output has its type."""
 
 adapters.FACES.update(("equinox", "flax", "haiku"))
 
@@ -37,11 +47,18 @@ def _per_layer_arrays(values: list[Any], leaves: Any) -> list[Any]:
 
 
 class Policy(GroupsFace, _CorePolicy):
-    """An ordered set of rules; the last rule that matches a leaf decides it."""
+    """An ordered set of rules; the last rule that matches a leaf decides it.
+
+    Every output (mask, labels, rates, multipliers, Muon dims) has the type of the tree
+    it is built from, with its own values at the leaves; an ``nnx.Module``'s is an
+    ``nnx.State``.
+    """
 
     __slots__ = ()
 
     def _build(self, value: str, tree: Any, framework: str | None, method: str, options: dict[str, Any]) -> Any:
+        if value == "muon":
+            needs(method, "optax")  # its MuonDimensionNumbers
         adapter = adapters.choose(tree, framework, method, options)
         # A build allocates a few containers per leaf and frees them all before the
         # collector is back on (the one cycle, a walk and its table, is broken below):
@@ -110,6 +127,10 @@ class Policy(GroupsFace, _CorePolicy):
 
     # The generic entry points.
 
+    @overload
+    def mask(self, tree: nnx.Module, *, framework: str | None = None, **options: Any) -> nnx.State[Any, Any]: ...
+    @overload
+    def mask(self, tree: T, *, framework: str | None = None, **options: Any) -> T: ...
     def mask(self, tree: Any, *, framework: str | None = None, **options: Any) -> Any:
         """The optax mask for ``tree``, of any framework decaymask has an adapter for.
 
@@ -127,16 +148,28 @@ class Policy(GroupsFace, _CorePolicy):
         """
         return self._build("mask", tree, framework, "mask", options)
 
+    @overload
+    def labels(self, tree: nnx.Module, *, framework: str | None = None, **options: Any) -> nnx.State[Any, Any]: ...
+    @overload
+    def labels(self, tree: T, *, framework: str | None = None, **options: Any) -> T: ...
     def labels(self, tree: Any, *, framework: str | None = None, **options: Any) -> Any:
         """A label per parameter for ``optax.partition``, as :meth:`mask` finds the
         framework; see :meth:`labels_for_equinox`."""
         return self._build("labels", tree, framework, "labels", options)
 
+    @overload
+    def rates(self, tree: nnx.Module, *, framework: str | None = None, **options: Any) -> nnx.State[Any, Any]: ...
+    @overload
+    def rates(self, tree: T, *, framework: str | None = None, **options: Any) -> T: ...
     def rates(self, tree: Any, *, framework: str | None = None, **options: Any) -> Any:
         """The weight-decay multiplier of every parameter, as :meth:`mask` finds the
         framework; see :meth:`rates_for_equinox`."""
         return self._build("rates", tree, framework, "rates", options)
 
+    @overload
+    def lr_scales(self, tree: nnx.Module, *, framework: str | None = None, **options: Any) -> nnx.State[Any, Any]: ...
+    @overload
+    def lr_scales(self, tree: T, *, framework: str | None = None, **options: Any) -> T: ...
     def lr_scales(self, tree: Any, *, framework: str | None = None, **options: Any) -> Any:
         """The learning-rate multiplier of every parameter, in :meth:`mask`'s structure.
 
@@ -153,6 +186,10 @@ class Policy(GroupsFace, _CorePolicy):
         """
         return self._build("lr_scales", tree, framework, "lr_scales", options)
 
+    @overload
+    def trainable(self, tree: nnx.Module, *, framework: str | None = None, **options: Any) -> nnx.State[Any, Any]: ...
+    @overload
+    def trainable(self, tree: T, *, framework: str | None = None, **options: Any) -> T: ...
     def trainable(self, tree: Any, *, framework: str | None = None, **options: Any) -> Any:
         """``True`` at every parameter the optimizer trains, in :meth:`mask`'s structure.
 
@@ -165,6 +202,10 @@ class Policy(GroupsFace, _CorePolicy):
         """
         return self._build("trainable", tree, framework, "trainable", options)
 
+    @overload
+    def muon_dims(self, tree: nnx.Module, *, framework: str | None = None, **options: Any) -> nnx.State[Any, Any]: ...
+    @overload
+    def muon_dims(self, tree: T, *, framework: str | None = None, **options: Any) -> T: ...
     def muon_dims(self, tree: Any, *, framework: str | None = None, **options: Any) -> Any:
         """Muon dimension numbers in the framework's layouts, as :meth:`mask` finds the
         framework; see :meth:`muon_dims_for_equinox`."""
@@ -192,7 +233,7 @@ class Policy(GroupsFace, _CorePolicy):
 
     # Equinox.
 
-    def for_equinox(self, tree: Any) -> Any:
+    def for_equinox(self, tree: T) -> T:
         """The optax mask for an Equinox model or any pytree holding Equinox modules.
 
         Bools at every array leaf (jax and numpy arrays, ``jax.ShapeDtypeStruct``),
@@ -209,7 +250,7 @@ class Policy(GroupsFace, _CorePolicy):
         """
         return self._build("mask", tree, "equinox", "for_equinox", {})
 
-    def labels_for_equinox(self, tree: Any) -> Any:
+    def labels_for_equinox(self, tree: T) -> T:
         """A label per array leaf for ``optax.partition``, in :meth:`for_equinox`'s structure.
 
         The label of a leaf is the label of the last rule that matches it: rules made
@@ -220,12 +261,12 @@ class Policy(GroupsFace, _CorePolicy):
         """
         return self._build("labels", tree, "equinox", "labels_for_equinox", {})
 
-    def rates_for_equinox(self, tree: Any) -> Any:
+    def rates_for_equinox(self, tree: T) -> T:
         """The weight-decay multiplier of every array leaf: the deciding rule's ``rate``
         where it decays, ``0.0`` where it does not; for :func:`add_decayed_weights`."""
         return self._build("rates", tree, "equinox", "rates_for_equinox", {})
 
-    def muon_dims_for_equinox(self, tree: Any) -> Any:
+    def muon_dims_for_equinox(self, tree: T) -> T:
         """Muon dimension numbers in Equinox's layouts where the policy decides True.
 
         An ``optax.contrib.MuonDimensionNumbers`` at every leaf the policy selects (its
@@ -241,6 +282,10 @@ class Policy(GroupsFace, _CorePolicy):
 
     # Flax: Linen and NNX.
 
+    @overload
+    def for_flax(self, tree: nnx.Module, **kwargs: Any) -> nnx.State[Any, Any]: ...
+    @overload
+    def for_flax(self, tree: M, **kwargs: Any) -> M: ...
     def for_flax(self, tree: Any, **kwargs: Any) -> Any:
         """The optax mask for Flax, with the container types of its input.
 
@@ -258,21 +303,33 @@ class Policy(GroupsFace, _CorePolicy):
         """
         return self._build("mask", tree, "flax", "for_flax", kwargs)
 
+    @overload
+    def labels_for_flax(self, tree: nnx.Module, **kwargs: Any) -> nnx.State[Any, Any]: ...
+    @overload
+    def labels_for_flax(self, tree: M, **kwargs: Any) -> M: ...
     def labels_for_flax(self, tree: Any, **kwargs: Any) -> Any:
         """A label per param for ``optax.partition``, in :meth:`for_flax`'s structure."""
         return self._build("labels", tree, "flax", "labels_for_flax", kwargs)
 
+    @overload
+    def rates_for_flax(self, tree: nnx.Module, **kwargs: Any) -> nnx.State[Any, Any]: ...
+    @overload
+    def rates_for_flax(self, tree: M, **kwargs: Any) -> M: ...
     def rates_for_flax(self, tree: Any, **kwargs: Any) -> Any:
         """:meth:`rates_for_equinox` for Flax inputs, in :meth:`for_flax`'s structure."""
         return self._build("rates", tree, "flax", "rates_for_flax", kwargs)
 
+    @overload
+    def muon_dims_for_flax(self, tree: nnx.Module, **kwargs: Any) -> nnx.State[Any, Any]: ...
+    @overload
+    def muon_dims_for_flax(self, tree: M, **kwargs: Any) -> M: ...
     def muon_dims_for_flax(self, tree: Any, **kwargs: Any) -> Any:
         """:meth:`muon_dims_for_equinox` in Flax's ``(in, out)`` layouts and containers."""
         return self._build("muon", tree, "flax", "muon_dims_for_flax", kwargs)
 
     # Haiku.
 
-    def for_haiku(self, params: Any, **kwargs: Any) -> Any:
+    def for_haiku(self, params: M, **kwargs: Any) -> M:
         """The optax mask for Haiku params (``module/~/path -> {name: array}``), in the
         same dicts.
 
@@ -285,15 +342,15 @@ class Policy(GroupsFace, _CorePolicy):
         """
         return self._build("mask", params, "haiku", "for_haiku", kwargs)
 
-    def labels_for_haiku(self, params: Any, **kwargs: Any) -> Any:
+    def labels_for_haiku(self, params: M, **kwargs: Any) -> M:
         """A label per param for ``optax.partition``, in :meth:`for_haiku`'s structure."""
         return self._build("labels", params, "haiku", "labels_for_haiku", kwargs)
 
-    def rates_for_haiku(self, params: Any, **kwargs: Any) -> Any:
+    def rates_for_haiku(self, params: M, **kwargs: Any) -> M:
         """:meth:`rates_for_equinox` for Haiku params, in :meth:`for_haiku`'s structure."""
         return self._build("rates", params, "haiku", "rates_for_haiku", kwargs)
 
-    def muon_dims_for_haiku(self, params: Any, **kwargs: Any) -> Any:
+    def muon_dims_for_haiku(self, params: M, **kwargs: Any) -> M:
         """:meth:`muon_dims_for_equinox` in Haiku's layouts (``Linear`` ``w`` is
         ``(in, out)``, ``ConvND`` ``w`` is ``(*kernel, in, out)``)."""
         return self._build("muon", params, "haiku", "muon_dims_for_haiku", kwargs)

@@ -3,10 +3,18 @@ and each framework's way of keeping gradients away from frozen leaves."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 if TYPE_CHECKING:
+    import optax
+    from flax import nnx
+
     from ._face import Policy
+
+from ._needs import needs
+
+M = TypeVar("M", bound=Mapping[Any, Any])
 
 
 class GroupsFace:
@@ -15,7 +23,10 @@ class GroupsFace:
 
     __slots__ = ()
 
-    def wrap(self, tx: Any, *, full: Any = None, framework: str | None = None, **options: Any) -> Any:
+    def wrap(
+        self, tx: optax.GradientTransformation, *, full: Any = None, framework: str | None = None,
+        **options: Any,
+    ) -> optax.GradientTransformationExtraArgs:
         """``tx`` with this policy's learning-rate multipliers and frozen leaves.
 
         An ``optax.GradientTransformation``: frozen leaves get a zero update and no
@@ -49,7 +60,8 @@ class GroupsFace:
         return wrap(cast("Policy", self), tx, framework, options, full)
 
     def verify(
-        self, tx: Any, params: Any, *, full: Any = None, framework: str | None = None, **options: Any
+        self, tx: optax.GradientTransformation, params: Any, *, full: Any = None,
+        framework: str | None = None, **options: Any,
     ) -> None:
         """Checks with one probe that ``tx`` does to ``params`` what this policy says.
 
@@ -116,7 +128,7 @@ class GroupsFace:
 
         verify(cast("Policy", self), tx, params, full=full, framework=framework, **options)
 
-    def trainable_filter(self, model: Any, **options: Any) -> Any:
+    def trainable_filter(self, model: nnx.Module, **options: Any) -> Callable[[tuple[Any, ...], Any], bool]:
         """An NNX filter of the parameters this policy trains, for
         ``nnx.Optimizer(model, tx, wrt=...)`` and ``nnx.DiffState(0, ...)``, so that
         frozen parameters get neither gradients nor optimizer state.
@@ -126,11 +138,12 @@ class GroupsFace:
           **options: ``wrt=``, the filter of the variables the optimizer updates
             (default ``nnx.Param``).
         """
+        needs("policy.trainable_filter", "flax.nnx")
         from ._groups import trainable_filter
 
         return trainable_filter(cast("Policy", self), model, options)
 
-    def split(self, params: Any, *, framework: str | None = None, **options: Any) -> tuple[Any, Any]:
+    def split(self, params: M, *, framework: str | None = None, **options: Any) -> tuple[M, M]:
         """(trainable, frozen): a Linen or Haiku params mapping cut in two, each
         with only its own arrays (the same container types), so that
         ``jax.grad`` is taken with respect to the trainable half alone;

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ._needs import needs
+
 if TYPE_CHECKING:
     import optax
 
@@ -27,6 +29,10 @@ def add_decayed_weights(weight_decay: Any, rates: Any) -> optax.GradientTransfor
     Returns:
       An ``optax.GradientTransformation`` with no state.
 
+    Raises:
+      ImportError: jax or optax is not installed; the message names the extras that
+        bring them.
+
     Example:
       >>> import decaymask as dm, jax.numpy as jnp
       >>> tx = dm.add_decayed_weights(0.5, {"w": 2.0, "b": 0.0})
@@ -35,6 +41,7 @@ def add_decayed_weights(weight_decay: Any, rates: Any) -> optax.GradientTransfor
       >>> updates["w"].tolist(), updates["b"].tolist()
       ([1.0, 1.0], [0.0, 0.0])
     """
+    needs("dm.add_decayed_weights", "jax", "optax")
     import jax
     import optax
 

@@ -15,6 +15,7 @@ from .core._ladder import BlockSelector, layer_decay
 from .core._group_rules import lr
 from .core._rules import decay, no_decay
 from .core._selectors import PathSelector
+from .core._vocab import Role
 
 
 # Arrays no recipe decays, whatever the layer: learned position tables and tokens
@@ -23,7 +24,7 @@ from .core._selectors import PathSelector
 # ``ndim <= 1`` rule spares them), and buffers, which decay would shrink every step
 # even with zero gradients (Mamba marks ``A_log`` and ``D`` ``_no_weight_decay``: gains
 # here).
-_NEVER = ("position", "token", "gain", "buffer")
+_NEVER: tuple[Role, ...] = ("position", "token", "gain", "buffer")
 
 
 def standard() -> Policy:

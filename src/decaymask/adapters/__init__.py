@@ -182,10 +182,22 @@ def choose(
     else:
         chosen = _inferred(tree, method, adapters, options or {})
     if not chosen.installed():
-        raise ImportError(
-            f"decaymask needs {chosen.package} for this: pip install 'decaymask[{chosen.extra}]'"
-        )
+        raise ImportError(_not_installed(tree, method, chosen, adapters))
     return chosen
+
+
+def _not_installed(tree: Any, method: str, chosen: Adapter, adapters: Sequence[Adapter]) -> str:
+    """The message for a tree whose adapter's framework is not installed: where an
+    installed framework reads the tree, its entry point comes first."""
+    install = f"pip install 'decaymask[{chosen.extra}]'"
+    for other in adapters:
+        if other.face != chosen.face and _claim(other, tree, method) is not Claim.NO and other.installed():
+            return (
+                f"{method}: got {other.describe(tree)}, and {chosen.package} is not "
+                f"installed; use {other.usage.format(method=entry_point(other, method))}. "
+                f"For {chosen.title}: {install}."
+            )
+    return f"decaymask needs {chosen.package} for this: {install}"
 
 
 def _explicit(tree: Any, framework: str, method: str, adapters: Sequence[Adapter]) -> Adapter:

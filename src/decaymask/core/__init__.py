@@ -22,5 +22,8 @@ from ._ladder import layer_decay as layer_decay
 from ._vocab import GROUPS as GROUPS
 from ._vocab import KINDS as KINDS
 from ._vocab import ROLES as ROLES
+from ._vocab import LayerGroup as LayerGroup
+from ._vocab import LayerKind as LayerKind
+from ._vocab import Role as Role
 from ._warnings import PolicyWarning as PolicyWarning
 from ._warnings import UnmatchedRuleError as UnmatchedRuleError

@@ -36,7 +36,7 @@ def read_file(path: str | pathlib.Path, key: str | None) -> Any:
         try:
             import yaml
         except ImportError as err:
-            raise ImportError(f"{where}: reading YAML needs PyYAML: pip install pyyaml") from err
+            raise ImportError(f"{where}: reading YAML needs PyYAML: pip install 'decaymask[yaml]'") from err
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as err:

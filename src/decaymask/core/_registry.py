@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ._vocab import check_kind, check_role
+from ._vocab import LayerKind, Role, check_kind, check_role
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +44,8 @@ generation = 0
 
 def register_layer(
     cls_or_class_name: type | str,
-    kind: str,
-    roles: Mapping[str, str] | None = None,
+    kind: LayerKind,
+    roles: Mapping[str, Role] | None = None,
     matrix_axes: Mapping[str, tuple[Any, Any]] | None = None,
 ) -> type | str:
     """Teaches decaymask the kind of a layer class it does not know.

@@ -16,6 +16,7 @@ from ._leaf import Leaf
 from ._selectors import SELECTORS as SELECTORS
 from ._selectors import LayerSelector as LayerSelector
 from ._selectors import NameSelector as NameSelector
+from ._selectors import RoleSelector as RoleSelector
 from ._selectors import PathSelector as PathSelector
 from ._selectors import check_label, checked_keywords, layer_matches, path_matcher, rule_fields
 from ._selectors import check_multiplier as check_multiplier
@@ -23,6 +24,7 @@ from ._selectors import check_rate as check_rate
 from ._values import as_bool as as_bool
 from ._values import importable as importable
 from ._values import show_value
+from ._vocab import LayerGroup, LayerKind, Role
 from ._values import type_name as type_name
 
 DECAY_LABEL = "decay"
@@ -36,11 +38,11 @@ class Rule:
 
     decay: bool | None
     """Whether matching leaves decay; ``None`` for a rule that only labels."""
-    layer: tuple[str | type, ...] | None = None
+    layer: tuple[LayerKind | LayerGroup | type, ...] | None = None
     """The ``layer=`` selector as a tuple of kinds, groups and classes; ``None`` if unset."""
-    within: tuple[str | type, ...] | None = None
+    within: tuple[LayerKind | LayerGroup | type, ...] | None = None
     """The ``within=`` selector as a tuple of kinds, groups and classes; ``None`` if unset."""
-    param: tuple[str, ...] | None = None
+    param: tuple[Role, ...] | None = None
     """The ``param=`` selector as a tuple of roles; ``None`` if unset."""
     name: tuple[str, ...] | None = None
     """The ``name=`` selector as a tuple of names; ``None`` if unset."""
@@ -191,7 +193,7 @@ def decay(
     *,
     layer: LayerSelector | None = None,
     within: LayerSelector | None = None,
-    param: NameSelector | None = None,
+    param: RoleSelector | None = None,
     name: NameSelector | None = None,
     path: PathSelector | None = None,
     min_ndim: int | None = None,
@@ -252,7 +254,7 @@ def no_decay(
     *,
     layer: LayerSelector | None = None,
     within: LayerSelector | None = None,
-    param: NameSelector | None = None,
+    param: RoleSelector | None = None,
     name: NameSelector | None = None,
     path: PathSelector | None = None,
     min_ndim: int | None = None,
@@ -282,7 +284,7 @@ def label(
     *,
     layer: LayerSelector | None = None,
     within: LayerSelector | None = None,
-    param: NameSelector | None = None,
+    param: RoleSelector | None = None,
     name: NameSelector | None = None,
     path: PathSelector | None = None,
     min_ndim: int | None = None,

@@ -15,6 +15,8 @@ from typing import Any, ParamSpec, TypeVar, Union
 from ._leaf import Layer
 from ._values import show_value, type_name
 from ._vocab import GROUPS, KINDS, ROLES, check_kind, check_role, kind_in
+from ._vocab import LayerSelector as LayerSelector
+from ._vocab import RoleSelector as RoleSelector
 
 SELECTORS = ("layer", "within", "param", "name", "path", "min_ndim", "when")
 """The keywords :func:`decay` and :func:`no_decay` accept, combined with AND."""
@@ -33,10 +35,8 @@ _SELECTOR_FORMS = {
 }
 
 
-LayerSelector = Union[str, type, Sequence[Union[str, type]]]
-"""A ``layer=`` or ``within=`` value: a kind, a group, a class, or several of those."""
 NameSelector = Union[str, Sequence[str]]
-"""A ``param=`` or ``name=`` value: one string or several."""
+"""A ``name=`` value: one string or several."""
 PathSelector = Union[str, "re.Pattern[str]", Sequence[Union[str, "re.Pattern[str]"]]]
 """A ``path=`` value: a glob, a compiled ``str`` pattern, or several of those."""
 

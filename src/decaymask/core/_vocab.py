@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
+from typing import Literal, Union, get_args
 
-KINDS: tuple[str, ...] = (
+LayerKind = Literal[
     "linear",
     "conv",
     "embedding",
@@ -18,15 +20,15 @@ KINDS: tuple[str, ...] = (
     "prelu",
     "lora",
     "unknown",
-)
-"""Every layer kind a leaf's owner or an enclosing module can have."""
+]
+"""A layer kind, as ``layer=``, ``within=`` and :func:`register_layer` take it: one of
+:data:`KINDS`. Type checkers reject a misspelt kind."""
 
-GROUPS: dict[str, tuple[str, ...]] = {
-    "norm": tuple(k for k in KINDS if k.endswith("_norm")),
-}
-"""Names that stand for several kinds at once."""
+LayerGroup = Literal["norm"]
+"""A name that stands for several kinds at once, as ``layer=`` and ``within=`` take
+it: a key of :data:`GROUPS` (``"norm"``: every kind whose name ends in ``_norm``)."""
 
-ROLES: tuple[str, ...] = (
+Role = Literal[
     "weight",
     "bias",
     "scale",
@@ -36,7 +38,18 @@ ROLES: tuple[str, ...] = (
     "gain",
     "buffer",
     "other",
-)
+]
+"""A parameter role, as ``param=`` takes it: one of :data:`ROLES`."""
+
+KINDS: tuple[LayerKind, ...] = get_args(LayerKind)
+"""Every layer kind a leaf's owner or an enclosing module can have."""
+
+GROUPS: dict[str, tuple[LayerKind, ...]] = {
+    group: tuple(k for k in KINDS if k.endswith("_" + group)) for group in get_args(LayerGroup)
+}
+"""Names that stand for several kinds at once."""
+
+ROLES: tuple[Role, ...] = get_args(Role)
 """What an array is for, whatever the framework calls it.
 
 ``weight``: the matrix or kernel of a linear, convolution or recurrent layer.
@@ -48,6 +61,11 @@ ROLES: tuple[str, ...] = (
 ``buffer``: a float array that is not trained (RoPE frequencies, sinusoidal tables).
 ``other``: anything else.
 """
+
+LayerSelector = Union[LayerKind, LayerGroup, type, Sequence[Union[LayerKind, LayerGroup, type]]]
+"""A ``layer=`` or ``within=`` value: a kind, a group, a class, or several of those."""
+RoleSelector = Union[Role, Sequence[Role]]
+"""A ``param=`` value: one role or several."""
 
 _KIND_SET = frozenset(KINDS)
 _ROLE_SET = frozenset(ROLES)
