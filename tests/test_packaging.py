@@ -185,6 +185,17 @@ def test_sdist_holds_the_package_and_what_its_tests_read(tmp_path):
     assert not any("__pycache__" in f or f.endswith(".pyc") for f in files)
 
 
+def test_ci_checks_the_release_and_runs_the_readme_demo_from_the_wheel():
+    ci = (ROOT / ".ci" / "run").read_text()
+    step = ci[ci.index("python -m build"):]
+    assert "twine check --strict" in step
+    # The README's first command, its demo run by the wheel installed with the extras.
+    demo = (ROOT / "README.md").read_text().split("```bash\n", 1)[1].splitlines()[0]
+    extras = demo.split("'.[", 1)[1].split("]'", 1)[0]
+    assert f'"$(ls "$dist"/decaymask-*.whl)[{extras}]"' in step
+    assert f'"$release/bin/python" -m decaymask demo' in step and demo.endswith("python -m decaymask demo")
+
+
 def _oldest_pins() -> dict[str, str]:
     pins = {}
     for line in (ROOT / ".ci" / "oldest.txt").read_text().splitlines():
