@@ -81,7 +81,7 @@ def test_register_layer_checks_matrix_axes():
 
 def test_explain_shows_dims():
     text = str(MATRICES.explain(eqx.nn.Linear(3, 5, key=KEY), show_dims=True)).splitlines()
-    assert text[0].split() == ["path", "kind", "class", "role", "shape", "decay", "muon", "dims", "rule"]
+    assert text[0].split() == ["path", "kind", "class", "role", "shape", "muon", "dims", "rule"]
     assert "(1,)->(0,)" in text[2] and text[3].split()[6] == "-"
 
 

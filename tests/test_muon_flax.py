@@ -635,12 +635,12 @@ def test_explain_shows_dims():
         MATRICES.explain(params, show_dims=True, module=LinenZoo(), args=LINEN_ARGS)
     )
     header, *lines = report.splitlines()
-    assert header.split()[-4:] == ["decay", "muon", "dims", "rule"]
+    assert header.split()[-4:] == ["shape", "muon", "dims", "rule"]
     rows = {line.split()[0]: line for line in lines}
-    assert "yes    (0,)->(1, 2)" in rows[f"{ATTENTION}/query/kernel"]
-    assert "yes    (0, 1)->(2,)" in rows[f"{ATTENTION}/out/kernel"]
-    assert "yes    (0, 1, 2)->(3,)" in rows["Conv_0/kernel"]
-    assert " no     -  " in rows["Dense_0/bias"]
+    assert "yes   (0,)->(1, 2)" in rows[f"{ATTENTION}/query/kernel"]
+    assert "yes   (0, 1)->(2,)" in rows[f"{ATTENTION}/out/kernel"]
+    assert "yes   (0, 1, 2)->(3,)" in rows["Conv_0/kernel"]
+    assert " no    -  " in rows["Dense_0/bias"]
     assert "muon" not in str(MATRICES.explain(params))
 
     model = abstract_nnx_zoo()
@@ -649,9 +649,9 @@ def test_explain_shows_dims():
             line.split()[0]: line
             for line in str(MATRICES.explain(tree, show_dims=True)).splitlines()
         }
-        assert "yes    (0,)->(1,)" in rows["linear/kernel"]
-        assert "yes    (0, 1)->(2,)" in rows["attn/out/kernel"]
-        assert " no     -  " in rows["embed/embedding"]
+        assert "yes   (0,)->(1,)" in rows["linear/kernel"]
+        assert "yes   (0, 1)->(2,)" in rows["attn/out/kernel"]
+        assert " no    -  " in rows["embed/embedding"]
 
 
 @pytest.mark.parametrize("argument", ["dims", "weight_decay_mask"])

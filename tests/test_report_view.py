@@ -56,17 +56,17 @@ def test_html_totals_first_then_marked_left_aligned_rows():
     html = POLICY.report(_leaves(2))._repr_html_()
     summary = html.index('<p class="dm-summary"><b>decayed 3 of 8 leaves, 72 of 128 elements (56.2%)</b>')
     assert summary < html.index("<table>")
-    rows = re.findall(r'<tr class="(dm-yes|dm-no)"><td><code>([^<]*)</code>', html)
+    rows = re.findall(r'<tr class="(dm-yes|dm-no)"><td style="text-align: left"><code>([^<]*)</code>', html)
     assert rows == [
         ("dm-no", "embed/embedding"), ("dm-yes", "blocks/0/fc/kernel"), ("dm-no", "blocks/0/fc/bias"),
         ("dm-no", "blocks/0/norm/scale"), ("dm-yes", "blocks/1/fc/kernel"), ("dm-no", "blocks/1/fc/bias"),
         ("dm-no", "blocks/1/norm/scale"), ("dm-yes", "head/kernel"),
     ]
-    assert html.count('<td class="dm-mark">&#10003; yes</td>') == 3
-    assert html.count('<td class="dm-mark">&middot; no</td>') == 5
-    # Every cell is left-aligned by the report's own style, which beats a notebook's
-    # `td { text-align: right }`; decayed rows are tinted and carry a bar.
-    assert ".decaymask-report th, .decaymask-report td {\n  text-align: left;" in html
+    assert html.count('<td class="dm-mark" style="text-align: left">&#10003; yes</td>') == 3
+    assert html.count('<td class="dm-mark" style="text-align: left">&middot; no</td>') == 5
+    # Every cell is left-aligned inline (what JupyterLab's own styles cannot override,
+    # test_report_html.py); decayed rows are tinted and carry a bar.
+    assert "div.decaymask-report th, div.decaymask-report td {\n  text-align: left;" in html
     assert ".decaymask-report tr.dm-yes td { background:" in html
     assert "<details>" not in html and '<div class="dm-warnings">' not in html
 
@@ -74,7 +74,8 @@ def test_html_totals_first_then_marked_left_aligned_rows():
 def test_html_rate_column_is_right_aligned():
     rated = dm.Policy(dm.decay(layer="linear", param="weight", rate=0.5))
     html = rated.report(_leaves(1))._repr_html_()
-    assert '<th class="dm-num">rate</th>' in html and '<td class="dm-num">0.5</td>' in html
+    assert '<th class="dm-num" style="text-align: right">rate</th>' in html
+    assert '<td class="dm-num" style="text-align: right">0.5</td>' in html
 
 
 def test_html_long_report_grouped_by_module_and_collapsed():

@@ -190,3 +190,72 @@ def test_a_partition_branch_view_does_not_warn_about_rules_of_other_branches():
     assert mask.weight is True and mask.bias == optax.MaskedNode()
     with pytest.raises(dm.UnmatchedRuleError):
         policy.for_equinox({"w": eqx.nn.Linear(2, 2, use_bias=False, key=KEY)})
+
+
+class Gate(eqx.Module):
+    w: jax.Array
+
+    def __init__(self, n: int = 3):
+        self.w = jnp.ones((n, n))
+
+
+def _gated(n: int = 3, *, norm: bool = False) -> dict:
+    model = {"fc": eqx.nn.Linear(n, n, key=KEY), "gate": Gate(n)}
+    if norm:
+        model["norm"] = eqx.nn.LayerNorm(n)
+    return eqx.filter(model, eqx.is_array)
+
+
+def _train(policy: dm.Policy, params, steps: int = 3) -> None:
+    """A real optax.adamw with the callable mask: init, a jitted update and an eager one."""
+    import optax
+
+    tx = optax.adamw(1e-3, weight_decay=0.1, mask=policy.for_equinox)
+    state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    step = jax.jit(tx.update)
+    for _ in range(steps):
+        _, state = step(grads, state, params)
+    tx.update(grads, state, params)
+
+
+UNKNOWN_GATE = "for_equinox: layers of unknown kind own parameters (Gate: gate/w)"
+
+
+def _policy_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if issubclass(w.category, dm.PolicyWarning)]
+
+
+def test_a_callable_mask_warns_once_per_cause_under_the_default_filters():
+    policy = dm.Policy(dm.decay(layer="linear", param="weight"))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("default")
+        _train(policy, _gated())
+    messages = _policy_warnings(record)
+    assert len(messages) == 1 and messages[0].startswith(UNKNOWN_GATE)
+    assert record[0].filename == __file__  # at the user's tx.init line
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("default")
+        _train(policy, _gated())
+        policy.for_equinox(_gated(4))  # the same tree structure and cause: shown already
+        # Another tree structure, and another cause on the same tree, are shown.
+        policy.for_equinox(_gated(norm=True))
+        dm.Policy(dm.decay(layer="linear"), dm.no_decay(path="typo/*")).for_equinox(_gated())
+    messages = _policy_warnings(record)
+    assert len(messages) == 3
+    assert messages[0].startswith(UNKNOWN_GATE) and messages[1].startswith(UNKNOWN_GATE)
+    assert messages[2].startswith("for_equinox: rule 2 no_decay(path='typo/*') matched no parameter")
+
+
+def test_always_shows_every_call_and_error_raises_at_every_call():
+    policy = dm.Policy(dm.decay(layer="linear", param="weight"))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _train(policy, _gated(), steps=1)
+    # init, the jitted update's trace, the eager update.
+    assert len(_policy_warnings(record)) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            with pytest.raises(dm.PolicyWarning, match="layers of unknown kind"):
+                policy.for_equinox(_gated())

@@ -7,6 +7,8 @@ import sys
 from collections.abc import Mapping
 from typing import Any, TypeGuard
 
+from .core._text import shorten, visible
+
 _SHOWN = 5  # keys listed per side in a message; the rest are counted
 
 
@@ -108,7 +110,7 @@ def _is_mapping(t: type | None) -> TypeGuard[type]:
 
 def _type_name(t: type) -> str:
     module = getattr(t, "__module__", "") or ""
-    name = t.__qualname__
+    name = visible(t.__qualname__)
     if module.startswith("flax.nnx"):
         return f"nnx.{name}"
     if module.startswith(("flax.linen", "flax.core.meta")):
@@ -127,7 +129,12 @@ def _a(phrase: str) -> str:
 
 
 def _describe(x: Any, depth: int = 0) -> str:
-    """What sits at one place of a tree, in a few words (type, length, keys, dtype)."""
+    """What sits at one place of a tree, in a few words (type, length, keys, dtype),
+    every character visible."""
+    return visible(_words(x, depth))
+
+
+def _words(x: Any, depth: int) -> str:
     import jax
     import numpy as np
 
@@ -157,7 +164,7 @@ def _describe(x: Any, depth: int = 0) -> str:
     if _is_equinox(t) or _is_nnx_module(t):
         return _a(f"{name} module")
     if callable(x) and hasattr(x, "__name__"):
-        return _a(f"{name} ({x.__name__})")
+        return _a(f"{name} ({visible(str(x.__name__))})")
     return _a(name)
 
 
@@ -166,11 +173,10 @@ def _count(n: int, noun: str) -> str:
 
 
 def _some(keys: list[Any]) -> str:
-    shown = ", ".join(repr(k) for k in keys[:_SHOWN])
+    shown = ", ".join(visible(repr(k)) for k in keys[:_SHOWN])
     return shown + (f", ... ({len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else "")
 
 
 def _short(data: Any, limit: int = 80) -> str:
-    text = repr(data)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return shorten(visible(repr(data)), limit)
 

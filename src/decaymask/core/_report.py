@@ -9,20 +9,9 @@ from typing import TYPE_CHECKING, Any, overload
 
 from ._leaf import Leaf
 from ._report_html import report_html
-from ._report_layers import (
-    _LAYER_HEADER,
-    _LAYER_NUMERIC,
-    LayerRow,
-    _ids_text,
-    _markdown_table,
-    _plural,
-    _rule_text,
-    _scale_text,
-    _text_table,
-    layer_rows_of,
-    _dims,
-    _notes,
-)
+from ._report_layers import _LAYER_HEADER, LayerRow, _plural, layer_rows_of
+from ._report_table import dicts, markdown_view, table, text_view, words_of
+from ._text import visible
 
 if TYPE_CHECKING:
     from ._policy import Policy
@@ -105,6 +94,14 @@ class Decision:
             )
         return text
 
+    def __repr__(self) -> str:
+        """The path, the decision and what decided it, as a report row reads:
+        ``<Decision fc/kernel: decay, rule 1: decay(layer='linear')>``."""
+        decision = "decay" if self.decay else "no decay"
+        if self.frozen:
+            decision += ", frozen"
+        return f"<Decision {visible(self.path)}: {decision}, {visible(self.why)}>"
+
 
 class Report(Sequence[Decision]):
     """The decisions on every array leaf of a tree, in flattening order."""
@@ -117,6 +114,14 @@ class Report(Sequence[Decision]):
         show_dims: bool = False,
         warnings: Sequence[str] = (),
     ):
+        """Args:
+          decisions: the rows, in the tree's flattening order.
+          policy: the policy that decided them.
+          show_dims: the report explains ``muon_dims``: the leaves decided True go to
+            Muon, and every view says so (a ``muon`` column, ``"3 of 9 leaves go to
+            Muon"``) and adds each one's Muon axes.
+          warnings: what the mask built from the same tree would warn about.
+        """
         self._rows = tuple(decisions)
         self.policy = policy
         self.show_dims = show_dims
@@ -190,15 +195,13 @@ class Report(Sequence[Decision]):
         return sum(row.leaf.size for row in self._rows if row.frozen)
 
     def summary(self) -> str:
-        """One line of totals: leaves and elements decayed, and frozen where the
-        policy freezes anything."""
+        """One line of totals: leaves and elements decayed (with ``show_dims``, that go
+        to Muon), and frozen where the policy freezes anything."""
         elements = self.num_elements
         decayed = self.num_elements_decayed
         share = f" ({100 * decayed / elements:.1f}%)" if elements else ""
-        text = (
-            f"decayed {sum(row.decay for row in self._rows)} of {len(self)} leaves, "
-            f"{decayed:,} of {elements:,} elements{share}"
-        )
+        taken = words_of(self).taken.format(n=sum(row.decay for row in self._rows), total=len(self))
+        text = f"{taken}, {decayed:,} of {elements:,} elements{share}"
         if self._group_columns()[2]:
             text += (
                 f"; frozen {_plural(self.num_frozen, 'leaf', 'leaves')}, "
@@ -224,20 +227,6 @@ class Report(Sequence[Decision]):
         frozen = any(rule.frozen is not None for rule in policy.rules)
         return ladder, lr, frozen
 
-    def _groups_why(self, row: Decision) -> str:
-        """The lr and freeze/unfreeze rules that matched a trained leaf, after its
-        decay reason: ``"; lr: rule 4: lr(0.1, layer='embedding')"``. A frozen leaf's
-        freeze rule is its decay reason already."""
-        if not (row.leaf.is_param and row.leaf.floating):
-            return ""
-        rules = self.policy.rules if self.policy is not None else ()
-        text = ""
-        if row.lr_rule is not None:
-            text += f"; lr: {_rule_text(row.lr_rule, rules)}"
-        if row.freeze_rule is not None and not row.frozen:
-            text += f"; freeze: {_rule_text(row.freeze_rule, rules)}"
-        return text
-
     def table_rows(self) -> tuple[list[str], list[list[str]]]:
         """The column headers and the cells of :meth:`__str__`'s table.
 
@@ -246,46 +235,15 @@ class Report(Sequence[Decision]):
         :func:`freeze` or :func:`unfreeze` rule) follow ``decay``; a leaf stacked
         along the layer axis shows its ids as runs (``1-12``) and its multipliers as
         their range (``0.0317-0.75``). ``lr`` and ``frozen`` are ``-`` for leaves
-        that are never trained (state, integer arrays)."""
-        via, labels, rates = self._extra_columns()
-        ids, lrs, frozen = self._group_columns()
-        header = (
-            ["path", "kind"]
-            + (["via"] if via else [])
-            + ["class", "role", "shape", "decay"]
-            + (["label"] if labels else [])
-            + (["rate"] if rates else [])
-            + (["layer id"] if ids else [])
-            + (["lr"] if lrs else [])
-            + (["frozen"] if frozen else [])
-            + (["muon dims"] if self.show_dims else [])
-            + ["rule"]
-        )
-        rules = self.policy.rules if self.policy is not None else ()
-        ranks = any(rule.min_ndim is not None for rule in rules)
-        groups = ids or lrs or frozen
-        cells = []
-        for row in self._rows:
-            leaf = row.leaf
-            trained = leaf.is_param and leaf.floating
-            cells.append(
-                [leaf.path, leaf.layer]
-                + ([leaf.kind_source] if via else [])
-                + [
-                    leaf.layer_type or "-",
-                    leaf.role,
-                    str(leaf.shape),
-                    "yes" if row.decay else "no",
-                ]
-                + ([row.label] if labels else [])
-                + ([f"{row.rate:g}"] if rates else [])
-                + ([_ids_text(row.layer_id)] if ids else [])
-                + ([_scale_text(row.lr_scale) if trained else "-"] if lrs else [])
-                + ([("yes" if row.frozen else "no") if trained else "-"] if frozen else [])
-                + ([_dims(row)] if self.show_dims else [])
-                + [row.why + _notes(row, ranks) + (self._groups_why(row) if groups else "")]
-            )
-        return header, cells
+        that are never trained (state, integer arrays). With ``show_dims`` the
+        decision's column is ``muon`` and ``dims`` gives the Muon axes.
+
+        Every cell is one line of visible text: control and format characters in a
+        name (an escape sequence, a newline, a bidi override) are written as their
+        escapes (``\\x1b``). A rule text longer than 90 characters is cut (``...``);
+        ``str(report)`` and :meth:`to_markdown` give it in full below the table."""
+        found = table(self)
+        return found.header, found.cells
 
     def layers(self) -> tuple[LayerRow, ...]:
         """The rows per layer of the layer-decay ladder, in id order (0 to n + 1).
@@ -323,42 +281,7 @@ class Report(Sequence[Decision]):
         Where the policy sets them, ``layer_id`` (an int, or a list for a stacked leaf),
         ``lr`` (a float or a list), ``frozen`` (a bool) and the matching ``lr_rule`` and
         ``freeze_rule`` join each row, and ``why`` names those rules too."""
-        ids, lrs, frozen = self._group_columns()
-        has_lr_rules = self.policy is not None and any(
-            rule.lr is not None for rule in self.policy.rules
-        )
-        out = []
-        for row in self._rows:
-            entry: dict[str, Any] = {
-                "path": row.path,
-                "kind": row.layer,
-                "via": row.leaf.kind_source,
-                "class": row.layer_type,
-                "role": row.role,
-                "shape": list(row.shape),
-                "dtype": row.dtype,
-                "decay": row.decay,
-                "label": row.label,
-                "rate": row.rate,
-            }
-            if ids:
-                layer_id = row.layer_id
-                entry["layer_id"] = list(layer_id) if isinstance(layer_id, tuple) else layer_id
-            if lrs:
-                scale = row.lr_scale
-                entry["lr"] = list(scale) if isinstance(scale, tuple) else scale
-            if frozen:
-                entry["frozen"] = row.frozen
-            entry["rule"] = repr(row.rule) if row.rule is not None else None
-            if has_lr_rules:
-                entry["lr_rule"] = repr(row.lr_rule) if row.lr_rule is not None else None
-            if frozen:
-                entry["freeze_rule"] = (
-                    repr(row.freeze_rule) if row.freeze_rule is not None else None
-                )
-            entry["why"] = row.why + (self._groups_why(row) if ids or lrs or frozen else "")
-            out.append(entry)
-        return out
+        return dicts(self)
 
     def totals(self) -> dict[str, int]:
         """Leaves and elements, decayed, and frozen where the policy freezes anything."""
@@ -386,12 +309,7 @@ class Report(Sequence[Decision]):
     def to_markdown(self) -> str:
         """The table as GitHub-flavoured Markdown, then the totals (and the per-layer
         table with :func:`layer_decay`)."""
-        header, cells = self.table_rows()
-        lines = _markdown_table(header, [[f"`{c[0]}`"] + c[1:] for c in cells])
-        text = "\n".join(lines) + f"\n\n{self.summary()}\n"
-        if self._shows_layers():
-            text += "\n**per layer**\n\n" + "\n".join(_markdown_table(*self.layer_rows())) + "\n"
-        return text
+        return markdown_view(self)
 
     def _repr_html_(self) -> str:
         """The notebook view: totals and warnings first, then the rows; decayed rows
@@ -399,9 +317,4 @@ class Report(Sequence[Decision]):
         return report_html(self)
 
     def __str__(self) -> str:
-        lines = _text_table(*self.table_rows())
-        lines.append(self.summary())
-        if self._shows_layers():
-            lines += ["", "per layer"] + _text_table(*self.layer_rows(), right=_LAYER_NUMERIC)
-        lines += [f"warning: {message}" for message in self.warnings]
-        return "\n".join(lines)
+        return text_view(self)

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._report import Decision
-    from ._rules import Rule
 
 
 def _dims(row: Decision) -> str:
@@ -57,14 +56,6 @@ def _scale_text(scale: float | tuple[float, ...]) -> str:
 
 def _plural(count: int, one: str, many: str) -> str:
     return f"{count:,} {one if count == 1 else many}"
-
-
-def _rule_text(rule: Rule, rules: Sequence[Rule]) -> str:
-    """``"rule N: <rule>"`` for a rule of the policy (the last one that is it), else its repr."""
-    for index in range(len(rules) - 1, -1, -1):
-        if rules[index] is rule:
-            return f"rule {index + 1}: {rule!r}"
-    return repr(rule)
 
 
 @dataclasses.dataclass(frozen=True)

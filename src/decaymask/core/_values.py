@@ -8,6 +8,8 @@ import sys
 import types
 from typing import Any
 
+from ._text import visible
+
 
 def type_name(value: Any) -> str:
     """The type of ``value`` as an error message names it: ``int``, ``numpy.bool``.
@@ -19,7 +21,7 @@ def type_name(value: Any) -> str:
     cls = type(value)
     if cls.__module__ == "builtins":
         return cls.__qualname__
-    return f"{cls.__module__}.{cls.__qualname__}"
+    return visible(f"{cls.__module__}.{cls.__qualname__}")
 
 
 def as_bool(value: Any) -> bool | None:
@@ -64,9 +66,9 @@ def show_value(value: Any) -> str:
       ("re.compile('attn')", 'int', "'norm'")
     """
     if isinstance(value, type):
-        return value.__qualname__
+        return visible(value.__qualname__)
     if isinstance(value, re.Pattern):
         return f"re.compile({value.pattern!r})"
     if callable(value):
-        return getattr(value, "__qualname__", None) or repr(value)
-    return repr(value)
+        return visible(getattr(value, "__qualname__", None) or repr(value))
+    return visible(repr(value))

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._leaf import Leaf
 from ._names import CONTAINER_KINDS
 from ._report import Decision
 from ._roles import is_index_name
+from ._text import visible
 
 if TYPE_CHECKING:
     from ._policy import Policy
@@ -19,7 +21,13 @@ if TYPE_CHECKING:
 
 
 class PolicyWarning(UserWarning):
-    """A policy or a params tree that most likely is not what was meant."""
+    """A policy or a params tree that most likely is not what was meant.
+
+    Each is shown once per cause and tree: a callable mask, which optax calls at
+    ``init`` and at every ``update``, warns at its first call only. Changing the warning
+    filters (``warnings.catch_warnings``, ``simplefilter``) shows it again, and under the
+    ``"always"`` action every call shows it.
+    """
 
 
 class UnmatchedRuleError(ValueError):
@@ -130,7 +138,7 @@ def find_problems(
 
     Returns:
       (warning messages, the message of an :class:`UnmatchedRuleError` for a strict
-      policy with a rule that matches nothing, or ``None``).
+      policy with a rule that matches nothing, or ``None``), every character visible.
     """
     if paths_like is None:
         paths_like = lambda i: [leaves[i].path]  # noqa: E731
@@ -226,7 +234,18 @@ def find_problems(
             f"decaymask the layer with dm.register_layer({type_name or 'cls'}, kind), "
             f"or select these by path=."
         )
-    return messages, strict_error
+    # Paths and class names are the tree's own: a key may hold a terminal's escape
+    # sequence, a newline or a bidi override.
+    return [visible(m) for m in messages], (visible(strict_error) if strict_error else None)
+
+
+class Messages(list[str]):
+    """The warning messages of one build, and the tree they are about."""
+
+    tree: Hashable = None
+    """The entry point and the paths of the leaves the build decided (for most
+    policies, one leaf of each kind the tree holds): the same at every call with one
+    tree, as optax makes them with a callable mask."""
 
 
 def check_decisions(
@@ -234,26 +253,75 @@ def check_decisions(
     leaves: Sequence[Leaf],
     decisions: Sequence[Decision],
     **options: Any,
-) -> list[str]:
+) -> Messages:
     """Warns (or raises, for a strict policy) where the user most likely made a mistake.
 
     Takes the arguments of :func:`find_problems`; returns the messages it warned with.
     """
-    messages, strict_error = find_problems(policy, leaves, decisions, **options)
+    found, strict_error = find_problems(policy, leaves, decisions, **options)
     if strict_error is not None:
         raise UnmatchedRuleError(strict_error)
-    level = user_stacklevel()
-    for message in messages:
-        warnings.warn(message, PolicyWarning, stacklevel=level)
+    messages = Messages(found)
+    if messages:
+        messages.tree = (options.get("method"), tuple(leaf.path for leaf in leaves))
+        _show(messages)
     return messages
 
 
 def warn_again(messages: Sequence[str]) -> None:
-    """The warnings a build gave, given again for the same build from a cache."""
+    """The warnings a build gave, for the same build from a cache: shown where they
+    were not yet (the warning filters changed since, or say ``"always"``)."""
     if messages:
-        level = user_stacklevel()
-        for message in messages:
-            warnings.warn(message, PolicyWarning, stacklevel=level)
+        _show(messages)
+
+
+# What was shown, as (tree, message), under the warning filters of the time: the
+# filters list itself and a copy of its entries. catch_warnings swaps the list, and
+# simplefilter, filterwarnings and resetwarnings change its entries; either way what
+# was shown before may now be shown, recorded, raised or ignored differently.
+_shown: set[tuple[Hashable, str]] = set()
+_shown_under: tuple[Any, list[Any]] = (None, [])
+_shown_lock = threading.Lock()
+_SHOWN_MAX = 4096
+
+
+def _show(messages: Sequence[str]) -> None:
+    """Warns with each message not already shown for the same tree."""
+    global _shown_under
+    level = user_stacklevel()
+    frame = sys._getframe(level - 1)  # the user's frame, as warnings.warn finds it
+    tree = getattr(messages, "tree", None)
+    for message in messages:
+        key = (tree, message)
+        with _shown_lock:
+            filters = warnings.filters
+            if _shown_under[0] is not filters or _shown_under[1] != filters:
+                _shown.clear()
+                _shown_under = (filters, list(filters))
+            seen = key in _shown
+        if seen and _action(message, frame) != "always":
+            continue
+        warnings.warn(message, PolicyWarning, stacklevel=level)
+        # Not reached where the filters make the warning an error: it raises each time.
+        with _shown_lock:
+            if len(_shown) >= _SHOWN_MAX:
+                _shown.clear()
+            _shown.add(key)
+
+
+def _action(message: str, frame: Any) -> str:
+    """The action the warning filters take on ``message`` warned from ``frame``."""
+    module = frame.f_globals.get("__name__", "") if frame is not None else ""
+    line = frame.f_lineno if frame is not None else 0
+    for action, text, category, module_pattern, lineno in warnings.filters:
+        if (
+            (text is None or text.match(message))
+            and issubclass(PolicyWarning, category)
+            and (module_pattern is None or module_pattern.match(module))
+            and (lineno == 0 or lineno == line)
+        ):
+            return str(action)
+    return str(getattr(warnings, "defaultaction", "default"))
 
 
 # Frames of these packages are never the user's line: a callable mask is called by
