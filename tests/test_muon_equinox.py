@@ -64,7 +64,9 @@ def test_unknown_layout_is_an_error():
         "muon_dims_for_equinox: gate/w (Gate, weight, shape (2, 2)) is selected by rule 1: "
         "decay(param='weight'), but its matrix layout (reduction and output axes) is "
         "unknown. Fix: leave it out with a rule, e.g. dm.no_decay(path='gate/w'), or teach "
-        "the layout with dm.register_layer(cls, kind, matrix_axes={'w': ((...), (...))})."
+        "the layout with dm.register_layer(cls, kind, matrix_axes={'w': ((...), (...))}), "
+        "or, where it differs between the class's instances, with a function of the "
+        "layer: matrix_axes={'w': lambda layer: ((...), (...))}."
     )
     dm.register_layer(Gate, "linear", matrix_axes={"w": ((0,), (1,))})
     try:

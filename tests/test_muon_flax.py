@@ -121,7 +121,8 @@ def unknown_layout(
         f"but its matrix layout (reduction and output axes) is unknown. Fix: leave it out "
         f"with a rule, e.g. dm.no_decay(path={path!r}), {traced if by_name else ''}or "
         f"teach the layout with dm.register_layer(cls, kind, matrix_axes={{{name!r}: "
-        f"((...), (...))}})."
+        f"((...), (...))}}), or, where it differs between the class's instances, with a "
+        f"function of the layer: matrix_axes={{{name!r}: lambda layer: ((...), (...))}}."
     )
 
 
@@ -481,7 +482,8 @@ def test_nnx_vmap_stacked_layers_keep_the_stacked_axis_as_a_batch_axis():
 
 class NnxMixer(nnx.Module):
     def __init__(self, rngs: nnx.Rngs):
-        self.mix = nnx.Einsum("bi,hio->bho", (2, 4, 3), rngs=rngs)
+        # An ellipsis: which kernel axes contract depends on the input's rank.
+        self.mix = nnx.Einsum("...i,hio->...ho", (2, 4, 3), rngs=rngs)
 
 
 class NnxGate(nnx.Module):

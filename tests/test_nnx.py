@@ -256,7 +256,7 @@ def test_layer_attributes_give_the_rank_and_layout_of_one_layer():
         ("lora", "lora_b"): (2, 0, ((0,), (1,))),
         ("prelu", "negative_slope"): (0, 0, None),
         ("einsum", "bias"): (1, 0, None),
-        ("einsum", "kernel"): (2, 0, None),
+        ("einsum", "kernel"): (2, 0, ((0,), (1,))),  # read off "ab,bc->ac"
     }
 
 

@@ -110,7 +110,9 @@ def muon_dimension_numbers(decision: Any, method: str, layout_fix: str = "") -> 
             f"{leaf.shape}) is selected by {decision.decided_by}, but its matrix layout "
             f"(reduction and output axes) is unknown. Fix: leave it out with a rule, e.g. "
             f"dm.no_decay(path={leaf.path!r}), {traced}or teach the layout with "
-            f"dm.register_layer(cls, kind, matrix_axes={{{leaf.name!r}: ((...), (...))}})."
+            f"dm.register_layer(cls, kind, matrix_axes={{{leaf.name!r}: ((...), (...))}}), "
+            f"or, where it differs between the class's instances, with a function of the "
+            f"layer: matrix_axes={{{leaf.name!r}: lambda layer: ((...), (...))}}."
         )
     try:
         from optax.contrib import MuonDimensionNumbers
@@ -127,23 +129,68 @@ def muon_dimension_numbers(decision: Any, method: str, layout_fix: str = "") -> 
     return MuonDimensionNumbers(reduction_axis=reduction, output_axis=output)
 
 
+def einsum_matrix_axes(equation: str, rank: int | None = None) -> MatrixAxes | None:
+    """The (reduction, output) axes of the kernel of ``einsum(equation, x, kernel)``:
+    the kernel's indices (``rank`` of them, where given) that ``x`` has and the result
+    has not are reduced, those the result has and ``x`` has not are outputs, those all
+    three have are separate matrices (batch axes). ``None`` where the equation is not one matrix product of
+    the kernel (an ellipsis, a kernel index summed alone, no reduction or no output).
+
+    Example: ``"BTNH,NHD->BTD"`` (an attention output projection): ``((0, 1), (2,))``.
+    """
+    equation = equation.replace(" ", "")
+    if "->" not in equation or "." in equation:
+        return None
+    operands, result = equation.split("->")
+    parts = operands.split(",")
+    if len(parts) != 2:
+        return None
+    x, kernel = parts
+    if (rank is not None and len(kernel) != rank) or len(set(kernel)) != len(kernel):
+        return None
+    reduction = tuple(i for i, c in enumerate(kernel) if c in x and c not in result)
+    output = tuple(i for i, c in enumerate(kernel) if c in result and c not in x)
+    if any(c not in x and c not in result for c in kernel) or not reduction or not output:
+        return None
+    return reduction, output
+
+
+def equation_axes(node: Any) -> MatrixAxes | None:
+    """The layout of the kernel of an einsum equation the layer keeps: an attribute
+    (``einsum_str``, ``equation``...) that reads as ``"x,kernel->out"``. ``None`` where
+    it keeps none, or one that is not one matrix product."""
+    found = None
+    for value in getattr(node, "__dict__", {}).values():
+        if type(value) is str and "->" in value and "," in value:
+            axes = einsum_matrix_axes(value)
+            if axes is not None:
+                if found is not None and found != axes:
+                    return None
+                found = axes
+    return found
+
+
 def layout_rank(axes: tuple[tuple[int, ...], tuple[int, ...]]) -> int:
     """The rank of one layer's array that a (reduction, output) layout names."""
     return max(axes[0] + axes[1]) + 1
 
 
-def registered_batch_axes(registration: Any, array_of: Callable[[str], Any]) -> int | None:
+def registered_batch_axes(
+    registration: Any, array_of: Callable[[str], Any], layer: Any = None
+) -> int | None:
     """The stacked leading axes of a registered layer's arrays, or ``None`` if unknown.
 
     A layer stacked by ``eqx.filter_vmap`` or ``nnx.vmap`` keeps its registered layout
     for one layer: the axes an array has beyond the rank its registered matrix axes
     name are stacked axes, the same for every array of the layer. ``array_of`` gives
-    the layer's array of a name (``None`` where it has none).
+    the layer's array of a name (``None`` where it has none); ``layer``, the instance a
+    registered function of the layer is asked about.
     """
-    for name, axes in registration.matrix_axes:
+    for name, _ in registration.matrix_axes:
+        axes = registration.matrix_axes_of(name, layer)
         array = array_of(name)
         shape = getattr(array, "shape", None)
-        if shape is not None:
+        if axes is not None and shape is not None:
             return max(0, len(shape) - layout_rank(axes))
     return None
 

@@ -16,7 +16,9 @@ class Registration:
 
     kind: str
     roles: tuple[tuple[str, str], ...] = ()
-    matrix_axes: tuple[tuple[str, tuple[tuple[int, ...], tuple[int, ...]]], ...] = ()
+    matrix_axes: tuple[tuple[str, Any], ...] = ()
+    """(name, axes) pairs: axes are (reduction, output), or a function of the layer
+    instance returning them."""
 
     def role_of(self, name: str) -> str | None:
         for key, role in self.roles:
@@ -24,10 +26,22 @@ class Registration:
                 return role
         return None
 
-    def matrix_axes_of(self, name: str) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    def matrix_axes_of(
+        self, name: str, layer: Any = None
+    ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        """The registered (reduction, output) axes of the array ``name``; a function's
+        are those it returns for ``layer``, ``None`` where there is no instance to ask
+        (a layer known only by its params).
+
+        Raises:
+          ValueError: the function returned something else than two disjoint tuples of
+            non-negative ints, or raised; the message names the class and the layer.
+        """
         for key, axes in self.matrix_axes:
             if key == name:
-                return axes
+                if not callable(axes):
+                    return axes
+                return None if layer is None else _called_axes(name, axes, layer)
         return None
 
 
@@ -61,7 +75,13 @@ def register_layer(
         e.g. ``{"w": "weight", "b": "bias"}``. Names left out are inferred from
         standard names (``weight``, ``kernel``, ``bias``, ``scale``, ...).
       matrix_axes: for Muon, the ``(reduction axes, output axes)`` of each weight
-        matrix the layer owns, e.g. ``{"w": ((0,), (1,))}`` for an ``(in, out)`` matrix.
+        matrix the layer owns, e.g. ``{"w": ((0,), (1,))}`` for an ``(in, out)`` matrix;
+        the same for every instance of the class. Where they differ between instances
+        (an einsum's equation, a configurable number of input axes), a function of the
+        layer instance returning them: ``{"w": lambda layer: ((0,), (1, 2))}``. A
+        function is asked where the adapter has the instance (Equinox modules, NNX
+        modules); where it has only params, the layout stays unknown. A registered
+        layout that contradicts one decaymask reads off an instance is an error.
 
     Returns:
       ``cls_or_class_name`` unchanged, so this can be used as a class decorator through
@@ -115,7 +135,24 @@ def register_layer(
     return cls_or_class_name
 
 
-def _check_axes(name: str, axes: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def _called_axes(name: str, function: Callable[[Any], Any], layer: Any) -> Any:
+    where = f"the matrix_axes function of {type(layer).__name__}.{name}"
+    try:
+        axes = function(layer)
+    except Exception as err:
+        raise ValueError(
+            f"register_layer: {where} raised {type(err).__name__}: {err}. Fix the "
+            f"function; it is called with each {type(layer).__name__} instance."
+        ) from err
+    return _check_axes(name, axes, where=f"{where} returned")
+
+
+def _check_axes(
+    name: str, axes: Any, where: str | None = None
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    if where is None and callable(axes) and not isinstance(axes, (tuple, list)):
+        return axes  # asked per instance, checked then
+
     def as_ints(value: Any) -> tuple[int, ...] | None:
         items = value if isinstance(value, (tuple, list)) else (value,)
         if items and all(isinstance(a, int) and not isinstance(a, bool) and a >= 0 for a in items):
@@ -126,10 +163,12 @@ def _check_axes(name: str, axes: Any) -> tuple[tuple[int, ...], tuple[int, ...]]
         reduction, output = as_ints(axes[0]), as_ints(axes[1])
         if reduction is not None and output is not None and not set(reduction) & set(output):
             return reduction, output
+    what = where or f"register_layer(matrix_axes={{{name!r}: {axes!r}}})"
+    got = f" {axes!r}" if where else ""
     raise ValueError(
-        f"register_layer(matrix_axes={{{name!r}: {axes!r}}}): expected (reduction axes, "
-        f"output axes) as two disjoint tuples of non-negative ints, e.g. ((0,), (1,)) for "
-        f"an (in, out) matrix."
+        f"{what}{got}: expected (reduction axes, output axes) as two disjoint tuples of "
+        f"non-negative ints, e.g. ((0,), (1,)) for an (in, out) matrix, or a function of "
+        f"the layer returning them."
     )
 
 

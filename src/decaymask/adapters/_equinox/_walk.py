@@ -237,10 +237,10 @@ class EquinoxWalk:
             role = role_from_name(owner.kind, name, context.owner_name)
         registered_batch = None
         if registration is not None:
-            matrix_axes = registration.matrix_axes_of(name)
+            matrix_axes = registration.matrix_axes_of(name, owner_node)
             if registration.matrix_axes:
                 registered_batch = registered_batch_axes(
-                    registration, lambda field: array_field(owner_node, field)
+                    registration, lambda field: array_field(owner_node, field), owner_node
                 )
         elif not in_state and owner.source == "class":
             matrix_axes = equinox_matrix_axes(owner_node, name)

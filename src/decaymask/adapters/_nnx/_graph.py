@@ -22,7 +22,7 @@ from ...core._roles import role_from_name
 from .._common import UNOWNED, path_text, registered_batch_axes
 from ._by_name import leaves_by_name
 from ._classes import NNX_TRANSPARENT, nnx_class, nnx_layer
-from ._layouts import Layout, general_layout_axes
+from ._layouts import Layout, check_registered, general_layout_axes
 from ._values import leaf_name, module_key, not_an_array, raw_value, shape_dtype
 
 _graphlib = nnx.graphlib
@@ -227,10 +227,13 @@ class NnxWalk:
             registration = owner.registration
             if registration is not None:
                 role = registration.role_of(name)
-                axes = registration.matrix_axes_of(name)
+                axes = registration.matrix_axes_of(name, owner.holder)
+                check_registered(self.fn, path_text(path), owner.holder, name, axes)
                 if registration.matrix_axes:
                     stacked = registered_batch_axes(
-                        registration, lambda field: raw_value(getattr(owner.holder, field, None))
+                        registration,
+                        lambda field: raw_value(getattr(owner.holder, field, None)),
+                        owner.holder,
                     )
                     if stacked is not None:
                         expected = max(0, len(shape) - stacked)

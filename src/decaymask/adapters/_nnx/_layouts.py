@@ -14,7 +14,7 @@ from typing import Any
 
 from flax import nnx
 
-from .._common import MatrixAxes
+from .._common import MatrixAxes, einsum_matrix_axes, equation_axes
 
 Layout = Callable[[Any, str], tuple[Any, Any]]
 """(rank of one layer's array, its matrix axes or None) from the layer and a name."""
@@ -58,9 +58,12 @@ def general_layout_axes(node: Any, name: str) -> int:
 
 
 def _layout_einsum(node: Any, name: str) -> tuple[int | None, MatrixAxes | None]:
-    # The einsum string decides which axes contract: no fixed matrix layout.
+    # The equation decides which axes contract, instance by instance; an Einsum given
+    # its equation only when called has no layout to read.
     if name == "kernel":
-        return len(node.kernel_shape), None
+        rank = len(node.kernel_shape)
+        equation = getattr(node, "einsum_str", None)
+        return rank, einsum_matrix_axes(equation, rank) if isinstance(equation, str) else None
     if name == "bias" and node.bias_shape is not None:
         return len(node.bias_shape), None
     return _NO_LAYOUT
@@ -107,3 +110,33 @@ _LAYOUTS: tuple[tuple[type | tuple[type, ...], Layout], ...] = (
 def nnx_layout(cls: type) -> Layout | None:
     """The layout function of ``cls`` in the table above, else ``None``."""
     return next((layout for bases, layout in _LAYOUTS if issubclass(cls, bases)), None)
+
+
+def check_registered(
+    method: str, path: str, node: Any, name: str, registered: MatrixAxes | None
+) -> None:
+    """Raises where the layout registered for the class of ``node`` contradicts the
+    one read off the instance itself (an Einsum's equation, a LinearGeneral's axes):
+    a layout registered for a class holds for every instance, and where instances
+    differ it fits some of them only."""
+    if registered is None:
+        return
+    layout = nnx_layout(type(node))
+    if layout is not None:
+        read = layout(node, name)[1]
+    else:
+        # A layer of the user's that keeps its einsum equation (Gemma's Einsum).
+        read = equation_axes(node)
+    if read is None or registered == read:
+        return
+    cls = type(node).__name__
+    equation = getattr(node, "einsum_str", None)
+    source = f"its equation {equation!r}" if isinstance(equation, str) else "its configuration"
+    raise ValueError(
+        f"{method}: {path} ({cls}) has the layout registered for {cls}.{name}, reduction "
+        f"{registered[0]} and output {registered[1]}, but {source} gives reduction "
+        f"{read[0]} and output {read[1]}. A layout registered for a class holds for every "
+        f"instance of it. Fix: dm.unregister_layer({cls}), and decaymask reads each "
+        f"instance's layout; or register a function of the layer: "
+        f"matrix_axes={{{name!r}: lambda layer: ((...), (...))}}."
+    )
