@@ -14,7 +14,8 @@ from typing import Any
 
 from flax import nnx
 
-from .._common import MatrixAxes, einsum_matrix_axes, equation_axes
+from .._common import MatrixAxes
+from .._einsum import einsum_matrix_axes, equation_axes
 
 Layout = Callable[[Any, str], tuple[Any, Any]]
 """(rank of one layer's array, its matrix axes or None) from the layer and a name."""
