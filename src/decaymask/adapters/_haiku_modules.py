@@ -207,7 +207,7 @@ class Modules:
                     stacked = tuple(self.traced_or(key, n, shape, stacked)
                                     for n, shape in zip(names, shapes))
             cls = self.trace.classes.get(key) if self.trace is not None else None
-            own = self.segment(mid[-1])
+            own = self.segment(mid[len(mid) - 1])  # not mid[-1]: pyright takes mid for ()
             children = frozenset(self.children.get(mid, ())) if not names else None
             signature = (parent.token if parent is not None else -1, len(mid) - len(up),
                          own, cls, names, shapes, stacked, children)

@@ -49,17 +49,18 @@ def check(tree: Any, method: str, params_and_state: str | None) -> None:
     if not isinstance(tree, Mapping) or type(tree).__module__.startswith("flax."):
         raise TypeError(f"{method}: expected {ACCEPTS}, as hk.transform(f).init returns; got "
                         f"{type(tree).__name__}.")
+    arrays = _ARRAY_TYPES
     for key, module in tree.items():
-        if not isinstance(key, str):
+        if type(key) is not str and not isinstance(key, str):
             raise TypeError(_key_error(method, repr(key), key, "a module path"))
-        if not isinstance(module, Mapping):
+        if type(module) is not dict and not isinstance(module, Mapping):
             raise TypeError(f"{method}: expected {ACCEPTS}; {key!r} holds a "
                             f"{type(module).__name__}, not a dict of params.")
         for name, value in module.items():
-            if not isinstance(name, str):
+            if type(name) is not str and not isinstance(name, str):
                 raise TypeError(_key_error(method, f"{key}/{name!r}", name, "a param name"))
             # optax.MaskedNode (an empty NamedTuple) stands for other branches' leaves.
-            if not _is_array(value) and value != ():
+            if not (arrays.get(type(value)) or _is_array(value)) and value != ():
                 raise TypeError(f"{method}: {key}/{name} is a {type(value).__name__}, not an "
                                 f"array; Haiku params hold arrays, one level below each module.")
 
@@ -122,10 +123,12 @@ class HaikuWalk:
         modules.find_lifted()
         self.leaves = LeafTable(keys, self._leaf)
         treedef = jax.tree_util.tree_structure(tree)
-        if treedef.num_leaves != len(keys):
+        # mypy cannot resolve jaxlib's PyTreeDef
+        flattened = treedef.num_leaves  # type: ignore[attr-defined, unused-ignore]
+        if flattened != len(keys):
             raise RuntimeError(f"{method}: decaymask read {len(keys)} arrays where jax flattens "
-                               f"{treedef.num_leaves} leaves; this is a bug in decaymask, please "
-                               f"report it with the params' structure.")
+                               f"{flattened} leaves; this is a bug in decaymask, please report "
+                               f"it with the params' structure.")
         self.rebuild = TreedefRebuild(treedef)
         self.roots = roots
 

@@ -8,8 +8,9 @@ else Haiku's own module names (snake_case, numbered: ``linear_1``, ``conv2_d``) 
 the arrays as every name is (a ``Conv2D`` named ``embed`` holds a 4-D ``w``: a conv),
 else the shared inference; ``lstm``/``vanilla_rnn`` own their ``linear`` gates, attention
 layers' children are projections. Modules alike in what is read of them are read once
-(``_haiku_modules``); the walk is in ``_haiku_walk``. ``fn=``/``args=`` trace ``init`` (``jax.eval_shape``,
-``hk.intercept_methods``) for every module's class and every param's one-layer rank.
+(``_haiku_modules``); the walk is in ``_haiku_walk``. ``fn=``/``args=`` trace ``init``
+(``jax.eval_shape``, ``hk.intercept_methods``) for every module's class and every param's
+one-layer rank.
 ``hk.layer_stack`` adds a batch axis per ``__layer_stack_{no,with}_per_layer`` segment
 (Haiku 0.0.17's names; no ``~``), or as the trace shows. A user-named stack shows in no
 name: a ``b`` repeating its ``w``'s leading axes, or a ``Linear``/``Embed`` with more axes
@@ -72,7 +73,8 @@ class HaikuAdapter(PytreeAdapter):
         none of Haiku (importing it takes seconds, and imports Flax where that is
         installed); a trace imports it."""
         if not self._installed:
-            self._installed = "haiku" in sys.modules or importlib.util.find_spec("haiku") is not None
+            found = "haiku" in sys.modules or importlib.util.find_spec("haiku") is not None
+            self._installed = found
         return self._installed
 
     def owns_options(self, options: Mapping[str, Any]) -> bool:
