@@ -7,7 +7,6 @@ from __future__ import annotations
 from html import escape as _escape_html
 from typing import TYPE_CHECKING, Any
 
-from ._report_table import DECAY as _DECAY
 from ._report_table import Table, table, words_of
 from ._text import visible
 
@@ -78,8 +77,8 @@ def report_html(report: Report) -> str:
     parts.append(
         f'<p class="dm-summary"><b>{escape(report.summary())}</b>'
         f'<span class="dm-legend"> &nbsp; <span class="dm-swatch dm-yes">'
-        f"{_MARK[True]} {words.yes}{'s' if words is _DECAY else ''}</span> "
-        f'<span class="dm-swatch">{_MARK[False]} {words.no}</span></span></p>'
+        f"{_MARK[True]} {words.legend[0]}</span> "
+        f'<span class="dm-swatch">{_MARK[False]} {words.legend[1]}</span></span></p>'
     )
     if warnings:
         items = "".join(f"<li>{escape(text)}</li>" for text in warnings)

@@ -40,10 +40,18 @@ class Words:
     """The totals' phrase: ``"decayed {n} of {total} leaves"``."""
     share: str
     """A module's line in the notebook view: ``"{n} of {total} leaves decay"``."""
+    legend: tuple[str, str]
+    """The notebook view's legend of the marks for True and False."""
 
 
-DECAY = Words("decay", "decay", "no decay", "decayed {n} of {total} leaves", "{n} of {total} leaves decay")
-MUON = Words("muon", "Muon", "not Muon", "{n} of {total} leaves go to Muon", "{n} of {total} leaves go to Muon")
+DECAY = Words(
+    "decay", "decay", "no decay", "decayed {n} of {total} leaves", "{n} of {total} leaves decay",
+    ("decays", "no decay"),
+)
+MUON = Words(
+    "muon", "Muon", "not Muon", "{n} of {total} leaves go to Muon",
+    "{n} of {total} leaves go to Muon", ("Muon", "not Muon"),
+)
 
 
 def words_of(report: Report) -> Words:
@@ -168,7 +176,8 @@ def table(report: Report, width: int | None = RULE_WIDTH) -> Table:
             + ([_dims(row)] if report.show_dims else [])
             + [_why(report, row, texts, words, ranks, groups)]
         )
-        why.append(_why(report, row, full, words, ranks, groups))
+        # Where no rule text is cut (nearly always), the cell is the full text.
+        why.append(_why(report, row, full, words, ranks, groups) if texts.cut else cells[-1][-1])
     return Table(header, cells, why, texts.notes())
 
 
