@@ -235,6 +235,9 @@ def test_an_adapter_whose_claim_raises_is_named_with_its_exception():
             "decaymask.adapters.unregister('raising')."
         )
         assert isinstance(info.value.__cause__, KeyError)
+        # check_mask asks every adapter which entry point a mismatched mapping has.
+        with pytest.raises(RuntimeError, match=r"^check_mask: the adapter 'raising' "):
+            dm.check_mask({"Dense_0": {"kernel": True}}, {"Dense_0": {"bias": jnp.ones(3)}})
     finally:
         adapters.unregister("raising")
     assert POLICY.mask(model).weight is True

@@ -375,7 +375,7 @@ def _mapping_face(tree: Any) -> str:
     surely (Flax where none does, or several do)."""
     from . import adapters
 
-    claims = [(a.claim(tree), a.face) for a in adapters.registered()]
+    claims = [(adapters._claim(a, tree, "check_mask"), a.face) for a in adapters.registered()]
     best = max(claim for claim, _ in claims)
     faces = {face for claim, face in claims if claim == best}
     if best == adapters.Claim.NO or len(faces) != 1:
