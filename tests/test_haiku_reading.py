@@ -164,6 +164,11 @@ def test_fn_a_transformed_function_makes_generic_entry_points_read_haiku():
         assert [(r.path, r.decay, r.leaf.layer_type)
                 for r in policy.explain(p, fn=fn, args=(x,))] == expected
     assert policy.mask(p, fn=t, args=(x,)) == policy.for_haiku(p)
+    # Parameter groups too: the linear's updates at half the learning rate.
+    tx = dm.Policy(dm.lr(0.5, layer="linear")).wrap(optax.sgd(1.0), fn=t, args=(x,))
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, p), tx.init(p), p)
+    assert jax.tree.map(lambda u: float(u.ravel()[0]), updates) == {
+        "layer_norm": {"offset": -1.0, "scale": -1.0}, "linear": {"b": -0.5, "w": -0.5}}
     with pytest.raises(TypeError, match=r"got the apply function of a transformed function, "
                                         r"which cannot make params; pass the transformed "
                                         r"function itself: fn=transformed"):
@@ -226,3 +231,19 @@ def test_alike_blocks_are_read_once_and_decided_once():
             [f"{k}/{n}" for k in sorted(p) for n in sorted(p[k])]
     # Every block reads as the first: as many readings and leaf keys at any depth.
     assert counts[0] == counts[1] == (8, 10)
+
+
+class _Params(dict):
+    """A dict subclass no one registered with jax: jax takes it for one leaf."""
+
+
+def test_a_mapping_jax_does_not_flatten_is_refused_not_masked_as_one_array():
+    w = np.ones((2, 3), np.float32)
+    with pytest.raises(TypeError) as err:
+        dm.presets.standard().for_haiku({"linear": _Params(w=w, b=np.ones((3,), np.float32))})
+    assert str(err.value) == (
+        "for_haiku: 'linear' is a _Params, which jax does not flatten (it is not a registered "
+        "pytree), so optax would take it for one array; pass dicts, as hk.transform(f).init "
+        "returns them (or Haiku's FlatMap).")
+    with pytest.raises(TypeError, match=r"^for_haiku: the params is a _Params, which jax does not"):
+        dm.presets.standard().for_haiku(_Params(linear={"w": w}))

@@ -134,7 +134,7 @@ class Reference:
         treedef = jax.tree_util.tree_structure(tree)
         found = self.memo.get(treedef)
         if found is None:
-            adapter = adapters.choose(tree, self.framework, "wrap")
+            adapter = adapters.choose(tree, self.framework, "wrap", self.options)
             leaves, _ = adapter.walk(tree, method="wrap", **self.options)
             paths = [leaf.path for leaf in leaves]
             missing = [p for p in paths if p not in self.by_path]
@@ -161,7 +161,7 @@ def check_whole(
         return None
     from . import adapters
 
-    adapter = adapters.choose(params, framework, method)
+    adapter = adapters.choose(params, framework, method, options)
     freezes = [rule for rule in policy.rules if rule.frozen]
     if adapter.is_partial(params):
         why = "one branch of optax.partition (the other branches' arrays masked out)"

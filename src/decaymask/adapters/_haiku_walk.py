@@ -50,12 +50,16 @@ def check(tree: Any, method: str, params_and_state: str | None) -> None:
         raise TypeError(f"{method}: expected {ACCEPTS}, as hk.transform(f).init returns; got "
                         f"{type(tree).__name__}.")
     arrays = _ARRAY_TYPES
+    if type(tree) is not dict:
+        _check_node(tree, "the params", method)
     for key, module in tree.items():
         if type(key) is not str and not isinstance(key, str):
             raise TypeError(_key_error(method, repr(key), key, "a module path"))
         if type(module) is not dict and not isinstance(module, Mapping):
             raise TypeError(f"{method}: expected {ACCEPTS}; {key!r} holds a "
                             f"{type(module).__name__}, not a dict of params.")
+        if type(module) is not dict:
+            _check_node(module, repr(key), method)
         for name, value in module.items():
             if type(name) is not str and not isinstance(name, str):
                 raise TypeError(_key_error(method, f"{key}/{name!r}", name, "a param name"))
@@ -171,6 +175,18 @@ class HaikuWalk:
             kind_source=layer.source, batch_axes=batch, layout_axes=layout_axes,
             matrix_axes=axes,
         )
+
+
+def _check_node(node: Mapping, where: str, method: str) -> None:
+    """Raises a ``TypeError`` where jax does not flatten a mapping other than a dict (it
+    is not a registered pytree): optax would take it for one array."""
+    import jax
+
+    if jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(node)):
+        raise TypeError(f"{method}: {where} is a {type(node).__name__}, which jax does not "
+                        f"flatten (it is not a registered pytree), so optax would take it for "
+                        f"one array; pass dicts, as hk.transform(f).init returns them "
+                        f"(or Haiku's FlatMap).")
 
 
 def _layout(module: Module, name: str, rank: int) -> \
