@@ -33,7 +33,7 @@ def test_round_trip():
     assert data["rules"][3] == {"decay": True, "path": {"regex": r"head/\w+$"}, "min_ndim": 2}
     assert data["rules"][4]["within"] == "equinox.nn._attention:MultiheadAttention"
     assert data["rules"][4]["when"] == "test_data:is_big"
-    assert dm.Policy.from_dict(json.loads(json.dumps(data))) == POLICY
+    assert dm.Policy.from_dict(json.loads(json.dumps(data)), imports=("equinox", "test_data")) == POLICY
 
 
 def test_toml_file(tmp_path):
@@ -57,7 +57,7 @@ label = "frozen"
 layer = "equinox.nn.Embedding"
 """
     )
-    policy = dm.Policy.from_file(path, key="optimizer.weight_decay")
+    policy = dm.Policy.from_file(path, key="optimizer.weight_decay", imports=("equinox",))
     assert policy == dm.Policy(
         dm.decay(layer="linear"),
         dm.decay(layer="layer_norm", param="bias"),
@@ -149,8 +149,7 @@ def test_importing_a_module_needs_an_opt_in():
         "Policy.from_dict: rules[1].layer: 'nowhere.Thing' is in the module 'nowhere', "
         "which is not imported, and importing a module runs its code. If you trust this "
         "data, allow it: Policy.from_dict(data, imports=('nowhere',)) or "
-        "Policy.from_file(path, imports=('nowhere',)) (imports=True allows any module); "
-        "or import nowhere before loading the policy."
+        "Policy.from_file(path, imports=('nowhere',)) (imports=True allows any module)."
     )
     for imports in (True, ("nowhere",), ["nowhere"]):
         with pytest.raises(dm.PolicyDataError, match=r"rules\[1\].layer: cannot import 'nowhere.Thing': No module named 'nowhere'\."):
@@ -162,9 +161,23 @@ def test_importing_a_module_needs_an_opt_in():
         dm.Policy.from_dict(data, imports="nowhere")  # type: ignore[arg-type]
 
 
-def test_modules_already_imported_are_resolved_without_an_opt_in():
+def test_modules_already_imported_need_the_opt_in_too():
     data = {"rules": [{"decay": True, "within": "equinox.nn.MultiheadAttention", "when": "test_data:is_big"}]}
-    assert dm.Policy.from_dict(data) == dm.Policy(dm.decay(within=eqx.nn.MultiheadAttention, when=is_big))
+    with pytest.raises(dm.PolicyDataError) as info:
+        dm.Policy.from_dict(data)
+    assert str(info.value) == (
+        "Policy.from_dict: rules[0].within: 'equinox.nn.MultiheadAttention' is in the module "
+        "'equinox.nn', which the caller has not allowed: policy data names classes and "
+        "functions only in decaymask and in the modules given as imports=, imported or not "
+        "(a when= function is called on every parameter). If you trust this data, allow it: "
+        "Policy.from_dict(data, imports=('equinox',)) or Policy.from_file(path, "
+        "imports=('equinox',)) (imports=True allows any module)."
+    )
+    with pytest.raises(dm.PolicyDataError, match=r"^Policy.from_dict: rules\[0\].when: 'test_data:is_big' is in the module 'test_data', which the caller has not allowed"):
+        dm.Policy.from_dict(data, imports=("equinox",))
+    expected = dm.Policy(dm.decay(within=eqx.nn.MultiheadAttention, when=is_big))
+    assert dm.Policy.from_dict(data, imports=("equinox", "test_data")) == expected
+    assert dm.Policy.from_dict(data, imports=True) == expected
 
 
 def test_an_opted_in_import_runs_the_module(tmp_path, monkeypatch):
@@ -266,7 +279,7 @@ def test_policies_from_data_pickle():
     import pickle
 
     assert pickle.loads(pickle.dumps(POLICY)) == POLICY
-    again = dm.Policy.from_dict(POLICY.to_dict())
+    again = dm.Policy.from_dict(POLICY.to_dict(), imports=("equinox", "test_data"))
     assert pickle.loads(pickle.dumps(again)) == POLICY
 
 

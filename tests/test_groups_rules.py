@@ -396,7 +396,7 @@ FROM_TOML = dm.Policy(
 
 def test_toml_file_with_groups(tmp_path):
     (tmp_path / "p.toml").write_text(TOML)
-    policy = dm.Policy.from_file(tmp_path / "p.toml")
+    policy = dm.Policy.from_file(tmp_path / "p.toml", imports=("test_groups_rules",))
     assert policy == FROM_TOML
     # The stem now holds the patch embedding (by class) and the adapter (by glob).
     stem = {"patch/proj/kernel": (True, 0, 0.125, False), "adapter/kernel": (True, 0, 0.125, False)}
@@ -419,15 +419,16 @@ def test_round_trips_through_dicts_json_and_yaml(tmp_path):
         ],
         "layer_decay": {"rate": 0.5, "blocks": "encoder/layer/*", "stem": ["test_groups_rules:PatchEmbed", "adapt*"]},
     }
-    assert dm.Policy.from_dict(json.loads(json.dumps(data))) == FROM_TOML
+    here = ("test_groups_rules",)  # the module of the when= function and the stem class
+    assert dm.Policy.from_dict(json.loads(json.dumps(data)), imports=here) == FROM_TOML
     (tmp_path / "p.json").write_text(json.dumps(data))
-    assert dm.Policy.from_file(tmp_path / "p.json") == FROM_TOML
+    assert dm.Policy.from_file(tmp_path / "p.json", imports=here) == FROM_TOML
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(data))
-    assert dm.Policy.from_file(tmp_path / "p.yaml") == FROM_TOML
+    assert dm.Policy.from_file(tmp_path / "p.yaml", imports=here) == FROM_TOML
     # A ladder of chained stacks, a rate alone, and a class among the blocks.
     for ladder in (dm.layer_decay(0.75, blocks=("encoder/*", Block)), dm.layer_decay(0.9)):
         policy = dm.Policy(dm.decay(), ladder)
-        assert dm.Policy.from_dict(json.loads(json.dumps(policy.to_dict()))) == policy
+        assert dm.Policy.from_dict(json.loads(json.dumps(policy.to_dict())), imports=here) == policy
     assert dm.Policy.from_dict({"layer_decay": 0.9}) == dm.Policy(dm.layer_decay(0.9))
 
 
@@ -437,8 +438,7 @@ IMPORT_REFUSED = (
     "'nowhere:Block' is in the module 'nowhere', which is not imported, and importing a "
     "module runs its code. If you trust this data, allow it: "
     "Policy.from_dict(data, imports=('nowhere',)) or Policy.from_file(path, "
-    "imports=('nowhere',)) (imports=True allows any module); or import nowhere before "
-    "loading the policy."
+    "imports=('nowhere',)) (imports=True allows any module)."
 )
 
 
@@ -490,7 +490,7 @@ IMPORT_REFUSED = (
 )
 def test_invalid_group_data_names_the_key(data, message):
     with pytest.raises(dm.PolicyDataError) as info:
-        dm.Policy.from_dict(data)
+        dm.Policy.from_dict(data, imports=("json", "test_groups_rules"))
     assert str(info.value).startswith(f"Policy.from_dict: {message}")
     if "unknown layer kind" not in message:
         assert str(info.value) == f"Policy.from_dict: {message}"

@@ -143,7 +143,7 @@ POLICIES_PER_MODEL = 4
 ROUND_TRIPS = {
     "as built": lambda policy: policy,
     "to_dict/from_dict": lambda policy: dm.Policy.from_dict(
-        json.loads(json.dumps(policy.to_dict()))
+        json.loads(json.dumps(policy.to_dict())), imports=True
     ),
     "pickle": lambda policy: pickle.loads(pickle.dumps(policy)),
 }

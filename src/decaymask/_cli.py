@@ -178,7 +178,7 @@ def _policy(args: argparse.Namespace) -> Any:
         message = _one_line(str(err))
         if args.policy not in message:
             message = f"{args.policy}: {message}"
-        if "not imported, and importing a module runs its code" in message:
+        if "If you trust this data, allow it" in message:
             message += " On the command line: --imports PACKAGE."
         raise CliError(message) from err
     except Exception as err:  # the file's own syntax: TOML, JSON or YAML errors

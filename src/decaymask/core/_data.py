@@ -6,6 +6,7 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from ._bounds import check_shape
 from ._imports import _WHERE, PolicyDataError, _dotted, _import, _shown, _unknown_key, check_imports
 from ._ladder import LayerDecay, check_layer_decay_rate, layer_decay
 from ._rules import SELECTORS, Rule, _make, check_multiplier, check_rate, type_name
@@ -30,7 +31,9 @@ def _layers_from_data(value: Any, key: str, imports: bool | tuple[str, ...]) -> 
         if isinstance(item, str) and ("." in item or ":" in item):
             cls = _import(item, key, imports)
             if not isinstance(cls, type):
-                raise PolicyDataError(f"{_WHERE}: {key}: {item!r} is not a class.")
+                raise PolicyDataError(
+                    f"{_WHERE}: {key}: {_shown(item)} is not a class ({type_name(cls)})."
+                )
             out.append(cls)
         else:
             out.append(item)
@@ -49,13 +52,15 @@ def _paths_from_data(value: Any, key: str) -> Any:
             ):
                 raise PolicyDataError(
                     f"{_WHERE}: {key}: expected a glob string or {{regex = '...'}} "
-                    f"(optionally with flags = ['IGNORECASE', ...]), got {dict(item)!r}."
+                    f"(optionally with flags = ['IGNORECASE', ...]), got {_shown(item)}."
                 )
             flags = _flags_from_data(item.get("flags", []), f"{key}.flags")
             try:
                 out.append(re.compile(item["regex"], flags))
             except (re.error, ValueError) as err:
-                raise PolicyDataError(f"{_WHERE}: {key}: bad regex {item['regex']!r}: {err}.") from err
+                raise PolicyDataError(
+                    f"{_WHERE}: {key}: bad regex {_shown(item['regex'])}: {err}."
+                ) from err
         else:
             out.append(item)
     return tuple(out) if isinstance(value, list) else out[0]
@@ -66,7 +71,7 @@ def _flags_from_data(value: Any, key: str) -> int:
     if names is None or not all(isinstance(n, str) and n in _FLAGS for n in names):
         raise PolicyDataError(
             f"{_WHERE}: {key}: expected a list of re flag names ({', '.join(_FLAGS)}), "
-            f"got {value!r}."
+            f"got {_shown(value)}."
         )
     flags = 0
     for name in names:
@@ -141,7 +146,13 @@ def rule_from_data(data: Any, where: str, imports: bool | tuple[str, ...] = ()) 
     if "path" in selectors:
         selectors["path"] = _paths_from_data(selectors["path"], f"{where}.path")
     if "when" in selectors:
-        selectors["when"] = _import(str(selectors["when"]), f"{where}.when", imports)
+        if not isinstance(selectors["when"], str):
+            raise PolicyDataError(
+                f"{_WHERE}: {where}.when: expected the import path of a function, "
+                f"'package.module:function', got {_shown(selectors['when'])} "
+                f"({type_name(selectors['when'])})."
+            )
+        selectors["when"] = _import(selectors["when"], f"{where}.when", imports)
     for key in ("param", "name"):
         if isinstance(selectors.get(key), list):
             selectors[key] = tuple(selectors[key])
@@ -193,7 +204,7 @@ def _module_selectors_from_data(value: Any, key: str, imports: bool | tuple[str,
             cls = _import(item, key, imports)
             if not isinstance(cls, type):
                 raise PolicyDataError(
-                    f"{_WHERE}: {key}: {item!r} is not a class ({type_name(cls)}); "
+                    f"{_WHERE}: {key}: {_shown(item)} is not a class ({type_name(cls)}); "
                     f"{name} takes module classes."
                 )
             out.append(cls)
@@ -251,6 +262,7 @@ def layer_decay_to_data(config: LayerDecay) -> dict[str, Any]:
 
 def policy_from_data(data: Any, *, imports: Any = ()) -> tuple[list[Rule | LayerDecay], bool, bool]:
     allowed = check_imports("Policy.from_dict", imports)
+    check_shape(data, _WHERE)
     if not isinstance(data, Mapping):
         raise PolicyDataError(
             f"{_WHERE}: expected a mapping with 'rules' (and optionally 'default', "
@@ -268,7 +280,9 @@ def policy_from_data(data: Any, *, imports: Any = ()) -> tuple[list[Rule | Layer
     for key in ("default", "strict"):
         value = data.get(key, False)
         if not isinstance(value, bool):
-            raise PolicyDataError(f"{_WHERE}: {key}: expected true or false, got {value!r}.")
+            raise PolicyDataError(
+                f"{_WHERE}: {key}: expected true or false, got {_shown(value)}."
+            )
         flags.append(value)
     out: list[Rule | LayerDecay] = [
         rule_from_data(r, f"rules[{i}]", allowed) for i, r in enumerate(rules)

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ._bounds import short_text
 from ._values import importable, type_name
 
 _WHERE = "Policy.from_dict"
@@ -33,51 +34,62 @@ def check_imports(fn: str, imports: Any) -> bool | tuple[str, ...]:
     )
 
 
+_OWN = "decaymask"
+"""The package whose import paths any policy data may name."""
+
+
 def _allowed(module_name: str, imports: bool | tuple[str, ...]) -> bool:
     if imports is True:
         return True
-    return any(module_name == p or module_name.startswith(p + ".") for p in imports)  # type: ignore[union-attr]
+    prefixes = (_OWN, *imports)  # type: ignore[misc]
+    return any(module_name == p or module_name.startswith(p + ".") for p in prefixes)
 
 
 def _import(path: str, key: str, imports: bool | tuple[str, ...]) -> Any:
     """An object from ``"pkg.module:Name"`` or ``"pkg.module.Name"``.
 
-    A module already imported is looked up, which runs no code; any other is imported
-    only where ``imports`` allows it.
+    Only paths into decaymask and into the modules ``imports`` allows are resolved,
+    whether or not the module is already imported: importing a module runs its code,
+    and a ``when=`` function is called on every parameter, so data names nothing the
+    caller did not allow (``"sys:exit"`` would end the process at the first build).
     """
+    shown = _shown(path)
     module_name, sep, attr = path.partition(":")
     if not sep:
         module_name, _, attr = path.rpartition(".")
     if not module_name or not attr:
         raise PolicyDataError(
-            f"{_WHERE}: {key}: {path!r} is not an import path; write 'package.module:Name' "
+            f"{_WHERE}: {key}: {shown} is not an import path; write 'package.module:Name' "
             f"or 'package.module.Name'."
         )
     if module_name.startswith("."):
         raise PolicyDataError(
-            f"{_WHERE}: {key}: {path!r} is a relative import path, which data cannot "
+            f"{_WHERE}: {key}: {shown} is a relative import path, which data cannot "
             f"resolve; write the whole module path, e.g. 'package.module:Name'."
         )
-    obj: Any = sys.modules.get(module_name)
-    if obj is None:
-        if not _allowed(module_name, imports):
-            top = module_name.split(".", 1)[0]
-            raise PolicyDataError(
-                f"{_WHERE}: {key}: {path!r} is in the module {module_name!r}, which is "
-                f"not imported, and importing a module runs its code. If you trust this "
-                f"data, allow it: Policy.from_dict(data, imports=({top!r},)) or "
-                f"Policy.from_file(path, imports=({top!r},)) (imports=True allows any "
-                f"module); or import {module_name} before loading the policy."
-            )
-        try:
-            obj = importlib.import_module(module_name)
-        except (ImportError, TypeError, ValueError) as err:
-            raise PolicyDataError(f"{_WHERE}: {key}: cannot import {path!r}: {err}.") from err
+    if not _allowed(module_name, imports):
+        top = _shown(module_name.split(".", 1)[0])
+        why = (
+            "which the caller has not allowed: policy data names classes and functions "
+            "only in decaymask and in the modules given as imports=, imported or not (a "
+            "when= function is called on every parameter)"
+            if module_name in sys.modules
+            else "which is not imported, and importing a module runs its code"
+        )
+        raise PolicyDataError(
+            f"{_WHERE}: {key}: {shown} is in the module {_shown(module_name)}, {why}. If "
+            f"you trust this data, allow it: Policy.from_dict(data, imports=({top},)) or "
+            f"Policy.from_file(path, imports=({top},)) (imports=True allows any module)."
+        )
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except (ImportError, TypeError, ValueError) as err:
+        raise PolicyDataError(f"{_WHERE}: {key}: cannot import {shown}: {err}.") from err
     try:
         for part in attr.split("."):
             obj = getattr(obj, part)
     except AttributeError as err:
-        raise PolicyDataError(f"{_WHERE}: {key}: cannot import {path!r}: {err}.") from err
+        raise PolicyDataError(f"{_WHERE}: {key}: cannot import {shown}: {err}.") from err
     return obj
 
 
@@ -103,11 +115,13 @@ def _dotted(obj: Any, key: str) -> str:
 def _unknown_key(where: str, key: Any, valid: tuple[str, ...]) -> PolicyDataError:
     close = difflib.get_close_matches(key, valid, n=1) if isinstance(key, str) else []
     hint = f" Did you mean {close[0]!r}?" if close else ""
+    kind = "" if isinstance(key, str) else f" ({type_name(key)}; keys are strings)"
     return PolicyDataError(
-        f"{_WHERE}: {where}unknown key {_shown(key)}. Valid keys: {', '.join(valid)}.{hint}"
+        f"{_WHERE}: {where}unknown key {_shown(key)}{kind}. Valid keys: "
+        f"{', '.join(valid)}.{hint}"
     )
 
 
 def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:40] + "..." + text[-10:]
+    """A value of policy data as its messages show it, in at most about 60 characters."""
+    return short_text(value, 60)

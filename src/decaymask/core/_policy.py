@@ -187,15 +187,17 @@ class Policy:
         ..., stem = ...}`` table gives the :func:`layer_decay` (classes in ``blocks``
         and ``stem`` written ``"module:Class"``).
 
-        Importing a module runs its code, so data (a config file someone else wrote)
-        imports nothing unless asked to: an import path into a module that is already
-        imported is resolved (that runs no code), any other is refused.
+        Importing a module runs its code and a ``when`` function is called on every
+        parameter, so data (a config file someone else wrote) names nothing unless
+        allowed to: an import path is resolved only into decaymask and the modules
+        ``imports`` allows, whether or not the module is already imported. The data is
+        bounded too: nesting (100 levels), strings (10,000 characters).
 
         Args:
           data: the mapping.
           imports: the modules an import path may import: ``True`` for any, or a
             tuple of module prefixes (``("mylib",)`` allows ``mylib`` and
-            ``mylib.layers``). By default none: only modules already imported.
+            ``mylib.layers``). By default none: only decaymask's own.
 
         Raises:
           PolicyDataError: (a ``ValueError``) the data does not describe a policy, or
@@ -215,12 +217,18 @@ class Policy:
           path: the file.
           key: a dotted key of the table that holds the policy, e.g.
             ``"optimizer.weight_decay"``; the whole file if ``None``.
-          imports: the modules the file's import paths may import, as in
-            :meth:`from_dict`; by default none.
+          imports: the modules the file's import paths may name, as in
+            :meth:`from_dict`; by default none but decaymask.
+
+        The file is input like any other: at most 256 KiB of UTF-8 are read (a
+        directory, a pipe or a device is refused unread), YAML anchors and aliases
+        (which can expand a small file into billions of values) and keys given twice
+        are refused, and so is data nested more than 100 levels deep.
 
         Raises:
-          PolicyDataError: the file cannot be parsed (the parser's error is chained),
-            has no table ``key``, or its data is not a policy.
+          PolicyDataError: the file cannot be read or parsed (the parser's error is
+            chained), has no table ``key``, or its data is not a policy.
+          OSError: the file cannot be opened (e.g. ``FileNotFoundError``).
         """
         return cls.from_dict(read_file(path, key), imports=imports)
 

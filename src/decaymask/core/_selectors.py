@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any, ParamSpec, TypeVar, Union
 
+from ._bounds import short_text
 from ._leaf import Layer
 from ._values import show_value, type_name
 from ._vocab import GROUPS, KINDS, ROLES, check_kind, check_role, kind_in
@@ -49,7 +50,7 @@ def _as_tuple(value: Any) -> tuple[Any, ...]:
 
 def _bad_selector(fn: str, key: str, value: Any) -> TypeError:
     return TypeError(
-        f"{fn}({key}={value!r}): expected {_SELECTOR_FORMS[key]}; "
+        f"{fn}({key}={short_repr(value, 60)}): expected {_SELECTOR_FORMS[key]}; "
         f"got {type_name(value)}."
     )
 
@@ -61,7 +62,7 @@ def _coerce_layers(fn: str, key: str, value: Any) -> tuple[str | type, ...]:
         raise ValueError(f"{fn}({key}=()): an empty tuple matches nothing; leave {key} out.")
     for item in items:
         if isinstance(item, str):
-            check_kind(item, where=f"{fn}({key}={item!r})")
+            check_kind(item, where=f"{fn}({key}={short_repr(item, 60)})")
         elif not isinstance(item, type):
             raise _bad_selector(fn, key, item)
     return items
@@ -75,7 +76,7 @@ def _coerce_strings(fn: str, key: str, value: Any) -> tuple[str, ...]:
         if not isinstance(item, str):
             raise _bad_selector(fn, key, item)
         if key == "param":
-            check_role(item, where=f"{fn}({key}={item!r})")
+            check_role(item, where=f"{fn}({key}={short_repr(item, 60)})")
     return items
 
 
@@ -120,22 +121,22 @@ def check_label(fn: str, value: Any) -> str:
     """A label as given; it must be a non-empty string."""
     if not isinstance(value, str) or not value:
         raise TypeError(
-            f"{fn}(label={value!r}): expected a non-empty string naming a group of "
+            f"{fn}(label={short_repr(value, 60)}): expected a non-empty string naming a group of "
             f"optax.partition, got {type_name(value)}."
         )
     return value
 
 
-def short_repr(value: Any) -> str:
-    """A value as a message shows it: its repr, with the middle of a long one (a number
-    such as ``10**400``) left out.
+def short_repr(value: Any, width: int = 24) -> str:
+    """A value as a message shows it: its repr in about ``width`` characters, with the
+    middle of a long one (a number such as ``10**400``) left out. Bounded whatever the
+    value: a list shows a few items, an int too long to write out its number of digits.
 
     Example:
-      >>> short_repr(0.5), short_repr(10**40)
-      ('0.5', '1000000000...0000000000')
+      >>> short_repr(0.5), short_repr(10**40), short_repr(10**5000)
+      ('0.5', '1000000000...0000000000', '<an int of 5001 digits>')
     """
-    text = repr(value)
-    return text if len(text) <= 24 else text[:10] + "..." + text[-10:]
+    return short_text(value, width)
 
 
 def as_float(value: Any) -> float | None:
@@ -156,8 +157,8 @@ def check_rate(fn: str, value: Any) -> float:
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(
-            f"{fn}(rate={value!r}): expected a non-negative number that multiplies the "
-            f"weight decay of the matching leaves, got {type_name(value)}."
+            f"{fn}(rate={short_repr(value, 60)}): expected a non-negative number that "
+            f"multiplies the weight decay of the matching leaves, got {type_name(value)}."
         )
     number = as_float(value)
     if number is None or not (math.isfinite(number) and number >= 0):
@@ -192,7 +193,7 @@ def check_multiplier(value: Any, *, where: str, freeze: str) -> float:
         )
         raise TypeError(
             f"{where}: expected a learning-rate multiplier, a number > 0 (e.g. 0.1), "
-            f"got {value!r} ({type_name(value)}).{hint}"
+            f"got {short_repr(value, 60)} ({type_name(value)}).{hint}"
         )
     number = as_float(value)
     shown = short_repr(value)
@@ -347,8 +348,10 @@ def rule_fields(
         fields["when"] = _coerce_when(fn, selectors["when"])
     if label is not None:
         fields["label"] = check_label(fn, label)
-    if rate != 1.0:
-        fields["rate"] = check_rate(fn, rate)
+    # Checked before it is compared: a Decimal signalling NaN raises on comparison.
+    number = check_rate(fn, rate)
+    if number != 1.0:
+        fields["rate"] = number
     return fields
 
 
