@@ -74,7 +74,11 @@ def _pages() -> list[pathlib.Path]:
 def _shell_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = str(pathlib.Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *sys.path])
+    # The commands read the decaymask these tests import.
+    import decaymask
+
+    here = str(pathlib.Path(decaymask.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([here, *sys.path])
     env["COLUMNS"] = "100"
     return env
 
