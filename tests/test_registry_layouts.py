@@ -166,3 +166,24 @@ def test_an_equinox_registration_may_be_a_function_of_the_layer():
         assert [d.weight for d in dims] == list(EXPECTED.values())
     finally:
         dm.unregister_layer(EqxEinsum)
+
+
+class EqxEinsumField(eqx.Module):
+    """The equation as a field that is not static: a leaf of the tree, not its structure."""
+
+    weight: jax.Array
+    equation: str
+
+
+def test_outputs_read_through_a_function_of_the_layer_are_never_served_from_the_cache():
+    weight = jnp.ones((HEADS, 4, 4))
+    q = [EqxEinsumField(weight, "BTD,NDH->BTNH")]
+    out = [EqxEinsumField(weight, "BTNH,NHD->BTD")]
+    dm.register_layer(
+        EqxEinsumField, "linear", matrix_axes={"weight": lambda layer: LAYOUTS[layer.equation]}
+    )
+    try:
+        assert POLICY.muon_dims_for_equinox(q)[0].weight == EXPECTED["q_einsum/kernel"]
+        assert POLICY.muon_dims_for_equinox(out)[0].weight == EXPECTED["attn_vec_einsum/kernel"]
+    finally:
+        dm.unregister_layer(EqxEinsumField)

@@ -204,11 +204,16 @@ class Adapter(abc.ABC):
 class PytreeAdapter(Adapter):
     """An adapter of a framework whose trees are jax pytrees, and whose walk without
     options reads nothing but the tree's structure, leaf types, shapes and dtypes, and
-    which leaves are one array: its outputs are cached by that signature."""
+    which leaves are one array: its outputs are cached by that signature (not while a
+    registered layout is a function of the layer, which may read anything)."""
 
     def signature(self, tree: Any, options: Mapping[str, Any]) -> Hashable | None:
         if options:
             return None  # a trace reads the module and its inputs too
+        from ..core import _registry
+
+        if _registry.instance_layouts:
+            return None  # a registered function of the layer may read any of its fields
         from ._structure import structure_signature
 
         return structure_signature(tree)

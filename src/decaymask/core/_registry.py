@@ -54,6 +54,9 @@ _lock = threading.Lock()
 # Adapters cache per-class answers; they compare this counter to know when to drop them.
 # It moves after the tables: a cache made under the old count is dropped once it moves.
 generation = 0
+# Whether a registered layout is a function of the layer: it may read any attribute of
+# an instance, which no tree signature holds, so outputs are then not cached.
+instance_layouts = False
 
 
 def register_layer(
@@ -98,7 +101,7 @@ def register_layer(
       >>> _ = dm.register_layer(Projection, "linear", roles={"w": "weight"})
       >>> dm.unregister_layer(Projection)
     """
-    global _by_class, _by_name, generation
+    global _by_class, _by_name, generation, instance_layouts
     where = "register_layer"
     check_kind(kind, where=f"{where}(kind=...)", groups=False)
     if roles is None:
@@ -131,6 +134,7 @@ def register_layer(
             _by_class = {**_by_class, cls_or_class_name: registration}
         else:
             _by_name = {**_by_name, cls_or_class_name: registration}
+        instance_layouts = _any_function()
         generation += 1
     return cls_or_class_name
 
@@ -178,7 +182,7 @@ def unregister_layer(cls_or_class_name: type | str) -> None:
     Raises:
       KeyError: nothing was registered under that class or name.
     """
-    global _by_class, _by_name, generation
+    global _by_class, _by_name, generation, instance_layouts
     with _lock:
         by_class = isinstance(cls_or_class_name, type)
         table: dict = _by_class if by_class else _by_name
@@ -189,7 +193,16 @@ def unregister_layer(cls_or_class_name: type | str) -> None:
             _by_class = rest
         else:
             _by_name = rest
+        instance_layouts = _any_function()
         generation += 1
+
+
+def _any_function() -> bool:
+    return any(
+        callable(axes)
+        for registration in (*_by_class.values(), *_by_name.values())
+        for _, axes in registration.matrix_axes
+    )
 
 
 def lookup_class(cls: type) -> Registration | None:
