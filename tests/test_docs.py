@@ -198,6 +198,30 @@ def test_the_reference_vocabulary_is_the_code_s():
     assert selectors == list(dm.SELECTORS)
 
 
+def _reference() -> str:
+    return "\n".join(page.read_text() for page in (DOCS / "reference").glob("*.md"))
+
+
+def test_the_reference_covers_the_public_api():
+    """Every public name has a place in the reference: rendered from its docstring
+    (``::: decaymask.X``) or, for the vocabulary constants and types, in the text."""
+    import decaymask as dm
+
+    text = _reference()
+    rendered = set(re.findall(r"^::: (decaymask[\w.]*)", text, re.MULTILINE))
+    for name in dm.__all__:
+        if name == "presets":
+            continue
+        assert f"decaymask.{name}" in rendered or f"`decaymask.{name}`" in text, name
+    for name in dm.presets.__all__:
+        assert f"decaymask.presets.{name}" in rendered, name
+    # Policy's members are listed by hand on two pages; a new method must join a list.
+    listed = set(re.findall(r"^        - (\w+)$", (DOCS / "reference" / "policy.md").read_text(), re.MULTILINE))
+    listed |= {n.rsplit(".", 1)[1] for n in rendered if n.startswith("decaymask.Policy.")}
+    public = {n for n in dir(dm.Policy) if not n.startswith("_")}
+    assert public == listed, (public - listed, listed - public)
+
+
 def test_every_guide_has_examples():
     pages = {str(p.relative_to(DOCS)) for p in _pages()}
     guides = {str(p.relative_to(DOCS)) for p in (DOCS / "guides").glob("*.md")}
