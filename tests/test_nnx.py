@@ -1259,9 +1259,13 @@ def test_state_names_are_checked_against_the_arrays_they_hold():
 
 
 def test_state_kernel_named_linear_with_conv_rank_is_ambiguous():
-    state = nnx.State({"dense": {"kernel": jnp.ones((3, 4, 5))}})
+    # A bias of one layer's rank beside the kernel: no stack of linear layers.
+    state = nnx.State({"dense": {"kernel": jnp.ones((3, 4, 5)), "bias": jnp.ones((5,))}})
     rows = dm.Policy(dm.decay(param="weight")).explain(state)
-    assert [(r.path, r.layer, r.leaf.kind_source) for r in rows] == [("dense/kernel", "conv", "ambiguous")]
+    assert [(r.path, r.layer, r.leaf.kind_source) for r in rows] == [
+        ("dense/bias", "conv", "ambiguous"),
+        ("dense/kernel", "conv", "ambiguous"),
+    ]
     # No layout is guessed for it (a warning about the contradiction may come too).
     with pytest.raises(ValueError, match="matrix layout"), warnings.catch_warnings():
         warnings.simplefilter("ignore", dm.PolicyWarning)

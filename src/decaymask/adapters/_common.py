@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from ..core import _registry
-from ..core._infer import resolve_kind
+from ..core._infer import Arrays, Reading, read_kind
 from ..core._leaf import Layer, Leaf
 from ..core._names import is_generic_norm_name, kind_from_name
 
@@ -238,9 +238,9 @@ class ClassKinds:
         self.containers = containers
         self._kinds = RegistryCache()  # class -> (kind, source, registration)
         self._layers = RegistryCache()  # class -> Layer
-        # (class, arrays, children) -> Layer: only classes whose kind their name says,
-        # which a registration would take out of this path.
-        self._content: dict[tuple, Layer] = {}
+        # (class, arrays, children) -> (Layer, Reading): only classes whose kind their
+        # name says, which a registration would take out of this path.
+        self._content: dict[tuple, tuple[Layer, Reading]] = {}
 
     def __call__(self, cls: type) -> tuple[str, str, _registry.Registration | None]:
         """(kind, how it was found, registration)."""
@@ -263,19 +263,29 @@ class ClassKinds:
         return layer
 
     def content_layer(
-        self, cls: type, arrays: Mapping[str, int], children: Collection[str] = ()
+        self, cls: type, arrays: Arrays, children: Collection[str] = ()
     ) -> Layer:
         """The :class:`Layer` of an instance of a class whose kind its name says, checked
         against what the instance owns: ``arrays`` maps the name of every array it owns
-        directly to its rank, ``children`` names its submodules. The evidence that
-        decided (``"name"`` or ``"content"``) is the layer's source.
+        directly to its rank in one layer, or to its shape where the stacked and layout
+        axes are unknown (:func:`~decaymask.core._infer.read_kind`); ``children`` names
+        its submodules. The evidence that decided (``"name"`` or ``"content"``) is the
+        layer's source.
         """
+        return self.content_reading(cls, arrays, children)[0]
+
+    def content_reading(
+        self, cls: type, arrays: Arrays, children: Collection[str] = ()
+    ) -> tuple[Layer, Reading]:
+        """:meth:`content_layer` with the reading it came from: the stacked leading axes
+        and layout axes its arrays were read with."""
         key = (cls, tuple(sorted(arrays.items())), frozenset(children))
-        layer = self._content.get(key)
-        if layer is None:
-            kind, evidence = resolve_kind(cls.__name__, arrays, children)
-            layer = self._content[key] = Layer(kind, cls.__name__, cls, evidence)
-        return layer
+        found = self._content.get(key)
+        if found is None:
+            reading = read_kind(cls.__name__, arrays, children)
+            layer = Layer(reading.kind, cls.__name__, cls, reading.evidence)
+            found = self._content[key] = (layer, reading)
+        return found
 
     def _resolve(self, cls: type) -> tuple[str, str, _registry.Registration | None]:
         registration = _registry.lookup_class(cls)
@@ -302,24 +312,27 @@ def instance_layer(
     kinds: ClassKinds,
     node: Any,
     inner: Callable[[Any], Any],
-    content: Callable[[Any], tuple[dict[str, int], list[str]]],
-) -> Layer:
-    """The :class:`Layer` of one module instance, as every adapter with classes finds it.
+    content: Callable[[Any], tuple[dict[str, Any], list[str]]],
+) -> tuple[Layer, Reading | None]:
+    """The :class:`Layer` of one module instance, as every adapter with classes finds it,
+    and the reading of its arrays where they decided it (``None`` elsewhere).
 
     The class's layer where that decides (:meth:`ClassKinds.layer`); a wrapper is a
-    layer of the kind of the layer ``inner`` gives; a kind read off the class name is
-    checked against the ``content`` of the instance (:meth:`ClassKinds.content_layer`).
+    layer of the kind of the layer ``inner`` gives (its own arrays follow that layer's
+    layout, no reading of theirs); a kind read off the class name is checked against
+    the ``content`` of the instance (:meth:`ClassKinds.content_reading`), which says
+    too which axes of its arrays are stacked or layout axes.
     """
     cls = type(node)
     layer = kinds.layer(cls)
     if layer is not None:
-        return layer
+        return layer, None
     kind, _, _ = kinds(cls)
     if kind == "wrapper":
-        wrapped = instance_layer(kinds, inner(node), inner, content)
-        return Layer(wrapped.kind, cls.__name__, cls, wrapped.source)
+        wrapped, _ = instance_layer(kinds, inner(node), inner, content)
+        return Layer(wrapped.kind, cls.__name__, cls, wrapped.source), None
     arrays, children = content(node)
-    return kinds.content_layer(cls, arrays, children)
+    return kinds.content_reading(cls, arrays, children)
 
 
 MatrixAxes = tuple[tuple[int, ...], tuple[int, ...]]

@@ -1,14 +1,17 @@
 """What names and arrays together say a module is: one inference for every adapter.
 
-What a module owns (the names and ranks of its arrays) is content evidence, and content
-decides where names and content contradict (:func:`resolve_kind`); what names alone say
-is read in :mod:`._names`.
+What a module owns (the names and ranks or shapes of its arrays) is content evidence,
+read on one layer's arrays: an adapter gives the rank each array has in one layer where
+it knows it, or the array's shape where it does not (stacked leading axes, layout
+axes). Content decides where names and content contradict (:func:`read_kind`); what
+names alone say is read in :mod:`._names`.
 
 Every table here is data: extend it and every adapter reads the same.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Collection, Mapping
 
 from ._names import CONTAINER_KINDS, NORM_KINDS, name_kind
@@ -29,18 +32,61 @@ _GATE_SETS = (
 _ATTENTION_CHILDREN = frozenset({"query", "key", "value", "out"})
 
 
-def content_kind(arrays: Mapping[str, int], children: Collection[str] = ()) -> str | None:
+Arrays = Mapping[str, "int | tuple[int, ...]"]
+"""Name -> the rank the array has in one layer (an ``int``), or its shape (a tuple)
+where the adapter does not know how many of its axes are stacked or added by a
+layout."""
+
+
+def _rank(found: int | tuple[int, ...]) -> int:
+    return found if isinstance(found, int) else len(found)
+
+
+def layout_axes(arrays: Arrays) -> dict[str, int]:
+    """Axes a layout adds to arrays of known shape, by name (none listed where none).
+
+    An Equinox-style convolution keeps its bias as ``(out, 1, ..., 1)`` beside a
+    ``(out, in, *window)`` weight, to broadcast over space: the trailing axes of one are
+    layout, and the bias is a vector as a Flax conv's ``(out,)`` is. A bias equal to
+    the kernel's trailing axes (a multi-axis projection's output features) is not.
+    """
+    kernel = next((arrays[n] for n in ("weight", "kernel", "w") if n in arrays), None)
+    found: dict[str, int] = {}
+    if not isinstance(kernel, tuple) or len(kernel) < 3:
+        return found
+    for name in ("bias", "b"):
+        bias = arrays.get(name)
+        if (
+            isinstance(bias, tuple)
+            and len(bias) == len(kernel) - 1
+            and bias[0] == kernel[0]
+            and all(size == 1 for size in bias[1:])
+            and kernel[len(kernel) - len(bias):] != bias
+        ):
+            found[name] = len(bias) - 1
+    return found
+
+
+def _ranks(arrays: Arrays) -> dict[str, int]:
+    """One layer's rank of each array, layout axes not counted."""
+    extra = layout_axes(arrays)
+    return {name: _rank(found) - extra.get(name, 0) for name, found in arrays.items()}
+
+
+def content_kind(arrays: Arrays, children: Collection[str] = ()) -> str | None:
     """The kind that the arrays a module owns directly make evident, or ``None``.
 
     Args:
-      arrays: name -> rank in one layer of every array the module owns directly.
+      arrays: name -> rank in one layer (or shape, see :data:`Arrays`) of every array
+        the module owns directly.
       children: the keys of its submodules that hold arrays.
 
     A table (``embedding``) makes an embedding; a ``kernel`` (or Haiku's ``w``) of two
     axes a linear layer, of three or more a convolution unless a multi-axis bias shows
-    a multi-axis projection; ``scale`` beside ``bias`` a layer norm, ``scale`` alone an
-    RMS norm, ``mean`` and ``var`` a batch norm. Where the module also owns arrays that
-    fit none of that (a fused matrix and norm), nothing is evident.
+    a multi-axis projection (a bias ``(out, 1, ..., 1)`` is a convolution's, in
+    Equinox's layout); ``scale`` beside ``bias`` a layer norm, ``scale`` alone an RMS
+    norm, ``mean`` and ``var`` a batch norm. Where the module also owns arrays that fit
+    none of that (a fused matrix and norm), nothing is evident.
     """
     if not arrays:
         names = frozenset(children)
@@ -49,17 +95,18 @@ def content_kind(arrays: Mapping[str, int], children: Collection[str] = ()) -> s
         if _ATTENTION_CHILDREN <= names:
             return "attention"
         return None
-    names = frozenset(arrays)
+    ranks = _ranks(arrays)
+    names = frozenset(ranks)
     if names & TABLE_NAMES and names <= TABLE_NAMES | {"bias"}:
         return "embedding"
-    kernel = next((n for n in ("kernel", "w") if n in arrays), None)
-    if kernel is None and arrays.get("weight", 0) >= 2:
+    kernel = next((n for n in ("kernel", "w") if n in ranks), None)
+    if kernel is None and ranks.get("weight", 0) >= 2:
         kernel = "weight"
     if kernel is not None:
         if names & {"scale", "mean", "var", "offset"}:
             return None
-        rank = arrays[kernel]
-        bias = arrays.get("bias", arrays.get("b"))
+        rank = ranks[kernel]
+        bias = ranks.get("bias", ranks.get("b"))
         if rank < 2:
             return None  # not a matrix: a kernel of one axis says no layer
         if rank == 2:
@@ -76,17 +123,119 @@ def content_kind(arrays: Mapping[str, int], children: Collection[str] = ()) -> s
     return None
 
 
-def _content_fits(kind: str, arrays: Mapping[str, int]) -> bool:
+def _content_fits(kind: str, ranks: Mapping[str, int]) -> bool:
     """Whether arrays whose names say nothing decisive can belong to a layer of ``kind``."""
     if kind in NORM_KINDS or kind == "norm":
-        return all(rank <= 1 for rank in arrays.values())
+        return all(rank <= 1 for rank in ranks.values())
     return True
 
 
+@dataclasses.dataclass(frozen=True)
+class Reading:
+    """What names and arrays together say of a module (:func:`read_kind`)."""
+
+    kind: str
+    evidence: str
+    """``"name"`` where the name decided (content agreeing or silent), ``"content"``
+    where the arrays decided."""
+    stacked: int = 0
+    """Leading axes every array of the module shares that are not part of one layer:
+    read only where the adapter gave shapes and the name needs them removed."""
+    layout: tuple[tuple[str, int], ...] = ()
+    """(array name, axes its layout adds) for the arrays of one layer that have any."""
+
+    def layout_axes(self, name: str) -> int:
+        return dict(self.layout).get(name, 0)
+
+
+def read_kind(
+    name: str | None, arrays: Arrays, children: Collection[str] = (), *, one_layer: bool = False
+) -> Reading:
+    """What a module known by a name and the arrays it owns is.
+
+    Content is read on one layer's arrays: where the adapter gives shapes and does not
+    know the stacked axes, arrays that all share leading axes and, with those removed,
+    are what the name says (a third-party ``LayerNorm`` stacked by ``eqx.filter_vmap``,
+    its ``weight`` and ``bias`` of shape ``(n, dim)``; a user's ``Linear`` of ``(n,
+    in, out)`` kernels) do not contradict the name: the name decides, and those axes are
+    the reading's :attr:`~Reading.stacked` axes. The arrays overrule a name only where
+    no such reading fits it (a ``FlaxConv1D`` of a 2-D kernel is linear).
+
+    ``one_layer``: the shapes given are one layer's (the adapter knows the stacked
+    axes, none is among them): only their layout axes are read.
+    """
+    said = name_kind(name) if name else None
+    if said == "container":
+        said = None
+    kind, evidence = _resolve(said, arrays, children)
+    layout = _layout_of(arrays)
+    shapes = list(arrays.values())
+    if one_layer or not shapes or not all(isinstance(shape, tuple) for shape in shapes):
+        return Reading(kind, evidence, 0, layout)
+    contradicted = said is not None and evidence == "content"
+    # A linear layer's bias that is not its output features: layers stacked together.
+    stacked_linear = kind == "linear" and not _is_one_layer(kind, arrays)  # type: ignore[arg-type]
+    if not (contradicted or stacked_linear):
+        return Reading(kind, evidence, 0, layout)
+    first = shapes[0]
+    for k in range(1, min(len(shape) for shape in shapes) + 1):
+        if any(shape[:k] != first[:k] for shape in shapes):
+            break  # arrays stacked together share their leading sizes
+        one = {n: shape[k:] for n, shape in arrays.items()}  # type: ignore[index]
+        if said is not None and _stack_fits(said, one, children):
+            return Reading(*_resolve(said, one, children), k, _layout_of(one))
+        if said is None and content_kind(one, children) == kind and _is_one_layer(kind, one):
+            return Reading(kind, evidence, k, _layout_of(one))
+    return Reading(kind, evidence, 0, layout)
+
+
+def _is_one_layer(kind: str, shapes: Mapping[str, tuple[int, ...]]) -> bool:
+    """Whether arrays of known shape have the ranks one layer of ``kind`` gives them
+    (where it fixes them): a norm's are vectors, an embedding's table a matrix, a
+    linear layer's bias its output features: a ``kernel``'s (Flax, Haiku: ``(in,
+    out)``, or a multi-axis projection's trailing axes) or a ``weight``'s first axis
+    (PyTorch, Equinox: ``(out, in)``).
+
+    A linear layer's bias that is neither (``(n, out)`` beside an ``(n, in, out)``
+    kernel) shows layers stacked along axes its name and content cannot see alone.
+    """
+    extra = layout_axes(shapes)
+    ranks = {name: len(shape) - extra.get(name, 0) for name, shape in shapes.items()}
+    if kind in NORM_KINDS:
+        return all(rank <= 1 for rank in ranks.values())
+    if kind == "embedding":
+        return all(rank <= 2 for rank in ranks.values())
+    if kind != "linear":
+        return True
+    name = next((n for n in ("kernel", "w", "weight") if n in shapes), None)
+    bias = shapes.get("bias", shapes.get("b"))
+    if name is None or bias is None:
+        return True
+    kernel = shapes[name]
+    if name == "weight" and len(kernel) == 2:
+        return bias == kernel[:1]
+    return 0 < len(bias) < len(kernel) and kernel[len(kernel) - len(bias):] == bias
+
+
+def _layout_of(arrays: Arrays) -> tuple[tuple[str, int], ...]:
+    return tuple(sorted(layout_axes(arrays).items()))
+
+
+def _stack_fits(said: str, one: Arrays, children: Collection[str]) -> bool:
+    """Whether one layer's arrays are positively what a name says: content agreeing
+    with it, or (content silent) vectors of the norm it names."""
+    kind, evidence = _resolve(said, one, children)
+    if evidence != "name" or kind == "unknown" or not _is_one_layer(kind, one):
+        return False
+    if content_kind(one, children) is not None:
+        return True
+    return (said in NORM_KINDS or said == "norm") and all(r == 1 for r in _ranks(one).values())
+
+
 def resolve_kind(
-    name: str | None, arrays: Mapping[str, int], children: Collection[str] = ()
+    name: str | None, arrays: Arrays, children: Collection[str] = ()
 ) -> tuple[str, str]:
-    """(kind, evidence) of a module known by a name and what it owns.
+    """(kind, evidence) of a module known by a name and what it owns: :func:`read_kind`.
 
     The evidence is ``"name"`` where the name decided (content agreeing or silent),
     ``"content"`` where the arrays decided (the name silent or contradicted: a
@@ -97,9 +246,12 @@ def resolve_kind(
 
     Returns ``("unknown", ...)`` where neither says anything.
     """
-    said = name_kind(name) if name else None
-    if said == "container":
-        said = None
+    reading = read_kind(name, arrays, children)
+    return reading.kind, reading.evidence
+
+
+def _resolve(said: str | None, arrays: Arrays, children: Collection[str]) -> tuple[str, str]:
+    """(kind, evidence) of what a name says (``said``) and the arrays as given."""
     seen = content_kind(arrays, children)
     if not arrays:
         if said in CONTAINER_KINDS:
@@ -107,15 +259,16 @@ def resolve_kind(
         if seen is not None:
             return seen, "content"
         return "unknown", "name"
+    ranks = _ranks(arrays)
     if seen is None:
-        if said is None or not _content_fits(said, arrays):
+        if said is None or not _content_fits(said, ranks):
             return "unknown", "content"
         if said == "norm":
-            return ("layer_norm" if "bias" in arrays else "rms_norm"), "name"
+            return ("layer_norm" if "bias" in ranks else "rms_norm"), "name"
         return said, "name"
     if said is None:
         return seen, "content"
-    if said == "embedding" and seen == "linear" and set(arrays) == {"weight"} and arrays["weight"] == 2:
+    if said == "embedding" and seen == "linear" and set(ranks) == {"weight"} and ranks["weight"] == 2:
         # A lone 2-D `weight` is a table as well as a matrix (Equinox's Embedding holds
         # one): the name settles it (`LearnedPosEmbed`).
         return said, "name"
@@ -125,9 +278,4 @@ def resolve_kind(
         # The arrays say "a norm"; the name says which (a group norm holds scale and
         # bias like a layer norm does).
         return said, "name"
-    if said == "attention" and seen in ("linear", "conv"):
-        # A projection of an attention layer known by the attention's name.
-        return seen, "content"
     return seen, "content"
-
-

@@ -78,9 +78,10 @@ class Leaf:
     """Leading axes added by stacking layers (scan, vmap): not part of the layer."""
     layout_axes: int = 0
     """Axes a framework's layout adds beyond the layer's logical rank, not counted by
-    :attr:`ndim`: an Equinox conv bias ``(out, 1, 1)`` has 2 (Flax's is ``(out,)``), a
-    Flax attention bias ``(heads, head_dim)`` has 1 and its kernel ``(in, heads,
-    head_dim)`` has 1 (Equinox's are ``(out,)`` and ``(out, in)``)."""
+    :attr:`ndim`: an Equinox conv bias ``(out, 1, 1)`` has 2 (Flax's is ``(out,)``), an
+    Equinox WeightNorm gain ``(out, 1)`` has 1 (Flax's is ``(out,)``), a Flax attention
+    bias ``(heads, head_dim)`` has 1 and its kernel ``(in, heads, head_dim)`` has 1
+    (Equinox's are ``(out,)`` and ``(out, in)``)."""
     matrix_axes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
     """(reduction axes, output axes) of the array in one layer, batch axes not counted:
     the layout of a weight matrix, as Muon needs it. ``None`` where the adapter does

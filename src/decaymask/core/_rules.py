@@ -221,7 +221,10 @@ def decay(
         whole path, or a compiled ``str`` pattern (``re.Pattern``), searched anywhere
         in it. A ``/`` or ``%`` inside one key is written ``%2F`` or ``%25`` in the
         path.
-      min_ndim: the array has at least this many axes, not counting stacked axes.
+      min_ndim: the array has at least this many axes in one layer, counted alike in
+        every framework (:attr:`Leaf.ndim`): stacked axes and the axes a layout adds do
+        not count (an Equinox conv bias ``(out, 1, 1)`` or WeightNorm gain ``(out, 1)``
+        is a vector, as Flax's ``(out,)`` is).
       when: a hashable callable taking a :class:`Leaf` and returning a bool (a numpy
         bool counts).
       rate: multiplies the weight decay of the matching leaves, for

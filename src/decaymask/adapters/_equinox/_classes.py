@@ -12,6 +12,7 @@ from typing import Any, cast
 import equinox as eqx
 import jax
 
+from ...core._infer import Reading
 from ...core._leaf import Layer
 from .._common import (
     ARRAY_TYPES,
@@ -121,6 +122,12 @@ def _dynamic_fields(cls: type) -> tuple[str, ...]:
 
 def equinox_layer(node: eqx.Module) -> Layer:
     """The layer an Equinox module is."""
+    return equinox_reading(node)[0]
+
+
+def equinox_reading(node: eqx.Module) -> tuple[Layer, Reading | None]:
+    """The layer an Equinox module is, and how its arrays were read where they decided
+    it (their stacked and layout axes: :func:`~decaymask.core._infer.read_kind`)."""
     return instance_layer(equinox_class_kind, node, _equinox_inner, _equinox_content)
 
 
@@ -128,10 +135,11 @@ def _equinox_inner(node: Any) -> Any:
     return cast("eqx.nn.WeightNorm | eqx.nn.SpectralNorm", node).layer
 
 
-def _equinox_content(node: Any) -> tuple[dict[str, int], list[str]]:
-    """The rank of every array a module owns directly (in a list or tuple field, or
-    through an array wrapper), and the fields that hold modules."""
-    arrays: dict[str, int] = {}
+def _equinox_content(node: Any) -> tuple[dict[str, Any], list[str]]:
+    """The shape of every array a module owns directly (in a list or tuple field, or
+    through an array wrapper; a field holding arrays of different shapes gives the
+    largest rank), and the fields that hold modules."""
+    arrays: dict[str, Any] = {}
     children: list[str] = []
     for keys, value in pytree_children(node):
         name = key_name(keys[0])
@@ -140,8 +148,14 @@ def _equinox_content(node: Any) -> tuple[dict[str, int], list[str]]:
                 children.append(name)
                 continue
             array = wrapped_array(item) if not is_array_like(item) else item
-            if array is not None:
-                arrays[name] = max(arrays.get(name, 0), len(array.shape))
+            if array is None:
+                continue
+            shape = tuple(array.shape)
+            seen = arrays.get(name)
+            if seen is None or seen == shape:
+                arrays[name] = shape
+            else:
+                arrays[name] = max(len(shape), seen if isinstance(seen, int) else len(seen))
     return arrays, children
 
 

@@ -31,7 +31,7 @@ from ._classes import (
     INDEX_KEYS,
     array_field,
     equinox_class,
-    equinox_layer,
+    equinox_reading,
     is_array_wrapper,
     pytree_children,
     read_field,
@@ -45,10 +45,10 @@ class EquinoxContext:
     name its arrays take where their own key names nothing."""
 
     __slots__ = ("node", "owner", "ancestors", "depths", "owner_node", "in_state", "key",
-                 "field", "wrapper", "owner_name")
+                 "field", "wrapper", "owner_name", "reading")
 
     def __init__(self, node, owner, ancestors, depths, owner_node, in_state, key, field=None,
-                 wrapper=False, owner_name=""):
+                 wrapper=False, owner_name="", reading=None):
         self.node = node
         self.owner = owner
         self.ancestors = ancestors
@@ -65,6 +65,9 @@ class EquinoxContext:
         self.wrapper = wrapper
         # The field holding the owner module (``position_embeddings``).
         self.owner_name = owner_name
+        # How the owner's arrays were read where they decided its kind (stacked and
+        # layout axes), else ``None``.
+        self.reading = reading
 
 
 def _child_of(node: Any, entry: Any) -> Any:
@@ -194,14 +197,14 @@ class EquinoxWalk:
         if what is None:
             return EquinoxContext(node, parent.owner, parent.ancestors, parent.depths,
                                   parent.owner_node, parent.in_state, parent.key, field,
-                                  wrapper, parent.owner_name)
+                                  wrapper, parent.owner_name, parent.reading)
         if what == "state":
             # A StateIndex holds the initial value of some state of its layer.
             return EquinoxContext(node, parent.owner, parent.ancestors, parent.depths,
                                   parent.owner_node, True,
                                   self._intern(parent.owner, parent.ancestors, True, ""),
-                                  field, False, parent.owner_name)
-        layer = equinox_layer(node)
+                                  field, False, parent.owner_name, parent.reading)
+        layer, reading = equinox_reading(node)
         ancestors = parent.ancestors if parent.owner is None else parent.ancestors + (parent.owner,)
         # The module stands where its keys lead: parent.depths already holds the
         # depths of ``ancestors``. Not part of the key: a rule reads them with the path.
@@ -212,7 +215,7 @@ class EquinoxWalk:
         key_name_part = owner_trait(owner_name)
         return EquinoxContext(node, layer, ancestors, depths, node, parent.in_state,
                               self._intern(layer, ancestors, parent.in_state, key_name_part),
-                              field, False, owner_name)
+                              field, False, owner_name, reading)
 
     def _intern(
         self, owner: Layer | None, ancestors: tuple, in_state: bool, owner_name: str
@@ -248,10 +251,20 @@ class EquinoxWalk:
             matrix_axes = None
         shape = tuple(value.shape)
         expected = None if in_state else equinox_expected_ndim(owner_node, owner, name)
+        reading = context.reading
         if registered_batch is not None:
             batch_axes = min(registered_batch, len(shape))
+        elif expected is not None:
+            batch_axes = max(0, len(shape) - expected)
+        elif reading is not None and not in_state:
+            # Axes its arrays share that are not one layer's (eqx.filter_vmap).
+            batch_axes = min(reading.stacked, len(shape))
         else:
-            batch_axes = max(0, len(shape) - expected) if expected is not None else 0
+            batch_axes = 0
+        if reading is not None and not in_state:
+            layout_axes = reading.layout_axes(name)
+        else:
+            layout_axes = equinox_layout_axes(owner_node, owner, name, len(shape) - batch_axes)
         return Leaf(
             path=path_text(keypath),
             layer=owner.kind,
@@ -266,7 +279,7 @@ class EquinoxWalk:
             is_param=not in_state,
             kind_source=owner.source,
             batch_axes=batch_axes,
-            layout_axes=equinox_layout_axes(owner_node, name),
+            layout_axes=layout_axes,
             matrix_axes=matrix_axes,
             shared_with=self.views.get(index, ()),
         )

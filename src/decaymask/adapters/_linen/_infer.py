@@ -8,7 +8,7 @@ from collections.abc import Collection, Mapping
 from typing import Any, NamedTuple, cast
 
 from ...core import _registry
-from ...core._infer import resolve_kind
+from ...core._infer import read_kind, resolve_kind
 from ...core._leaf import Layer
 from ...core._names import kind_from_name, name_kind
 from ...core._roles import owner_trait
@@ -44,6 +44,9 @@ class LinenModule:
     # Stacked leading axes its own arrays prove (a bias repeating the kernel's leading
     # axes, or a layer of fixed ranks with more axes), the same sizes on each.
     batch: int | None = None
+    # (array name, axes its layout adds) where its arrays decided its kind: a bias
+    # (out, 1, ..., 1) beside an (out, in, *window) weight.
+    layout: tuple[tuple[str, int], ...] = ()
 
 
 def owner_identity(owner: LinenModule) -> tuple:
@@ -224,7 +227,7 @@ class LinenInference:
             # Its depths stay the parent's: the parent (or what absorbs it) owns these.
             return dataclasses.replace(parent, absorbed_by=absorbed_by or parent, visible=False)
         said = _said_by_class(cls, key, auto) if cls is not None else _said_by_auto_name(auto, key)
-        kind, source, batch = self._settled_kind(
+        kind, source, batch, layout = self._settled_kind(
             said, path, parent, direct, merged, children, stacked, cls is not None
         )
         type_name = _projection_type_name(said, cls is not None, kind, key, parent)
@@ -246,6 +249,7 @@ class LinenInference:
             trusted=trusted,
             key=key,
             batch=batch,
+            layout=layout,
         )
 
     def _nested_in_layer(self, parent: LinenModule | None) -> bool:
@@ -267,18 +271,21 @@ class LinenInference:
         children: Collection[str],
         stacked: int,
         traced: bool,
-    ) -> tuple[str, str, int | None]:
-        """(kind, source, stacked axes the arrays prove): what the tables said, the
-        wrapped layer's kind for a wrapper, else what the names and arrays say."""
+    ) -> tuple[str, str, int | None, tuple[tuple[str, int], ...]]:
+        """(kind, source, stacked axes the arrays prove, layout axes the arrays show):
+        what the tables said, the wrapped layer's kind for a wrapper, else what the
+        names and arrays say."""
         if said.kind == "wrapper":
-            return (*self._wrapped_kind(path, said.source, merged, children), None)
+            return (*self._wrapped_kind(path, said.source, merged, children), None, ())
         if said.kind is not None:
-            return said.kind, said.source, None
-        kind, source, batch = self._read_kind(path, said.name, parent, direct, children, stacked)
+            return said.kind, said.source, None, ()
+        kind, source, batch, layout = self._read_kind(
+            path, said.name, parent, direct, children, stacked
+        )
         if kind == "unknown":
             # Nothing said what it is: the class (or the name) is all there was.
             source = "class" if traced else "name"
-        return kind, source, batch
+        return kind, source, batch, layout
 
     def _read_kind(
         self,
@@ -288,8 +295,9 @@ class LinenInference:
         direct: Mapping[str, Any],
         children: Collection[str],
         stacked: int,
-    ) -> tuple[str, str, int | None]:
-        """(kind, evidence, stacked axes the arrays prove) of a module no table knows.
+    ) -> tuple[str, str, int | None, tuple[tuple[str, int], ...]]:
+        """(kind, evidence, stacked axes the arrays prove, layout axes they show) of a
+        module no table knows.
 
         Names and content are read together (:func:`resolve_kind`), with what only
         Linen shows: the rank each array has in one layer (from the trace, or past the
@@ -307,37 +315,46 @@ class LinenInference:
         ):
             # An attention layer's query/key/value/out are its projections, however
             # many axes their DenseGeneral kernels have.
-            return "linear", "name", None
-        ranks = self._ranks(path, direct, stacked)
+            return "linear", "name", None, ()
+        shapes = self._shapes(path, direct, stacked)
+        ranks = {n: len(shape) for n, shape in shapes.items()}
         batch = None
         kernel, bias = direct.get("kernel"), direct.get("bias")
         if self.trace is None and kernel is not None and bias is not None:
             batch, ambiguous = _stacked_by_bias(name, ranks, children, kernel, bias, stacked)
             if ambiguous is not None:
-                return ambiguous, "ambiguous", None
+                return ambiguous, "ambiguous", None, ()
             if batch is not None:
-                ranks = {n: max(0, r - batch) for n, r in ranks.items()}
-                batch += stacked  # with the axes an auto name stacks: all of them
-        kind, evidence = resolve_kind(name, ranks, children)
-        return kind, evidence, batch
+                shapes = {n: shape[min(batch, len(shape)):] for n, shape in shapes.items()}
+        # Where neither the trace nor the arrays proved the stacked axes, those the
+        # arrays share and the name needs removed are stacked (a user-named nn.scan).
+        one_layer = self.trace is not None or batch is not None or stacked > 0
+        reading = read_kind(name, shapes, children, one_layer=one_layer)
+        if reading.stacked:
+            batch = reading.stacked
+        if batch is not None:
+            batch += stacked  # with the axes an auto name stacks: all of them
+        return reading.kind, reading.evidence, batch, reading.layout
 
-    def _ranks(
+    def _shapes(
         self, path: tuple[str, ...], direct: Mapping[str, Any], stacked: int
-    ) -> dict[str, int]:
-        """The rank of each array a module owns, in one layer as far as is known."""
-        ranks = {}
+    ) -> dict[str, tuple[int, ...]]:
+        """The shape of each array a module owns in one layer, as far as is known: its
+        trailing axes of the rank the trace saw, or past the axes a ``Scan``/``Vmap``
+        auto name stacks."""
+        shapes = {}
         ndims = self.trace.ndims if self.trace is not None else None
         for name in direct:
             # get: the walk notes it, and keys the module by its shapes.
-            shape = cast(Any, direct.get(name)).shape
+            shape = tuple(cast(Any, direct.get(name)).shape)
             inner = None
             if ndims is not None:
                 for collection in self.trace.collections:  # type: ignore[union-attr]
                     inner = ndims.get((collection, path + (name,)))
                     if inner is not None:
                         break
-            ranks[name] = inner if inner is not None else max(0, len(shape) - stacked)
-        return ranks
+            shapes[name] = shape[max(0, len(shape) - inner):] if inner is not None else shape[stacked:]
+        return shapes
 
     def _wrapped_kind(
         self,

@@ -75,6 +75,9 @@ class LinenReader(LinenInference):
                 layout_axes = max(0, len(shape) - batch_axes - 2)
             elif name == "bias":
                 layout_axes = max(0, len(shape) - batch_axes - 1)
+        elif collection == "params" and module.layout:
+            # Axes a layout its arrays showed adds (a bias (out, 1, ..., 1)).
+            layout_axes = dict(module.layout).get(name, 0)
         return Leaf(
             layout_axes=layout_axes,
             path=text,
@@ -134,8 +137,11 @@ class LinenReader(LinenInference):
 
     @staticmethod
     def one_layer_ndim(path: tuple[str, ...], key: str, module: LinenModule) -> int | None:
-        """The rank an array has in one layer known by its names, or ``None``."""
-        return natural_ndim(module.layer, path[-1] if path else "", key.rsplit("/", 1)[-1])
+        """The rank an array has in one layer known by its names, or ``None``: with the
+        axes a layout its arrays showed adds (a conv bias (out, 1, ..., 1))."""
+        name = key.rsplit("/", 1)[-1]
+        ndim = natural_ndim(module.layer, path[-1] if path else "", name)
+        return None if ndim is None else ndim + dict(module.layout).get(name, 0)
 
     @staticmethod
     def own_proof(shape: tuple[int, ...], module: LinenModule) -> Proof | None:

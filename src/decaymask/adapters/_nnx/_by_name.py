@@ -15,7 +15,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from ...core._infer import resolve_kind
+from ...core._infer import Reading, read_kind
 from ...core._leaf import Layer, Leaf
 from ...core._names import kind_from_name
 from ...core._roles import role_from_name
@@ -46,29 +46,48 @@ def _is_projection(own: str | None) -> bool:
     return own is not None and (own in _PROJECTIONS or own.endswith("_proj"))
 
 
+Children = dict[tuple, frozenset]
+"""Module path -> the keys of the modules under it that hold arrays."""
+
+_NO_READING = Reading("recurrent", "name")
+"""A cell's gates: their arrays are the cell's, read by no content."""
+
+
 def _name_owner(
-    parent: tuple, arrays: dict[str, tuple[int, ...]]
-) -> tuple[Layer, tuple[Layer, ...], tuple[int, ...]]:
-    """The owner layer, its ancestors, and where they stand (``Leaf.module_depths``)
-    for the arrays held under ``parent``.
+    parent: tuple, arrays: dict[str, tuple[int, ...]], children: Children
+) -> tuple[Layer, tuple[Layer, ...], tuple[int, ...], Reading]:
+    """The owner layer, its ancestors, where they stand (``Leaf.module_depths``) and the
+    reading of its arrays, for the arrays held under ``parent``.
 
     Every key of ``parent`` is read as a module: the ancestors are those of the keys
     before the owner's (a recurrent cell's, before the cell's), each standing at its
     own key, and the owner right after them; at the root, at no key.
     """
-    layer, outer = _name_layers_of(parent, arrays)
-    return layer, outer, tuple(range(1, len(outer) + 2)) if parent else (0,)
+    layer, outer, reading = _name_layers_of(parent, arrays, children)
+    return layer, outer, tuple(range(1, len(outer) + 2)) if parent else (0,), reading
+
+
+def _in_attention(parent: tuple, levels: list[str | None], children: Children) -> bool:
+    """Whether the module holding ``parent`` is an attention layer: its name says so, or
+    it holds query, key, value and out projections (as ``nnx.MultiHeadAttention``)."""
+    if len(parent) < 2:
+        return False
+    return levels[-2] == "attention" or {"query", "key", "value", "out"} <= children.get(
+        parent[:-1], frozenset()
+    )
 
 
 def _name_layers_of(
-    parent: tuple, arrays: dict[str, tuple[int, ...]]
-) -> tuple[Layer, tuple[Layer, ...]]:
-    """The owner layer and its ancestors for the arrays held under ``parent``.
+    parent: tuple, arrays: dict[str, tuple[int, ...]], children: Children
+) -> tuple[Layer, tuple[Layer, ...], Reading]:
+    """The owner layer, its ancestors and the reading of its arrays, for the arrays
+    held under ``parent``.
 
-    The owner's key and the names and ranks of the arrays it holds are read by the
-    shared inference (:func:`resolve_kind`); what only a State shows is added: the
-    gates of a module named as a recurrent cell are the cell's, and the multi-axis
-    kernels of attention projections are linear.
+    The owner's key and the names and shapes of the arrays it holds are read by the
+    shared inference (:func:`read_kind`), as the module walk reads a module's class
+    name and arrays; what only a State shows is added: the gates of a module named as
+    a recurrent cell are the cell's, and the multi-axis kernels of an attention layer's
+    projections are linear.
     """
     levels = [_level_kind(key) for key in parent]
     own = module_key(parent)
@@ -80,22 +99,23 @@ def _name_layers_of(
         for depth, level in enumerate(levels[:-1]):
             if level == "recurrent":
                 cell_outer = tuple(_name_layer(k or "unknown") for k in levels[:depth])
-                return _name_layer("recurrent"), cell_outer
-    ranks = {name: len(shape) for name, shape in arrays.items()}
-    kind, evidence = resolve_kind(own, ranks)
+                return _name_layer("recurrent"), cell_outer, _NO_READING
+    reading = read_kind(own, arrays)
+    kind, evidence = reading.kind, reading.evidence
+    ranks = {name: len(shape) - reading.stacked for name, shape in arrays.items()}
     if kind == "linear" and _level_kind(own) == "conv" and ranks.get("kernel", 0) >= 3:
         # A kernel of a conv's rank whose bias has more than one axis: a stack of
         # convolutions (the bias's extra axes are the stacked ones), as the name says.
-        return _name_layer("conv", "name"), outer
+        return _name_layer("conv", "name"), outer, reading
     if kind == "conv" and "kernel" in ranks and _level_kind(own) != "conv":
-        if _is_projection(own) or "attention" in levels:
+        if _is_projection(own) and _in_attention(parent, levels, children):
             # A multi-axis projection of an attention layer (in, heads, head_dim).
-            return _name_layer("linear", "content"), outer
+            return _name_layer("linear", "content"), outer, reading
         if _level_kind(own) == "linear":
-            # A kernel of three or more axes named as a linear layer: a stack of
-            # linear layers or a convolution, which names and ranks cannot tell.
-            return _name_layer("conv", "ambiguous"), outer
-    return _name_layer(kind, evidence), outer
+            # A kernel of three or more axes named as a linear layer that is no stack
+            # of linear layers: a convolution, as far as ranks tell.
+            return _name_layer("conv", "ambiguous"), outer, reading
+    return _name_layer(kind, evidence), outer, reading
 
 
 def _name_axes(kind: str, own: Any, name: str, rank: int) -> MatrixAxes | None:
@@ -176,10 +196,6 @@ def state_walk(state: Any, fn: str) -> tuple[list[Leaf], Callable[[list[Any]], A
     return leaves_by_name(entries), TreedefRebuild(treedef)
 
 
-def _kind_of(parent: tuple, one: dict[str, tuple[int, ...]]) -> str:
-    return _name_layers_of(parent, one)[0].kind
-
-
 def leaves_by_name(
     entries: list[tuple], around: tuple[Layer, ...] = (), depths: tuple[int, ...] = ()
 ) -> list[Leaf]:
@@ -189,28 +205,40 @@ def leaves_by_name(
     (shape, dtype)), the first the last keys of the second, below one root for all;
     ``around`` are the modules enclosing that root, standing at ``depths`` of the
     full paths. Stacked leading axes are those the arrays under a module agree on
-    (``_stacking``); kinds, roles and layouts are read from one layer's ranks.
+    (``_stacking``), and those the arrays of one module share and its name needs
+    removed (:func:`read_kind`); kinds, roles and layouts are read from one layer's
+    shapes.
     """
     groups: dict[tuple, dict[str, tuple[int, ...]]] = {}
     for path, _, _, _, found in entries:
         arrays = groups.setdefault(path[:-1], {})
         if found != EMPTY:
             arrays[leaf_name(path)] = found[0]
-    stacking = stacked_axes(groups, _kind_of)
+    inside: dict[tuple, set] = {}
+    for parent in groups:
+        for end in range(len(parent)):
+            inside.setdefault(parent[:end], set()).add(parent[end])
+    children = {path: frozenset(keys) for path, keys in inside.items()}
+    stacking = stacked_axes(
+        groups, lambda parent, one: _name_layers_of(parent, one, children)[0].kind
+    )
     # The keys of the full paths before the root the names are read from.
     offset = len(entries[0][1]) - len(entries[0][0]) if entries else 0
     owners = {}
     for parent, arrays in groups.items():
         stacked = stacking.get(parent, 0)
         one = {name: shape[stacked:] for name, shape in arrays.items()}
-        layer, outer, inner = _name_owner(parent, one)
+        layer, outer, inner, reading = _name_owner(parent, one, children)
+        if reading.stacked:
+            stacked += reading.stacked
+            one = {name: shape[reading.stacked:] for name, shape in one.items()}
         if offset:
             inner = tuple([offset + d for d in inner])
-        owners[parent] = (layer, around + outer, depths + inner, stacked, one)
+        owners[parent] = (layer, around + outer, depths + inner, stacked, one, reading)
     leaves = []
     for path, full_path, variable, value, (shape, dtype) in entries:
         name = leaf_name(path)
-        layer, ancestors, module_depths, stacked, one = owners[path[:-1]]
+        layer, ancestors, module_depths, stacked, one, reading = owners[path[:-1]]
         if (shape, dtype) == EMPTY:
             stacked = 0
         own = module_key(path[:-1])
@@ -237,7 +265,10 @@ def leaves_by_name(
                 kind_source=layer.source,
                 batch_axes=stacked,
                 matrix_axes=axes,
-                layout_axes=_name_layout_axes(layer.kind, name, single, axes),
+                layout_axes=(
+                    _name_layout_axes(layer.kind, name, single, axes)
+                    + reading.layout_axes(name)
+                ),
             )
         )
     return leaves

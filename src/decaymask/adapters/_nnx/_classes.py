@@ -12,6 +12,7 @@ from typing import Any
 from flax import nnx
 
 from ...core import _registry
+from ...core._infer import Reading
 from ...core._leaf import Layer
 from .._common import ClassKinds, RegistryCache, instance_layer
 from ._layouts import Layout, nnx_layout
@@ -91,6 +92,12 @@ def nnx_class(cls: type) -> NnxClass:
 
 def nnx_layer(module: Any) -> Layer:
     """The layer an NNX module is."""
+    return nnx_reading(module)[0]
+
+
+def nnx_reading(module: Any) -> tuple[Layer, Reading | None]:
+    """The layer an NNX module is, and how its arrays were read where they decided it
+    (their stacked and layout axes: :func:`~decaymask.core._infer.read_kind`)."""
     return instance_layer(nnx_class_kind, module, _nnx_inner, _nnx_content)
 
 
@@ -98,10 +105,10 @@ def _nnx_inner(module: Any) -> Any:
     return module.layer_instance
 
 
-def _nnx_content(module: Any) -> tuple[dict[str, int], list[str]]:
-    """The rank of every array a module owns directly (its variables and raw array
+def _nnx_content(module: Any) -> tuple[dict[str, tuple[int, ...]], list[str]]:
+    """The shape of every array a module owns directly (its variables and raw array
     attributes), and the attributes that hold modules."""
-    arrays: dict[str, int] = {}
+    arrays: dict[str, tuple[int, ...]] = {}
     children: list[str] = []
     for name, value in vars(module).items():
         if isinstance(value, nnx.Variable):
@@ -112,5 +119,5 @@ def _nnx_content(module: Any) -> tuple[dict[str, int], list[str]]:
             continue
         shape = getattr(value, "shape", None)
         if shape is not None and getattr(value, "dtype", None) is not None:
-            arrays[name] = len(shape)
+            arrays[name] = tuple(shape)
     return arrays, children

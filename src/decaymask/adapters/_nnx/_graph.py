@@ -17,11 +17,12 @@ import numpy as np
 from flax import nnx
 
 from ...core import _registry
+from ...core._infer import Reading
 from ...core._leaf import Layer, Leaf
 from ...core._roles import role_from_name
 from .._common import UNOWNED, path_text, registered_batch_axes
 from ._by_name import leaves_by_name
-from ._classes import NNX_TRANSPARENT, nnx_class, nnx_layer
+from ._classes import NNX_TRANSPARENT, nnx_class, nnx_layer, nnx_reading
 from ._layouts import Layout, check_registered, general_layout_axes
 from ._values import leaf_name, module_key, not_an_array, raw_value, shape_dtype
 
@@ -62,6 +63,16 @@ class NnxOwner:
     holder: Any
     """The module an array is an attribute of: the owner, or a cell's gate layer."""
     layout: Layout | None
+    reading: Reading | None = None
+    """How the owner's arrays were read where they decided its kind (their stacked and
+    layout axes), else ``None``."""
+
+
+def _holds(module: Any, name: str, variable: Any, value: Any) -> bool:
+    """Whether the array is the module's own attribute (what its reading saw), not one
+    in a list or dict inside it."""
+    found = vars(module).get(name)
+    return found is not None and (found is variable or found is value)
 
 
 class NnxWalk:
@@ -172,7 +183,7 @@ class NnxWalk:
             return dataclasses.replace(
                 outer, holder=module, layout=facts.layout if facts.source == "class" else None
             )
-        layer = nnx_layer(module)
+        layer, reading = nnx_reading(module)
         enclosing = (outer.enclosing if outer is not None else ()) + (layer,)
         depths = (outer.enclosing_depths if outer is not None else ()) + (depth,)
         if outer is not None and facts.non_owning:
@@ -187,6 +198,7 @@ class NnxWalk:
             absorbing=layer.kind == "recurrent" and layer.source in ("class", "registered"),
             holder=module,
             layout=facts.layout if layer.source == "class" else None,
+            reading=reading,
         )
 
     def _variable(self, variable: Any, path: tuple, owner: NnxOwner | None) -> None:
@@ -241,6 +253,9 @@ class NnxWalk:
                 expected, axes = owner.layout(owner.holder, name)
                 if isinstance(owner.holder, nnx.LinearGeneral):
                     layout_axes = general_layout_axes(owner.holder, name)
+            elif owner.reading is not None and _holds(owner.holder, name, variable, value):
+                expected = max(0, len(shape) - owner.reading.stacked)
+                layout_axes = owner.reading.layout_axes(name)
         if role is None:
             if name == "scales" and owner is not None and isinstance(owner.holder, nnx.WeightNorm):
                 # WeightNorm's learned norms of the wrapped layer's kernels: gains.
