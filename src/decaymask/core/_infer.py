@@ -99,7 +99,7 @@ def content_kind(arrays: Arrays, children: Collection[str] = ()) -> str | None:
     names = frozenset(ranks)
     if names & TABLE_NAMES and names <= TABLE_NAMES | {"bias"}:
         return "embedding"
-    kernel = next((n for n in ("kernel", "w") if n in ranks), None)
+    kernel: str | None = next((n for n in ("kernel", "w") if n in ranks), None)
     if kernel is None and ranks.get("weight", 0) >= 2:
         kernel = "weight"
     if kernel is not None:
@@ -169,19 +169,19 @@ def read_kind(
         said = None
     kind, evidence = _resolve(said, arrays, children)
     layout = _layout_of(arrays)
-    shapes = list(arrays.values())
-    if one_layer or not shapes or not all(isinstance(shape, tuple) for shape in shapes):
+    given = {n: shape for n, shape in arrays.items() if isinstance(shape, tuple)}
+    if one_layer or not given or len(given) != len(arrays):
         return Reading(kind, evidence, 0, layout)
     contradicted = said is not None and evidence == "content"
     # A linear layer's bias that is not its output features: layers stacked together.
-    stacked_linear = kind == "linear" and not _is_one_layer(kind, arrays)  # type: ignore[arg-type]
+    stacked_linear = kind == "linear" and not _is_one_layer(kind, given)
     if not (contradicted or stacked_linear):
         return Reading(kind, evidence, 0, layout)
-    first = shapes[0]
-    for k in range(1, min(len(shape) for shape in shapes) + 1):
-        if any(shape[:k] != first[:k] for shape in shapes):
+    first = next(iter(given.values()))
+    for k in range(1, min(len(shape) for shape in given.values()) + 1):
+        if any(shape[:k] != first[:k] for shape in given.values()):
             break  # arrays stacked together share their leading sizes
-        one = {n: shape[k:] for n, shape in arrays.items()}  # type: ignore[index]
+        one = {n: shape[k:] for n, shape in given.items()}
         if said is not None and _stack_fits(said, one, children):
             return Reading(*_resolve(said, one, children), k, _layout_of(one))
         if said is None and content_kind(one, children) == kind and _is_one_layer(kind, one):
@@ -221,7 +221,9 @@ def _layout_of(arrays: Arrays) -> tuple[tuple[str, int], ...]:
     return tuple(sorted(layout_axes(arrays).items()))
 
 
-def _stack_fits(said: str, one: Arrays, children: Collection[str]) -> bool:
+def _stack_fits(
+    said: str, one: Mapping[str, tuple[int, ...]], children: Collection[str]
+) -> bool:
     """Whether one layer's arrays are positively what a name says: content agreeing
     with it, or (content silent) vectors of the norm it names."""
     kind, evidence = _resolve(said, one, children)
