@@ -35,19 +35,19 @@ def bounded(code: str, timeout: float = 300, *args: str, status: int = 0) -> str
     """Runs ``code`` (with ``args`` after it) in a fresh interpreter with 2 GiB of
     address space at most; fails the test, instead of hanging it or the machine, if the
     code does not finish in ``timeout`` seconds. Returns stdout and stderr."""
-
-    def limit() -> None:
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
-
+    # The limit is set by the child itself: a preexec_fn would fork this process, which
+    # JAX, imported by other tests, warns against.
+    limit = (
+        "import resource; resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
+        if os.name == "posix"
+        else ""
+    )
     try:
         done = subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(code), *args],
+            [sys.executable, "-c", limit + textwrap.dedent(code), *args],
             capture_output=True,
             text=True,
             timeout=timeout,
-            preexec_fn=limit if os.name == "posix" else None,
         )
     except subprocess.TimeoutExpired:
         pytest.fail(f"did not finish in {timeout} s")
