@@ -204,6 +204,25 @@ def test_nnx_vmap_stacked_norm_and_bias_free_linear_agree_in_both_walks():
     assert by_state[("dense", "kernel")] == optax.contrib.MuonDimensionNumbers((1,), (2,))
 
 
+def test_nnx_state_of_a_lone_stacked_kernel_no_name_speaks_for_is_ambiguous():
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(key):
+        return nnx.Linear(4, 4, use_bias=False, rngs=nnx.Rngs(key))
+
+    model = make(jax.random.split(jax.random.key(0), 3))
+    policy = dm.Policy(dm.decay(layer="linear"))
+    assert [(r.path, r.layer, r.leaf.batch_axes) for r in policy.explain(model)] == [
+        ("kernel", "linear", 1)
+    ]
+    # By names alone, a bias-free (k, in, out) conv kernel looks the same: said so, not
+    # read silently as a conv.
+    state = nnx.state(model, nnx.Param)
+    rows = policy.explain(state)
+    assert [(r.path, r.layer, r.leaf.kind_source) for r in rows] == [("kernel", "conv", "ambiguous")]
+    with pytest.warns(dm.PolicyWarning, match=r"\(kernel\) say different kinds"):
+        policy.for_flax(state)
+
+
 def test_nnx_state_reads_a_conv_named_out_as_the_module_walk_does():
     class Head(nnx.Module):
         def __init__(self, rngs):

@@ -115,6 +115,10 @@ def _name_layers_of(
             # A kernel of three or more axes named as a linear layer that is no stack
             # of linear layers: a convolution, as far as ranks tell.
             return _name_layer("conv", "ambiguous"), outer, reading
+        if _level_kind(own) is None and len(ranks) == 1 and ranks["kernel"] == 3:
+            # A lone (k, in, out) kernel no name speaks for: a bias-free 1-D conv, or
+            # linear layers stacked by nnx.vmap (the module walk knows which).
+            return _name_layer("conv", "ambiguous"), outer, reading
     return _name_layer(kind, evidence), outer, reading
 
 
