@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ._needs import needs
+from .core._text import visible_errors
 from ._describe import (
     _static_differences,
     _same_data,
@@ -96,6 +97,7 @@ class MaskMismatchError(ValueError):
     """A weight-decay mask that optax cannot lay over the params it is handed."""
 
 
+@visible_errors
 def check_mask(mask: Any, params: Any) -> None:
     """Check that ``mask`` fits ``params`` the way ``optax.masked`` will use it.
 

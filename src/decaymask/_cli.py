@@ -15,6 +15,7 @@ import sys
 from typing import Any, NoReturn
 
 from ._factories import CliError, FactoryError, _factory, _is_tracer_error, _user_frames
+from .core._text import visible
 
 PRESETS = ("standard", "everything_but_bias_and_norm", "gpt", "muon", "vit_finetune", "dinov2")
 
@@ -52,7 +53,8 @@ class _Parser(argparse.ArgumentParser):
     """Usage mistakes are one line too, pointing at ``--help``."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+        shown = visible(_one_line(message))
+        self.exit(2, f"{self.prog}: error: {shown} (see {self.prog} --help)\n")
 
 
 def _require(framework: str) -> None:
@@ -219,7 +221,7 @@ def explain(args: argparse.Namespace) -> int:
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         print(
             f"{_prog()} explain: note: the abstract build failed ({type(err).__name__}: "
-            f"{first}); building concretely instead, with parameter memory. Give "
+            f"{visible(first)}); building concretely instead, with parameter memory. Give "
             f"--concrete to skip the abstract attempt.",
             file=sys.stderr,
         )
@@ -318,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
             return _demo(args.steps)
         return explain(args)
     except CliError as err:
-        print(f"{_prog()} {args.command}: error: {err}", file=sys.stderr)
+        # A policy file's keys and a tree's names may hold escape sequences.
+        print(f"{_prog()} {args.command}: error: {visible(str(err))}", file=sys.stderr)
         return 2
     except FactoryError as err:
         import traceback
@@ -326,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         error = err.error
         traceback.print_exception(type(error), error, _user_frames(error), file=sys.stderr)
         print(
-            f"{_prog()} {args.command}: error: {err.where} raised "
+            f"{_prog()} {args.command}: error: {visible(str(err.where))} raised "
             f"{type(error).__name__} (its traceback is above): fix the model code.",
             file=sys.stderr,
         )

@@ -19,6 +19,7 @@ from .core._policy import Policy as _CorePolicy
 from .core._collector import collector_paused
 from .core._report import Report
 from .core._table import LeafTable
+from .core._text import VISIBLE_ERRORS, visible_errors
 from .core._warnings import warn_again
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ class Policy(GroupsFace, _CorePolicy):
 
     __slots__ = ()
 
+    @visible_errors
     def _build(self, value: str, tree: Any, framework: str | None, method: str, options: dict[str, Any]) -> Any:
         if value == "muon":
             needs(method, "optax")  # its MuonDimensionNumbers
@@ -227,9 +229,12 @@ class Policy(GroupsFace, _CorePolicy):
           >>> [(row.path, row.decay) for row in report]
           [('weight', True), ('bias', False)]
         """
-        adapter = adapters.choose(tree, framework, "explain", options)
-        leaves, _ = adapter.walk(tree, method="explain", **options)
-        return self.report_on(leaves, non_floating_fix=adapter.non_floating_fix, show_dims=show_dims)
+        with VISIBLE_ERRORS:
+            adapter = adapters.choose(tree, framework, "explain", options)
+            leaves, _ = adapter.walk(tree, method="explain", **options)
+            return self.report_on(
+                leaves, non_floating_fix=adapter.non_floating_fix, show_dims=show_dims
+            )
 
     # Equinox.
 

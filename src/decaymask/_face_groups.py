@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from ._face import Policy
 
 from ._needs import needs
+from .core._text import visible_errors
 
 M = TypeVar("M", bound=Mapping[Any, Any])
 
@@ -23,6 +24,7 @@ class GroupsFace:
 
     __slots__ = ()
 
+    @visible_errors
     def wrap(
         self, tx: optax.GradientTransformation, *, full: Any = None, framework: str | None = None,
         **options: Any,
@@ -59,6 +61,7 @@ class GroupsFace:
 
         return wrap(cast("Policy", self), tx, framework, options, full)
 
+    @visible_errors
     def verify(
         self, tx: optax.GradientTransformation, params: Any, *, full: Any = None,
         framework: str | None = None, **options: Any,
@@ -128,6 +131,7 @@ class GroupsFace:
 
         verify(cast("Policy", self), tx, params, full=full, framework=framework, **options)
 
+    @visible_errors
     def trainable_filter(self, model: nnx.Module, **options: Any) -> Callable[[tuple[Any, ...], Any], bool]:
         """An NNX filter of the parameters this policy trains, for
         ``nnx.Optimizer(model, tx, wrt=...)`` and ``nnx.DiffState(0, ...)``, so that
@@ -143,6 +147,7 @@ class GroupsFace:
 
         return trainable_filter(cast("Policy", self), model, options)
 
+    @visible_errors
     def split(self, params: M, *, framework: str | None = None, **options: Any) -> tuple[M, M]:
         """(trainable, frozen): a Linen or Haiku params mapping cut in two, each
         with only its own arrays (the same container types), so that

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from .core._text import visible_errors
+
 if TYPE_CHECKING:
     import optax
 
@@ -106,7 +108,11 @@ def wrap(
         scaled = [scale(s, u) for s, u in zip(factors(updates, "updates"), leaves)]
         return jax.tree_util.tree_unflatten(treedef, scaled), state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    # Their errors (a tree that is not the policy's, a frozen leaf's update) are shown
+    # as visible text, as every entry point's are.
+    return optax.GradientTransformationExtraArgs(
+        visible_errors(init_fn), visible_errors(update_fn)
+    )
 
 
 class Reference:

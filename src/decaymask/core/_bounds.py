@@ -12,6 +12,8 @@ import reprlib
 from collections.abc import Mapping
 from typing import Any
 
+from ._text import visible
+
 MAX_FILE_BYTES = 256 * 1024
 """The largest policy file read: policies are a few kilobytes."""
 MAX_DEPTH = 100
@@ -66,7 +68,7 @@ def short_text(value: Any, width: int) -> str:
     """``value``'s repr in at most about ``width`` characters: a long one keeps its start
     and its last ten characters."""
     try:
-        text = _SHORT.repr(value)
+        text = visible(_SHORT.repr(value))  # a repr of the caller's class may hold anything
     except Exception:  # a repr that raises: say what the value is instead
         text = f"<{type(value).__name__} object>"
     if len(text) <= width:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._bounds import check_shape
 from ._imports import _WHERE, PolicyDataError, _dotted, _import, _shown, _unknown_key, check_imports
+from ._regex import backtracking
 from ._ladder import LayerDecay, check_layer_decay_rate, layer_decay
 from ._rules import SELECTORS, Rule, _make, check_multiplier, check_rate, type_name
 
@@ -56,14 +57,30 @@ def _paths_from_data(value: Any, key: str) -> Any:
                 )
             flags = _flags_from_data(item.get("flags", []), f"{key}.flags")
             try:
-                out.append(re.compile(item["regex"], flags))
-            except (re.error, ValueError) as err:
+                pattern = re.compile(item["regex"], flags)
+            except (re.error, ValueError, RecursionError, OverflowError) as err:
                 raise PolicyDataError(
                     f"{_WHERE}: {key}: bad regex {_shown(item['regex'])}: {err}."
                 ) from err
+            _check_backtracking(item["regex"], flags, key)
+            out.append(pattern)
         else:
             out.append(item)
     return tuple(out) if isinstance(value, list) else out[0]
+
+
+def _check_backtracking(regex: str, flags: int, key: str) -> None:
+    """Refuses a regex whose search can take exponential time: data must never hang a
+    build (Python's ``re`` has no timeout)."""
+    why = backtracking(regex, flags)
+    if why is not None:
+        raise PolicyDataError(
+            f"{_WHERE}: {key}: the regex {_shown(regex)} {why}; searched in a parameter "
+            f"path it can run for hours, so policy data may not hold it. Fix: write the "
+            f"path as a glob ('encoder/*/kernel'), or a simpler regex, or keep what a "
+            f"repeat matched with a possessive quantifier or an atomic group ('a*+', "
+            f"'\\d++', '(?>a*)*'), which never give it back."
+        )
 
 
 def _flags_from_data(value: Any, key: str) -> int:

@@ -10,8 +10,14 @@ message that names them passes them through :func:`visible` first.
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Literal, TypeVar, cast
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 # Unicode's control (Cc), format (Cf: bidi overrides and isolates, zero-width
 # characters, the byte order mark), line and paragraph separator (Zl, Zp) and lone
@@ -45,6 +51,67 @@ def visible(text: str) -> str:
     if text.isprintable():  # the common case, and a fast one
         return text
     return "".join(map(_escape, text))
+
+
+def visible_message(text: str) -> str:
+    """A message made visible line by line: its own line breaks kept, every other
+    control, format and separator character escaped as :func:`visible` does."""
+    if text.isprintable():
+        return text
+    return "\n".join(visible(line) for line in text.split("\n"))
+
+
+class _VisibleErrors:
+    """A ``with`` block whose errors leave with visible messages (see
+    :func:`visible_errors`)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> Literal[False]:
+        if isinstance(error, Exception):
+            make_visible(error)
+        return False
+
+
+VISIBLE_ERRORS = _VisibleErrors()
+"""``with VISIBLE_ERRORS:``: the block's errors leave with visible messages."""
+
+
+def visible_errors(fn: F) -> F:
+    """An entry point whose errors leave with visible messages.
+
+    A message names paths, keys, classes and labels taken from the user's tree, and
+    most messages are written where a name is at hand; here, where an error leaves the
+    entry point, an exception whose text holds a control or format character gets its
+    message (``args[0]``) rewritten by :func:`visible_message`, the same exception
+    object re-raised with its traceback. Canonical paths themselves (what rules match)
+    are untouched: only the text shown is. The wrapper lives in decaymask, so warnings
+    still point at the caller's line.
+    """
+
+    @functools.wraps(fn)
+    def entry(*args: Any, **kwargs: Any) -> Any:
+        with VISIBLE_ERRORS:
+            return fn(*args, **kwargs)
+
+    return cast(F, entry)
+
+
+def make_visible(error: Exception) -> Exception:
+    """``error`` with its message made visible in place (see :class:`visible_errors`)."""
+    args = error.args
+    if args and type(args[0]) is str and not visible_message(str(error)) == str(error):
+        try:
+            error.args = (visible_message(args[0]), *args[1:])
+        except (AttributeError, TypeError):  # an exception type whose args are fixed
+            pass
+    return error
 
 
 def shorten(text: str, width: int) -> str:
