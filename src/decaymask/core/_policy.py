@@ -191,7 +191,11 @@ class Policy:
         parameter, so data (a config file someone else wrote) names nothing unless
         allowed to: an import path is resolved only into decaymask and the modules
         ``imports`` allows, whether or not the module is already imported. The data is
-        bounded too: nesting (100 levels), strings (10,000 characters).
+        bounded too: nesting (100 levels), strings (10,000 characters). A ``{regex =
+        "..."}`` path whose search can backtrack without end (a repeat of a group that
+        repeats, ``(a*)*``; of overlapping alternatives, ``(a|aa)+``; a backreference;
+        more than four unbounded repeats) is refused: write a glob, or make the inner
+        repeat possessive (``a*+``) or atomic (``(?>a*)``).
 
         Args:
           data: the mapping.
