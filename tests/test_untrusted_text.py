@@ -265,6 +265,19 @@ def test_python_built_regexes_are_the_callers_own_and_are_not_refused():
     assert backtracking(pattern.pattern) is not None  # yet the same pattern in data would be
 
 
+def test_reading_a_pattern_is_bounded_too(monkeypatch):
+    from decaymask.core import _regex
+
+    big = "(" + "|".join(f"[\\x00-\\U0010ffff]{i}" for i in range(900)) + ")+"
+    start = time.perf_counter()
+    assert backtracking(big) is not None
+    assert time.perf_counter() - start < 5
+    monkeypatch.setattr(_regex, "_BUDGET", 10)
+    assert backtracking(r"(\da|xb)+") == (
+        "has too many character sets in repeated alternatives to be read"
+    )
+
+
 def test_the_backtracking_reading_does_not_trip_on_patterns_re_refuses():
     assert backtracking("(unclosed") is None  # left for re.compile to name
     with pytest.raises(dm.PolicyDataError, match="bad regex"):

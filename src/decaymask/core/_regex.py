@@ -16,7 +16,9 @@ The shapes refused:
   or of which one can match nothing (``(a|aa)+``, ``(\\w|\\d)+``);
 - a backreference or a conditional group (``\\1``, ``(?P=name)``, ``(?(1)a|b)``);
 - more than :data:`MAX_OPEN_REPEATS` unbounded repeats in one pattern (``.*a.*a.*a...``):
-  each adds a factor of the path's length to a failing search.
+  each adds a factor of the path's length to a failing search;
+- groups nested too deeply for the parser, and repeated alternatives whose character
+  sets take too long to compare: reading a pattern is bounded as well.
 
 A possessive quantifier (``a*+``) or an atomic group (``(?>a*)``) never gives back what
 it matched, so a repeat inside one is not revisited: both are the fix offered, beside a
@@ -25,6 +27,7 @@ glob path.
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -75,19 +78,41 @@ def backtracking(pattern: str, flags: int = 0) -> str | None:
     """
     try:
         parsed = _p.parse(pattern, flags)
-    except (re.error, RecursionError, OverflowError, ValueError):
+    except (re.error, OverflowError, ValueError):
         return None
+    except RecursionError:
+        return "nests groups too deeply to be read"
     walk = _Walk(pattern, bool(parsed.state.flags & re.IGNORECASE))
     try:
         return walk.items(parsed, False) or walk.too_many()
     except RecursionError:
         return "nests groups too deeply to be read"
+    except _TooComplex:
+        return "has too many character sets in repeated alternatives to be read"
+
+
+_BUDGET = 2_000_000  # characters tried across a pattern's sets before it is refused
+
+
+class _TooComplex(Exception):
+    """A pattern whose sets take too long to read; refused as a whole."""
+
+
+_CASELESS = re.compile(r"\(\?[aiLmsux-]*i")  # an inline flag group that sets IGNORECASE
 
 
 class _Walk:
     def __init__(self, pattern: str, ignore_case: bool) -> None:
-        self.universe = sorted(set(_BASE) | set(pattern))
-        self.ignore_case = ignore_case
+        self.universe = frozenset(_BASE) | frozenset(pattern)
+        # Read caselessly throughout where any part of the pattern is.
+        self.ignore_case = ignore_case or _CASELESS.search(pattern) is not None
+        self.forms: dict[str, set[str]] = {}  # a character: the universe's that match it
+        for ch in self.universe:
+            for form in {ch, ch.lower(), ch.upper()} if self.ignore_case else (ch,):
+                self.forms.setdefault(form, set()).add(ch)
+        self.codes = sorted(map(ord, self.universe))
+        self.firsts: dict[int, tuple[frozenset[str], bool]] = {}
+        self.budget = _BUDGET
         self.open_repeats = 0
 
     def too_many(self) -> str | None:
@@ -122,8 +147,6 @@ class _Walk:
             # body is read on its own.
             return self.items(av[-1] if op != getattr(_c, "ATOMIC_GROUP", None) else av, False)
         if op is _c.SUBPATTERN:
-            if av[1] & re.IGNORECASE:  # (?i:...): read the whole pattern as such
-                self.ignore_case = True
             return self.items(av[-1], repeated)
         if op in (_c.ASSERT, _c.ASSERT_NOT):  # lookarounds are atomic in Python's re
             return self.items(av[1], False)
@@ -144,30 +167,82 @@ class _Walk:
         """Whether two branches can start with the same character, or one can be empty."""
         seen: set[str] = set()
         for branch in branches:
-            tests, empty = _first(branch)
-            if empty:
-                return True
-            chars = {ch for ch in self.universe if self._any(tests, ch)}
-            if chars & seen:
+            chars, empty = self.first(branch)
+            if empty or not chars.isdisjoint(seen):
                 return True
             seen |= chars
         return False
 
-    def _any(self, tests: list[Test], ch: str) -> bool:
+    def first(self, items: Any) -> tuple[frozenset[str], bool]:
+        """The characters (of the universe) a match of ``items`` can start with, and
+        whether it can match nothing; each node read once."""
+        known = self.firsts.get(id(items))
+        if known is not None:
+            return known
+        chars: set[str] = set()
+        empty = True
+        for op, av in items:
+            more, can = self._first_of(op, av)
+            chars |= more
+            if not can:
+                empty = False
+                break
+        self.firsts[id(items)] = found = (frozenset(chars), empty)
+        return found
+
+    def _first_of(self, op: Any, av: Any) -> tuple[frozenset[str] | set[str], bool]:
+        if op is _c.LITERAL:
+            return self.forms.get(chr(av), set()), False
+        if op is _c.NOT_LITERAL:
+            return self.universe - self.forms.get(chr(av), set()), False
+        if op is _c.IN:
+            return self._in(av), False
+        if op is _c.AT or op in (_c.ASSERT, _c.ASSERT_NOT):
+            return set(), True
+        if op is _c.SUBPATTERN:
+            return self.first(av[-1])
+        if op is getattr(_c, "ATOMIC_GROUP", None):
+            return self.first(av)
+        if op in _REPEATS or op is getattr(_c, "POSSESSIVE_REPEAT", None):
+            chars, empty = self.first(av[2])
+            return chars, empty or av[0] == 0
+        if op is _c.BRANCH:
+            union: set[str] = set()
+            empty = False
+            for branch in av[1]:
+                more, can = self.first(branch)
+                union |= more
+                empty = empty or can
+            return union, empty
+        return self.universe, True  # ANY, references, anything else: assume the worst
+
+    def _in(self, items: list[tuple[Any, Any]]) -> set[str]:
+        """The universe's characters a set (``[...]``) matches: read item by item where
+        it lists characters and narrow ranges, else tested on each character."""
+        chars: set[str] = set()
+        for op, av in items:
+            if op is _c.LITERAL:
+                chars |= self.forms.get(chr(av), set())
+            elif op is _c.RANGE:
+                start, stop = (bisect.bisect_left(self.codes, av[0]),
+                               bisect.bisect_right(self.codes, av[1]))
+                self._spend(stop - start)
+                for code in self.codes[start:stop]:
+                    chars |= self.forms.get(chr(code), set())
+            else:  # a negation, a category
+                self._spend(len(self.universe))
+                test = _in_test(items)
+                return {ch for ch in self.universe if self._matches(test, ch)}
+        return chars
+
+    def _spend(self, work: int) -> None:
+        self.budget -= work
+        if self.budget < 0:
+            raise _TooComplex
+
+    def _matches(self, test: Test, ch: str) -> bool:
         forms = {ch, ch.lower(), ch.upper()} if self.ignore_case else (ch,)
-        return any(test(form) for test in tests for form in forms)
-
-
-def _first(items: Iterable[tuple[Any, Any]]) -> tuple[list[Test], bool]:
-    """Tests for the characters a match of ``items`` can start with, and whether it can
-    match nothing."""
-    tests: list[Test] = []
-    for op, av in items:
-        more, empty = _first_of(op, av)
-        tests += more
-        if not empty:
-            return tests, False
-    return tests, True
+        return any(test(form) for form in forms)
 
 
 def _anything(ch: str) -> bool:
@@ -184,32 +259,6 @@ def _is_not(char: str) -> Test:
 
 def _between(low: int, high: int) -> Test:
     return lambda ch: low <= ord(ch) <= high
-
-
-def _first_of(op: Any, av: Any) -> tuple[list[Test], bool]:
-    if op is _c.LITERAL:
-        return [_is(chr(av))], False
-    if op is _c.NOT_LITERAL:
-        return [_is_not(chr(av))], False
-    if op is _c.IN:
-        return [_in_test(av)], False
-    if op is _c.AT or op in (_c.ASSERT, _c.ASSERT_NOT):
-        return [], True
-    if op is _c.SUBPATTERN:
-        return _first(av[-1])
-    if op is getattr(_c, "ATOMIC_GROUP", None):
-        return _first(av)
-    if op in _REPEATS or op is getattr(_c, "POSSESSIVE_REPEAT", None):
-        tests, empty = _first(av[2])
-        return tests, empty or av[0] == 0
-    if op is _c.BRANCH:
-        tests, empty = [], False
-        for branch in av[1]:
-            more, can = _first(branch)
-            tests += more
-            empty = empty or can
-        return tests, empty
-    return [_anything], True  # ANY, references, anything else: assume the worst
 
 
 def _in_test(items: list[tuple[Any, Any]]) -> Test:
