@@ -104,9 +104,15 @@ def visible_errors(fn: F) -> F:
 
 
 def make_visible(error: Exception) -> Exception:
-    """``error`` with its message made visible in place (see :class:`visible_errors`)."""
+    """``error`` with its message made visible in place (see :func:`visible_errors`)."""
     args = error.args
-    if args and type(args[0]) is str and not visible_message(str(error)) == str(error):
+    if not args or type(args[0]) is not str:
+        return error
+    try:
+        text = str(error)
+    except Exception:  # an exception whose text cannot be made: left as it is
+        return error
+    if visible_message(text) != text:
         try:
             error.args = (visible_message(args[0]), *args[1:])
         except (AttributeError, TypeError):  # an exception type whose args are fixed
