@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 from ..core import _registry
-from ..core._infer import content_kind, resolve_kind
+from ..core._infer import content_kind, layout_axes, resolve_kind
 from ..core._leaf import Layer
 from ..core._names import name_kind, words
 from ..core._roles import owner_trait
@@ -282,7 +282,9 @@ def read(mid: tuple[str, ...], own: Segment, cls: type | None, found: tuple, chi
          parent: Module | None) -> Module:
     """The module of path segments ``mid``, of class ``cls`` where a trace saw it, owning
     ``found``: (name, shape, stacked axes) of each array."""
-    arrays = {name: len(shape) - stacked for name, shape, stacked in found}
+    # One layer's ranks, a conv bias (out, 1, ..., 1) over channels-first data a vector.
+    extra = layout_axes({name: tuple(shape[stacked:]) for name, shape, stacked in found})
+    arrays = {name: len(shape) - stacked - extra.get(name, 0) for name, shape, stacked in found}
     ancestors = () if parent is None else \
         parent.ancestors if parent.hidden else (*parent.ancestors, parent.layer)
     # Aligned with ancestors + (the module,): a hidden parent's own depth is dropped as it is.
@@ -331,7 +333,10 @@ def _named(class_name: str, name: str, found: tuple, children: Any,
     user-named ``hk.layer_stack``) do not contradict it: its stack is proven later."""
     kind = BUILTIN[snake(class_name)][1]
     shapes = {n: tuple(shape[stacked:]) for n, shape, stacked in found}
-    arrays = {n: len(shape) for n, shape in shapes.items()}
+    # A conv bias (out, 1, ..., 1) over channels-first data is a vector: its rank in one
+    # layer does not count the layout's trailing axes.
+    extra = layout_axes(shapes)
+    arrays = {n: len(shape) - extra.get(n, 0) for n, shape in shapes.items()}
     said, source = resolve_kind(name, arrays, children)
     for k in range(1, min(arrays.values(), default=0) + 1):
         if said == kind or len({shape[:k] for shape in shapes.values()}) != 1:

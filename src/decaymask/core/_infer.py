@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Collection, Mapping
 
-from ._names import CONTAINER_KINDS, NORM_KINDS, name_kind
+from ._names import CONTAINER_KINDS, NORM_KINDS, name_kind, says_layer_scale
 
 # Content: what the arrays a module owns directly say, by their names and the rank each
 # has in one layer (stacked axes removed where the adapter knows them).
@@ -46,9 +46,11 @@ def layout_axes(arrays: Arrays) -> dict[str, int]:
     """Axes a layout adds to arrays of known shape, by name (none listed where none).
 
     An Equinox-style convolution keeps its bias as ``(out, 1, ..., 1)`` beside a
-    ``(out, in, *window)`` weight, to broadcast over space: the trailing axes of one are
-    layout, and the bias is a vector as a Flax conv's ``(out,)`` is. A bias equal to
-    the kernel's trailing axes (a multi-axis projection's output features) is not.
+    ``(out, in, *window)`` weight, to broadcast over space, and so does a Haiku
+    convolution over channels-first data beside its ``(*window, in, out)`` kernel: the
+    trailing axes of one are layout, and the bias is a vector as a Flax conv's
+    ``(out,)`` is. A bias equal to the kernel's trailing axes (a multi-axis
+    projection's output features) is not.
     """
     kernel = next((arrays[n] for n in ("weight", "kernel", "w") if n in arrays), None)
     found: dict[str, int] = {}
@@ -59,7 +61,7 @@ def layout_axes(arrays: Arrays) -> dict[str, int]:
         if (
             isinstance(bias, tuple)
             and len(bias) == len(kernel) - 1
-            and bias[0] == kernel[0]
+            and bias[0] in (kernel[0], kernel[-1])
             and all(size == 1 for size in bias[1:])
             and kernel[len(kernel) - len(bias):] != bias
         ):
@@ -167,6 +169,8 @@ def read_kind(
     said = name_kind(name) if name else None
     if said == "container":
         said = None
+    if said is None and name and says_layer_scale(name):
+        said = _LAYER_SCALE
     kind, evidence = _resolve(said, arrays, children)
     layout = _layout_of(arrays)
     given = {n: shape for n, shape in arrays.items() if isinstance(shape, tuple)}
@@ -252,9 +256,19 @@ def resolve_kind(
     return reading.kind, reading.evidence
 
 
+_LAYER_SCALE = "layer scale"
+"""What :func:`read_kind` takes a name to say where it says layer scale (``LayerScale``,
+``ls1``): no kind, but not a norm either, whatever its lone ``scale`` looks like."""
+
+
 def _resolve(said: str | None, arrays: Arrays, children: Collection[str]) -> tuple[str, str]:
     """(kind, evidence) of what a name says (``said``) and the arrays as given."""
     seen = content_kind(arrays, children)
+    if said == _LAYER_SCALE:
+        if seen in NORM_KINDS:
+            # A layer scale's gains look like a norm's scale: the name says they are not.
+            return "unknown", "name"
+        said = None
     if not arrays:
         if said in CONTAINER_KINDS:
             return said, "name"

@@ -38,6 +38,21 @@ class Layer:
 _FLOATING_PREFIXES = ("float", "bfloat", "complex")
 
 
+def _vector_layout(kind: str, role: str, one: tuple[int, ...], layout: int) -> int:
+    """Layout axes beyond ``layout`` of an array whose one layer's shape is ``one``,
+    where its layer kind fixes its logical rank (:attr:`Leaf.layout_axes`)."""
+    rank = len(one) - layout
+    if rank <= 0:
+        return 0
+    if kind.endswith("_norm"):
+        return rank - 1
+    if kind == "prelu":
+        return min(rank, sum(1 for size in one if size == 1))
+    if kind == "conv" and role == "bias" and rank > 1 and all(size == 1 for size in one[1:rank]):
+        return rank - 1
+    return 0
+
+
 @dataclasses.dataclass(frozen=True)
 class Leaf:
     """One array of a model, labelled in the framework-neutral vocabulary.
@@ -81,7 +96,16 @@ class Leaf:
     :attr:`ndim`: an Equinox conv bias ``(out, 1, 1)`` has 2 (Flax's is ``(out,)``), an
     Equinox WeightNorm gain ``(out, 1)`` has 1 (Flax's is ``(out,)``), a Flax attention
     bias ``(heads, head_dim)`` has 1 and its kernel ``(in, heads, head_dim)`` has 1
-    (Equinox's are ``(out,)`` and ``(out, in)``)."""
+    (Equinox's are ``(out,)`` and ``(out, in)``).
+
+    A norm's arrays are one value per feature whatever axes its features take, so
+    every framework counts them as vectors: Flax's ``LayerNorm(feature_axes=(-2, -1))``
+    scale ``(h, w)`` and Haiku's ``param_axis=(-2, -1)`` scale ``(1, h, w)`` have the
+    axes beyond one as layout axes, as Equinox's ``LayerNorm((h, w))`` weight does. So
+    do a convolution's bias ``(out, 1, ..., 1)`` its trailing axes (Equinox, Haiku
+    over channels-first data) and a PReLU slope its axes of size 1 (Equinox's
+    ``(1,)`` is one slope, as Flax's ``()`` is); the record counts these itself, on
+    top of what the adapter gives."""
     matrix_axes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
     """(reduction axes, output axes) of the array in one layer, batch axes not counted:
     the layout of a weight matrix, as Muon needs it. ``None`` where the adapter does
@@ -102,6 +126,9 @@ class Leaf:
             object.__setattr__(self, "name", self.path.rsplit("/", 1)[-1])
         if type(self.shape) is not tuple:
             object.__setattr__(self, "shape", tuple(self.shape))
+        extra = _vector_layout(self.layer, self.role, self.shape[self.batch_axes:], self.layout_axes)
+        if extra:
+            object.__setattr__(self, "layout_axes", self.layout_axes + extra)
         if self.module_depths and len(self.module_depths) != len(self.ancestors) + 1:
             raise ValueError(
                 f"Leaf({self.path!r}): module_depths has {len(self.module_depths)} entries "
