@@ -147,6 +147,14 @@ def test_a_value_whose_repr_holds_control_characters_is_shown_as_visible_text():
     assert_visible(str(info.value))
 
 
+def test_add_decayed_weights_shows_a_bad_rate_as_visible_text():
+    tx = dm.add_decayed_weights(0.1, {"w": Loud()})
+    params = {"w": jnp.ones(2)}
+    with pytest.raises(TypeError, match="a rate must be a float") as info:
+        tx.update(params, tx.init(params), params)
+    assert_visible(str(info.value))
+
+
 def test_rules_still_match_the_real_names():
     model = Holder({BAD: jnp.ones((3, 3)), "plain": jnp.ones((3, 3))})
     by_regex = dm.Policy(dm.decay(), dm.no_decay(path=re.compile(re.escape(BAD))))

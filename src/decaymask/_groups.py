@@ -301,6 +301,7 @@ def _like(tree: Mapping[str, Any], items: dict[str, Any]) -> Any:
         return items
 
 
+@visible_errors
 def merge(first: Any, second: Any) -> Any:
     """The params mapping that :meth:`decaymask.Policy.split` halved: every key of both.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._needs import needs
+from .core._text import visible_errors
 
 if TYPE_CHECKING:
     import optax
@@ -69,4 +70,4 @@ def add_decayed_weights(weight_decay: Any, rates: Any) -> optax.GradientTransfor
 
         return jax.tree.map(one, updates, params, tree), state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformation(init_fn, visible_errors(update_fn))
