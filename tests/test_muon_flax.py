@@ -116,13 +116,17 @@ def unknown_layout(
         "give the layer classes (Linen params: module=model, args=(x,); an NNX State: "
         "the model itself), "
     )
+    # Known by names, there is no instance for a function of the layer to read.
+    per_instance = "" if by_name else (
+        f", or, where it differs between the class's instances, with a function of the "
+        f"layer: matrix_axes={{{name!r}: lambda layer: ((...), (...))}}"
+    )
     return (
         f"muon_dims_for_flax: {path} ({owner}, weight, shape {shape}) is selected by {rule}, "
         f"but its matrix layout (reduction and output axes) is unknown. Fix: leave it out "
         f"with a rule, e.g. dm.no_decay(path={path!r}), {traced if by_name else ''}or "
         f"teach the layout with dm.register_layer(cls, kind, matrix_axes={{{name!r}: "
-        f"((...), (...))}}), or, where it differs between the class's instances, with a "
-        f"function of the layer: matrix_axes={{{name!r}: lambda layer: ((...), (...))}}."
+        f"((...), (...))}}){per_instance}."
     )
 
 
@@ -281,7 +285,8 @@ def test_linen_scanned_conv_needs_the_classes():
     with pytest.raises(ValueError) as info:
         MATRICES.muon_dims_for_flax(params)
     assert str(info.value) == unknown_layout(
-        "ScanConvBlock_0/DenseGeneral_0/kernel", "DenseGeneral", (2, 4, 2, 2), PRESET_RULE, "kernel"
+        "ScanConvBlock_0/DenseGeneral_0/kernel", "DenseGeneral", (2, 4, 2, 2), PRESET_RULE,
+        "kernel", by_name=True,
     )
     dims = MATRICES.muon_dims_for_flax(params, module=ScannedConv(), args=(x,))
     assert flat(dims) == {
@@ -306,7 +311,7 @@ def test_linen_bias_free_dense_general_needs_the_classes():
     with pytest.raises(ValueError) as info:
         MATRICES.muon_dims_for_flax(params)
     assert str(info.value) == unknown_layout(
-        "DenseGeneral_0/kernel", "DenseGeneral", (4, 2, 3), PRESET_RULE, "kernel"
+        "DenseGeneral_0/kernel", "DenseGeneral", (4, 2, 3), PRESET_RULE, "kernel", by_name=True
     )
     dims = MATRICES.muon_dims_for_flax(params, module=BiasFree(), args=(x,))
     assert flat(dims) == {
@@ -339,16 +344,21 @@ class Gated(nn.Module):
 def test_linen_unknown_layout_is_an_error(by_class):
     x = jnp.zeros((1, 4))
     params = linen_params(Mixer(), x)
-    with pytest.raises(ValueError) as info:
-        MATRICES.muon_dims_for_flax(params, **linen_kwargs(by_class, Mixer(), x))
-    assert str(info.value) == unknown_layout(
-        "Einsum_0/kernel", "Einsum", (2, 4, 3), PRESET_RULE, "kernel"
-    )
-    # The fix the message names: leave it to Adam.
-    dims = dm.presets.muon(exclude="Einsum_0/*").muon_dims_for_flax(
-        params, **linen_kwargs(by_class, Mixer(), x)
-    )
-    assert flat(dims) == {"Einsum_0/bias": None, "Einsum_0/kernel": None}
+    if by_class:
+        # Traced, the Einsum's equation says which kernel axes contract, as NNX's does.
+        dims = MATRICES.muon_dims_for_flax(params, **linen_kwargs(by_class, Mixer(), x))
+        assert flat(dims) == {"Einsum_0/bias": None, "Einsum_0/kernel": Dims((1,), (0, 2))}
+    else:
+        # By names the equation is unknown: the fix is to trace (a function of the
+        # layer would have no layer to read).
+        with pytest.raises(ValueError) as info:
+            MATRICES.muon_dims_for_flax(params)
+        assert str(info.value) == unknown_layout(
+            "Einsum_0/kernel", "Einsum", (2, 4, 3), PRESET_RULE, "kernel", by_name=True
+        )
+        # The fix the message names: leave it to Adam.
+        dims = dm.presets.muon(exclude="Einsum_0/*").muon_dims_for_flax(params)
+        assert flat(dims) == {"Einsum_0/bias": None, "Einsum_0/kernel": None}
 
     params = linen_params(Gated(), x)
     # A 2-D `w` makes a linear layer by its content; its layout is still not known.

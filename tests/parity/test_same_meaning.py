@@ -7,11 +7,14 @@ traced) and explains one policy on each: the decisions must agree.
 
 from __future__ import annotations
 
+import re
+
 import equinox as eqx
 import flax.linen as nn
 import haiku as hk
 import jax
 import jax.numpy as jnp
+import pytest
 from flax import nnx
 
 import decaymask as dm
@@ -187,3 +190,43 @@ def test_a_layer_scale_is_not_a_norm_in_any_framework():
     assert decided(NORMS_SPARED, params, fn=transformed, args=(x,)) == expected
     roles = {row.leaf.role for row in NORMS_SPARED.explain(params, framework="haiku")}
     assert roles == {"gain"}
+
+
+# An einsum layer's kernel layout is read off its equation wherever the layer is known.
+
+
+class LinenMixer(nn.Module):
+    equation: str | None = "btd,dnh->btnh"
+    at_call: str | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        mix = nn.Einsum((4, 2, 3), self.equation, name="mix")
+        return mix(x) if self.at_call is None else mix(x, einsum_str=self.at_call)
+
+
+class NnxMixer(nnx.Module):
+    def __init__(self):
+        self.mix = nnx.Einsum("btd,dnh->btnh", (4, 2, 3), rngs=nnx.Rngs(0))
+
+
+def test_an_einsum_layout_is_its_equation_in_linen_traced_as_in_nnx():
+    policy = dm.presets.muon()
+    x = jnp.ones((1, 5, 4))
+    nnx_dims = policy.muon_dims(NnxMixer())
+    expected = nnx_dims["mix"]["kernel"]
+    assert (expected.reduction_axis, expected.output_axis) == ((0,), (1, 2))
+    for linen in (LinenMixer(), LinenMixer(equation=None, at_call="btd,dnh->btnh")):
+        variables = linen.init(KEY, x)
+        dims = policy.muon_dims(variables, module=linen, args=(x,))
+        assert dims["params"]["mix"]["kernel"] == expected
+        assert dims["params"]["mix"]["bias"] is None
+    # By names there is no equation: the error says to give the classes, and offers no
+    # function of the layer (with no layer to call it on).
+    variables = LinenMixer().init(KEY, x)
+    with pytest.raises(ValueError, match=re.escape(
+        "give the layer classes (Linen params: module=model, args=(x,); an NNX State: the "
+        "model itself), or teach the layout with dm.register_layer(cls, kind, "
+        "matrix_axes={'kernel': ((...), (...))}).")) as info:
+        policy.muon_dims(variables)
+    assert "lambda layer" not in str(info.value)

@@ -102,7 +102,14 @@ def muon_dimension_numbers(decision: Any, method: str, layout_fix: str = "") -> 
         leaf = decision.leaf
         traced = (
             f"give the layer classes ({layout_fix}), "
-            if layout_fix and leaf.layer_class is None and leaf.layer_type is None
+            if layout_fix and leaf.layer_class is None
+            else ""
+        )
+        # A function of the layer needs the instance: a leaf known by names has none.
+        per_instance = (
+            f", or, where it differs between the class's instances, with a function of "
+            f"the layer: matrix_axes={{{leaf.name!r}: lambda layer: ((...), (...))}}"
+            if not traced
             else ""
         )
         raise ValueError(
@@ -110,9 +117,8 @@ def muon_dimension_numbers(decision: Any, method: str, layout_fix: str = "") -> 
             f"{leaf.shape}) is selected by {decision.decided_by}, but its matrix layout "
             f"(reduction and output axes) is unknown. Fix: leave it out with a rule, e.g. "
             f"dm.no_decay(path={leaf.path!r}), {traced}or teach the layout with "
-            f"dm.register_layer(cls, kind, matrix_axes={{{leaf.name!r}: ((...), (...))}}), "
-            f"or, where it differs between the class's instances, with a function of the "
-            f"layer: matrix_axes={{{leaf.name!r}: lambda layer: ((...), (...))}}."
+            f"dm.register_layer(cls, kind, matrix_axes={{{leaf.name!r}: ((...), (...))}})"
+            f"{per_instance}."
         )
     try:
         from optax.contrib import MuonDimensionNumbers

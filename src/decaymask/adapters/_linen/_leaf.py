@@ -8,6 +8,7 @@ from typing import Any
 from ...core._leaf import Leaf
 from ...core._roles import role_from_name
 from .._common import path_text
+from .._einsum import einsum_matrix_axes
 from .._stacks import Proof, agrees, lifted_at
 from ._arrays import cached_dtype_name
 from ._infer import LinenInference, LinenModule
@@ -204,8 +205,8 @@ class LinenReader(LinenInference):
         """(reduction, output) axes of a weight matrix in Linen's (in, out) layouts.
 
         Only where a layout is known, never guessed: a class of :data:`KIND_TABLE` (by
-        the trace or by its auto name), an attention layer's projections and a Linen
-        cell's gates. A module known by its names or arrays only (a user-named module,
+        the trace or by its auto name; an ``Einsum`` by the equation the trace saw), an
+        attention layer's projections and a Linen cell's gates. A module known by its names or arrays only (a user-named module,
         a third-party class such as GPT-2's ``(out, in)`` ``FlaxConv1D``) has none.
         """
         if name not in ("kernel", "embedding"):
@@ -223,6 +224,10 @@ class LinenReader(LinenInference):
         if base == "ConvLocal" and rank >= 2:
             # (*out_window, window * in, out): one matrix per output position.
             return (rank - 2,), (rank - 1,)
+        if base == "Einsum":
+            # Traced, the equation it was called with says which axes contract.
+            equation = self.trace.equations.get(path) if self.trace is not None else None
+            return einsum_matrix_axes(equation, rank) if equation is not None else None
         if base == "DenseGeneral":
             sizes = self.trace.general.get(path) if self.trace is not None else None
             if sizes is None and layer.cls is None:

@@ -1,6 +1,6 @@
 """The abstract trace of ``module.init``: the class at every module path, the rank each
-array has in one layer, the layers WeightNorm/SpectralNorm wrap and DenseGeneral's
-axis counts."""
+array has in one layer, the layers WeightNorm/SpectralNorm wrap, DenseGeneral's
+axis counts and the equation each Einsum was called with."""
 
 from __future__ import annotations
 
@@ -54,6 +54,8 @@ class LinenTrace:
     ndims: dict[tuple[str, tuple[str, ...]], int]
     general: dict[tuple[str, ...], tuple[int, int, int]]
     variables: Any
+    equations: dict[tuple[str, ...], str] = dataclasses.field(default_factory=dict)
+    """The equation each ``nn.Einsum`` was called with (its own or the call's), by path."""
 
     def __post_init__(self) -> None:
         # "params" first: a module's kind is read off its params where it has any.
@@ -108,6 +110,7 @@ class LinenInitRecorder:
         self.wrapped: dict[tuple[str, ...], type] = {}
         self.ndims: dict[tuple[str, tuple[str, ...]], int] = {}
         self.general: dict[tuple[str, ...], tuple[int, int, int]] = {}
+        self.equations: dict[tuple[str, ...], str] = {}
         self.pending = {path: list(names) for path, names in wanted.items()}
 
     def __call__(self, next_fun: Any, call_args: Any, call_kwargs: Any, context: Any) -> Any:
@@ -126,6 +129,12 @@ class LinenInitRecorder:
         elif type(bound) is not self.root_class or type(bound.parent) is not Scope:
             return out
         self._record_layout(bound, path)
+        if isinstance(bound, nn.Einsum) and context.method_name == "__call__":
+            # The call's equation takes precedence over the module's (Flax merges them).
+            given = call_kwargs.get("einsum_str", call_args[1] if len(call_args) > 1 else None)
+            equation = given if given is not None else bound.einsum_str
+            if isinstance(equation, str):
+                self.equations.setdefault(path, equation)
         if self.pending.get(path):
             self._record_ranks(bound, path)
         return out
@@ -193,7 +202,8 @@ def trace_init(
             )
         raise
     return LinenTrace(
-        recorder.classes, recorder.wrapped, recorder.ndims, recorder.general, variables
+        recorder.classes, recorder.wrapped, recorder.ndims, recorder.general, variables,
+        recorder.equations,
     )
 
 
