@@ -11,8 +11,9 @@ its static fields holds (see :mod:`decaymask.adapters._structure`).
 
 from __future__ import annotations
 
+import enum
 import threading
-from typing import Any
+from typing import Any, Final, Literal
 
 from . import adapters
 from .adapters._structure import Structure, structure_of
@@ -25,7 +26,12 @@ _built: dict[Any, tuple[Any, list[Any], list[str], tuple[Any, ...]]] = {}
 _lock = threading.Lock()
 _dead: list[Any] = []  # keys whose objects are gone; appended from weakref callbacks
 
-UNCACHED = object()
+
+class _Miss(enum.Enum):
+    UNCACHED = 0
+
+
+UNCACHED: Final = _Miss.UNCACHED
 """What :func:`lookup` returns for a key that cannot be hashed."""
 
 
@@ -47,7 +53,7 @@ def _drop_dead() -> None:
         _built.pop(_dead.pop(), None)
 
 
-def lookup(key: Any) -> tuple[Any, list[str]] | None | object:
+def lookup(key: Any) -> tuple[Any, list[str]] | None | Literal[_Miss.UNCACHED]:
     """The output kept under ``key`` and the warnings its build gave; ``None`` where
     there is none; :data:`UNCACHED` where ``key`` cannot be hashed."""
     with _lock:
@@ -88,7 +94,8 @@ def remember(key: Any, out: Any, values: list[Any], rebuild: Any, messages: list
     refs: tuple[Any, ...] = ()
     if structure is not None and structure.held:
         key = (*key[:-1], (structure.kept(), *signature[1:]))
-        refs = structure.watch(lambda key=key: _dead.append(key))
+        dead_key = key
+        refs = structure.watch(lambda: _dead.append(dead_key))
     with _lock:
         if _dead:
             _drop_dead()

@@ -35,9 +35,11 @@ _adapters: tuple[Adapter, ...] | None = None
 _added: list[Adapter] = []
 # Moves at every register and unregister: outputs cached under an adapter's name are
 # not served once another adapter has that name.
-generation = 0
+generation: int = 0
 # A framework or face -> (the registered adapters, those of that name or face).
-_candidates: dict[str, tuple[Sequence[Adapter], list[Adapter]]] = {}
+_candidates: dict[
+    str, tuple[Sequence[Adapter], list[Adapter], list[Adapter], list[Adapter]]
+] = {}
 
 
 def register(adapter: Adapter) -> Adapter:

@@ -56,14 +56,16 @@ def unglued(word: str) -> tuple[str, ...]:
     if word in PART_WORDS or len(word) < 2 * _MIN_PART:
         return (word,)
     # best[i]: the best split of word[i:], None where it has none.
-    best: list[tuple[str, ...] | None] = [None] * len(word) + [()]
+    best: list[tuple[str, ...] | None] = [None] * (len(word) + 1)
+    best[len(word)] = ()
     for i in range(len(word) - _MIN_PART, -1, -1):
         for j in range(len(word), i + _MIN_PART - 1, -1):
             rest = best[j]
             if rest is None or word[i:j] not in PART_WORDS:
                 continue
-            if best[i] is None or len(rest) + 1 < len(best[i]):  # type: ignore[arg-type]
-                best[i] = (word[i:j],) + rest
+            here = best[i]
+            if here is None or len(rest) + 1 < len(here):
+                best[i] = (word[i:j], *rest)
     split = best[0]
     return split if split is not None and len(split) > 1 else (word,)
 

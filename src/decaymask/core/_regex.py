@@ -123,7 +123,7 @@ class _Walk:
             f"each multiplies a failing search by the path's length)"
         )
 
-    def items(self, items: Iterable[tuple[Any, Any]], repeated: bool) -> str | None:
+    def items(self, items: Any, repeated: bool) -> str | None:
         """The first risky shape in ``items``; ``repeated``: they are the body (or part of
         it) of a repeat of more than one pass that may give back what it matched."""
         for op, av in items:

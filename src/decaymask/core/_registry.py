@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from ._vocab import LayerKind, Role, check_kind, check_role
 
@@ -155,7 +155,7 @@ def _check_axes(
     name: str, axes: Any, where: str | None = None
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     if where is None and callable(axes) and not isinstance(axes, (tuple, list)):
-        return axes  # asked per instance, checked then
+        return cast(Any, axes)  # asked per instance, checked then
 
     def as_ints(value: Any) -> tuple[int, ...] | None:
         items = value if isinstance(value, (tuple, list)) else (value,)
