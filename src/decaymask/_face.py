@@ -15,6 +15,7 @@ from . import _output_cache, adapters
 from ._output_cache import _built as _built
 from ._face_groups import GroupsFace
 from ._needs import needs
+from .adapters._structure import flattened
 from .core._policy import Policy as _CorePolicy
 from .core._collector import collector_paused
 from .core._report import Report
@@ -68,7 +69,7 @@ class Policy(GroupsFace, _CorePolicy):
         # model included) for nothing. Measured at 20,000 Equinox leaves: a third of the
         # time went to the collector.
         with collector_paused():
-            key = None
+            key = signature = None
             if not self._asks:
                 # A when= callable may read anything: only policies without one are cached.
                 signature = adapter.signature(tree, options)
@@ -81,7 +82,10 @@ class Policy(GroupsFace, _CorePolicy):
                         out, messages = built
                         warn_again(messages)
                         return out
-            found, rebuild = adapter.walk(tree, method=method, **options)
+            # The walk reuses the signature's flatten of the tree, where it is jax's.
+            own = type(adapter).signature is adapters.PytreeAdapter.signature
+            with flattened(tree, signature if own else None):
+                found, rebuild = adapter.walk(tree, method=method, **options)
             values, messages = self.values(
                 found,
                 "decisions" if value == "muon" else value,

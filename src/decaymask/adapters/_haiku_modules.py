@@ -202,12 +202,17 @@ class Modules:
                 except AttributeError:  # optax.MaskedNode for other branches' arrays
                     names = tuple(n for n, v in direct.items() if hasattr(v, "shape"))
                     shapes = tuple(direct[n].shape for n in names)
-                stacked = self.names_batch(key, direct)
+                b = direct.get("b")
+                if b is None or len(getattr(b, "shape", ())) < 2:
+                    stacked = self.stacks.get(key, _NO_STACK)[0]  # as names_batch finds
+                else:
+                    stacked = self.names_batch(key, direct)
                 if self.trace is not None:
                     stacked = tuple(self.traced_or(key, n, shape, stacked)
                                     for n, shape in zip(names, shapes))
             cls = self.trace.classes.get(key) if self.trace is not None else None
-            own = self.segment(mid[len(mid) - 1])  # not mid[-1]: pyright takes mid for ()
+            name = mid[len(mid) - 1]  # not mid[-1]: pyright takes mid for ()
+            own = self.segments.get(name) or self.segment(name)
             children = frozenset(self.children.get(mid, ())) if not names else None
             signature = (parent.token if parent is not None else -1, len(mid) - len(up),
                          own, cls, names, shapes, stacked, children)

@@ -17,9 +17,11 @@ from ..core._table import LeafTable
 from ._contract import TreedefRebuild
 from ._haiku_modules import CONV, DENSE, Module, Modules, module_id
 from ._haiku_trace import HaikuTrace, is_array_like
+from ._structure import treedef_of
 
 ACCEPTS = "a Haiku params dict (module path -> {param name: array})"
 _ARRAY_TYPES: dict[type, bool] = {}  # type -> whether its values are arrays
+_ARRAY_KINDS: set[type] = set()  # the types _ARRAY_TYPES holds True for
 _DTYPES: dict[Any, tuple[str, bool]] = {}  # dtype -> (its name, whether it can decay)
 
 
@@ -28,6 +30,8 @@ def _is_array(value: Any) -> bool:
     found = _ARRAY_TYPES.get(kind)
     if found is None:
         found = _ARRAY_TYPES[kind] = is_array_like(value)
+        if found:
+            _ARRAY_KINDS.add(kind)
     return found
 
 
@@ -40,6 +44,9 @@ def _dtype(value: Any) -> tuple[str, bool]:
         name = dtype_name(value)
         found = _DTYPES[value.dtype] = (name, Leaf("x", dtype=name).floating)
     return found
+
+
+_STR = frozenset({str})
 
 
 def check(tree: Any, method: str, params_and_state: str | None) -> None:
@@ -60,6 +67,9 @@ def check(tree: Any, method: str, params_and_state: str | None) -> None:
                             f"{type(module).__name__}, not a dict of params.")
         if type(module) is not dict:
             _check_node(module, repr(key), method)
+        elif _STR.issuperset(map(type, module)) and \
+                _ARRAY_KINDS.issuperset(map(type, module.values())):
+            continue  # string names, arrays of known types: nothing to refuse
         for name, value in module.items():
             if type(name) is not str and not isinstance(name, str):
                 raise TypeError(_key_error(method, f"{key}/{name!r}", name, "a param name"))
@@ -95,11 +105,12 @@ class HaikuWalk:
         known: dict[tuple, int] = {}
         roots: dict[int, Module] = {}
         state = trace is not None and trace.state
+        paths, stacks, where = modules.paths, modules.stacks, self.where.append
         for key in sorted(tree):
-            segments = modules.paths[key]
+            segments = paths[key]
             mid = module_id(segments)
             module = modules.of(mid, key) if mid else None  # a stack's too: its proof
-            if module is not None and key in modules.stacks and modules.stacks[key][1]:
+            if module is not None and key in stacks and stacks[key][1]:
                 module = None
             if module is not None:
                 owner = module.owner
@@ -123,10 +134,10 @@ class HaikuWalk:
                     found = known[reading, name, value.dtype] = \
                         key_ids.setdefault(signature, len(key_ids))
                 keys.append(found)
-                self.where.append((key, name, module))
+                where((key, name, module))
         modules.find_lifted()
         self.leaves = LeafTable(keys, self._leaf)
-        treedef = jax.tree_util.tree_structure(tree)
+        treedef = treedef_of(tree)
         # mypy cannot resolve jaxlib's PyTreeDef
         flattened = treedef.num_leaves  # type: ignore[attr-defined, unused-ignore]
         if flattened != len(keys):

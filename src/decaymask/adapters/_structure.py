@@ -12,10 +12,12 @@ dropped and never served.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import operator
+import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -58,6 +60,36 @@ class Structure:
         return tuple(weakref.ref(x, lambda _: dropped()) for x in self.held)
 
 
+_flattened = threading.local()  # .last: (tree, its treedef) while a build walks it
+
+
+@contextlib.contextmanager
+def flattened(tree: Any, signature: Any) -> Iterator[None]:
+    """While a build walks ``tree``, :func:`treedef_of` returns the treedef its
+    signature (of :func:`structure_signature`) already holds, rather than flattening
+    the tree again. Nothing is kept after the block."""
+    structure = signature[0] if type(signature) is tuple and signature else None
+    if not isinstance(structure, Structure) or structure.treedef is None:
+        yield
+        return
+    _flattened.last = (tree, structure.treedef)
+    try:
+        yield
+    finally:
+        _flattened.last = None
+
+
+def treedef_of(tree: Any) -> Any:
+    """``jax.tree_util.tree_structure(tree)``: the one already computed for this tree
+    in this build where there is one."""
+    last = getattr(_flattened, "last", None)
+    if last is not None and last[0] is tree:
+        return last[1]
+    import jax
+
+    return jax.tree_util.tree_structure(tree)
+
+
 def structure_signature(tree: Any) -> tuple[Structure, Any, Any] | None:
     """The tree's structure (node types, keys, static fields), each leaf's type, shape
     and dtype, and which leaves are one array: everything a walk by names reads.
@@ -80,8 +112,8 @@ def structure_signature(tree: Any) -> tuple[Structure, Any, Any] | None:
     except AttributeError:  # a leaf that is not an array: a Python scalar, a string
         described = (
             tuple(map(type, leaves)),
-            tuple(getattr(x, "shape", None) for x in leaves),
-            tuple(getattr(x, "dtype", None) for x in leaves),
+            tuple([getattr(x, "shape", None) for x in leaves]),
+            tuple([getattr(x, "dtype", None) for x in leaves]),
         )
     # Which leaves are the same array object: a walk reads that as sharing.
     shared: tuple[int, ...] = ()
@@ -100,14 +132,34 @@ def structure_of(treedef: Any) -> Structure | None:
     atoms: list[Any] = []
     held: list[Any] = []
     # The treedef's references: its class, the registry, then the static data of its nodes.
-    pending = [x for x in gc.get_referents(treedef) if not _is_machinery(x, treedef)]
+    referents = gc.get_referents(treedef)
+    if _holds_nothing_held(referents):
+        # Only plain values and classes (a dict tree's keys): keyed by the treedef, as
+        # the walk below would find.
+        return Structure(treedef, (), treedef, hashed)
+    pending = [x for x in referents if not _is_machinery(x, treedef)]
     pending.reverse()
+    # Tuples of the same objects read alike (every module of a class holds its field
+    # names and static values): read once, by their items' ids, then copied.
+    read: dict[tuple[int, ...], tuple[list[Any], list[Any]]] = {}
     while pending:
         x = pending.pop()
         kind = type(x)
         if kind in _PLAIN or isinstance(x, type):
             atoms.append(x)
-        elif kind is tuple or kind is list or isinstance(x, tuple):
+        elif kind is _Read:
+            read[x.ids] = (atoms[x.atoms:], held[x.held:])
+        elif kind is tuple:
+            ids = tuple(map(id, x))
+            known = read.get(ids)
+            if known is not None:
+                atoms.extend(known[0])
+                held.extend(known[1])
+                continue
+            pending.append(_Read(ids, len(atoms), len(held)))
+            atoms.append((kind, len(x)))
+            pending.extend(reversed(x))
+        elif kind is list or isinstance(x, tuple):
             atoms.append((kind, len(x)))
             pending.extend(reversed(x))
         elif kind is dict:
@@ -134,6 +186,23 @@ def structure_of(treedef: Any) -> Structure | None:
     except TypeError:
         return None
     return Structure(key, tuple(held), treedef, hashed)
+
+
+class _Read:
+    """Marks the end of a tuple's items in :func:`structure_of`'s stack."""
+
+    __slots__ = ("atoms", "held", "ids")
+
+    def __init__(self, ids: tuple[int, ...], atoms: int, held: int) -> None:
+        self.ids, self.atoms, self.held = ids, atoms, held
+
+
+def _holds_nothing_held(referents: list[Any]) -> bool:
+    """Whether a treedef's references are plain values, classes and jax's own objects
+    only: nothing :func:`structure_of` would hold weakly or refuse."""
+    kinds = set(map(type, referents))
+    kinds.difference_update(_PLAIN)
+    return all(issubclass(kind, type) or kind.__name__ == "PyTreeRegistry" for kind in kinds)
 
 
 def _is_machinery(x: Any, treedef: Any) -> bool:

@@ -23,6 +23,7 @@ from ._arrays import (
     unbox,
 )
 from .._stacks import Proof, lifted_modules
+from .._structure import treedef_of
 from ._infer import LinenModule
 from ._nodes import AT_LEAF, AT_NODE, STR_ONLY, EmptyNode, mapping_of
 from ._other import OtherCollections
@@ -95,7 +96,9 @@ class LinenWalk(OtherCollections):
         if self.proved:
             self._find_lifted()
         self.leaves = LeafTable(self.keys, self._build_leaf)
-        self.treedef = jax.tree_util.tree_structure(tree, is_leaf=is_box if self.boxed else None)
+        self.treedef = (
+            jax.tree_util.tree_structure(tree, is_leaf=is_box) if self.boxed else treedef_of(tree)
+        )
         flattened = self.treedef.num_leaves  # type: ignore[attr-defined, unused-ignore]  # mypy cannot resolve jaxlib's PyTreeDef
         if flattened != len(self.keys):
             raise RuntimeError(

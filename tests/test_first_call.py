@@ -1,0 +1,125 @@
+"""A first build (nothing cached) reuses the flatten its cache signature made, keys a
+tree of plain static data without reading every node, and checks Haiku params per
+module where it can: the same outputs and errors as before, and nothing kept alive."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import decaymask as dm
+from decaymask import _face
+from decaymask.adapters import _structure
+
+
+@pytest.fixture(autouse=True)
+def _empty_cache():
+    _face._built.clear()
+    yield
+    _face._built.clear()
+
+
+class Params(dict):
+    """A dict jax flattens as one, that a weak reference can watch."""
+
+
+jax.tree_util.register_pytree_node(
+    Params,
+    lambda d: (tuple(d[k] for k in sorted(d)), tuple(sorted(d))),
+    lambda keys, values: Params(zip(keys, values)),
+)
+
+
+def _linen(cls=dict):
+    return cls({"Dense_0": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)},
+                "LayerNorm_0": {"scale": jnp.ones(3), "bias": jnp.zeros(3)}})
+
+
+def test_a_build_keeps_no_reference_to_the_tree_it_walked():
+    policy = dm.Policy(dm.decay(param="weight"))
+    params = _linen(Params)
+    watch = weakref.ref(params)
+    assert policy.for_flax(params) == {"Dense_0": {"kernel": True, "bias": False},
+                                       "LayerNorm_0": {"scale": False, "bias": False}}
+    assert getattr(_structure._flattened, "last", None) is None
+    del params
+    gc.collect()
+    assert watch() is None
+
+
+def test_a_failed_walk_keeps_no_reference_either():
+    policy = dm.Policy(dm.decay(param="weight"))
+    bad = {"Dense_0": {"kernel": jnp.ones((2, 3)), "bias": "zeros"}}
+    with pytest.raises(TypeError):
+        policy.for_flax(bad)
+    assert getattr(_structure._flattened, "last", None) is None
+
+
+def test_the_reused_treedef_is_the_trees_own():
+    policy = dm.Policy(dm.decay(param="weight"))
+    params = _linen()
+    signature = _structure.structure_signature(params)
+    with _structure.flattened(params, signature):
+        assert _structure.treedef_of(params) is signature[0].treedef
+        other = _linen()
+        assert _structure.treedef_of(other) == jax.tree_util.tree_structure(other)
+    assert policy.for_flax(params) == policy.for_flax(_linen())
+
+
+@pytest.mark.parametrize("tree", [
+    _linen(),
+    {"a": [1.0, (jnp.ones(2), None)], "b": {"c": jnp.zeros(3)}},
+    {"mlp/~/linear_0": {"w": jnp.ones((2, 2)), "b": jnp.zeros(2)}},
+])
+def test_the_structure_of_plain_static_data_is_keyed_as_the_full_reading_keys_it(
+        tree, monkeypatch):
+    treedef = jax.tree_util.tree_structure(tree)
+    fast = _structure.structure_of(treedef)
+    monkeypatch.setattr(_structure, "_holds_nothing_held", lambda referents: False)
+    full = _structure.structure_of(treedef)
+    assert fast is not None and full is not None
+    assert fast == full and hash(fast) == hash(full)
+    assert fast.key == full.key and fast.held == full.held == ()
+
+
+def test_static_data_holding_an_object_is_still_held_weakly():
+    class Tag:
+        pass
+
+    tag = Tag()
+    jax.tree_util.register_pytree_node(
+        Tag, lambda t: ((), tag), lambda aux, children: aux)
+    structure = _structure.structure_of(jax.tree_util.tree_structure({"a": tag}))
+    assert structure is not None and structure.held == (tag,)
+
+
+def test_haiku_params_with_a_bad_value_are_refused_after_good_ones_were_read():
+    pytest.importorskip("haiku")
+    policy = dm.Policy(dm.decay(param="weight"))
+    good = {"linear": {"w": jnp.ones((2, 2)), "b": jnp.zeros(2)}}
+    assert policy.for_haiku(good) == {"linear": {"w": True, "b": False}}
+    bad = {"linear": {"w": jnp.ones((2, 2)), "b": [0.0, 0.0]}}
+    with pytest.raises(TypeError, match=r"linear/b is a list, not an array"):
+        policy.for_haiku(bad)
+
+
+def test_equinox_static_data_read_once_per_tuple_keys_as_every_tuple_read():
+    eqx = pytest.importorskip("equinox")
+    key = jax.random.key(0)
+
+    def structure(model):
+        return _structure.structure_of(jax.tree_util.tree_structure(model))
+
+    a = eqx.nn.MLP(2, 3, 4, 3, key=key)
+    b = eqx.nn.MLP(2, 3, 4, 3, key=jax.random.key(1))
+    wider = eqx.nn.MLP(2, 3, 5, 3, key=key)
+    biasless = eqx.nn.MLP(2, 3, 4, 3, use_bias=False, key=key)
+    assert structure(a) == structure(b)
+    assert structure(a) != structure(wider)
+    assert structure(a) != structure(biasless)
+    # Every Linear's static data is read: its objects are all held, once per place.
+    assert len(structure(a).held) == len(structure(biasless).held)
