@@ -444,7 +444,8 @@ def test_custom_param_is_unknown_with_role_from_name():
         x for x in _linen.leaves(params, **traced("boxed")) if x.name == "temperature"
     )
     assert (leaf.layer, leaf.role, leaf.layer_class) == ("unknown", "other", Temperature)
-    assert leaf.kind_source == "class"
+    # A class no table knows is read by its name and arrays: its array fits no kind.
+    assert leaf.kind_source == "content"
 
 
 # Lifted transforms.
@@ -1196,7 +1197,7 @@ WORDS_ROWS = {
     # path: (kind, role, evidence by names, evidence by classes)
     "FlaxConv1D_0/bias": ("linear", "bias", "content", "content"),
     "FlaxConv1D_0/kernel": ("linear", "weight", "content", "content"),
-    "FlaxRobertaPreLayerNormLMHead_0/bias": ("unknown", "bias", "name", "class"),
+    "FlaxRobertaPreLayerNormLMHead_0/bias": ("unknown", "bias", "content", "content"),
     "FlaxRobertaPreLayerNormLMHead_0/dense/bias": ("linear", "bias", "name", "class"),
     "FlaxRobertaPreLayerNormLMHead_0/dense/kernel": ("linear", "weight", "name", "class"),
     "FlaxRobertaPreLayerNormLMHead_0/layer_norm/bias": ("layer_norm", "bias", "name", "class"),

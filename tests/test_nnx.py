@@ -375,14 +375,14 @@ def test_containers_are_ancestors():
         return [(a.kind, a.type_name, a.source) for a in rows[path].ancestors]
 
     assert ancestry("blocks/1/mlp/layers/2/kernel") == [
-        ("unknown", "Zoo", "class"),
+        ("unknown", "Zoo", "name"),
         ("unknown", "List", "class"),
-        ("unknown", "Block", "class"),
+        ("unknown", "Block", "name"),
         ("unknown", "Sequential", "class"),
         ("unknown", "List", "class"),
     ]
     assert ancestry("attn/query/kernel") == [
-        ("unknown", "Zoo", "class"),
+        ("unknown", "Zoo", "name"),
         ("attention", "MultiHeadAttention", "class"),
     ]
     # The LoRA inside a LoRALinear: its own kind, the LoRALinear around it.
@@ -390,7 +390,7 @@ def test_containers_are_ancestors():
     # A cell owns its gates: no Linear between the cell and the model.
     assert (rows["gru/dense_h/kernel"].layer_type, ancestry("gru/dense_h/kernel")) == (
         "GRUCell",
-        [("unknown", "Zoo", "class")],
+        [("unknown", "Zoo", "name")],
     )
     within = dm.Policy(
         dm.decay(within=Block, param="weight"),
@@ -1042,8 +1042,8 @@ def test_unknown_module_and_names_evident_classes():
     policy = dm.Policy(dm.decay(param="weight"), dm.decay(layer="layer_norm", param="bias"))
     rows = policy.explain(model)
     assert [(r.path, r.layer, r.layer_type, r.leaf.kind_source, r.role, r.decay) for r in rows] == [
-        ("0/offset", "unknown", "Scaler", "class", "bias", False),
-        ("0/w", "unknown", "Scaler", "class", "weight", True),
+        ("0/offset", "unknown", "Scaler", "name", "bias", False),
+        ("0/w", "unknown", "Scaler", "name", "weight", True),
         ("1/scale", "rms_norm", "LlamaRMSNorm", "name", "scale", False),
         ("2/bias", "layer_norm", "FinalNorm", "name", "bias", True),
         ("2/scale", "layer_norm", "FinalNorm", "name", "scale", False),
@@ -1085,7 +1085,8 @@ def test_registered_classes_take_precedence():
     finally:
         dm.unregister_layer(Projection)
         dm.unregister_layer(FancyLinear)
-    assert [r.leaf.kind_source for r in SEED.explain(model)] == ["class", "class", "class", "class"]
+    # Unregistered, Projection is a class decaymask does not know: unknown via its name.
+    assert [r.leaf.kind_source for r in SEED.explain(model)] == ["class", "class", "name", "name"]
 
 
 # Errors.
@@ -1377,7 +1378,7 @@ def test_module_and_state_paths_decide_alike(preset):
     ) == [r.decay for r in by_class]
     assert_optimizer_decays(model, policy.for_flax, decays_of(by_class))
     # Where the State has less evidence (no classes), the report says what decided.
-    assert {r.leaf.kind_source for r in by_class} == {"class"}
+    assert {r.leaf.kind_source for r in by_class} == {"class", "name"}
     assert {r.layer_type for r in by_name} == {None}
     content = {r.path for r in by_name if r.leaf.kind_source == "content"}
     assert content == {

@@ -80,26 +80,26 @@ GROUPS = dm.Policy(
 REPORT = GROUPS.explain(MODEL)
 
 TABLE = """\
-path                  kind        class      role       shape    decay  layer id  lr       frozen  rule
-----                  ----        -----      ----       -----    -----  --------  --       ------  ----
-embed/weight          embedding   Embedding  embedding  (10, 4)  no     0         0.00625  no      default; lr: rule 2: lr(0.1, layer='embedding')
-pos_embed             unknown     ViT        position   (3, 4)   no     0         0.0625   no      default
-blocks/0/norm/weight  layer_norm  LayerNorm  scale      (4,)     no     1         0.125    no      default
-blocks/0/norm/bias    layer_norm  LayerNorm  bias       (4,)     no     1         0.125    no      default
-blocks/0/fc/weight    linear      Linear     weight     (4, 4)   yes    1         0.125    no      rule 1: decay(layer='linear', param='weight')
-blocks/0/fc/bias      linear      Linear     bias       (4,)     no     1         0.125    no      default
-blocks/1/norm/weight  layer_norm  LayerNorm  scale      (4,)     no     2         0.25     no      default
-blocks/1/norm/bias    layer_norm  LayerNorm  bias       (4,)     no     2         0.25     no      default
-blocks/1/fc/weight    linear      Linear     weight     (4, 4)   yes    2         0.25     no      rule 1: decay(layer='linear', param='weight')
-blocks/1/fc/bias      linear      Linear     bias       (4,)     no     2         0.25     no      default
-blocks/2/norm/weight  layer_norm  LayerNorm  scale      (4,)     no     3         0.5      no      default
-blocks/2/norm/bias    layer_norm  LayerNorm  bias       (4,)     no     3         0.5      no      default
-blocks/2/fc/weight    linear      Linear     weight     (4, 4)   yes    3         0.5      no      rule 1: decay(layer='linear', param='weight')
-blocks/2/fc/bias      linear      Linear     bias       (4,)     no     3         0.5      no      default
-norm/weight           layer_norm  LayerNorm  scale      (4,)     no     4         1        no      default
-norm/bias             layer_norm  LayerNorm  bias       (4,)     no     4         1        no      default
-head/weight           linear      Linear     weight     (2, 4)   no     4         0        yes     rule 3: freeze(path='head/*')
-head/bias             linear      Linear     bias       (2,)     no     4         1        no      default; freeze: rule 4: unfreeze(path='head/bias')
+path                  kind        via    class      role       shape    decay  layer id  lr       frozen  rule
+----                  ----        ---    -----      ----       -----    -----  --------  --       ------  ----
+embed/weight          embedding   class  Embedding  embedding  (10, 4)  no     0         0.00625  no      default; lr: rule 2: lr(0.1, layer='embedding')
+pos_embed             unknown     name   ViT        position   (3, 4)   no     0         0.0625   no      default
+blocks/0/norm/weight  layer_norm  class  LayerNorm  scale      (4,)     no     1         0.125    no      default
+blocks/0/norm/bias    layer_norm  class  LayerNorm  bias       (4,)     no     1         0.125    no      default
+blocks/0/fc/weight    linear      class  Linear     weight     (4, 4)   yes    1         0.125    no      rule 1: decay(layer='linear', param='weight')
+blocks/0/fc/bias      linear      class  Linear     bias       (4,)     no     1         0.125    no      default
+blocks/1/norm/weight  layer_norm  class  LayerNorm  scale      (4,)     no     2         0.25     no      default
+blocks/1/norm/bias    layer_norm  class  LayerNorm  bias       (4,)     no     2         0.25     no      default
+blocks/1/fc/weight    linear      class  Linear     weight     (4, 4)   yes    2         0.25     no      rule 1: decay(layer='linear', param='weight')
+blocks/1/fc/bias      linear      class  Linear     bias       (4,)     no     2         0.25     no      default
+blocks/2/norm/weight  layer_norm  class  LayerNorm  scale      (4,)     no     3         0.5      no      default
+blocks/2/norm/bias    layer_norm  class  LayerNorm  bias       (4,)     no     3         0.5      no      default
+blocks/2/fc/weight    linear      class  Linear     weight     (4, 4)   yes    3         0.5      no      rule 1: decay(layer='linear', param='weight')
+blocks/2/fc/bias      linear      class  Linear     bias       (4,)     no     3         0.5      no      default
+norm/weight           layer_norm  class  LayerNorm  scale      (4,)     no     4         1        no      default
+norm/bias             layer_norm  class  LayerNorm  bias       (4,)     no     4         1        no      default
+head/weight           linear      class  Linear     weight     (2, 4)   no     4         0        yes     rule 3: freeze(path='head/*')
+head/bias             linear      class  Linear     bias       (2,)     no     4         1        no      default; freeze: rule 4: unfreeze(path='head/bias')
 decayed 3 of 18 leaves, 48 of 154 elements (31.2%); frozen 1 leaf, 8 elements"""
 
 # n = 3 blocks, rate 0.5: id k learns 0.5 ** (4 - k) times as fast; the embedding's lr
@@ -126,8 +126,8 @@ LAYERS = (
 def test_table_shows_layer_ids_multipliers_frozen_and_the_per_layer_summary():
     assert str(REPORT) == TABLE + "\n\n" + PER_LAYER
     header, cells = REPORT.table_rows()
-    assert header[6:10] == ["layer id", "lr", "frozen", "rule"]
-    assert cells[-2][6:9] == ["4", "0", "yes"]
+    assert header[7:11] == ["layer id", "lr", "frozen", "rule"]
+    assert cells[-2][7:10] == ["4", "0", "yes"]
     assert REPORT.summary() == "decayed 3 of 18 leaves, 48 of 154 elements (31.2%); frozen 1 leaf, 8 elements"
 
 
@@ -143,11 +143,11 @@ def test_layers_rows_in_id_order():
 def test_markdown_has_the_columns_and_the_per_layer_table():
     lines = REPORT.to_markdown().splitlines()
     assert lines[:3] == [
-        "| path | kind | class | role | shape | decay | layer id | lr | frozen | rule |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        "| `embed/weight` | embedding | Embedding | embedding | (10, 4) | no | 0 | 0.00625 | no | default; lr: rule 2: lr(0.1, layer='embedding') |",
+        "| path | kind | via | class | role | shape | decay | layer id | lr | frozen | rule |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| `embed/weight` | embedding | class | Embedding | embedding | (10, 4) | no | 0 | 0.00625 | no | default; lr: rule 2: lr(0.1, layer='embedding') |",
     ]
-    assert lines[19] == "| `head/bias` | linear | Linear | bias | (2,) | no | 4 | 1 | no | default; freeze: rule 4: unfreeze(path='head/bias') |"
+    assert lines[19] == "| `head/bias` | linear | class | Linear | bias | (2,) | no | 4 | 1 | no | default; freeze: rule 4: unfreeze(path='head/bias') |"
     assert lines[20:] == [
         "",
         "decayed 3 of 18 leaves, 48 of 154 elements (31.2%); frozen 1 leaf, 8 elements",
@@ -207,7 +207,7 @@ def test_html_shows_the_columns_and_the_per_layer_table():
         "<th>frozen</th><th>rule</th>"
     ) in html
     assert (
-        '<tr class="dm-no"><td><code>head/weight</code></td><td>linear</td><td>Linear</td>'
+        '<tr class="dm-no"><td><code>head/weight</code></td><td>linear</td><td>class</td><td>Linear</td>'
         '<td>weight</td><td>(2, 4)</td><td class="dm-mark">&middot; no</td>'
         '<td class="dm-num">4</td><td class="dm-num">0</td><td>yes</td>'
         "<td>rule 3: freeze(path=&#x27;head/*&#x27;)</td></tr>"
@@ -329,9 +329,9 @@ def test_freeze_without_layer_decay_says_how_much_is_frozen():
     report = policy.explain(MODEL)
     lines = str(report).splitlines()
     assert lines[:3] == [
-        "path                  kind        class      role       shape    decay  frozen  rule",
-        "----                  ----        -----      ----       -----    -----  ------  ----",
-        "embed/weight          embedding   Embedding  embedding  (10, 4)  no     yes     rule 5: freeze(layer='embedding')",
+        "path                  kind        via    class      role       shape    decay  frozen  rule",
+        "----                  ----        ---    -----      ----       -----    -----  ------  ----",
+        "embed/weight          embedding   class  Embedding  embedding  (10, 4)  no     yes     rule 5: freeze(layer='embedding')",
     ]
     assert lines[-1] == "decayed 4 of 18 leaves, 56 of 154 elements (36.4%); frozen 1 leaf, 40 elements"
     assert report.layers() == () and "per layer" not in report.to_markdown()
@@ -343,13 +343,13 @@ def test_lr_without_layer_decay_adds_only_the_lr_column():
     policy = dm.Policy(dm.decay(layer="linear", param="weight"), dm.lr(2.0, within=Block))
     report = policy.explain(MODEL)
     header, cells = report.table_rows()
-    assert header == ["path", "kind", "class", "role", "shape", "decay", "lr", "rule"]
+    assert header == ["path", "kind", "via", "class", "role", "shape", "decay", "lr", "rule"]
     rows = {c[0]: c for c in cells}
-    assert rows["blocks/1/fc/weight"][6:] == [
+    assert rows["blocks/1/fc/weight"][7:] == [
         "2", f"rule 1: decay(layer='linear', param='weight'); lr: rule 2: {policy.rules[1]!r}",
     ]
     assert repr(policy.rules[1]).startswith("lr(2.0, within=") and repr(policy.rules[1]).endswith("Block)")
-    assert rows["head/weight"][6:] == ["1", "rule 1: decay(layer='linear', param='weight')"]
+    assert rows["head/weight"][7:] == ["1", "rule 1: decay(layer='linear', param='weight')"]
     assert report.summary() == "decayed 4 of 18 leaves, 56 of 154 elements (36.4%)"
     assert set(report.to_dicts()[0]) == {
         "path", "kind", "via", "class", "role", "shape", "dtype", "decay", "label", "rate",
@@ -396,12 +396,13 @@ PLAIN_JSON = (
 )
 
 # sha256 of the outputs as they were before the group columns existed: the str,
-# markdown, JSON and HTML of the standard preset on MODEL, and the HTML of PLAIN.
+# markdown, JSON and HTML of the standard preset on MODEL, and the HTML of PLAIN (the
+# standard ones with the via column that ViT's own pos_embed, unknown via name, brings).
 BEFORE = {
-    "standard_str": "29ad583dcdcf71e39b7e05985427b073810e48117fa87f03b05166ab73d88f11",
-    "standard_markdown": "c119047d666b789df775ce876a790eea30a471a8a95b4e5f2561b06a7f47fc07",
-    "standard_json": "83c458e585b86318e48a44d0ea424f3500cc7b02628adb31f0d35c34f7dd04fc",
-    "standard_html": "4ec8fdcc25e4ea4f5bf84e674f917cd00e2b381374453b18a87e394940b703ee",
+    "standard_str": "3f9cb6c7f4da1092485aa898b3a09c8cdfabf5f8ea891d875ee495d6cfec7fcd",
+    "standard_markdown": "cd5885c9d59bd9b200508b6232ad7a26d05f4fa83962a4a3bbd7f89bb99ceb8a",
+    "standard_json": "a5f78d19051e3f5a9f9849eba6ee9b771b10d890530e781070b3a5aa3417994d",
+    "standard_html": "36f6b4fdf2edc3f8d6b95792b6de8df8f0333edc691f16b995ff8e7f02088c5e",
     "plain_html": "a9d5c741da34d544e140b5cd1c6a8815b14538b4381d60f364454dc69084762f",
 }
 
@@ -464,13 +465,13 @@ def test_cli_table_prints_the_columns_and_the_per_layer_table(capsys, policy_fil
     assert out == f"equinox: {__name__}:vit\n{policy!r}\n\n{policy.explain(MODEL)}\n"
     lines = out.splitlines()
     assert lines[8:11] == [
-        "path                  kind        class      role       shape    decay  layer id  lr       frozen  rule",
-        "----                  ----        -----      ----       -----    -----  --------  --       ------  ----",
-        "embed/weight          embedding   Embedding  embedding  (10, 4)  no     0         0.00625  no      default; lr: rule 2: lr(0.1, layer='embedding')",
+        "path                  kind        via    class      role       shape    decay  layer id  lr       frozen  rule",
+        "----                  ----        ---    -----      ----       -----    -----  --------  --       ------  ----",
+        "embed/weight          embedding   class  Embedding  embedding  (10, 4)  no     0         0.00625  no      default; lr: rule 2: lr(0.1, layer='embedding')",
     ]
     assert lines[-12:] == [
-        "head/weight           linear      Linear     weight     (2, 4)   no     4         0        yes     rule 3: freeze(path='head/*')",
-        "head/bias             linear      Linear     bias       (2,)     no     4         0        yes     rule 3: freeze(path='head/*')",
+        "head/weight           linear      class  Linear     weight     (2, 4)   no     4         0        yes     rule 3: freeze(path='head/*')",
+        "head/bias             linear      class  Linear     bias       (2,)     no     4         0        yes     rule 3: freeze(path='head/*')",
         "decayed 3 of 18 leaves, 48 of 154 elements (31.2%); frozen 2 leaves, 10 elements",
         "",
         "per layer",
@@ -486,7 +487,7 @@ def test_cli_table_prints_the_columns_and_the_per_layer_table(capsys, policy_fil
 
 def test_cli_markdown_and_json(capsys, policy_file):
     markdown = _cli(capsys, "--policy", policy_file, "--format", "markdown")
-    assert "| `blocks/2/fc/weight` | linear | Linear | weight | (4, 4) | yes | 3 | 0.5 | no | rule 1: decay(layer='linear', param='weight') |\n" in markdown
+    assert "| `blocks/2/fc/weight` | linear | class | Linear | weight | (4, 4) | yes | 3 | 0.5 | no | rule 1: decay(layer='linear', param='weight') |\n" in markdown
     assert markdown.endswith(
         "\n\ndecayed 3 of 18 leaves, 48 of 154 elements (31.2%); frozen 2 leaves, 10 elements\n"
         "\n**per layer**\n\n| layer id | leaves | parameters | lr | frozen |\n"

@@ -230,3 +230,78 @@ def test_an_einsum_layout_is_its_equation_in_linen_traced_as_in_nnx():
         "matrix_axes={'kernel': ((...), (...))}).")) as info:
         policy.muon_dims(variables)
     assert "lambda layer" not in str(info.value)
+
+
+# A layer decaymask does not know is unknown because nothing said a kind: "via class"
+# would claim decaymask knows the class.
+
+
+class EquinoxProjection(eqx.Module):
+    gate: jax.Array
+
+
+class EquinoxHolder(eqx.Module):
+    proj: EquinoxProjection
+    body: eqx.nn.Sequential
+
+
+class NnxProjection(nnx.Module):
+    def __init__(self):
+        self.gate = nnx.Param(jnp.ones((3, 4, 2)))
+
+
+class NnxHolder(nnx.Module):
+    def __init__(self):
+        self.proj = NnxProjection()
+
+
+class LinenProjection(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return jnp.einsum("bi,iho->bho", x, self.param("gate", nn.initializers.ones, (4, 2, 3)))
+
+
+class LinenHolder(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return LinenProjection(name="proj")(x)
+
+
+class HaikuProjection(hk.Module):
+    def __call__(self, x):
+        gate = hk.get_parameter("gate", (4, 2, 3), init=jnp.ones)
+        return jnp.einsum("bi,iho->bho", x, gate)
+
+
+def haiku_holder(x):
+    return HaikuProjection(name="proj")(x)
+
+
+def test_an_unknown_class_is_unknown_via_what_was_read_in_every_framework():
+    everything = dm.Policy(dm.decay())
+
+    def sources(tree, **options):
+        return {row.path: (row.leaf.layer, row.leaf.kind_source)
+                for row in everything.explain(tree, **options)}
+
+    linear = eqx.nn.Linear(2, 2, key=KEY)
+    equinox = EquinoxHolder(EquinoxProjection(jnp.ones((3, 4, 2))), eqx.nn.Sequential([linear]))
+    assert sources(equinox) == {
+        "proj/gate": ("unknown", "name"),
+        "body/layers/0/weight": ("linear", "class"),
+        "body/layers/0/bias": ("linear", "class"),
+    }
+    assert sources(NnxHolder()) == {"proj/gate": ("unknown", "name")}
+    # Where the arrays were read too (by names, or a traced class no table knows), they
+    # fit no kind: unknown via content, alike in NNX, Linen and Haiku.
+    read = {"proj/gate": ("unknown", "content")}
+    assert sources(nnx.state(NnxHolder(), nnx.Param)) == read
+    x = jnp.ones((2, 4))
+    linen = LinenHolder()
+    variables = linen.init(KEY, x)
+    assert sources(variables) == read
+    assert sources(variables, module=linen, args=(x,)) == read
+    transformed = hk.transform(haiku_holder)
+    params = transformed.init(KEY, x)
+    assert sources(params, framework="haiku") == read
+    assert sources(params, fn=transformed, args=(x,)) == read

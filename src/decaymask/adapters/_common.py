@@ -229,8 +229,9 @@ class ClassKinds:
     kind table along the class's bases, then its name (``LlamaRMSNorm``). A wrapper
     (WeightNorm) is ``"wrapper"``, resolved per instance by the adapter. A kind read
     off the class name is checked per instance against what the instance owns
-    (:meth:`content_layer`): the name alone never decides. Cached per class until the
-    registry changes.
+    (:meth:`content_layer`): the name alone never decides. A class none of these knows
+    is ``("unknown", "name")``: its name is all that was read. Cached per class until
+    the registry changes.
     """
 
     def __init__(
@@ -263,7 +264,7 @@ class ClassKinds:
         layer = layers.get(cls)
         if layer is None:
             kind, source, _ = self(cls)
-            if kind == "wrapper" or source == "name":
+            if kind == "wrapper" or (source == "name" and kind != "unknown"):
                 return None
             layer = layers[cls] = Layer(kind, cls.__name__, cls, source)
         return layer
@@ -311,7 +312,8 @@ class ClassKinds:
             return guessed, "name", None
         if is_generic_norm_name(cls.__name__):
             return "norm", "name", None
-        return "unknown", "class", None
+        # Neither table nor registry knows the class, and its name says no kind.
+        return "unknown", "name", None
 
 
 def instance_layer(

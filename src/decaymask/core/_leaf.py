@@ -12,7 +12,10 @@ KIND_SOURCES = ("class", "registered", "name", "content", "ambiguous", "given")
 registered it, a class or module name said it (the arrays agreeing or silent), the
 arrays it owns said it (the name silent or contradicted), names and arrays contradict
 and neither settles it (the kind is the arrays' best reading, and a warning says so),
-or the caller said so."""
+or the caller said so. An ``unknown`` layer whose class decaymask does not know is
+``unknown`` via ``name`` (or ``content`` where its arrays were read and fit no kind):
+``class`` always means decaymask knows the class (a container such as
+``eqx.nn.Sequential`` is ``unknown`` via ``class``)."""
 
 
 @dataclasses.dataclass(frozen=True)

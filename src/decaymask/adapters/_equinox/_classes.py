@@ -107,7 +107,8 @@ def _resolve(cls: type) -> EquinoxClass:
         could = False
     elif node is not None:
         kind, source, _ = equinox_class_kind(cls)
-        could = kind == "unknown" and source == "class" and not issubclass(cls, EQUINOX_CONTAINERS)
+        could = kind == "unknown" and source in ("class", "name") and \
+            not issubclass(cls, EQUINOX_CONTAINERS)
     else:
         could = True
     fields = _dynamic_fields(cls) if could and node is not None else ()

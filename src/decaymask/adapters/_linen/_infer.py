@@ -282,9 +282,8 @@ class LinenInference:
         kind, source, batch, layout = self._read_kind(
             path, said.name, parent, direct, children, stacked
         )
-        if kind == "unknown":
-            # Nothing said what it is: the class (or the name) is all there was.
-            source = "class" if traced else "name"
+        # Unknown, the evidence says what was read: the name alone (no arrays of its
+        # own) or arrays that fit no kind, as in every adapter.
         return kind, source, batch, layout
 
     def _read_kind(
