@@ -302,6 +302,7 @@ def check_assembled(depth: int = 3) -> None:
     if nnx.graphdef(a) != nnx.graphdef(b):
         raise AssertionError("nnx: the assembled model's graph differs from the whole one")
     same(nnx.state(a), nnx.state(b), "nnx")
+    same(haiku_params(depth), haiku_params(depth, whole=True), "haiku")
 
 
 def nnx_policy():
@@ -330,6 +331,67 @@ def nnx_hand_mask(model: Any) -> Any:
         return owner in linear or (owner in norm and path[-1] == "bias")
 
     return nnx.map_state(set_mask, nnx.state(model, nnx.Param))
+
+
+# --------------------------------------------------------------------------- Haiku
+
+
+def _haiku_block(x, width, heads, hidden, name):
+    import haiku as hk
+
+    with hk.experimental.name_scope(name):
+        ln1 = hk.LayerNorm(-1, True, True, name="ln1")
+        attn = hk.MultiHeadAttention(heads, width // heads, model_size=width,
+                                     w_init=hk.initializers.VarianceScaling(), name="attn")
+        h = ln1(x)
+        x = x + attn(h, h, h)
+        h = hk.Linear(hidden, name="fc1")(hk.LayerNorm(-1, True, True, name="ln2")(x))
+        return x + hk.Linear(width, name="fc2")(jax.nn.gelu(h))
+
+
+def haiku_transformed(depth: int, width: int = 8, heads: int = 2, hidden: int = 16,
+                      vocab: int = 32) -> Any:
+    """``hk.transform`` of the transformer: ``embed``, ``block_<i>/...``, ``ln_f``."""
+    import haiku as hk
+
+    def f(tokens):
+        x = hk.Embed(vocab, width, name="embed")(tokens)
+        for i in range(depth):
+            x = _haiku_block(x, width, heads, hidden, f"block_{i}")
+        return hk.LayerNorm(-1, True, True, name="ln_f")(x)
+
+    return hk.transform(f)
+
+
+def haiku_params(depth: int, width: int = 8, heads: int = 2, hidden: int = 16,
+                 vocab: int = 32, *, whole: bool = False) -> Any:
+    """Abstract Haiku params from ``jax.eval_shape`` of ``init``: with ``whole=True``
+    of the whole model, by default of a one-block model whose block is copied under
+    ``block_0`` .. ``block_{depth-1}`` (the same dict)."""
+    key = jax.random.key(0)
+    tokens = jax.ShapeDtypeStruct((1, 4), jnp.int32)
+    if whole:
+        return jax.eval_shape(haiku_transformed(depth, width, heads, hidden, vocab).init,
+                              key, tokens)
+    one = jax.eval_shape(haiku_transformed(1, width, heads, hidden, vocab).init, key, tokens)
+    params = {"embed": one["embed"]}
+    block = {k: v for k, v in one.items() if k.startswith("block_0/")}
+    for i in range(depth):
+        params.update({f"block_{i}/" + k[len("block_0/"):]: _fresh(v)
+                       for k, v in block.items()})
+    params["ln_f"] = one["ln_f"]
+    return params
+
+
+def haiku_policy():
+    return linen_policy()
+
+
+def haiku_hand_mask(params: Any) -> Any:
+    """The usual Haiku recipe: decay every ``w``, by name."""
+    import haiku as hk
+
+    return hk.data_structures.map(lambda module, name, _: name == "w", params)
 
 
 # --------------------------------------------------------------------------- checks

@@ -13,6 +13,8 @@ Also timed: ``policy.explain`` and the Muon dimension numbers of ``dm.presets.mu
     python benchmarks/bench_build.py --frameworks nnx --sizes 100000 --nnx-max 100000
     python benchmarks/bench_build.py --no-gc         # collector off in timed calls
     python benchmarks/bench_build.py --profile       # cProfile of decaymask at 4,000 leaves
+    python benchmarks/bench_build.py --first-only    # first calls only, 50 .. 4,000 leaves
+    python benchmarks/bench_build.py --profile-first --frameworks linen-traced
 
 The default run takes under 3 minutes on the machine in README.md (2 CPU cores); NNX
 stops at 20,000 leaves by default because its hand recipe alone takes 10 to 20 s a call
@@ -25,6 +27,14 @@ A mask function is called with the same structure again and again (optax calls a
 callable mask at every step), and decaymask builds an output once per policy and tree
 structure: "decaymask ms" is such a repeated call, "first ms" the first call on a new
 structure (the cache emptied before each run), which walks and decides the tree.
+
+The table of first calls times each side on a structure of its own, built for that run
+(new containers, leaves and modules: nothing either side could have kept from an earlier
+run), decaymask with its output cache and its memoized readings of names emptied first,
+best CPU time of ``--first-repeats``; the frameworks are Equinox, Linen by names, Linen
+traced (``module=``, ``args=``), NNX and Haiku. Goals: at most 1.2x the hand recipe at
+50 to 1,000 leaves, at most 1.0x from 4,000, and a traced Linen call at most 2x a
+names-only one.
 
 With transformers installed, the last table times the recipe transformers' Flax
 example scripts use (``decay_mask_fn``: no decay for ``bias`` nor LayerNorm params,
@@ -42,6 +52,7 @@ import sys
 import time
 
 import _models as M
+from _first_calls import FIRST_FRAMEWORKS, FIRST_SIZES, first_calls, profile_first
 
 import decaymask as dm
 
@@ -49,7 +60,7 @@ TARGET_RATIO = 1.2
 TARGET_FROM_LEAVES = 50
 DEFAULT_SIZES = (50, 100, 300, 1000, 4000, 20000, 100000)
 QUICK_SIZES = (50, 100, 300, 1000, 4000)
-FRAMEWORKS = ("equinox", "linen", "nnx")
+FRAMEWORKS = ("equinox", "linen", "nnx", "haiku")
 
 
 def case(framework: str, leaves: int, whole: bool = False):
@@ -77,6 +88,13 @@ def case(framework: str, leaves: int, whole: bool = False):
                 lambda: policy.for_flax(model),
                 lambda: policy.explain(model),
                 lambda: muon.muon_dims_for_flax(model))
+    if framework == "haiku":
+        model = M.haiku_params(depth, whole=whole)
+        policy = M.haiku_policy()
+        return (model, lambda: M.haiku_hand_mask(model),
+                lambda: policy.for_haiku(model),
+                lambda: policy.explain(model, framework="haiku"),
+                None)  # Muon layouts of Haiku params by names: unknown without fn=
     raise ValueError(f"unknown framework {framework!r}; expected one of {FRAMEWORKS}")
 
 
@@ -84,11 +102,13 @@ RECIPES = {
     "equinox": "jtu.tree_map(set_mask, model, is_leaf=Linear|LayerNorm)",
     "linen": "traverse_util.path_aware_map(path[-1] == 'kernel')",
     "nnx": "nnx.iter_graph types + nnx.map_state(nnx.state(model, nnx.Param))",
+    "haiku": "hk.data_structures.map(name == 'w')",
 }
 POLICIES = {
     "equinox": "Policy(decay(layer='linear'), decay(layer='layer_norm', param='bias'))",
     "linen": "Policy(decay(layer='linear', param='weight'))",
     "nnx": "Policy(decay(layer='linear'), decay(layer='layer_norm', param='bias'))",
+    "haiku": "Policy(decay(layer='linear', param='weight'))",
 }
 
 
@@ -115,7 +135,7 @@ def run(args) -> None:
                                            args.min_time)
             t_first = M.median(lambda: (forget(), ours()), args.aux_repeats, warmup=0)
             t_explain = M.median(explain, args.aux_repeats, warmup=0)
-            t_dims = M.median(dims, args.aux_repeats, warmup=0)
+            t_dims = M.median(dims, args.aux_repeats, warmup=0) if dims else None
             ratio = t_ours / t_hand
             if leaves >= TARGET_FROM_LEAVES:
                 target = "yes" if ratio <= TARGET_RATIO else "NO"
@@ -125,7 +145,7 @@ def run(args) -> None:
                 f"{leaves:,}", f"{t_hand * 1e3:.1f}", f"{t_ours * 1e3:.1f}",
                 f"{ratio:.2f}x", f"{t_first * 1e3:.1f}", f"{t_hand / leaves * 1e6:.1f}",
                 f"{t_ours / leaves * 1e6:.1f}", f"{t_explain * 1e3:.1f}",
-                f"{t_dims * 1e3:.1f}", target,
+                "-" if t_dims is None else f"{t_dims * 1e3:.1f}", target,
             ])
             print(f"  [{framework} {leaves} leaves: model built in {built:.1f} s, "
                   f"{time.perf_counter() - start:.0f} s so far]", file=sys.stderr,
@@ -143,6 +163,7 @@ def run(args) -> None:
              f"<= {TARGET_RATIO}x"],
             rows,
         ), flush=True)
+    first_calls(args)
     zoo(args)
     print()
     print(f"Total {time.perf_counter() - start:.0f} s.")
@@ -248,7 +269,7 @@ def main(argv=None) -> None:
                         help="only the table of transformers' models")
     parser.add_argument("--quick", action="store_true",
                         help=f"sizes {', '.join(map(str, QUICK_SIZES))} only")
-    parser.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS,
+    parser.add_argument("--frameworks", nargs="+", choices=FIRST_FRAMEWORKS,
                         default=list(FRAMEWORKS))
     parser.add_argument("--repeats", type=int, default=7,
                         help="timed runs per measurement (default: %(default)s)")
@@ -269,6 +290,17 @@ def main(argv=None) -> None:
     parser.add_argument("--whole", action="store_true",
                         help="build each model in one eval_shape (slow; NNX quadratic) "
                              "instead of one block copied")
+    parser.add_argument("--first-only", action="store_true",
+                        help="only the table of first calls")
+    parser.add_argument("--first-sizes", type=int, nargs="+",
+                        default=list(FIRST_SIZES),
+                        help="leaf counts of the first-call table (default: %(default)s)")
+    parser.add_argument("--first-repeats", type=int, default=5,
+                        help="runs per first-call measurement, best kept "
+                             "(default: %(default)s)")
+    parser.add_argument("--profile-first", action="store_true",
+                        help="print a cProfile of decaymask's first calls instead of "
+                             "the table (--frameworks may name linen-traced)")
     parser.add_argument("--profile", action="store_true",
                         help="print a cProfile of decaymask's call instead of the table")
     parser.add_argument("--profile-leaves", type=int, default=4000)
@@ -280,6 +312,14 @@ def main(argv=None) -> None:
     if args.zoo_only:
         zoo(args)
         return
+    if args.first_only:
+        print(f"Machine: {M.environment()}")
+        first_calls(args)
+        return
+    if args.profile_first:
+        profile_first(args)
+        return
+    args.frameworks = [f for f in args.frameworks if f in FRAMEWORKS]
     (profile if args.profile else run)(args)
 
 
