@@ -23,15 +23,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from ._groups import check_transformation, check_whole
-from ._probe import (
-    Mismatch,
-    VerifyError,
-    _Leaf,
-    _layers,
-    _measure,
-    _run,
-    _tolerance,
-)
+from ._probe import Mismatch, VerifyError, _layers, _Leaf, _measure, _run, _tolerance
 
 if TYPE_CHECKING:
     from ._face import Policy
