@@ -142,6 +142,7 @@ def structure_of(treedef: Any) -> Structure | None:
     # Tuples of the same objects read alike (every module of a class holds its field
     # names and static values): read once, by their items' ids, then copied.
     read: dict[tuple[int, ...], tuple[list[Any], list[Any]]] = {}
+    opened: set[int] = set()
     while pending:
         x = pending.pop()
         kind = type(x)
@@ -172,9 +173,18 @@ def structure_of(treedef: Any) -> Structure | None:
             try:
                 ref = weakref.ref(x)
             except TypeError:
-                if gc.is_tracked(x):
-                    return None  # it may hold anything, and cannot be held weakly
-                atoms.append(x)  # holds no object the collector tracks (object())
+                if not gc.is_tracked(x):
+                    atoms.append(x)  # holds no object the collector tracks (object())
+                    continue
+                # An object that cannot be held weakly (older Equinox keeps a module's
+                # static data in one): read as what it holds, as a tuple is; one seen
+                # twice (a cycle) leaves the structure uncached.
+                if id(x) in opened:
+                    return None
+                opened.add(id(x))
+                inner = gc.get_referents(x)
+                atoms.append((kind, len(inner)))
+                pending.extend(reversed(inner))
                 continue
             atoms.append(ref)
             held.append(x)
