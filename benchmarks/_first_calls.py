@@ -188,10 +188,14 @@ def profile_first(args) -> None:
             profiler.enable()
             ours(one)
             profiler.disable()
-        out = io.StringIO()
-        stats = pstats.Stats(profiler, stream=out).strip_dirs()
-        stats.sort_stats("tottime").print_stats(args.profile_top)
-        stats.sort_stats("cumulative").print_stats(args.profile_top)
-        print(f"\n### {framework}: {args.repeats} first calls of decaymask at "
-              f"{args.profile_leaves} leaves\n")
-        print(out.getvalue())
+        print_profile(profiler, args, f"{framework}: {args.repeats} first calls")
+
+
+def print_profile(profiler: cProfile.Profile, args, title: str) -> None:
+    """The top of a profile by own time and by cumulative time, under a heading."""
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out).strip_dirs()
+    stats.sort_stats("tottime").print_stats(args.profile_top)
+    stats.sort_stats("cumulative").print_stats(args.profile_top)
+    print(f"\n### {title} of decaymask at {args.profile_leaves} leaves\n")
+    print(out.getvalue())

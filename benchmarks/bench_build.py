@@ -46,13 +46,13 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import io
-import pstats
 import sys
 import time
 
 import _models as M
-from _first_calls import FIRST_FRAMEWORKS, FIRST_SIZES, first_calls, profile_first
+from _first_calls import (
+    FIRST_FRAMEWORKS, FIRST_SIZES, first_calls, print_profile, profile_first,
+)
 
 import decaymask as dm
 
@@ -252,13 +252,7 @@ def profile(args) -> None:
         for _ in range(args.repeats):
             ours()
         profiler.disable()
-        out = io.StringIO()
-        stats = pstats.Stats(profiler, stream=out).strip_dirs()
-        stats.sort_stats("tottime").print_stats(args.profile_top)
-        stats.sort_stats("cumulative").print_stats(args.profile_top)
-        print(f"\n### {framework}: {args.repeats} calls of decaymask at "
-              f"{args.profile_leaves} leaves\n")
-        print(out.getvalue())
+        print_profile(profiler, args, f"{framework}: {args.repeats} calls")
 
 
 def main(argv=None) -> None:
