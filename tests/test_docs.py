@@ -33,6 +33,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 VIEW = DOCS / "assets" / "report-view.html"
 VIEW_PAGE = DOCS / "getting-started" / "equinox.md"
+PICTURE = DOCS / "assets" / "report-view.png"  # made by docs/render_view.py
 
 _FENCE = re.compile(r"^```(\w*)\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 
@@ -234,6 +235,18 @@ def test_the_view_is_embedded():
     text = VIEW_PAGE.read_text()
     assert '<iframe src="../../assets/report-view.html"' in text
     assert VIEW.exists()
+
+
+def test_the_view_is_shown_as_a_picture():
+    """The page shows the picture of the view; a PNG of a sane size (docs/render_view.py)."""
+    import struct
+
+    assert "](../assets/report-view.png)" in VIEW_PAGE.read_text()
+    data = PICTURE.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", "not a PNG"
+    width, height = struct.unpack(">II", data[16:24])
+    assert 600 <= width <= 1400 and 300 <= height <= 3000, (width, height)
+    assert 10_000 < len(data) < 300_000, len(data)
 
 
 def test_nav_lists_every_page():
