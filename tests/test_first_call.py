@@ -62,12 +62,32 @@ def test_a_failed_walk_keeps_no_reference_either():
 def test_the_reused_treedef_is_the_trees_own():
     policy = dm.Policy(dm.decay(param="weight"))
     params = _linen()
-    signature = _structure.structure_signature(params)
-    with _structure.flattened(params, signature):
+    with _structure.flattened(params):
+        signature = _structure.structure_signature(params)
         assert _structure.treedef_of(params) is signature[0].treedef
         other = _linen()
         assert _structure.treedef_of(other) == jax.tree_util.tree_structure(other)
+    assert getattr(_structure._flattened, "last", None) is None
     assert policy.for_flax(params) == policy.for_flax(_linen())
+
+
+def test_the_flatten_with_paths_of_the_signature_is_the_walks():
+    import equinox as eqx
+
+    model = eqx.nn.MLP(3, 2, 4, 1, key=jax.random.key(0))
+    with _structure.flattened(model):
+        signature = _structure.structure_signature(model, paths=True)
+        flat, treedef = _structure.flat_with_path_of(model)
+        assert treedef is signature[0].treedef
+        assert flat is _structure.flat_with_path_of(model)[0]
+        expected = jax.tree_util.tree_flatten_with_path(model)
+        assert [(jax.tree_util.keystr(k), v) for k, v in flat] == [
+            (jax.tree_util.keystr(k), v) for k, v in expected[0]]
+        other = eqx.nn.MLP(3, 2, 4, 1, key=jax.random.key(1))
+        assert _structure.flat_with_path_of(other)[0] is not flat
+    assert _structure.flat_with_path_of(model)[0] is not flat
+    mask = dm.Policy(dm.decay(layer="linear", param="weight")).for_equinox(model)
+    assert [x for x in jax.tree_util.tree_leaves(mask)] == [True, False, True, False]
 
 
 @pytest.mark.parametrize("tree", [
@@ -88,13 +108,43 @@ def test_the_structure_of_plain_static_data_is_keyed_as_the_full_reading_keys_it
 
 def test_static_data_holding_an_object_is_still_held_weakly():
     class Tag:
-        pass
+        def __init__(self, name):
+            self.name = name
 
-    tag = Tag()
+    tag = Tag("a")
     jax.tree_util.register_pytree_node(
         Tag, lambda t: ((), tag), lambda aux, children: aux)
     structure = _structure.structure_of(jax.tree_util.tree_structure({"a": tag}))
     assert structure is not None and structure.held == (tag,)
+
+
+def test_a_stateless_sentinel_in_static_data_is_read_by_its_class_and_not_kept():
+    eqx = pytest.importorskip("equinox")
+
+    class Sentinel:
+        pass
+
+    class Block(eqx.Module):
+        linear: eqx.nn.Linear
+        tag: Sentinel = eqx.field(static=True)
+
+    policy = dm.Policy(dm.decay(param="weight"))
+    first, second = Sentinel(), Sentinel()
+    watch = weakref.ref(first)
+    linear = eqx.nn.Linear(2, 2, key=jax.random.key(0))
+    a, b = Block(linear, first), Block(linear, second)
+    structure = _structure.structure_of(jax.tree_util.tree_structure(a))
+    assert structure is not None and structure.held == ()
+    # Keyed by what it reads, not by the treedef (which holds the sentinel).
+    assert structure.kept().treedef is None
+    assert structure == _structure.structure_of(jax.tree_util.tree_structure(b))
+    assert policy.for_equinox(a).linear.weight is True
+    assert len(_face._built) == 1
+    assert policy.for_equinox(b).linear.weight is True
+    assert len(_face._built) == 1  # the same entry: the sentinels differ in nothing read
+    del a, first, structure
+    gc.collect()
+    assert watch() is None
 
 
 def test_haiku_params_with_a_bad_value_are_refused_after_good_ones_were_read():
@@ -121,5 +171,7 @@ def test_equinox_static_data_read_once_per_tuple_keys_as_every_tuple_read():
     assert structure(a) == structure(b)
     assert structure(a) != structure(wider)
     assert structure(a) != structure(biasless)
-    # Every Linear's static data is read: its objects are all held, once per place.
-    assert len(structure(a).held) == len(structure(biasless).held)
+    # Equinox's static data holds its flatten's sentinel in every module: read by its
+    # class, nothing is held, and the key is not the treedef (which holds it).
+    assert structure(a).held == structure(biasless).held == ()
+    assert structure(a).kept().treedef is None

@@ -319,6 +319,9 @@ def test_an_adapter_registered_anew_under_a_name_is_never_served_the_old_ones_ou
 class Held:
     """An object a static field holds: a config, a tokenizer, a callback."""
 
+    def __init__(self, name: str = "config") -> None:
+        self.name = name
+
 
 class WithStatic(eqx.Module):
     linear: eqx.nn.Linear
@@ -359,3 +362,29 @@ def test_equal_static_values_hit_and_other_objects_do_not():
     assert len(_face._built) == 1
     assert policy.for_equinox(WithStatic(linear, other)).held is other
     assert len(_face._built) == 2
+
+
+class Sentinel:
+    """An object that holds nothing and compares by identity (a "missing" marker)."""
+
+
+class WithSentinel(eqx.Module):
+    linear: eqx.nn.Linear
+    marker: Sentinel = eqx.field(static=True)
+
+
+def test_sentinels_that_hold_nothing_share_an_entry_and_are_not_kept():
+    import gc
+    import weakref
+
+    policy = dm.Policy(dm.decay(param="weight"))
+    linear = eqx.nn.Linear(2, 3, key=KEY)
+    one, other = Sentinel(), Sentinel()
+    assert jax.tree.leaves(policy.for_equinox(WithSentinel(linear, one))) == [True, False]
+    served = policy.for_equinox(WithSentinel(linear, other))
+    assert len(_face._built) == 1
+    assert served.marker is other and jax.tree.leaves(served) == [True, False]
+    alive = weakref.ref(one)
+    del one
+    gc.collect()
+    assert alive() is None

@@ -68,10 +68,11 @@ class Policy(GroupsFace, _CorePolicy):
         # collections triggered meanwhile would scan every object of the process (the
         # model included) for nothing. Measured at 20,000 Equinox leaves: a third of the
         # time went to the collector.
-        with collector_paused():
+        with collector_paused(), flattened(tree):
             key = signature = None
             if not self._asks:
                 # A when= callable may read anything: only policies without one are cached.
+                # The signature's flatten is kept for the walk of this build.
                 signature = adapter.signature(tree, options)
                 if signature is not None:
                     key = _output_cache.key_of(self, value, method, adapter, signature)
@@ -82,10 +83,7 @@ class Policy(GroupsFace, _CorePolicy):
                         out, messages = built
                         warn_again(messages)
                         return out
-            # The walk reuses the signature's flatten of the tree, where it is jax's.
-            own = type(adapter).signature is adapters.PytreeAdapter.signature
-            with flattened(tree, signature if own else None):
-                found, rebuild = adapter.walk(tree, method=method, **options)
+            found, rebuild = adapter.walk(tree, method=method, **options)
             values, messages = self.values(
                 found,
                 "decisions" if value == "muon" else value,

@@ -92,7 +92,7 @@ def remember(key: Any, out: Any, values: list[Any], rebuild: Any, messages: list
         if output is None or output.held:
             return  # the output's structure holds objects of the user's
     refs: tuple[Any, ...] = ()
-    if structure is not None and structure.held:
+    if structure is not None and structure.kept() is not structure:
         key = (*key[:-1], (structure.kept(), *signature[1:]))
         dead_key = key
         refs = structure.watch(lambda: _dead.append(dead_key))

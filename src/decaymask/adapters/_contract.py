@@ -207,6 +207,10 @@ class PytreeAdapter(Adapter):
     which leaves are one array: its outputs are cached by that signature (not while a
     registered layout is a function of the layer, which may read anything)."""
 
+    flattens_with_paths = False
+    """Whether :meth:`walk` flattens the tree with key paths: the signature's flatten
+    then takes them, and the walk of the same build reuses it."""
+
     def signature(self, tree: Any, options: Mapping[str, Any]) -> Hashable | None:
         if options:
             return None  # a trace reads the module and its inputs too
@@ -216,7 +220,7 @@ class PytreeAdapter(Adapter):
             return None  # a registered function of the layer may read any of its fields
         from ._structure import structure_signature
 
-        return structure_signature(tree)
+        return structure_signature(tree, self.flattens_with_paths)
 
 
 _PREFIXES = ("labels_", "rates_", "muon_dims_", "")

@@ -7,7 +7,8 @@ config, anything a static field holds) alive as long as the entry lives. A struc
 whose static data is plain values (strings, numbers, ``None``, classes, tuples of them)
 is keyed by its treedef, exactly; any other object in it is held by a weak reference
 that compares as the object does while it lives, and an entry whose object has died is
-dropped and never served.
+dropped and never served. An object that holds nothing and compares by identity (a
+sentinel, as every Equinox module's static data holds) is read by its class alone.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ class Structure:
 
     def kept(self) -> Structure:
         """The key as a cache keeps it: without the treedef and the objects, where the
-        treedef holds objects."""
-        return Structure(self.key, (), None, self._hash) if self.held else self
+        treedef holds objects (the key is then not the treedef)."""
+        return self if self.key is self.treedef else Structure(self.key, (), None, self._hash)
 
     def watch(self, dropped: Callable[[], None]) -> tuple[Any, ...]:
         """Weak references to the objects held weakly, which call ``dropped`` once one
@@ -60,44 +61,69 @@ class Structure:
         return tuple(weakref.ref(x, lambda _: dropped()) for x in self.held)
 
 
-_flattened = threading.local()  # .last: (tree, its treedef) while a build walks it
+_flattened = threading.local()  # .last: [tree, its treedef, its flatten with paths]
 
 
 @contextlib.contextmanager
-def flattened(tree: Any, signature: Any) -> Iterator[None]:
-    """While a build walks ``tree``, :func:`treedef_of` returns the treedef its
-    signature (of :func:`structure_signature`) already holds, rather than flattening
-    the tree again. Nothing is kept after the block."""
-    structure = signature[0] if type(signature) is tuple and signature else None
-    if not isinstance(structure, Structure) or structure.treedef is None:
-        yield
-        return
-    _flattened.last = (tree, structure.treedef)
+def flattened(tree: Any) -> Iterator[None]:
+    """Within one build of ``tree``: the flatten its signature
+    (:func:`structure_signature`) does is kept, and :func:`treedef_of` and
+    :func:`flat_with_path_of` return it rather than flattening the tree again. Nothing
+    is kept after the block."""
+    outer = getattr(_flattened, "last", None)
+    _flattened.last = [tree, None, None]
     try:
         yield
     finally:
-        _flattened.last = None
+        _flattened.last = outer
+
+
+def _kept(tree: Any) -> list[Any] | None:
+    last = getattr(_flattened, "last", None)
+    return last if last is not None and last[0] is tree else None
 
 
 def treedef_of(tree: Any) -> Any:
     """``jax.tree_util.tree_structure(tree)``: the one already computed for this tree
     in this build where there is one."""
-    last = getattr(_flattened, "last", None)
-    if last is not None and last[0] is tree:
-        return last[1]
+    kept = _kept(tree)
+    if kept is not None and kept[1] is not None:
+        return kept[1]
     import jax
 
     return jax.tree_util.tree_structure(tree)
 
 
-def structure_signature(tree: Any) -> tuple[Structure, Any, Any] | None:
+def flat_with_path_of(tree: Any) -> tuple[list[tuple[Any, Any]], Any]:
+    """``jax.tree_util.tree_flatten_with_path(tree)``: the one already computed for
+    this tree in this build where there is one."""
+    kept = _kept(tree)
+    if kept is not None and kept[2] is not None:
+        return kept[2], kept[1]
+    import jax
+
+    return jax.tree_util.tree_flatten_with_path(tree)
+
+
+def structure_signature(tree: Any, paths: bool = False) -> tuple[Structure, Any, Any] | None:
     """The tree's structure (node types, keys, static fields), each leaf's type, shape
     and dtype, and which leaves are one array: everything a walk by names reads.
     ``None`` where the structure holds an object that cannot be keyed without being kept
-    alive, or that cannot be hashed."""
+    alive, or that cannot be hashed. Within a :func:`flattened` block of the same tree,
+    its flatten (``paths``: with key paths, for a walk that reads them) is kept for the
+    walk."""
     import jax  # only once a tree is read: `import decaymask` loads no framework
 
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    kept = _kept(tree)
+    if paths:
+        flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+        leaves = [leaf for _, leaf in flat]
+        if kept is not None:
+            kept[1], kept[2] = treedef, flat
+    else:
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        if kept is not None:
+            kept[1] = treedef
     structure = structure_of(treedef)
     if structure is None:
         return None
@@ -131,6 +157,7 @@ def structure_of(treedef: Any) -> Structure | None:
         return None
     atoms: list[Any] = []
     held: list[Any] = []
+    opaque = False  # an object read by its class only: the treedef is no key
     # The treedef's references: its class, the registry, then the static data of its nodes.
     referents = gc.get_referents(treedef)
     if _holds_nothing_held(referents):
@@ -169,6 +196,11 @@ def structure_of(treedef: Any) -> Structure | None:
                 pending.extend((v, k))
         elif kind is frozenset and all(type(v) in _PLAIN for v in x):
             atoms.append(x)
+        elif _stateless(kind, x):
+            # A sentinel (Equinox's in every module's static data): nothing but its
+            # class to read, and no reason to keep it.
+            atoms.append((_Stateless, kind))
+            opaque = True
         else:
             try:
                 ref = weakref.ref(x)
@@ -188,7 +220,7 @@ def structure_of(treedef: Any) -> Structure | None:
                 continue
             atoms.append(ref)
             held.append(x)
-    if not held:
+    if not held and not opaque:
         return Structure(treedef, (), treedef, hashed)
     key = (hashed, treedef.num_nodes, treedef.num_leaves, tuple(atoms))
     try:
@@ -196,6 +228,27 @@ def structure_of(treedef: Any) -> Structure | None:
     except TypeError:
         return None
     return Structure(key, tuple(held), treedef, hashed)
+
+
+class _Stateless:
+    """Marks an object read by its class alone in :func:`structure_of`'s atoms."""
+
+
+_stateless_kinds: dict[type, bool] = {}
+
+
+def _stateless(kind: type, x: Any) -> bool:
+    """Whether ``x`` holds nothing (an empty ``__dict__``, no slots) and compares and
+    hashes by identity: two such objects of one class differ in nothing a walk reads."""
+    plain = _stateless_kinds.get(kind)
+    if plain is None:
+        plain = _stateless_kinds[kind] = (
+            kind.__eq__ is object.__eq__
+            and kind.__hash__ is object.__hash__
+            and all(not vars(c).get("__slots__") for c in kind.__mro__)
+            and "__dict__" in dir(kind)
+        )
+    return plain and not x.__dict__
 
 
 class _Read:

@@ -25,6 +25,7 @@ class EquinoxAdapter(PytreeAdapter):
         "(or pass mask=policy.for_equinox)."
     )
     factory_result = "an Equinox module"
+    flattens_with_paths = True
 
     def claim(self, tree: Any) -> Claim:
         # A user's nnx.Module or linen.Module subclass lives in the user's module.

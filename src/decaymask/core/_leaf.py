@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 from ._vocab import check_kind, check_role
 
@@ -26,6 +27,19 @@ class Layer:
     type_name: str | None = None
     cls: type | None = dataclasses.field(default=None, compare=True, repr=False)
     source: str = "given"
+
+    def __hash__(self) -> int:
+        # Hashed once: a walk keys every leaf on its owner and the modules around it.
+        try:
+            return self.__dict__["_hash"]
+        except KeyError:
+            hashed = hash((self.kind, self.type_name, self.cls, self.source))
+            object.__setattr__(self, "_hash", hashed)
+            return hashed
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Strings hash differently in another process: the hash is not pickled.
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
 
     def matches_class(self, wanted: type) -> bool:
         """Whether this module is an instance of ``wanted``.

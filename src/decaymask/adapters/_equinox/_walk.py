@@ -27,6 +27,7 @@ from .._common import (
     registered_batch_axes,
 )
 from .._contract import TreedefRebuild
+from .._structure import flat_with_path_of
 from ._classes import (
     INDEX_KEYS,
     array_field,
@@ -94,7 +95,7 @@ class EquinoxWalk:
     """
 
     def __init__(self, tree: Any):
-        flat, self.treedef = jax.tree_util.tree_flatten_with_path(tree)
+        flat, self.treedef = flat_with_path_of(tree)
         self.size = len(flat)
         self.contexts: dict[tuple, EquinoxContext] = {}
         self.interned: dict[tuple, int] = {}
