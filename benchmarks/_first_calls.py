@@ -38,6 +38,7 @@ def cold() -> None:
             if getattr(value, "__module__", None) == name and hasattr(value, "cache_clear"):
                 value.cache_clear()
     for name, table in (("decaymask.adapters._haiku_modules", "_segments"),
+                        ("decaymask.adapters._haiku_modules", "_numbered"),
                         ("decaymask.adapters._nnx._by_name", "_name_layers"),
                         ("decaymask.adapters._linen._signature", "traits_of")):
         found = getattr(sys.modules.get(name), table, None)

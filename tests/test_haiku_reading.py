@@ -247,3 +247,29 @@ def test_a_mapping_jax_does_not_flatten_is_refused_not_masked_as_one_array():
         "returns them (or Haiku's FlatMap).")
     with pytest.raises(TypeError, match=r"^for_haiku: the params is a _Params, which jax does not"):
         dm.presets.standard().for_haiku(_Params(linear={"w": w}))
+
+
+# Numbered names as Haiku makes them (a module's default name counted up, ``block_{i}``
+# by hand) and names whose words say a kind, a trait or a moving average.
+_NUMBERED_NAMES = ["block_0", "block_17", "linear_1", "linear_12", "layer_norm_3", "ln_2",
+                   "ls_1", "ls_12", "layer_scale_3", "pos_embed_1", "wpe_4", "conv2_d_3",
+                   "x_ema_1", "ema_2", "mlp_1_2", "mlp_1_3", "__layer_stack_no_per_layer_1",
+                   "__layer_stack_no_per_layer_1_2", "block_\u0661", "attn_norm_5"]
+
+
+def test_every_number_of_a_name_reads_as_that_name_alone():
+    """The words of a numbered name are read once per base name; each name's reading
+    is the one its own words give, in either order of first sight."""
+    from decaymask.adapters import _haiku_modules as hm
+    from decaymask.core._names import name_kind, words
+    from decaymask.core._roles import owner_trait
+
+    for names in (_NUMBERED_NAMES, _NUMBERED_NAMES[::-1]):
+        hm._segments.clear()
+        hm._numbered.clear()
+        for name in names:
+            said = hm.segment(name)
+            assert (said.said, said.owner, said.ema) == (
+                name_kind(name), owner_trait(name),
+                name == "exponential_moving_average" or words(name)[-1:] == ("ema",)), name
+            assert said.stack == bool(hm._STACK.match(name)), name

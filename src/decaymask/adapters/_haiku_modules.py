@@ -65,6 +65,10 @@ class Segment(NamedTuple):
 
 
 _segments: dict[str, Segment] = {}
+# A numbered name's words are its base's and a number (``block_17``: ``block``, ``17``),
+# and a number says no kind, role or trait: (said, owner, ema) per base, from the first
+# name of that base read, for every number of it (``block_0`` .. ``block_99`` read once).
+_numbered: dict[str, tuple[str | None, str, bool]] = {}
 _segments_generation = -1
 _SEGMENTS_KEPT = 1 << 16
 
@@ -74,17 +78,26 @@ def segment(name: str) -> Segment:
     global _segments_generation
     if _segments_generation != _registry.generation or len(_segments) >= _SEGMENTS_KEPT:
         _segments.clear()
+        _numbered.clear()
         _segments_generation = _registry.generation
     found = _segments.get(name)
     if found is None:
-        base = name[: name.rindex("_")] if _NUMBERED.match(name) else name
+        numbered = _NUMBERED.match(name) is not None
+        base = name[: name.rindex("_")] if numbered else name
         builtin = BUILTIN.get(base)
         registration = _registry.lookup_spelled(base, snake) or \
             _registry.lookup_spelled(name, snake)
-        ema = name == "exponential_moving_average" or words(name)[-1:] == ("ema",)
+        number = name[len(base) + 1:] if numbered else ""
+        family = base if number.isascii() and number.isdigit() else None
+        said = _numbered.get(family) if family is not None else None
+        if said is None:
+            ema = name == "exponential_moving_average" or words(name)[-1:] == ("ema",)
+            said = (name_kind(name), owner_trait(name), ema)
+            if family is not None:
+                _numbered[family] = said
         found = _segments[name] = Segment(
-            bool(_STACK.match(name)), builtin, registration, name_kind(name), owner_trait(name),
-            ema, (builtin or ("Linear",))[0] == "Linear")
+            bool(_STACK.match(name)), builtin, registration, *said,
+            (builtin or ("Linear",))[0] == "Linear")
     return found
 
 
@@ -159,7 +172,9 @@ class Modules:
         self.stacks: dict[str, tuple[int, bool]] = {}
         children = self.children
         for key, segments in self.paths.items():
-            for i in range(1, len(segments)):
+            # Each (module, child) pair of the path, from the deepest up to the first
+            # module already known: the pairs above it were recorded with it.
+            for i in range(len(segments) - 1, 0, -1):
                 child = segments[i]
                 if child != "~":
                     up = segments[:i - 1] if segments[i - 1] == "~" else segments[:i]
@@ -168,6 +183,7 @@ class Modules:
                         children[up] = {child}
                     else:
                         found.add(child)
+                        break
             if "__layer_stack_" in key:
                 stacks = [self.segment(s).stack for s in module_id(segments)]
                 self.stacks[key] = (sum(stacks), all(stacks))

@@ -8,6 +8,7 @@ values (``optax.MaskedNode``) as they are.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,7 +16,7 @@ from ..core._leaf import Layer, Leaf
 from ..core._roles import role_from_name
 from ..core._table import LeafTable
 from ._contract import TreedefRebuild
-from ._haiku_modules import CONV, DENSE, Module, Modules, module_id
+from ._haiku_modules import CONV, DENSE, Module, Modules
 from ._haiku_trace import HaikuTrace, is_array_like
 from ._structure import treedef_of
 
@@ -47,6 +48,7 @@ def _dtype(value: Any) -> tuple[str, bool]:
 
 
 _STR = frozenset({str})
+_dtype_of = operator.attrgetter("dtype")
 
 
 def check(tree: Any, method: str, params_and_state: str | None) -> None:
@@ -97,28 +99,46 @@ class HaikuWalk:
         self.registered_batch_axes = registered_batch_axes
         self.tree, self.trace = tree, trace
         self.modules = modules = Modules(tree, trace)
-        # (module key, name, its module or None for the root's) of every array
-        self.where: list[tuple[str, str, Module | None]] = []
+        # (key, its arrays' names in jax's order, its module or None for the root's)
+        self.spans: list[tuple[str, tuple[str, ...], Module | None]] = []
+        self._where: list[tuple[str, str, Module | None]] | None = None
         keys: list[int] = []
         key_ids: dict[tuple, int] = {}
         # (module reading, name, dtype) -> key: what a key reads is the reading's.
         known: dict[tuple, int] = {}
+        # (module reading, names, dtypes) -> (names in jax's order, their keys): the
+        # arrays of modules alike, read once.
+        alike: dict[tuple, tuple[tuple[str, ...], list[int]]] = {}
         roots: dict[int, Module] = {}
         state = trace is not None and trace.state
-        paths, stacks, where = modules.paths, modules.stacks, self.where.append
+        paths, stacks, span, extend = modules.paths, modules.stacks, self.spans.append, keys.extend
+        of, readings = modules.of, modules.modules
         for key in sorted(tree):
             segments = paths[key]
-            mid = module_id(segments)
-            module = modules.of(mid, key) if mid else None  # a stack's too: its proof
+            mid = segments[:-1] if segments[-1] == "~" else segments  # module_id
+            module = (readings.get(mid) or of(mid, key)) if mid else None  # a stack's too
             if module is not None and key in stacks and stacks[key][1]:
                 module = None
+            last = segments[-1]
             if module is not None:
                 owner = module.owner
+                reading: Any = module.token
             else:  # no module: the owner stands for the path's parent, the key
                 owner = roots.get(len(segments)) or self._root(roots, len(segments))
-            last = segments[-1]
-            reading = module.token if module is not None else (owner.token, last)
+                reading = (owner.token, last)
             direct = tree[key]
+            try:
+                alike_key: tuple | None = \
+                    (reading, tuple(direct), tuple(map(_dtype_of, direct.values())))
+            except AttributeError:  # optax.MaskedNode: another branch's array
+                alike_key = None
+            done = alike.get(alike_key) if alike_key is not None else None
+            if done is not None:
+                span((key, done[0], module))
+                extend(done[1])
+                continue
+            names: list[str] = []
+            ids: list[int] = []
             for name in sorted(direct):
                 value = direct[name]
                 if isinstance(value, tuple):  # optax.MaskedNode: another branch's array
@@ -133,8 +153,12 @@ class HaikuWalk:
                     signature = (owner.token, name, role, _dtype(value)[1], is_param)
                     found = known[reading, name, value.dtype] = \
                         key_ids.setdefault(signature, len(key_ids))
-                keys.append(found)
-                where((key, name, module))
+                names.append(name)
+                ids.append(found)
+            span((key, tuple(names), module))
+            extend(ids)
+            if alike_key is not None:
+                alike[alike_key] = (tuple(names), ids)
         modules.find_lifted()
         self.leaves = LeafTable(keys, self._leaf)
         treedef = treedef_of(tree)
@@ -156,7 +180,11 @@ class HaikuWalk:
     def _leaf(self, index: int) -> Leaf:
         from ._common import path_text
 
-        key, name, module = self.where[index]
+        where = self._where
+        if where is None:
+            where = self._where = [(key, name, module) for key, names, module in self.spans
+                                   for name in names]
+        key, name, module = where[index]
         modules, trace = self.modules, self.trace
         segments = modules.paths[key]
         owner = module.owner if module is not None else self.roots[len(segments)]
