@@ -108,9 +108,14 @@ LAYOUTS = {
 }
 
 
+def _init(transformed: hk.Transformed, *args):
+    """Haiku's own init, compiled once: as eager, but one XLA program instead of one per op."""
+    return jax.jit(transformed.init)(jax.random.key(0), *args)
+
+
 @pytest.fixture(scope="module")
 def params():
-    return EVERY.init(jax.random.key(0), X)
+    return _init(EVERY, X)
 
 
 def _rows(report):
@@ -187,7 +192,9 @@ def test_muon_dims_are_haiku_layouts_and_a_real_muon_step_runs(params):
     assert policy.muon_dims(params, framework="haiku") == dims
     tx = optax.contrib.muon(0.1, muon_weight_dimension_numbers=policy.muon_dims_for_haiku)
     grads = jax.tree.map(jnp.ones_like, params)
-    updates, _ = tx.update(grads, tx.init(params), params)
+    # Compiled: one program instead of one per op and shape; the dims are read off the
+    # traced params as off concrete ones.
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
     assert jax.tree.map(jnp.shape, updates) == jax.tree.map(jnp.shape, params)
     assert np.all(np.isfinite(updates["conv2_d_transpose"]["w"]))
 
@@ -260,7 +267,7 @@ NAMED_STACKS = ["functions", "modules", "nested"]
 
 @pytest.fixture(scope="module")
 def named_stacks():
-    return {how: (t := _named_stack(how), t.init(jax.random.key(0), X)) for how in NAMED_STACKS}
+    return {how: (t := _named_stack(how), _init(t, X)) for how in NAMED_STACKS}
 
 
 def _named_stack_axes(how: str) -> dict[str, int]:
@@ -773,13 +780,20 @@ def _traced_classes(fn, *args):
         return out
 
     with hk.intercept_methods(interceptor):
-        fn.init(jax.random.key(0), *args)
+        # An abstract init calls every module as a concrete one does. A new function, so
+        # that JAX traces it now rather than reuse an earlier trace of fn.init.
+        jax.eval_shape(lambda *a: fn.init(*a), jax.random.key(0), *args)
     return classes
 
 
+@pytest.fixture(scope="module")
+def depths_params():
+    return _init(DEPTHS, X)
+
+
 @pytest.mark.parametrize("traced", [False, True], ids=["names", "classes"])
-def test_module_depths_say_where_each_module_stands_in_the_path(traced):
-    p = DEPTHS.init(jax.random.key(0), X)
+def test_module_depths_say_where_each_module_stands_in_the_path(traced, depths_params):
+    p = depths_params
     options = {"fn": DEPTHS, "args": (X,)} if traced else {}
     leaves = [row.leaf for row in dm.Policy(dm.decay()).explain(p, framework="haiku", **options)]
     depths = {leaf.path: leaf.module_depths for leaf in leaves}
@@ -805,7 +819,7 @@ def test_module_depths_say_where_each_module_stands_in_the_path(traced):
     # An LSTM owns its gates' arrays: the LSTM's depth, not its Linear's.
     t = hk.transform(lambda x: hk.LSTM(3)(x, hk.LSTM(3).initial_state(2))[0])
     lstm_options = {"fn": t, "args": (X,)} if traced else {}
-    lstm_params = t.init(jax.random.key(0), X)
+    lstm_params = _init(t, X)
     lstm = [row.leaf for row in dm.Policy(dm.decay()).explain(
         lstm_params, framework="haiku", **lstm_options)]
     assert {leaf.path: leaf.module_depths for leaf in lstm} == {
