@@ -251,65 +251,103 @@ def test_a_concrete_build_decides_as_the_abstract_one(capsys, framework):
     assert code == 0 and err == "" and json.loads(concrete) == json.loads(abstract)
 
 
-# Installs with one framework: the other one is blocked in a fresh interpreter.
+# Installs with one framework: the other one is blocked in a fresh interpreter. Every
+# command that blocks the same framework runs in one interpreter (starting one costs
+# seconds), each with its own output streams, exit code and warning registry.
 
 BLOCKED = """
-import sys
-sys.modules[{blocked!r}] = None
+import contextlib, io, json, sys, traceback, warnings
+sys.modules[sys.argv[1]] = None
 from decaymask._cli import main
-sys.exit(main(sys.argv[1:]))
+results = []
+for argv in json.loads(sys.argv[2]):
+    out, err = io.StringIO(), io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exit:
+            code = exit.code
+        except Exception:
+            traceback.print_exc()
+            code = 1
+    # As sys.exit(code) would end the interpreter.
+    code = 0 if code is None else code if isinstance(code, int) else (err.write(f"{code}\\n"), 1)[1]
+    results.append([code, out.getvalue(), err.getvalue()])
+print("\\n" + json.dumps(results))
 """
 
+ONE_FRAMEWORK = [
+    ("equinox", "nnx_model", "auto", "nnx: "),
+    ("equinox", "nnx_model", "nnx", "nnx: "),
+    ("equinox", "linen_model", "auto", "linen: "),
+    ("flax", "equinox_model", "auto", "equinox: "),
+    ("flax", "equinox_model", "equinox", "equinox: "),
+]
 
-def _without(blocked: str, *argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", BLOCKED.format(blocked=blocked), *argv],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-    )
+MISSING_FRAMEWORK = [
+    ("equinox", ["explain", f"{DEMO}:nnx_model", "--framework", "equinox"],
+     "--framework equinox needs equinox, which is not installed: pip install 'decaymask[equinox]'."),
+    ("flax", ["explain", f"{DEMO}:equinox_model", "--framework", "nnx"],
+     "--framework nnx needs flax, which is not installed: pip install 'decaymask[flax]'."),
+    ("equinox", ["explain", f"{DEMO}:equinox_model"],
+     "the factory decaymask._demo:equinox_model imports equinox, which is not installed: pip install 'decaymask[equinox]' ("),
+    ("flax", ["explain", f"{DEMO}:linen_model"],
+     "the factory decaymask._demo:linen_model imports flax, which is not installed: pip install 'decaymask[flax]' ("),
+    ("flax", ["demo"],
+     "the demo runs one model in Equinox, Linen and NNX and needs both frameworks; flax is not installed: pip install 'decaymask[all]'. 'explain' works with either one alone."),
+]
+
+
+def _one_framework_argv(factory: str, framework: str) -> list[str]:
+    return ["explain", f"{DEMO}:{factory}", "--framework", framework]
+
+
+@pytest.fixture(scope="module")
+def without():
+    """(blocked, argv) -> (exit code, stdout, stderr) of every command of this module run
+    with one framework blocked."""
+    runs: dict[str, list[list[str]]] = {}
+    for blocked, factory, framework, _ in ONE_FRAMEWORK:
+        runs.setdefault(blocked, []).append(_one_framework_argv(factory, framework))
+    for blocked, argv, _ in MISSING_FRAMEWORK:
+        runs.setdefault(blocked, []).append(argv)
+    results = {}
+    for blocked, argvs in runs.items():
+        done = subprocess.run(
+            [sys.executable, "-c", BLOCKED, blocked, json.dumps(argvs)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+        for argv, result in zip(argvs, json.loads(done.stdout.rstrip("\n").rsplit("\n", 1)[-1]), strict=True):
+            results[blocked, tuple(argv)] = tuple(result)
+    return results
 
 
 @pytest.mark.parametrize(
     "blocked, factory, framework, head",
-    [
-        ("equinox", "nnx_model", "auto", "nnx: "),
-        ("equinox", "nnx_model", "nnx", "nnx: "),
-        ("equinox", "linen_model", "auto", "linen: "),
-        ("flax", "equinox_model", "auto", "equinox: "),
-        ("flax", "equinox_model", "equinox", "equinox: "),
-    ],
+    ONE_FRAMEWORK,
     ids=["nnx", "nnx_forced", "linen", "equinox", "equinox_forced"],
 )
-def test_one_framework_installed_is_enough(blocked, factory, framework, head):
-    result = _without(blocked, "explain", f"{DEMO}:{factory}", "--framework", framework)
-    assert result.returncode == 0 and result.stderr == ""
-    assert result.stdout.startswith(head + f"{DEMO}:{factory}\n")
-    assert "decayed " in result.stdout.splitlines()[-1]
+def test_one_framework_installed_is_enough(without, blocked, factory, framework, head):
+    code, stdout, stderr = without[blocked, tuple(_one_framework_argv(factory, framework))]
+    assert code == 0 and stderr == ""
+    assert stdout.startswith(head + f"{DEMO}:{factory}\n")
+    assert "decayed " in stdout.splitlines()[-1]
 
 
 @pytest.mark.parametrize(
     "blocked, argv, message",
-    [
-        ("equinox", ["explain", f"{DEMO}:nnx_model", "--framework", "equinox"],
-         "--framework equinox needs equinox, which is not installed: pip install 'decaymask[equinox]'."),
-        ("flax", ["explain", f"{DEMO}:equinox_model", "--framework", "nnx"],
-         "--framework nnx needs flax, which is not installed: pip install 'decaymask[flax]'."),
-        ("equinox", ["explain", f"{DEMO}:equinox_model"],
-         "the factory decaymask._demo:equinox_model imports equinox, which is not installed: pip install 'decaymask[equinox]' ("),
-        ("flax", ["explain", f"{DEMO}:linen_model"],
-         "the factory decaymask._demo:linen_model imports flax, which is not installed: pip install 'decaymask[flax]' ("),
-        ("flax", ["demo"],
-         "the demo runs one model in Equinox, Linen and NNX and needs both frameworks; flax is not installed: pip install 'decaymask[all]'. 'explain' works with either one alone."),
-    ],
+    MISSING_FRAMEWORK,
     ids=["forced_equinox", "forced_nnx", "equinox_factory", "linen_factory", "demo"],
 )
-def test_a_missing_framework_is_one_line(blocked, argv, message):
-    result = _without(blocked, *argv)
-    assert result.returncode == 2 and result.stdout == ""
+def test_a_missing_framework_is_one_line(without, blocked, argv, message):
+    code, stdout, stderr = without[blocked, tuple(argv)]
+    assert code == 2 and stdout == ""
     command = argv[0]
-    assert result.stderr.startswith(f"python -m decaymask {command}: error: {message}")
-    assert result.stderr.count("\n") == 1, result.stderr
+    assert stderr.startswith(f"python -m decaymask {command}: error: {message}")
+    assert stderr.count("\n") == 1, stderr
 
 
 def test_console_script_is_declared():
