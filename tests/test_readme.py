@@ -65,10 +65,23 @@ def _run_python_examples() -> None:
             exec(compile(block, "README.md", "exec"), namespace)
 
 
-def test_readme_python_examples_run(tmp_path, monkeypatch):
-    """Every ```python block of the README, in order, in one namespace."""
-    monkeypatch.chdir(tmp_path)
-    _run_python_examples()
+@pytest.fixture(scope="module")
+def examples_dir(tmp_path_factory):
+    """The directory where every ```python block of the README ran (once for the module:
+    the shell commands run where the examples did)."""
+    where = tmp_path_factory.mktemp("readme")
+    previous = os.getcwd()
+    os.chdir(where)
+    try:
+        _run_python_examples()
+    finally:
+        os.chdir(previous)
+    return where
+
+
+def test_readme_python_examples_run(examples_dir):
+    """Every ```python block of the README, in order, in one namespace (they run in the
+    fixture; an error there fails this test)."""
 
 
 def _shell_commands() -> list[str]:
@@ -98,18 +111,17 @@ def _has_console_script() -> bool:
     return found
 
 
-def test_readme_shell_commands_run(tmp_path, monkeypatch):
+def test_readme_shell_commands_run(examples_dir):
     """Every command the README shows runs as shown, in the directory where its Python
     examples ran (one of them writes the train.toml a command reads)."""
     commands = _shell_commands()
     assert len(commands) >= 4 and any("--policy train.toml" in c for c in commands)
     if not _has_console_script():
         pytest.skip("the decaymask command is not installed beside this Python (pip install -e .)")
-    monkeypatch.chdir(tmp_path)
-    _run_python_examples()
     for command in commands:
         result = subprocess.run(
-            ["bash", "-c", command], cwd=tmp_path, env=_shell_env(), capture_output=True, text=True
+            ["bash", "-c", command], cwd=examples_dir, env=_shell_env(), capture_output=True,
+            text=True,
         )
         assert result.returncode == 0 and result.stderr == "", (command, result.stderr)
         assert result.stdout.strip(), command
