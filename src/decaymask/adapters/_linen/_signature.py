@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from ...core._names import name_kind
@@ -16,6 +17,7 @@ from ._tables import ATTENTION_PROJECTIONS, auto_class
 traits_of: dict[str, int] = {}
 _trait_ids: dict[tuple, int] = {}
 _TRAITS_KEPT = 1 << 16
+_NUMBER_AT_END = re.compile(r"\d+$")
 
 
 def key_traits(key: str) -> int:
@@ -29,6 +31,13 @@ def key_traits(key: str) -> int:
 
     """
     found = traits_of.get(key)
+    if found is None and key[-1:].isdigit():
+        # No reading of a name tells its numbers apart (``blocks_3`` is ``blocks_0``):
+        # the blocks of a deep model are read once.
+        indexed = _NUMBER_AT_END.sub("0", key)
+        if indexed != key:
+            found = key_traits(indexed)
+            traits_of[key] = found
     if found is None:
         auto, stacked = auto_class(key)
         traits = (
