@@ -202,47 +202,52 @@ class Modules:
     def of(self, mid: tuple[str, ...], key: str | None = None) -> Module:
         """The module of path segments ``mid`` (no trailing ``~``), whose params (if any)
         are at ``key``."""
-        found = self.modules.get(mid)
+        modules = self.modules
+        found = modules.get(mid)
+        if found is not None:
+            return found
+        up = mid[:-2] if len(mid) > 1 and mid[-2] == "~" else mid[:-1]
+        parent = (modules.get(up) or self.of(up)) if up else None
+        if key is None:
+            key = "/".join(mid)
+        direct = self.tree.get(key)
+        trace = self.trace
+        names: tuple = ()
+        shapes: tuple = ()
+        stacked: Any = 0
+        if direct:
+            names = tuple(direct)
+            try:
+                shapes = tuple(map(_shape_of, direct.values()))
+            except AttributeError:  # optax.MaskedNode for other branches' arrays
+                names = tuple(n for n, v in direct.items() if hasattr(v, "shape"))
+                shapes = tuple(direct[n].shape for n in names)
+            b = direct.get("b")
+            if b is None or len(getattr(b, "shape", ())) < 2:
+                stacks = self.stacks  # as names_batch finds
+                stacked = stacks[key][0] if stacks and key in stacks else 0
+            else:
+                stacked = self.names_batch(key, direct)
+            if trace is not None:
+                stacked = tuple(self.traced_or(key, n, shape, stacked)
+                                for n, shape in zip(names, shapes))
+        cls = trace.classes.get(key) if trace is not None else None
+        name = mid[len(mid) - 1]  # not mid[-1]: pyright takes mid for ()
+        own = self.segments.get(name) or self.segment(name)
+        children = None if names else frozenset(self.children.get(mid, ()))
+        signature = (parent.token if parent is not None else -1, len(mid) - len(up),
+                     own, cls, names, shapes, stacked, children)
+        found = self.readings.get(signature)
         if found is None:
-            up = mid[:-2] if len(mid) > 1 and mid[-2] == "~" else mid[:-1]
-            parent = (self.modules.get(up) or self.of(up)) if up else None
-            key = key if key is not None else "/".join(mid)
-            direct = self.tree.get(key)
-            names: tuple = ()
-            shapes: tuple = ()
-            stacked: Any = 0
-            if direct:
-                names = tuple(direct)
-                try:
-                    shapes = tuple(map(_shape_of, direct.values()))
-                except AttributeError:  # optax.MaskedNode for other branches' arrays
-                    names = tuple(n for n, v in direct.items() if hasattr(v, "shape"))
-                    shapes = tuple(direct[n].shape for n in names)
-                b = direct.get("b")
-                if b is None or len(getattr(b, "shape", ())) < 2:
-                    stacked = self.stacks.get(key, _NO_STACK)[0]  # as names_batch finds
-                else:
-                    stacked = self.names_batch(key, direct)
-                if self.trace is not None:
-                    stacked = tuple(self.traced_or(key, n, shape, stacked)
-                                    for n, shape in zip(names, shapes))
-            cls = self.trace.classes.get(key) if self.trace is not None else None
-            name = mid[len(mid) - 1]  # not mid[-1]: pyright takes mid for ()
-            own = self.segments.get(name) or self.segment(name)
-            children = frozenset(self.children.get(mid, ())) if not names else None
-            signature = (parent.token if parent is not None else -1, len(mid) - len(up),
-                         own, cls, names, shapes, stacked, children)
-            found = self.readings.get(signature)
-            if found is None:
-                arrays = tuple((n, shape, min(len(shape), stacked) if type(stacked) is int
-                                else stacked[i]) for i, (n, shape) in enumerate(zip(names, shapes)))
-                found = read(mid, own, cls, arrays, children or (), parent)
-                found.token = len(self.readings)
-                if self.trace is None:  # alike for every module of the reading
-                    found.proof = proof_of(own.linear, found, direct or {})
-                    self.proved = self.proved or found.proof is not None
-                self.readings[signature] = found
-            self.modules[mid] = found
+            arrays = tuple((n, shape, min(len(shape), stacked) if type(stacked) is int
+                            else stacked[i]) for i, (n, shape) in enumerate(zip(names, shapes)))
+            found = read(mid, own, cls, arrays, children or (), parent)
+            found.token = len(self.readings)
+            if trace is None:  # alike for every module of the reading
+                found.proof = proof_of(own.linear, found, direct or {})
+                self.proved = self.proved or found.proof is not None
+            self.readings[signature] = found
+        modules[mid] = found
         return found
 
     def names_batch(self, key: str, direct: Mapping[str, Any]) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Mapping
+from itertools import chain
 from typing import Any
 
 from ..core._leaf import Layer, Leaf
@@ -48,6 +49,7 @@ def _dtype(value: Any) -> tuple[str, bool]:
 
 
 _STR = frozenset({str})
+_DICT = frozenset({dict})
 _dtype_of = operator.attrgetter("dtype")
 
 
@@ -61,6 +63,10 @@ def check(tree: Any, method: str, params_and_state: str | None) -> None:
     arrays = _ARRAY_TYPES
     if type(tree) is not dict:
         _check_node(tree, "the params", method)
+    elif _STR.issuperset(map(type, tree)) and _DICT.issuperset(map(type, tree.values())) and \
+            _STR.issuperset(map(type, chain.from_iterable(tree.values()))) and \
+            _ARRAY_KINDS.issuperset(map(type, chain.from_iterable(map(dict.values, tree.values())))):
+        return  # string keys, dicts of string names and arrays of known types: all Haiku's
     for key, module in tree.items():
         if type(key) is not str and not isinstance(key, str):
             raise TypeError(_key_error(method, repr(key), key, "a module path"))

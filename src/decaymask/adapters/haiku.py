@@ -25,6 +25,7 @@ name, or a registration): ``Linear``/``Embed`` ``(in, out)``, ``ConvND``
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -35,8 +36,10 @@ from ..core._leaf import Leaf
 from ._contract import Adapter, Claim, PytreeAdapter, Rebuild
 from ._haiku_modules import snake as snake
 from ._haiku_trace import is_array_like
-from ._haiku_walk import ACCEPTS
+from ._haiku_walk import _ARRAY_KINDS, ACCEPTS
 
+_DICT = frozenset({dict})
+_STR = frozenset({str})
 _HAIKU_SEGMENT = re.compile(r"~\Z|[a-z_][a-z0-9_]*\Z")
 _LOOKED_AT = 64  # modules a claim reads in full
 
@@ -65,7 +68,9 @@ class HaikuAdapter(PytreeAdapter):
             return Claim.CERTAINLY
         if not _two_levels(tree):
             return Claim.NO
-        certain = any("~" in key or key.startswith("__layer_stack_") for key in tree)
+        joined = "/".join(tree)  # its keys, all strings: found in one scan
+        certain = "~" in joined or ("__layer_stack_" in joined and
+                                    any(key.startswith("__layer_stack_") for key in tree))
         return Claim.CERTAINLY if certain else Claim.POSSIBLY
 
     def installed(self) -> bool:
@@ -145,10 +150,18 @@ def _flat_map(tree: Any) -> bool:
 
 def _two_levels(tree: Any) -> bool:
     """A plain dict of str -> dict of str -> array (the first modules read in full)."""
-    return type(tree) is dict and bool(tree) and all(
-        isinstance(key, str) and type(module) is dict and (i >= _LOOKED_AT or all(
-            isinstance(k, str) and is_array_like(v) for k, v in module.items()))
-        for i, (key, module) in enumerate(tree.items()))
+    if type(tree) is not dict or not tree or not _DICT.issuperset(map(type, tree.values())):
+        return False
+    if not _STR.issuperset(map(type, tree)) and not all(isinstance(k, str) for k in tree):
+        return False
+    for module in itertools.islice(tree.values(), _LOOKED_AT):
+        if not _STR.issuperset(map(type, module)) and \
+                not all(isinstance(k, str) for k in module):
+            return False
+        if not _ARRAY_KINDS.issuperset(map(type, module.values())) and \
+                not all(map(is_array_like, module.values())):
+            return False
+    return True
 
 
 def _params_and_state(tree: Any, method: str) -> str | None:
