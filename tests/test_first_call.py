@@ -175,3 +175,14 @@ def test_equinox_static_data_read_once_per_tuple_keys_as_every_tuple_read():
     # class, nothing is held, and the key is not the treedef (which holds it).
     assert structure(a).held == structure(biasless).held == ()
     assert structure(a).kept().treedef is None
+
+
+def test_the_same_python_scalar_at_several_leaves_is_no_sharing():
+    rate = 0.5
+    same = [jnp.ones(3), rate, jnp.ones(3), rate]
+    distinct = [jnp.ones(3), rate, jnp.ones(3), float("0.5")]
+    assert same[1] is same[3] and distinct[1] is not distinct[3]
+    assert _structure.structure_signature(same) == _structure.structure_signature(distinct)
+    # The same array at two leaves is sharing, and keys apart.
+    w = jnp.ones(3)
+    assert _structure.structure_signature([w, rate, w, rate]) != _structure.structure_signature(same)

@@ -128,24 +128,27 @@ def structure_signature(tree: Any, paths: bool = False) -> tuple[Structure, Any,
     if structure is None:
         return None
     # Three tuples, not one per leaf: a call that hits the output cache allocates little.
-    described: tuple[tuple[Any, ...], ...]
+    types = tuple(map(type, leaves))
+    objects = leaves
     try:
-        described = (
-            tuple(map(type, leaves)),
-            tuple(map(_shape_of, leaves)),
-            tuple(map(_dtype_of, leaves)),
-        )
+        described = (types, tuple(map(_shape_of, leaves)), tuple(map(_dtype_of, leaves)))
     except AttributeError:  # a leaf that is not an array: a Python scalar, a string
         described = (
-            tuple(map(type, leaves)),
+            types,
             tuple([getattr(x, "shape", None) for x in leaves]),
             tuple([getattr(x, "dtype", None) for x in leaves]),
         )
+        # The same Python scalar at several leaves (every dropout rate of 0.0) is no
+        # sharing: only the other leaves' identities are read.
+        objects = [x for x, kind in zip(leaves, types) if kind not in _PLAIN]
     # Which leaves are the same array object: a walk reads that as sharing.
     shared: tuple[int, ...] = ()
-    if len(set(map(id, leaves))) != len(leaves):
+    if len(set(map(id, objects))) != len(objects):
         first: dict[int, int] = {}
-        shared = tuple(first.setdefault(id(x), n) for n, x in enumerate(leaves))
+        shared = tuple(
+            -1 if kind in _PLAIN else first.setdefault(id(x), n)
+            for n, (x, kind) in enumerate(zip(leaves, types))
+        )
     return (structure, described, shared)
 
 
