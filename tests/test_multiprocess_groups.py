@@ -89,7 +89,9 @@ def reports(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("multiprocess")
     # The coordinator is on loopback: a proxy must not be asked for it.
     env = {key: value for key, value in os.environ.items() if "proxy" not in key.lower()}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    # Two CPU devices each, beside the suite's own XLA flags (tests/conftest.py).
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=flags.strip())
     port = str(_free_port())
     procs = []
     for i in range(2):

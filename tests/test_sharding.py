@@ -76,7 +76,9 @@ SCRIPT = textwrap.dedent(
 
 
 def test_sharded_params_keep_their_sharding_and_match_one_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    # Eight CPU devices, beside the suite's own XLA flags (tests/conftest.py).
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env
     )
