@@ -156,22 +156,42 @@ def _frameworks():
     }
 
 
+def _decaymasks(x: object) -> bool:
+    """Whether ``x`` is decaymask's: an instance of its classes, or a frame, function or
+    generator of its code."""
+    if type(x).__module__.startswith("decaymask"):
+        return True
+    code = getattr(x, "f_code", None) or getattr(x, "gi_code", None) or getattr(x, "__code__", None)
+    return code is not None and "decaymask" in code.co_filename
+
+
 @pytest.mark.parametrize("name", list(_frameworks()))
 def test_a_build_leaves_no_cyclic_garbage(name):
+    import collections
     import gc
 
     build = _frameworks()[name]
     policy = dm.Policy(dm.decay(layer="linear", param="weight"))
+    # A first build, not served from an entry an earlier test made, fills what is read
+    # once per process (class facts, name readings).
+    _face._built.clear()
     build(policy)
     _face._built.clear()
     gc.collect()
     gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
     try:
         build(policy)
+        gc.collect()
         # Everything the build allocated was freed by reference counting: walks, their
-        # tables and records; the collector finds nothing to do.
-        assert gc.collect() == 0
+        # tables and records; no cycle the collector finds holds anything of decaymask's.
+        # (What the collector finds may be another thread's: the suite's workers run
+        # notebook kernels and subprocess pipes.)
+        kinds = collections.Counter(type(x).__name__ for x in gc.garbage)
+        assert not any(map(_decaymasks, gc.garbage)), kinds.most_common(20)
     finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
         gc.enable()
 
 
