@@ -28,18 +28,21 @@ class Layer:
     cls: type | None = dataclasses.field(default=None, compare=True, repr=False)
     source: str = "given"
 
-    def __hash__(self) -> int:
+    def __post_init__(self) -> None:
         # Hashed once: a walk keys every leaf on its owner and the modules around it.
-        try:
-            return self.__dict__["_hash"]
-        except KeyError:
-            hashed = hash((self.kind, self.type_name, self.cls, self.source))
-            object.__setattr__(self, "_hash", hashed)
-            return hashed
+        object.__setattr__(self, "_hash", hash((self.kind, self.type_name, self.cls, self.source)))
+
+    def __hash__(self) -> int:
+        return self._hash  # type: ignore[attr-defined]
 
     def __getstate__(self) -> dict[str, Any]:
-        # Strings hash differently in another process: the hash is not pickled.
-        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
+        # Strings hash differently in another process: the hash is made again on load.
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+        self.__post_init__()
 
     def matches_class(self, wanted: type) -> bool:
         """Whether this module is an instance of ``wanted``.
