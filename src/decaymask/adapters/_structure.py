@@ -251,7 +251,9 @@ def _stateless(kind: type, x: Any) -> bool:
             and all(not vars(c).get("__slots__") for c in kind.__mro__)
             and "__dict__" in dir(kind)
         )
-    return plain and not x.__dict__
+    # Its references, not its __dict__ (reading that from several threads at once can
+    # crash CPython 3.11's collector): its class, and an empty dict once one was made.
+    return plain and all(r is kind or (type(r) is dict and not r) for r in gc.get_referents(x))
 
 
 class _Read:
