@@ -190,3 +190,19 @@ def test_the_same_python_scalar_at_several_leaves_is_no_sharing():
     # The same array at two leaves is sharing, and keys apart.
     w = jnp.ones(3)
     assert _structure.structure_signature([w, rate, w, rate]) != _structure.structure_signature(same)
+
+
+def test_plain_dicts_of_arrays_hold_no_equinox_module_and_anything_else_is_looked_into():
+    eqx = pytest.importorskip("equinox")
+    from decaymask.adapters.equinox import holds_module
+
+    linear = eqx.nn.Linear(2, 2, key=jax.random.key(0))
+    params = {"block": {"dense": {"kernel": jnp.ones((2, 2))}, "scale": jnp.ones(2)}}
+    assert not holds_module(params)
+    assert holds_module({"block": {"dense": linear}})
+    assert holds_module({"block": {"dense": [linear]}})
+    assert holds_module({"block": ({"dense": linear},)})
+    assert not holds_module({"block": {"rate": 0.5, "w": jnp.ones(2)}})
+    # Every entry point reads such a dict as the framework that claims it.
+    policy = dm.Policy(dm.decay(param="weight"))
+    assert policy.mask({"block": {"dense": linear}})["block"]["dense"].weight is True

@@ -83,10 +83,35 @@ def holds_module(tree: Any) -> bool:
     eqx = sys.modules.get("equinox")
     if eqx is None:
         return False
+    if type(tree) is dict and _dicts_of_arrays(tree):
+        return False  # Linen or Haiku params: nothing but dicts down to arrays
     import jax
 
     is_module = lambda x: isinstance(x, eqx.Module)  # noqa: E731
     return any(is_module(x) for x in jax.tree_util.tree_leaves(tree, is_leaf=is_module))
+
+
+_array_kinds: dict[type, bool] = {}  # type -> whether its instances are arrays
+
+
+def _dicts_of_arrays(tree: dict) -> bool:
+    """Whether ``tree`` is plain dicts down to arrays, and nothing else (no module)."""
+    from ._common import is_array_like
+
+    kinds = _array_kinds
+    pending = [tree]
+    while pending:
+        for value in pending.pop().values():
+            kind = type(value)
+            if kind is dict:
+                pending.append(value)
+                continue
+            known = kinds.get(kind)
+            if known is None:
+                known = kinds[kind] = is_array_like(value)
+            if not known:
+                return False
+    return True
 
 
 ADAPTER = EquinoxAdapter()
