@@ -5,8 +5,6 @@ Used by ``bench_build.py``."""
 from __future__ import annotations
 
 import cProfile
-import io
-import pstats
 import sys
 import time
 
@@ -189,14 +187,6 @@ def profile_first(args) -> None:
             profiler.enable()
             ours(one)
             profiler.disable()
-        print_profile(profiler, args, f"{framework}: {args.repeats} first calls")
-
-
-def print_profile(profiler: cProfile.Profile, args, title: str) -> None:
-    """The top of a profile by own time and by cumulative time, under a heading."""
-    out = io.StringIO()
-    stats = pstats.Stats(profiler, stream=out).strip_dirs()
-    stats.sort_stats("tottime").print_stats(args.profile_top)
-    stats.sort_stats("cumulative").print_stats(args.profile_top)
-    print(f"\n### {title} of decaymask at {args.profile_leaves} leaves\n")
-    print(out.getvalue())
+        M.print_profile(profiler, args.profile_top,
+                        f"{framework}: {args.repeats} first calls of decaymask at "
+                        f"{args.profile_leaves} leaves")

@@ -534,3 +534,16 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
 
     sep = "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"
     return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
+
+
+def print_profile(profiler: Any, top: int, heading: str) -> None:
+    """The ``top`` lines of a cProfile by own and by cumulative time, under a heading."""
+    import io
+    import pstats
+
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out).strip_dirs()
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    print(f"\n### {heading}\n")
+    print(out.getvalue())

@@ -51,7 +51,7 @@ import time
 
 import _models as M
 from _first_calls import (
-    FIRST_FRAMEWORKS, FIRST_SIZES, first_calls, print_profile, profile_first,
+    FIRST_FRAMEWORKS, FIRST_SIZES, first_calls, profile_first,
 )
 
 import decaymask as dm
@@ -252,7 +252,9 @@ def profile(args) -> None:
         for _ in range(args.repeats):
             ours()
         profiler.disable()
-        print_profile(profiler, args, f"{framework}: {args.repeats} calls")
+        M.print_profile(profiler, args.profile_top,
+                        f"{framework}: {args.repeats} calls of decaymask at "
+                        f"{args.profile_leaves} leaves")
 
 
 def main(argv=None) -> None:

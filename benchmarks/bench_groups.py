@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import io
-import pstats
 import re
 import statistics
 import sys
@@ -490,12 +488,7 @@ def _profiled(fn, args, title: str, runs: int | None = None) -> None:
     for _ in range(runs or args.repeats):
         fn()
     profiler.disable()
-    out = io.StringIO()
-    stats = pstats.Stats(profiler, stream=out).strip_dirs()
-    stats.sort_stats("tottime").print_stats(args.profile_top)
-    stats.sort_stats("cumulative").print_stats(args.profile_top)
-    print(f"\n### {title}\n")
-    print(out.getvalue())
+    M.print_profile(profiler, args.profile_top, title)
 
 
 # --------------------------------------------------------------------------- main
