@@ -449,3 +449,24 @@ def test_rules_without_an_import_path_name_themselves_when_pickled():
             pickle.dumps(dm.Policy(rule))
         # Copies need no import path.
         assert copy.deepcopy(dm.Policy(rule)) == dm.Policy(rule)
+
+
+@pytest.mark.parametrize("how", ["copy", "deepcopy", "pickle", "replace"])
+def test_a_layer_copied_or_loaded_hashes_as_an_equal_one(how):
+    import copy
+    import dataclasses
+    import pickle
+
+    layer = dm.Layer("attention", "MultiHeadDotProductAttention", None, "name")
+    again = {
+        "copy": copy.copy,
+        "deepcopy": copy.deepcopy,
+        "pickle": lambda x: pickle.loads(pickle.dumps(x)),
+        "replace": dataclasses.replace,
+    }[how](layer)
+    assert again == layer and hash(again) == hash(layer) and {layer: 1}[again] == 1
+    # The hash is not part of what is pickled: another process hashes strings otherwise.
+    assert layer.__getstate__() == {"kind": "attention", "type_name": "MultiHeadDotProductAttention",
+                                     "cls": None, "source": "name"}
+    other = dataclasses.replace(layer, kind="linear")
+    assert other != layer and hash(other) == hash(("linear", layer.type_name, None, "name"))

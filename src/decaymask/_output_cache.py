@@ -92,8 +92,9 @@ def remember(key: Any, out: Any, values: list[Any], rebuild: Any, messages: list
         if output is None or output.held:
             return  # the output's structure holds objects of the user's
     refs: tuple[Any, ...] = ()
-    if structure is not None and structure.kept() is not structure:
-        key = (*key[:-1], (structure.kept(), *signature[1:]))
+    kept = structure.kept() if structure is not None else None
+    if structure is not None and kept is not structure:
+        key = (*key[:-1], (kept, *signature[1:]))
         dead_key = key
         refs = structure.watch(lambda: _dead.append(dead_key))
     with _lock:
