@@ -27,6 +27,7 @@ from .._structure import treedef_of
 from ._infer import LinenModule
 from ._nodes import AT_LEAF, AT_NODE, STR_ONLY, EmptyNode, mapping_of
 from ._other import OtherCollections
+from ._repeats import Repeats
 from ._signature import ResolvedModule, WatchedArrays, key_traits, traits_of
 from ._traced import traced_reading
 from ._variables import looks_like_variables, undecidable_error
@@ -45,7 +46,9 @@ class LinenWalk(OtherCollections):
     per leaf. Modules with the same parent, key traits, array names and dtypes and
     submodule keys (and, where inference reads them, the same shapes) share one
     signature and are inferred once: the blocks of a deep model cost a dictionary
-    lookup each. A traced module's signature holds its path, which the trace reads.
+    lookup each, and by names a block alike to an earlier one in all of that, all the
+    way down, takes the earlier one's keys without a visit (:mod:`._repeats`). A traced
+    module's signature holds its path, which the trace reads.
 
     Per leaf the walk keeps an int key; every key's first leaf is located for the
     core, any other leaf by visiting once more, on demand. A variables mapping's other
@@ -93,6 +96,7 @@ class LinenWalk(OtherCollections):
         except EmptyNode:
             self.careful = True
             self._start()
+        self.repeats = None  # holds subtrees of the tree
         if self.proved:
             self._find_lifted()
         self.leaves = LeafTable(self.keys, self._build_leaf)
@@ -112,6 +116,8 @@ class LinenWalk(OtherCollections):
     def _start(self) -> None:
         """Visits the whole tree, from empty tables."""
         self.keys: list[int] = []
+        # The keys of subtrees visited by names, for blocks alike to them (_repeats).
+        self.repeats: Repeats | None = Repeats()
         # Signature -> ResolvedModule, or -> {shapes: ResolvedModule} where inference
         # read shapes. Modules read in key order (_visit) and layers read in their own
         # order (_visit_layer) have signatures of different forms: one table each.
@@ -227,10 +233,20 @@ class LinenWalk(OtherCollections):
             elif at is AT_NODE:
                 value = mapping[name]
                 if not (fast and self._visit_layer(value, path, name, resolved, everything)):
+                    repeats = self.repeats if fast and not everything else None
+                    if repeats is not None:
+                        traits = traits_of.get(name)
+                        family = (resolved.token, key_traits(name) if traits is None else traits)
+                        keys, found = repeats.find(family, value)
+                        if keys is not None:  # a block alike to one read before
+                            self.keys.extend(keys)
+                            continue
                     before = len(self.keys)
                     yield value, path + (name,), resolved, everything
                     if len(self.keys) == before:
                         raise EmptyNode
+                    if repeats is not None:
+                        repeats.note(family, value, tuple(self.keys[before:]), found)
         resolved.emitted = True
 
     def _visit_layer(

@@ -1,0 +1,153 @@
+"""A walk of Linen params by names reads a block alike to an earlier one (same parent,
+key traits, keys, leaf types, shapes and dtypes) by the earlier one's keys: every
+output and every explain row must be what a visit of each block gives."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import numpy as np
+import pytest
+from flax.core import freeze
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import decaymask as dm
+from decaymask import _face
+from decaymask.adapters._linen import _repeats
+
+from helpers import assert_decays_exactly, flat_with_paths, zero_grad_updates
+
+
+def z(*shape, dtype=np.float32):
+    return np.ones(shape, dtype)
+
+
+# Blocks alike in their keys and structure that differ in one thing a reading reads.
+BASE = lambda: {"Dense_0": {"kernel": z(8, 16), "bias": z(16)},  # noqa: E731
+                "LayerNorm_0": {"scale": z(8), "bias": z(8)},
+                "x": {"w": z(8, 8)}}
+VARIANTS = {
+    "base": lambda b: b,
+    "vector w": lambda b: {**b, "x": {"w": z(8)}},  # a weight matrix no more: not decayed
+    "int kernel": lambda b: {**b, "Dense_0": {"kernel": z(8, 16, dtype=np.int32), "bias": z(16)}},
+    "half bias": lambda b: {**b, "Dense_0": {"kernel": z(8, 16), "bias": z(16, dtype=np.float16)}},
+    "other width": lambda b: {**b, "Dense_0": {"kernel": z(8, 4), "bias": z(4)}},
+    "stacked": lambda b: {**b, "x": {"w": z(3, 8, 8), "b": z(3, 8)}},
+    "extra key": lambda b: {**b, "extra": {"kernel": z(8, 8)}},
+}
+
+POLICY = dm.Policy(dm.decay(layer="linear", param="weight"))
+
+
+def rows(report):
+    return [(r.path, r.layer, r.layer_type, r.role, r.shape, r.dtype, r.decay) for r in report]
+
+
+def outputs(params):
+    """The mask, labels and explain rows, each built anew (not from the output cache)."""
+    _face._built.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dm.PolicyWarning)
+        return POLICY.for_flax(params), POLICY.labels(params), rows(POLICY.explain(params))
+
+
+def unshared(monkeypatch, params):
+    """The outputs with every block visited."""
+    with monkeypatch.context() as m:
+        m.setattr(_repeats.Repeats, "find", lambda self, family, node: (None, None))
+        return outputs(params)
+
+
+def counted(monkeypatch):
+    hits = []
+    find = _repeats.Repeats.find
+
+    def counting(self, family, node):
+        found = find(self, family, node)
+        hits.append(found[0] is not None)
+        return found
+
+    monkeypatch.setattr(_repeats.Repeats, "find", counting)
+    return hits
+
+
+def model(variants):
+    params = {"Embed_0": {"embedding": z(32, 8)}}
+    for i, variant in enumerate(variants):
+        params[f"Block_{i}"] = VARIANTS[variant](BASE())
+    params["LayerNorm_0"] = {"scale": z(8), "bias": z(8)}
+    return params
+
+
+def as_dict(tree):
+    return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_blocks_alike_are_read_once_and_decided_as_each_is(monkeypatch):
+    params = model(["base"] * 6)
+    expected = unshared(monkeypatch, params)
+    hits = counted(monkeypatch)
+    got = outputs(params)
+    assert got == expected
+    # Three walks (mask, labels, explain); in each, the first block is visited and the
+    # five others take its keys.
+    assert hits == [False, True, True, True, True, True] * 3
+    mask = as_dict(got[0])
+    assert mask["['Block_5']['x']['w']"] is True
+    assert mask["['Block_5']['LayerNorm_0']['scale']"] is False
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "base"])
+def test_a_block_that_differs_in_one_thing_is_read_on_its_own(monkeypatch, variant):
+    params = model(["base", "base", variant, "base", variant])
+    expected = unshared(monkeypatch, params)
+    hits = counted(monkeypatch)
+    got = outputs(params)
+    assert got == expected
+    assert hits == [False, True, False, True, True] * 3
+    mask = as_dict(got[0])
+    differs = {"vector w": ("['Block_2']['x']['w']", False),
+               "int kernel": ("['Block_2']['Dense_0']['kernel']", False),
+               "stacked": ("['Block_2']['x']['w']", True)}
+    if variant in differs:
+        path, decayed = differs[variant]
+        assert mask[path] is decayed
+        assert mask[path.replace("Block_2", "Block_1")] is True
+
+
+def test_an_optax_step_decays_what_each_block_says():
+    params = model(["base", "vector w", "base", "vector w"])
+    _face._built.clear()
+    with pytest.warns(dm.PolicyWarning, match=r"outside any layer \(Block_1/x/w, Block_3/x/w\)"):
+        mask = POLICY.for_flax(params)
+    updates = zero_grad_updates(params, mask)
+    decayed = {path: path.endswith("['Dense_0']['kernel']")
+               or (path.endswith("['x']['w']") and ("Block_0" in path or "Block_2" in path))
+               for path in flat_with_paths(params)}
+    assert sum(decayed.values()) == 6
+    assert_decays_exactly(params, updates, decayed)
+
+
+def test_frozen_dict_and_abstract_blocks_alike(monkeypatch):
+    params = freeze(model(["base", "other width", "base", "other width"]))
+    abstract = jax.eval_shape(lambda: model(["base", "other width", "base", "other width"]))
+    for tree in (params, abstract):
+        expected = unshared(monkeypatch, tree)
+        hits = counted(monkeypatch)
+        assert outputs(tree) == expected
+        assert hits == [False, False, True, True] * 3
+        monkeypatch.undo()
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.sampled_from(sorted(VARIANTS)), min_size=1, max_size=7),
+       st.booleans())
+def test_any_mix_of_blocks_reads_as_each_block_visited(variants, nested):
+    params = model(variants)
+    if nested:  # the blocks one level further in, under numbered groups
+        params = {"Stage_0": params, "Stage_1": model(list(reversed(variants)))}
+    with pytest.MonkeyPatch.context() as m:
+        expected = unshared(m, params)
+    assert outputs(params) == expected
