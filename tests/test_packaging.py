@@ -82,6 +82,8 @@ PUBLIC = [
     "LayerKind",
     "LayerGroup",
     "Role",
+    "record",
+    "Recording",
 ]
 
 
@@ -138,6 +140,7 @@ MODULES = [
     "decaymask.core._group_rules",
     "decaymask._groups",
     "decaymask.core._names",
+    "decaymask._record",
 ]
 
 

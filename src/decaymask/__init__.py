@@ -33,6 +33,8 @@ from ._check import MaskMismatchError as MaskMismatchError
 from ._check import check_mask as check_mask
 from ._transforms import add_decayed_weights as add_decayed_weights
 from ._groups import merge as merge
+from ._record import Recording as Recording
+from ._record import record as record
 from ._verify import Mismatch as Mismatch
 from ._verify import VerifyError as VerifyError
 
@@ -41,8 +43,10 @@ __version__ = "0.1.0"
 __all__ = [
     "GROUPS", "KINDS", "KIND_SOURCES", "ROLES", "SELECTORS",
     "Decision", "Layer", "LayerDecay", "LayerGroup", "LayerKind", "Leaf", "MaskMismatchError",
-    "Mismatch", "Policy", "PolicyDataError", "PolicyWarning", "Report", "Role", "Rule",
+    "Mismatch", "Policy", "PolicyDataError", "PolicyWarning", "Recording", "Report", "Role",
+    "Rule",
     "UnmatchedRuleError", "VerifyError",
     "add_decayed_weights", "check_mask", "decay", "freeze", "label", "layer_decay", "lr",
-    "merge", "no_decay", "presets", "register_layer", "unfreeze", "unregister_layer",
+    "merge", "no_decay", "presets", "record", "register_layer", "unfreeze",
+    "unregister_layer",
 ]

@@ -52,6 +52,13 @@ class LinenAdapter(PytreeAdapter):
 
         return _linen.walk(tree, method=method, **options)
 
+    def owns_options(self, options: Mapping[str, Any]) -> bool:
+        """``recorded=`` holds the Linen inits of a ``dm.record()`` block."""
+        from .._record import Recording
+
+        recorded = options.get("recorded")
+        return isinstance(recorded, Recording) and recorded.inits > 0
+
     def describe(self, tree: Any) -> str:
         return f"a {type(tree).__name__} from Flax"
 

@@ -91,14 +91,16 @@ def walk(
     module: Any = None,
     args: Any = (),
     kwargs: Any = None,
+    recorded: Any = None,
     method: str = "for_flax",
 ) -> tuple[LeafTable, Callable[[list[Any]], Any]]:
     """The leaves of a Linen mapping, and the function that puts one value per leaf back.
 
     The rebuilt tree has exactly the containers of ``tree`` (``dict`` or
     ``FrozenDict`` at every level) with one value at each array and at each
-    ``nn.Partitioned`` box. Arguments as :func:`leaves`; ``method`` names the entry
-    point in error messages.
+    ``nn.Partitioned`` box. Arguments as :func:`leaves`; ``recorded`` is what a
+    ``dm.record()`` block saw, read in place of a trace of ``module=``; ``method``
+    names the entry point in error messages.
 
     One walk reads every input (:class:`LinenWalk`): alike modules are inferred once,
     and the result is jax's treedef of ``tree`` (a box is a leaf) unflattened.
@@ -109,7 +111,17 @@ def walk(
             f"got {type(tree).__name__}."
         )
     given_args = not (isinstance(args, tuple) and not args)
-    if module is None and (given_args or kwargs is not None):
+    if recorded is not None:
+        from ._trace import recorded_inits
+
+        if module is not None or given_args or kwargs is not None:
+            raise TypeError(
+                f"{method}(params, recorded=..., module=...): recorded= reads the init "
+                f"recorded in a `with dm.record()` block, module=/args=/kwargs= trace "
+                f"one more; pass one of them: policy.{method}(params, recorded=seen)."
+            )
+        module = recorded_inits(method, recorded)
+    elif module is None and (given_args or kwargs is not None):
         raise TypeError(
             f"{method}(params, args=..., kwargs=...): these are example inputs for "
             f"tracing module=, but no module= was given. Pass the model too: "

@@ -102,32 +102,44 @@ def _checked_inputs(fn: str, module: Any, args: Any, kwargs: Any) -> Mapping:
 
 
 class LinenInitRecorder:
-    """A method interceptor that records what each bound module shows."""
+    """A method interceptor that records what each bound module of one root shows.
 
-    def __init__(self, root: nn.Module, wanted: Wanted):
-        self.root_class = type(root)
-        self.classes: dict[tuple[str, ...], type] = {(): type(root)}
+    With ``wanted``, the ranks of those arrays only (a trace knows the params); without,
+    of every array each module holds when one of its methods returns (a recording of
+    the user's own init, whose params are not known yet).
+    """
+
+    def __init__(self, root: type[nn.Module], wanted: Wanted | None):
+        self.root_class = root
+        self.classes: dict[tuple[str, ...], type] = {(): root}
         self.wrapped: dict[tuple[str, ...], type] = {}
         self.ndims: dict[tuple[str, tuple[str, ...]], int] = {}
         self.general: dict[tuple[str, ...], tuple[int, int, int]] = {}
         self.equations: dict[tuple[str, ...], str] = {}
-        self.pending = {path: list(names) for path, names in wanted.items()}
+        self.pending = (
+            None if wanted is None else {path: list(names) for path, names in wanted.items()}
+        )
 
     def __call__(self, next_fun: Any, call_args: Any, call_kwargs: Any, context: Any) -> Any:
         out = next_fun(*call_args, **call_kwargs)
+        self.saw(context, call_args, call_kwargs)
+        return out
+
+    def saw(self, context: Any, call_args: Any, call_kwargs: Any) -> None:
+        """Records the module of ``context`` once one of its methods has returned."""
         bound = context.module
         scope = bound.scope
         if scope is None:
-            return out
+            return
         path = tuple(scope.path)
         if path:
             # Skips lifted wrapper classes and the temporary clones Flax binds at the
             # root to validate `setup`: a module at its real path bears that name.
             if path[-1] != bound.name or _is_lifted(type(bound)):
-                return out
+                return
             self.classes.setdefault(path, type(bound))
         elif type(bound) is not self.root_class or type(bound.parent) is not Scope:
-            return out
+            return
         self._record_layout(bound, path)
         if isinstance(bound, nn.Einsum) and context.method_name == "__call__":
             # The call's equation takes precedence over the module's (Flax merges them).
@@ -135,9 +147,10 @@ class LinenInitRecorder:
             equation = given if given is not None else bound.einsum_str
             if isinstance(equation, str):
                 self.equations.setdefault(path, equation)
-        if self.pending.get(path):
+        if self.pending is None:
+            self._record_held(scope, path)
+        elif self.pending.get(path):
             self._record_ranks(bound, path)
-        return out
 
     def _record_layout(self, bound: nn.Module, path: tuple[str, ...]) -> None:
         if isinstance(bound, WRAPPERS) and path not in self.wrapped:
@@ -153,6 +166,7 @@ class LinenInitRecorder:
     def _record_ranks(self, bound: nn.Module, path: tuple[str, ...]) -> None:
         # Inside nn.scan/nn.vmap the module sees one layer's arrays: their rank is the
         # layer's own, the rest of the final rank is stacked axes.
+        assert self.pending is not None
         left = []
         for collection, leaf_name in self.pending[path]:
             if bound.has_variable(collection, leaf_name):
@@ -165,6 +179,70 @@ class LinenInitRecorder:
                     continue
             left.append((collection, leaf_name))
         self.pending[path] = left
+
+    def _record_held(self, scope: Scope, path: tuple[str, ...]) -> None:
+        # The same ranks as _record_ranks, of every array the module holds directly
+        # (a mapping is a submodule's); only shapes are kept.
+        for collection, held in scope.variables().items():
+            for leaf_name, value in held.items():
+                key = (collection, path + (leaf_name,))
+                if key in self.ndims or isinstance(value, Mapping):
+                    continue
+                if is_box(value):
+                    value = unbox(value)
+                shape = getattr(value, "shape", None)
+                if shape is not None:
+                    self.ndims[key] = len(shape)
+
+    def trace(self, variables: Any) -> LinenTrace:
+        """What was recorded, with the ``variables`` the root's init made."""
+        return LinenTrace(
+            self.classes, self.wrapped, self.ndims, self.general, variables, self.equations
+        )
+
+
+class LinenRecording:
+    """The interceptor of ``dm.record()``: one :class:`LinenTrace` per root ``init``
+    (a root module bound to a scope whose params are mutable), with the shapes of the
+    variables it made; a root call that raises is dropped."""
+
+    def __init__(self) -> None:
+        self.traces: list[LinenTrace] = []
+        self._open: LinenInitRecorder | None = None
+
+    def __call__(self, next_fun: Any, call_args: Any, call_kwargs: Any, context: Any) -> Any:
+        bound = context.module
+        scope = bound.scope
+        recorder = self._open
+        opening = (
+            recorder is None
+            and scope is not None
+            and not scope.path
+            and type(bound.parent) is Scope
+            and scope.is_mutable_collection("params")
+        )
+        if opening:
+            recorder = self._open = LinenInitRecorder(type(bound), None)
+        if recorder is None:
+            return next_fun(*call_args, **call_kwargs)
+        try:
+            out = next_fun(*call_args, **call_kwargs)
+        except BaseException:
+            if opening:
+                self._open = None
+            raise
+        recorder.saw(context, call_args, call_kwargs)
+        if opening and scope is not None:
+            self._open = None
+            # Shapes only: the user's arrays are not kept alive.
+            shapes = jax.tree_util.tree_map(_shape_of, scope.variables())
+            self.traces.append(recorder.trace(shapes))
+        return out
+
+
+def _shape_of(value: Any) -> Any:
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    return None if shape is None or dtype is None else jax.ShapeDtypeStruct(shape, dtype)
 
 
 def trace_init(
@@ -181,7 +259,7 @@ def trace_init(
     jax has cached runs no Python, so the methods inside it are seen only then.
     """
     kwargs = _checked_inputs(fn, module, args, kwargs)
-    recorder = LinenInitRecorder(module, wanted)
+    recorder = LinenInitRecorder(type(module), wanted)
 
     def run_init() -> Any:
         with nn.intercept_methods(recorder):
@@ -201,10 +279,7 @@ def trace_init(
                 f"kwargs= are inputs the model accepts)"
             )
         raise
-    return LinenTrace(
-        recorder.classes, recorder.wrapped, recorder.ndims, recorder.general, variables,
-        recorder.equations,
-    )
+    return recorder.trace(variables)
 
 
 def wanted_names(keyed: list, variables: bool) -> Wanted:
@@ -237,3 +312,37 @@ def warn_unseen(fn: str, name: str, unseen: list[str]) -> None:
         PolicyWarning,
         stacklevel=level,
     )
+
+
+def recorded_inits(fn: str, recorded: Any) -> LinenRecording:
+    """The Linen inits a ``dm.record()`` block recorded, checked to be some.
+
+    Raises:
+      TypeError: ``recorded`` is not what ``dm.record()`` gives.
+      ValueError: the block recorded no Linen init.
+    """
+    from ..._record import Recording
+
+    if not isinstance(recorded, Recording):
+        raise TypeError(
+            f"{fn}(params, recorded=...): expected the object a `with dm.record() as "
+            f"seen:` block gives, got {type(recorded).__name__}. Record the init: "
+            f"`with dm.record() as seen: variables = model.init(key, x)`, then pass "
+            f"recorded=seen."
+        )
+    linen = recorded._linen
+    if linen is None:
+        raise ValueError(
+            f"{fn}(params, recorded=seen): flax.linen was not imported when the "
+            f"`with dm.record()` block began, so no Linen init was recorded. Import "
+            f"flax.linen before entering the block, and call model.init inside it."
+        )
+    if not linen.traces:
+        raise ValueError(
+            f"{fn}(params, recorded=seen): the `with dm.record()` block recorded no "
+            f"Linen init: call model.init(key, x) inside the block. A jax.jit(model.init), "
+            f"or a model under nn.jit, that jax has already compiled for these inputs runs no Python, so it "
+            f"shows nothing: call the init eagerly or through a fresh jax.jit inside "
+            f"the block, or pass module=model, args=(x,) instead of recorded=."
+        )
+    return linen

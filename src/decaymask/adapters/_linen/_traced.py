@@ -3,6 +3,7 @@ whether its params are the model's."""
 
 from __future__ import annotations
 
+import dataclasses
 import reprlib
 from collections.abc import Mapping
 from typing import Any
@@ -11,7 +12,7 @@ import jax
 
 from .._common import key_name, path_text
 from ._arrays import is_array_leaf, is_box, str_keys, unbox
-from ._trace import LinenTrace, trace_init, wanted_names, warn_unseen
+from ._trace import LinenRecording, LinenTrace, Wanted, trace_init, wanted_names, warn_unseen
 from ._variables import check_not_equinox
 
 
@@ -30,41 +31,103 @@ def traced_reading(
 ) -> tuple[LinenTrace, bool]:
     """The trace of ``module.init``, and whether ``tree`` is a variables mapping.
 
+    ``module`` is the Linen module to trace, or the :class:`LinenRecording` of a
+    ``dm.record()`` block (``recorded=``): then the recorded init whose params are
+    ``tree``'s is read instead, exactly as its trace would be.
+
     The tree's reading (``looks_like_variables``) is kept where the traced params fit
     it; where they fit the other one (or the tree left it open), the trace decides.
 
     Raises:
       TypeError: an Equinox module or a leaf that is not an array is in ``tree``, or
         ``module=``/``args=``/``kwargs=`` are of the wrong type.
-      ValueError: the params differ from the traced model's.
+      ValueError: the params differ from the traced model's (from every recorded
+        init's), or a recorded init saw no module where the params hold some.
     """
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)
     check_not_equinox(fn, tree, flat)
     keyed = [(str_keys(keys), value) for keys, value in flat]
-    variables = reading is not False
-    wanted = wanted_names(keyed, variables)
-    trace = trace_init(fn, module, args, kwargs, wanted)
-    traced = _traced_param_shapes(trace)
-    variables = _reading(keyed, traced, variables)
-    given: dict[str, tuple[int, ...]] = {}
-    held: set[tuple[str, ...]] = set()
     for names, value in keyed:
         array = unbox(value) if is_box(value) else value
         if not is_array_leaf(array):
             raise leaf_error(fn, names, array)
-        if variables:
-            if names[0] != "params":
-                continue
-            names = names[1:]
-        given[path_text(names)] = tuple(array.shape)
-        held.add(names[:-1])
-    _check_trace(fn, given, traced)
+    variables = reading is not False
+    wanted = wanted_names(keyed, variables)
+    if isinstance(module, LinenRecording):
+        return _recorded_reading(fn, keyed, module, wanted, variables)
+    trace = trace_init(fn, module, args, kwargs, wanted)
+    variables, held = _checked(fn, keyed, trace, variables, "module=...")
     if _unseen(trace, held):
         trace = trace_init(fn, module, args, kwargs, wanted, eager=True)
         unseen = _unseen(trace, held)
         if unseen:
             warn_unseen(fn, type(module).__name__, unseen)
     return trace, variables
+
+
+def _checked(
+    fn: str, keyed: list, trace: LinenTrace, variables: bool, given_as: str
+) -> tuple[bool, set[tuple[str, ...]]]:
+    """The reading of the tree the trace decides, and the module paths its params
+    hold, once the params are checked against the trace's.
+
+    Raises:
+      ValueError: the params differ from the traced model's.
+    """
+    traced = _traced_param_shapes(trace)
+    variables = _reading(keyed, traced, variables)
+    given: dict[str, tuple[int, ...]] = {}
+    held: set[tuple[str, ...]] = set()
+    for names, value in keyed:
+        array = unbox(value) if is_box(value) else value
+        if variables:
+            if names[0] != "params":
+                continue
+            names = names[1:]
+        given[path_text(names)] = tuple(array.shape)
+        held.add(names[:-1])
+    _check_trace(fn, given, traced, given_as)
+    return variables, held
+
+
+def _recorded_reading(
+    fn: str, keyed: list, recording: LinenRecording, wanted: Wanted, variables: bool
+) -> tuple[LinenTrace, bool]:
+    """The recorded init whose params are the tree's, read as its trace would be."""
+    errors = []
+    for recorded in recording.traces:
+        try:
+            reading, held = _checked(fn, keyed, recorded, variables, "recorded=...")
+        except ValueError as err:
+            errors.append(err)
+            continue
+        # A trace asks only the ranks of the arrays the tree holds: so does this one.
+        ndims = {}
+        for path, names in wanted.items():
+            for collection, name in names:
+                key = (collection, path + (name,))
+                if key in recorded.ndims:
+                    ndims[key] = recorded.ndims[key]
+        trace = dataclasses.replace(recorded, ndims=ndims)
+        unseen = _unseen(trace, held)
+        if unseen:
+            raise ValueError(
+                f"{fn}(params, recorded=...): the recorded init saw no module at "
+                f"{', '.join(unseen[:3])}{' and more' if len(unseen) > 3 else ''}: a "
+                f"call compiled by nn.jit that jax had already cached runs no Python, "
+                f"and modules inside a custom jax transform run outside Flax's "
+                f"interceptor. Run the init inside dm.record() under "
+                f"jax.disable_jit(), or pass module=model, args=(x,) instead of "
+                f"recorded= (its trace runs with jit disabled where it must)."
+            )
+        return trace, reading
+    if len(errors) == 1:
+        raise errors[0]
+    first = str(errors[0]).split(": the params do not match the recorded init: ", 1)[-1]
+    raise ValueError(
+        f"{fn}(params, recorded=...): the params match none of the {len(errors)} inits "
+        f"recorded; against the first: {first}"
+    )
 
 
 def _unseen(trace: LinenTrace, held: set[tuple[str, ...]]) -> list[str]:
@@ -103,23 +166,33 @@ def _reading(keyed: list, traced: dict[str, tuple[int, ...]], variables: bool) -
 
 
 def _check_trace(
-    fn: str, given: dict[str, tuple[int, ...]], traced: dict[str, tuple[int, ...]]
+    fn: str,
+    given: dict[str, tuple[int, ...]],
+    traced: dict[str, tuple[int, ...]],
+    given_as: str = "module=...",
 ) -> None:
     for path, shape in given.items():
         if path not in traced:
-            raise _mismatch(fn, f"{path!r} is in the params, not in the model's")
+            raise _mismatch(fn, f"{path!r} is in the params, not in the model's", given_as)
         if traced[path] != shape:
             raise _mismatch(
                 fn,
                 f"{path!r} has shape {shape} in the params and {traced[path]} in the "
                 f"model's",
+                given_as,
             )
     for path in traced:
         if path not in given:
-            raise _mismatch(fn, f"{path!r} is in the model's params, not in these")
+            raise _mismatch(fn, f"{path!r} is in the model's params, not in these", given_as)
 
 
-def _mismatch(fn: str, what: str) -> ValueError:
+def _mismatch(fn: str, what: str, given_as: str) -> ValueError:
+    if given_as == "recorded=...":
+        return ValueError(
+            f"{fn}(params, recorded=...): the params do not match the recorded init: "
+            f"{what}. Pass the params (or variables) of the init recorded in the "
+            f"`with dm.record()` block, or record the init that made these params."
+        )
     return ValueError(
         f"{fn}(params, module=...): the params do not match the traced model: "
         f"{what}. Pass the module that made these params, and args= with the "
