@@ -1,5 +1,6 @@
 """The walk of Haiku params: checks, one reading per distinct module, and a leaf table
-whose keys let a policy decide once per distinct owner, name and role.
+whose keys let a policy decide once per distinct owner, name and role. By names, the
+keys of a top-level module alike to an earlier one's take its readings (``_haiku_repeats``).
 
 The result is jax's treedef of the params unflattened over one value per array, so it
 has exactly the params' containers (``dict``, Haiku's ``FlatMap``) and keeps other
@@ -18,6 +19,7 @@ from ..core._roles import role_from_name
 from ..core._table import LeafTable
 from ._contract import TreedefRebuild
 from ._haiku_modules import CONV, DENSE, Module, Modules
+from ._haiku_repeats import Repeats, runs
 from ._haiku_trace import HaikuTrace, is_array_like
 from ._structure import treedef_of
 
@@ -119,7 +121,8 @@ class HaikuWalk:
         state = trace is not None and trace.state
         paths, stacks, span, extend = modules.paths, modules.stacks, self.spans.append, keys.extend
         of, readings = modules.of, modules.modules
-        for key in sorted(tree):
+
+        def one(key: str) -> None:
             segments = paths[key]
             mid = segments[:-1] if segments[-1] == "~" else segments  # module_id
             module = (readings.get(mid) or of(mid, key)) if mid else None  # a stack's too
@@ -142,7 +145,7 @@ class HaikuWalk:
             if done is not None:
                 span((key, done[0], module))
                 extend(done[1])
-                continue
+                return
             names: list[str] = []
             ids: list[int] = []
             for name in sorted(direct):
@@ -165,6 +168,31 @@ class HaikuWalk:
             extend(ids)
             if alike_key is not None:
                 alike[alike_key] = (tuple(names), ids)
+
+        order = sorted(tree)
+        if trace is not None or modules.stacks:
+            for key in order:
+                one(key)
+        else:  # by names: a block alike to an earlier one takes its readings
+            repeats, done = Repeats(tree), 0
+            for start, end in runs(order, paths):
+                for key in order[done:start]:
+                    one(key)
+                done, run = end, order[start:end]
+                head = paths[run[0]][0]
+                family, skip = (modules.segment(head), end - start), len(head)
+                result, found = repeats.find(family, run, skip)
+                if result is not None:
+                    for key, (_, names, module) in zip(run, result[0]):
+                        span((key, names, module))
+                    extend(result[1])
+                    continue
+                first_span, first_key = len(self.spans), len(keys)
+                for key in run:
+                    one(key)
+                repeats.note(family, run, skip, (self.spans[first_span:], keys[first_key:]), found)
+            for key in order[done:]:
+                one(key)
         modules.find_lifted()
         self.leaves = LeafTable(keys, self._leaf)
         treedef = treedef_of(tree)

@@ -1,0 +1,101 @@
+"""Blocks of Haiku params read before: the keys under a top-level module (``block_7/...``)
+alike to an earlier one's take the earlier one's readings, without reading a module.
+
+By names, a Haiku module is read from its parent's reading, its own name's
+:class:`~._haiku_modules.Segment` (equal for ``block_0`` and ``block_7``), its params'
+names and shapes and, where it has none, its submodules' names; a param's key adds its
+name and dtype. So two top-level modules of one Segment whose keys below them are the
+same, in the same order, holding params of the same names, shapes and dtypes, are read
+alike, module for module: the second one's spans are the first one's with its own keys.
+
+A run is the keys of one top-level module (``block_7`` for its own params, then
+``block_7/...``), consecutive in sorted order; a top-level name whose keys sorting
+splits (``a``, ``a-b/y``, ``a/x``) is read key by key. Only a
+family's second member is checked at all.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+_shape_of = operator.attrgetter("shape")
+_dtype_of = operator.attrgetter("dtype")
+
+
+def runs(order: Sequence[str], paths: Mapping[str, tuple[str, ...]]) -> list[tuple[int, int]]:
+    """(start, end) in ``order`` of every run of the keys of one top-level module (its
+    own params' key and those below it) that holds all of them."""
+    found: list[tuple[int, int]] = []
+    split: set[str] = set()
+    seen: set[str] = set()
+    start, first = 0, None
+    for i, key in enumerate(order):
+        head = paths[key][0]
+        if head != first:
+            if first is not None:
+                found.append((start, i))
+            if head in seen:
+                split.add(head)
+            seen.add(head)
+            start, first = i, head
+    if first is not None:
+        found.append((start, len(order)))
+    if split:
+        found = [(a, b) for a, b in found if paths[order[a]][0] not in split]
+    return found
+
+
+def fingerprint(tree: Mapping[str, Any], keys: Sequence[str], skip: int) -> tuple | None:
+    """What a reading by names reads of the keys of one run, each without its first
+    ``skip`` characters (the top-level name); ``None`` where a value is no array."""
+    out = []
+    try:
+        for key in keys:
+            direct = tree[key]
+            values = direct.values()
+            out.append((key[skip:], tuple(direct), tuple(map(_shape_of, values)),
+                        tuple(map(_dtype_of, values))))
+    except AttributeError:  # optax.MaskedNode, or another value a walk reads on its own
+        return None
+    return tuple(out)
+
+
+class Repeats:
+    """The spans and keys each run of a walk made, by family (the top-level module's
+    Segment, the run's length) and fingerprint."""
+
+    __slots__ = ("families", "tree")
+
+    def __init__(self, tree: Mapping[str, Any]) -> None:
+        self.tree = tree
+        # family -> [first run (keys, skip) or None, its result, {fingerprint: result}
+        # once a second member came, else None]
+        self.families: dict[tuple, list[Any]] = {}
+
+    def find(self, family: tuple, keys: Sequence[str], skip: int) -> tuple[Any, Any]:
+        """(the result of an earlier run alike to ``keys``, or ``None``; the run's
+        fingerprint for :meth:`note`, where one was taken)."""
+        entry = self.families.get(family)
+        if entry is None:
+            return None, None
+        table = entry[2]
+        if table is None:
+            table = entry[2] = {}
+            first = fingerprint(self.tree, *entry[0])
+            if first is not None:
+                table[first] = entry[1]
+            entry[0] = None
+        found = fingerprint(self.tree, keys, skip)
+        if found is None:
+            return None, None
+        return table.get(found), found
+
+    def note(self, family: tuple, keys: Sequence[str], skip: int, result: Any, found: Any) -> None:
+        """Records what reading ``keys`` made; ``found`` is what :meth:`find` returned."""
+        entry = self.families.get(family)
+        if entry is None:
+            self.families[family] = [(keys, skip), result, None]
+        elif found is not None and entry[2] is not None:
+            entry[2][found] = result
