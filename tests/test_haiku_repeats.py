@@ -98,11 +98,21 @@ def counted(monkeypatch):
 
     def counting(self, family, keys, skip):
         found = find(self, family, keys, skip)
-        hits.append(found[0] is not None)
+        if found[0] is not None:
+            # The run (its first key and length) took an earlier run's readings.
+            hits.append((keys[0], len(keys)))
         return found
 
     monkeypatch.setattr(_haiku_repeats.Repeats, "find", counting)
     return hits
+
+
+def whole_blocks(hits, params):
+    """The blocks that took an earlier block's readings whole, in order."""
+    sizes = {}
+    for key in params:
+        sizes[key.split("/")[0]] = sizes.get(key.split("/")[0], 0) + 1
+    return [key.split("/")[0] for key, length in hits if length == sizes[key.split("/")[0]]]
 
 
 def test_blocks_alike_are_read_once_and_decided_as_each_is(monkeypatch):
@@ -111,9 +121,8 @@ def test_blocks_alike_are_read_once_and_decided_as_each_is(monkeypatch):
     hits = counted(monkeypatch)
     got = outputs(params)
     assert got == expected
-    # Each of the four walks: the first block read, the four others take its readings;
-    # "embed" and "final_norm" are runs of one key, each the first of its kind.
-    assert hits == [False, True, True, True, True, False, False] * 4
+    # In each of the four walks, the first block is read, the four others take its readings.
+    assert hits == [(f"block_{i}/attn/key", 5) for i in range(1, 5)] * 4
     mask = flat_with_paths(got[0])
     assert mask["['block_4/attn/key']['w']"] is True
     assert mask["['block_4/layer_norm']['scale']"] is False
@@ -126,7 +135,9 @@ def test_a_block_that_differs_in_one_thing_is_read_on_its_own(monkeypatch, varia
     hits = counted(monkeypatch)
     got = outputs(params)
     assert got == expected
-    assert hits == [False, True, False, True, True, False, False] * 4
+    # Whole blocks alike to block_0 (1, 3) or to block_2 (4) are not read; parts of
+    # block_2 alike to block_0's may be.
+    assert whole_blocks(hits, params) == ["block_1", "block_3", "block_4"] * 4
     mask = flat_with_paths(got[0])
     differs = {"vector w": ("['block_2/proj']['w']", False),
                "int w": ("['block_2/attn/key']['w']", False),
@@ -155,7 +166,7 @@ def test_a_module_whose_keys_sorting_splits_is_read_key_by_key(monkeypatch):
     expected = unshared(params)
     hits = counted(monkeypatch)
     assert outputs(params) == expected
-    assert hits == [False, False] * 4  # "a-b" and "c" make runs, each its family's first
+    assert hits == []  # "a-b" and "c" make runs, each its family's first
 
 
 def test_abstract_params_alike(monkeypatch):
@@ -163,7 +174,7 @@ def test_abstract_params_alike(monkeypatch):
     expected = unshared(params)
     hits = counted(monkeypatch)
     assert outputs(params) == expected
-    assert hits == [False, False, True, True, False, False] * 4
+    assert whole_blocks(hits, params) == ["block_2", "block_3"] * 4
 
 
 @settings(max_examples=25, deadline=None)
@@ -187,3 +198,21 @@ def test_a_module_with_params_of_its_own_is_no_block_without():
     report = {r.path: r for r in policy.explain(params, framework="haiku")}
     assert report["blk_1/sub/scale"].rule == policy.rules[0]
     assert report["blk_0/sub/scale"].rule == policy.rules[1]
+
+
+def test_blocks_inside_one_module_are_read_once(monkeypatch):
+    params = {"transformer/" + k if k != "embed" else k: v
+              for k, v in model(["base", "base", "stacked", "base"]).items()}
+    expected = unshared(params)
+    hits = counted(monkeypatch)
+    assert outputs(params) == expected
+    whole = [key for key, length in hits if length == 5]
+    assert whole == [f"transformer/block_{i}/attn/key" for i in (1, 3)] * 4
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.lists(st.sampled_from(sorted(VARIANTS)), min_size=1, max_size=5),
+       st.sampled_from(["transformer/block", "model/~/layer", "a/b/c"]))
+def test_any_mix_of_nested_blocks_reads_as_each_key_read(variants, prefix):
+    params = model(variants, prefix)
+    assert outputs(params) == unshared(params)

@@ -1,4 +1,4 @@
-"""Blocks of Haiku params read before: the keys under a top-level module (``block_7/...``)
+"""Blocks of Haiku params read before: the keys of a module (``block_7``, ``block_7/...``)
 alike to an earlier one's take the earlier one's readings, without reading a module.
 
 By names, a Haiku module is read from its parent's reading, its own name's
@@ -24,26 +24,30 @@ _shape_of = operator.attrgetter("shape")
 _dtype_of = operator.attrgetter("dtype")
 
 
-def runs(order: Sequence[str], paths: Mapping[str, tuple[str, ...]]) -> list[tuple[int, int]]:
-    """(start, end) in ``order`` of every run of the keys of one top-level module (its
-    own params' key and those below it) that holds all of them."""
+def runs(order: Sequence[str], paths: Mapping[str, tuple[str, ...]], lo: int, hi: int,
+         depth: int) -> list[tuple[int, int]]:
+    """(start, end) in ``order[lo:hi]`` of every run of the keys below one module at
+    ``depth`` (its own params' key and those below it: ``segments[depth]`` names it)
+    that holds all of them; keys that end above ``depth`` are in none."""
     found: list[tuple[int, int]] = []
     split: set[str] = set()
     seen: set[str] = set()
-    start, first = 0, None
-    for i, key in enumerate(order):
-        head = paths[key][0]
+    start, first = lo, None
+    for i in range(lo, hi):
+        segments = paths[order[i]]
+        head = segments[depth] if len(segments) > depth else None
         if head != first:
             if first is not None:
                 found.append((start, i))
-            if head in seen:
-                split.add(head)
-            seen.add(head)
+            if head is not None:
+                if head in seen:
+                    split.add(head)
+                seen.add(head)
             start, first = i, head
     if first is not None:
-        found.append((start, len(order)))
+        found.append((start, hi))
     if split:
-        found = [(a, b) for a, b in found if paths[order[a]][0] not in split]
+        found = [(a, b) for a, b in found if paths[order[a]][depth] not in split]
     return found
 
 

@@ -1,6 +1,6 @@
 """The walk of Haiku params: checks, one reading per distinct module, and a leaf table
 whose keys let a policy decide once per distinct owner, name and role. By names, the
-keys of a top-level module alike to an earlier one's take its readings (``_haiku_repeats``).
+keys of a module alike to an earlier one's take its readings (``_haiku_repeats``).
 
 The result is jax's treedef of the params unflattened over one value per array, so it
 has exactly the params' containers (``dict``, Haiku's ``FlatMap``) and keeps other
@@ -10,7 +10,7 @@ values (``optax.MaskedNode``) as they are.
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from itertools import chain
 from typing import Any
 
@@ -174,25 +174,7 @@ class HaikuWalk:
             for key in order:
                 one(key)
         else:  # by names: a block alike to an earlier one takes its readings
-            repeats, done = Repeats(tree), 0
-            for start, end in runs(order, paths):
-                for key in order[done:start]:
-                    one(key)
-                done, run = end, order[start:end]
-                head = paths[run[0]][0]
-                family, skip = (modules.segment(head), end - start), len(head)
-                result, found = repeats.find(family, run, skip)
-                if result is not None:
-                    for key, (_, names, module) in zip(run, result[0]):
-                        span((key, names, module))
-                    extend(result[1])
-                    continue
-                first_span, first_key = len(self.spans), len(keys)
-                for key in run:
-                    one(key)
-                repeats.note(family, run, skip, (self.spans[first_span:], keys[first_key:]), found)
-            for key in order[done:]:
-                one(key)
+            self._runs(order, one, Repeats(tree), keys, 0, len(order), 0, -1)
         modules.find_lifted()
         self.leaves = LeafTable(keys, self._leaf)
         treedef = treedef_of(tree)
@@ -204,6 +186,38 @@ class HaikuWalk:
                                f"it with the params' structure.")
         self.rebuild = TreedefRebuild(treedef)
         self.roots = roots
+
+    def _runs(self, order: list[str], one: Callable[[str], None], repeats: Repeats,
+              keys: list[int], lo: int, hi: int, depth: int, parent: int) -> None:
+        """Reads ``order[lo:hi]``, the keys below a module at ``depth`` (of reading
+        ``parent``), run by run: a run alike to an earlier one takes its readings, any
+        other is read as runs one level further in."""
+        paths, done = self.modules.paths, lo
+        for start, end in runs(order, paths, lo, hi, depth):
+            for key in order[done:start]:
+                one(key)
+            done, run = end, order[start:end]
+            segments = paths[run[0]]
+            head = segments[depth]
+            if head == "~":  # a constructor's modules stand a level further in
+                for key in run:
+                    one(key)
+                continue
+            family = (parent, self.modules.segment(head), end - start)
+            skip = sum(map(len, segments[: depth + 1])) + depth
+            result, found = repeats.find(family, run, skip)
+            if result is not None:
+                span = self.spans.append
+                for key, (_, names, module) in zip(run, result[0]):
+                    span((key, names, module))
+                keys.extend(result[1])
+                continue
+            first_span, first_key = len(self.spans), len(keys)
+            module = self.modules.of(segments[: depth + 1])
+            self._runs(order, one, repeats, keys, start, end, depth + 1, module.token)
+            repeats.note(family, run, skip, (self.spans[first_span:], keys[first_key:]), found)
+        for key in order[done:hi]:
+            one(key)
 
     @staticmethod
     def _root(roots: dict[int, Module], depth: int) -> Module:
