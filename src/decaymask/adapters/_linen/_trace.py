@@ -208,6 +208,7 @@ class LinenRecording:
 
     def __init__(self) -> None:
         self.traces: list[LinenTrace] = []
+        self.shapes: dict[int, dict[str, tuple[int, ...]]] = {}  # params, once read
         self._open: LinenInitRecorder | None = None
 
     def __call__(self, next_fun: Any, call_args: Any, call_kwargs: Any, context: Any) -> Any:

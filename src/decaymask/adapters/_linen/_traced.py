@@ -56,7 +56,8 @@ def traced_reading(
     if isinstance(module, LinenRecording):
         return _recorded_reading(fn, keyed, module, wanted, variables)
     trace = trace_init(fn, module, args, kwargs, wanted)
-    variables, held = _checked(fn, keyed, trace, variables, "module=...")
+    traced = _traced_param_shapes(trace)
+    variables, held = _checked(fn, keyed, traced, variables, "module=...")
     if _unseen(trace, held):
         trace = trace_init(fn, module, args, kwargs, wanted, eager=True)
         unseen = _unseen(trace, held)
@@ -66,15 +67,14 @@ def traced_reading(
 
 
 def _checked(
-    fn: str, keyed: list, trace: LinenTrace, variables: bool, given_as: str
+    fn: str, keyed: list, traced: dict[str, tuple[int, ...]], variables: bool, given_as: str
 ) -> tuple[bool, set[tuple[str, ...]]]:
     """The reading of the tree the trace decides, and the module paths its params
-    hold, once the params are checked against the trace's.
+    hold, once the params are checked against the ``traced`` param shapes.
 
     Raises:
       ValueError: the params differ from the traced model's.
     """
-    traced = _traced_param_shapes(trace)
     variables = _reading(keyed, traced, variables)
     given: dict[str, tuple[int, ...]] = {}
     held: set[tuple[str, ...]] = set()
@@ -95,9 +95,13 @@ def _recorded_reading(
 ) -> tuple[LinenTrace, bool]:
     """The recorded init whose params are the tree's, read as its trace would be."""
     errors = []
-    for recorded in recording.traces:
+    for index, recorded in enumerate(recording.traces):
+        # Each later read of the same init reuses its param shapes.
+        traced = recording.shapes.get(index)
+        if traced is None:
+            traced = recording.shapes[index] = _traced_param_shapes(recorded)
         try:
-            reading, held = _checked(fn, keyed, recorded, variables, "recorded=...")
+            reading, held = _checked(fn, keyed, traced, variables, "recorded=...")
         except ValueError as err:
             errors.append(err)
             continue
