@@ -300,7 +300,9 @@ class Policy(GroupsFace, _CorePolicy):
           tree: a Linen params or variables mapping (``dict`` or ``FrozenDict``), an
             ``nnx.Module``, or an ``nnx.State``.
           **kwargs: Linen: ``module=``, ``args=``, ``kwargs=`` to recover the exact layer
-            classes by an abstract trace of ``module.init``. NNX: ``wrt=`` (default
+            classes by an abstract trace of ``module.init``, or ``recorded=seen`` to
+            read them from the init run inside ``with dm.record() as seen:`` (no
+            second init; see :func:`decaymask.record`). NNX: ``wrt=`` (default
             ``nnx.Param``), the filter of the params the optimizer updates.
 
         Returns:

@@ -64,6 +64,10 @@ names. A call compiled by ``nn.jit`` that jax has cached runs no Python: where t
 trace saw no module at paths the params hold, it runs again with jit disabled, and a
 ``PolicyWarning`` names the paths it still misses.
 
+``recorded=`` takes what a ``dm.record()`` block saw of the user's own ``init`` (the
+same interceptor, recording every module's arrays' ranks and the variables' shapes) and
+reads the recorded init whose params are the tree's exactly as its trace would be read.
+
 Muon layouts (``matrix_axes``) are never guessed: they come from a class of
 :data:`KIND_TABLE` (traced, or by its auto name), a registration (checked against each
 array's rank, leading axes beyond it stacked), an attention layer's projections or a
