@@ -381,3 +381,33 @@ def test_a_generic_method_knows_recorded_params_are_linen(registered):
     assert flat_with_paths(POLICY.mask(params, recorded=seen)) == flat_with_paths(
         POLICY.for_flax(params, module=Named(), args=(x,))
     )
+
+
+NO_FLAX_YET = """
+import sys
+import decaymask as dm
+with dm.record() as seen:
+    loaded = [m for m in ("jax", "flax", "haiku") if m in sys.modules]
+    import flax.linen as nn, jax, jax.numpy as jnp
+    variables = nn.Dense(2).init(jax.random.key(0), jnp.ones((1, 3)))
+print(loaded, seen.inits)
+try:
+    dm.Policy(dm.decay()).for_flax(variables, recorded=seen)
+except ValueError as err:
+    print(err)
+"""
+
+
+def test_record_imports_no_framework_and_says_when_flax_came_late():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", NO_FLAX_YET], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert out == [
+        "[] 0",
+        "for_flax(params, recorded=seen): flax.linen was not imported when the `with "
+        "dm.record()` block began, so no Linen init was recorded. Import flax.linen before "
+        "entering the block, and call model.init inside it.",
+    ]
