@@ -411,3 +411,19 @@ def test_record_imports_no_framework_and_says_when_flax_came_late():
         "dm.record()` block began, so no Linen init was recorded. Import flax.linen before "
         "entering the block, and call model.init inside it.",
     ]
+
+
+def test_a_lifted_root_is_read_as_the_user_s_class():
+    class Body(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3, name="proj")(nn.LayerNorm(name="norm")(x))
+
+    lifted = nn.jit(Body)  # a fresh class: jax has compiled nothing of it yet
+    x = jnp.ones((1, 3))
+    with dm.record() as seen:
+        variables = lifted().init(jax.random.key(0), x)
+    recorded = POLICY.explain(variables, recorded=seen)
+    assert _rows(recorded) == _rows(POLICY.explain(variables, module=lifted(), args=(x,)))
+    kernel = {row.path: row.leaf for row in recorded}["proj/kernel"]
+    assert [layer.type_name for layer in kernel.ancestors] == ["Body"]
