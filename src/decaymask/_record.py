@@ -15,7 +15,8 @@ class Recording:
     Pass it to any ``for_flax`` method and to ``explain`` as ``recorded=seen``: the
     params are read as with ``module=model, args=(x,)``, from the init that made them,
     without tracing ``init`` a second time. Only classes, paths, ranks and shapes are
-    kept, never the arrays. A block is entered once; ``inits`` counts the inits it saw.
+    kept, never the arrays. A block is entered once; ``inits`` counts the inits it saw
+    (in the thread that entered it: Flax keeps its interceptors per thread).
     """
 
     __slots__ = ("_linen", "_context", "_state")

@@ -112,7 +112,11 @@ class LinenInitRecorder:
     def __init__(self, root: type[nn.Module], wanted: Wanted | None):
         # A lifted root (nn.jit(Model)) subclasses the user's class, whose clone runs
         # inside the transform at the root: that clone is the root seen.
-        while _is_lifted(root) and issubclass(root.__mro__[1], nn.Module):
+        while (
+            _is_lifted(root)
+            and issubclass(root.__mro__[1], nn.Module)
+            and root.__mro__[1] is not nn.Module
+        ):
             root = root.__mro__[1]
         self.root_class = root
         self.classes: dict[tuple[str, ...], type] = {(): root}
