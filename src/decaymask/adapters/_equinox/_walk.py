@@ -37,6 +37,7 @@ from ._classes import (
     pytree_children,
     read_field,
 )
+from ._repeats import Repeats
 from ._layouts import equinox_expected_ndim, equinox_layout_axes, equinox_matrix_axes
 
 
@@ -105,17 +106,30 @@ class EquinoxWalk:
         root = EquinoxContext(tree, None, (), (), None, False, 0)
         self.contexts[()] = self._enter(root, tree, None, ())
         self.positions: list[int] = []
-        self.entries: list[tuple[tuple, Any, EquinoxContext, str]] = []
+        # (key path, array, context or None until a leaf of it is built, name)
+        self.entries: list[tuple[tuple, Any, EquinoxContext | None, str]] = []
         keys: list[tuple] = []
+        self.keys = keys
+        # By names and classes alone, blocks alike to an earlier one are keyed as it is.
+        self.repeats = None if _registry.instance_layouts else Repeats(flat)
         floating_of = floating_dtypes
         index_keys = INDEX_KEYS
-        for position, (keypath, value) in enumerate(flat):
+        position, size = 0, len(flat)
+        while position < size:
+            keypath, value = flat[position]
             if not isinstance(value, ARRAY_TYPES):
+                position += 1
                 continue
             parent = keypath[:-1]
             context = self.contexts.get(parent)
             if context is None:
-                context = self._context(parent)
+                self.at = position
+                found = self._context(parent)
+                if found is None:  # a block alike to an earlier one, keyed at once
+                    assert self.repeats is not None
+                    position = self.repeats.apply(self, position)
+                    continue
+                context = found
             last = keypath[-1] if keypath else None
             if last is None:
                 name = ""
@@ -129,6 +143,8 @@ class EquinoxWalk:
             self.positions.append(position)
             self.entries.append((keypath, value, context, name))
             keys.append((context.key, name, floating))
+            position += 1
+        self.repeats = None  # holds the flatten and nodes of the tree
         self.views: dict[int, tuple[Leaf, ...]] = {}
         for prefix, node in self.shared:
             self._find_views(prefix, node, keys)
@@ -172,13 +188,29 @@ class EquinoxWalk:
                 # A leaf with views is decided on its own: its key is its own.
                 keys[i] = ("shared", i)
 
-    def _context(self, prefix: tuple) -> EquinoxContext:
+    def _context(self, prefix: tuple) -> EquinoxContext | None:
+        """The context of the node at ``prefix``, made with those above it; ``None``
+        where a block above the node (or the node) is alike to an earlier one: the
+        walk keys its leaves as the earlier one's (``self.repeats.hit``)."""
         parent = self.contexts.get(prefix[:-1])
         if parent is None:
             parent = self._context(prefix[:-1])
-        node = _child_of(parent.node, prefix[-1])
-        context = self._enter(parent, node, prefix[-1], prefix)
+            if parent is None:
+                return None
+        entry = prefix[-1]
+        node = _child_of(parent.node, entry)
+        repeats = self.repeats
+        family = None
+        if repeats is not None and equinox_class(type(node)).node == "module":
+            field = parent.field if parent.wrapper or isinstance(entry, INDEX_KEYS) \
+                else key_name(entry)
+            family = (parent.key, field, type(node))
+            if repeats.alike(self, family, prefix, node):
+                return None
+        context = self._enter(parent, node, entry, prefix)
         self.contexts[prefix] = context
+        if family is not None:
+            repeats.met(family, prefix, node, self.at)  # type: ignore[union-attr]
         return context
 
     def _enter(
@@ -226,7 +258,10 @@ class EquinoxWalk:
         )
 
     def _build(self, index: int) -> Leaf:
-        keypath, value, context, name = self.entries[index]
+        keypath, value, found, name = self.entries[index]
+        # The leaf of a block keyed as an earlier one: its context is made now.
+        context = found or self.contexts.get(keypath[:-1]) or self._context(keypath[:-1])
+        assert context is not None
         owner = context.owner or UNOWNED
         # No module encloses the array (so no ancestors either): its owner stands for
         # the node holding it, the path's parent.
