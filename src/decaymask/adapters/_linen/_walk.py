@@ -66,6 +66,8 @@ class LinenWalk(OtherCollections):
     ):
         self.fn = fn
         self.tree = tree
+        # The keys of subtrees visited by names, for blocks alike to them (_repeats).
+        self.repeats: Repeats | None = None
         self.trace = None
         # Lifted modules of user-named stacks, by names: their arrays' stacked axes.
         self.lifted: dict[tuple[str, ...], Proof] = {}
@@ -116,8 +118,7 @@ class LinenWalk(OtherCollections):
     def _start(self) -> None:
         """Visits the whole tree, from empty tables."""
         self.keys: list[int] = []
-        # The keys of subtrees visited by names, for blocks alike to them (_repeats).
-        self.repeats: Repeats | None = Repeats()
+        self.repeats = Repeats()
         # Signature -> ResolvedModule, or -> {shapes: ResolvedModule} where inference
         # read shapes. Modules read in key order (_visit) and layers read in their own
         # order (_visit_layer) have signatures of different forms: one table each.
