@@ -151,3 +151,80 @@ def test_any_mix_of_blocks_reads_as_each_block_visited(variants, nested):
     with pytest.MonkeyPatch.context() as m:
         expected = unshared(m, params)
     assert outputs(params) == expected
+
+
+# A traced model's modules alike in everything a reading reads are read once too: what
+# the trace says of each path (its class, the class it wraps, its arrays' ranks in one
+# layer) is part of that.
+
+import flax.linen as nn  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+
+class Gate(nn.Module):
+    """A Dense by another name: the same params, another class."""
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.ones, (x.shape[-1], 8))
+        return x @ kernel + self.param("bias", nn.initializers.zeros, (8,))[None]
+
+
+class Thing(nn.Module):
+    one: bool = False  # a vector per layer (scanned three times), else a (3, 8) matrix
+
+    @nn.compact
+    def __call__(self, x, _=None):
+        w = self.param("w", nn.initializers.ones, (8,) if self.one else (3, 8))
+        return x + w.sum(), None
+
+
+class Traced(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(8, name="layer_0")(x)
+        x = Gate(name="layer_1")(x)
+        x, _ = Thing(name="thing_0")(x)
+        scanned = nn.scan(Thing, variable_axes={"params": 0}, split_rngs={"params": True},
+                          length=3)
+        x, _ = scanned(one=True, name="thing_1")(x, None)
+        return x
+
+
+class Wrapping(nn.Module):
+    inner: type
+
+    @nn.compact
+    def __call__(self, x):
+        inner = self.inner(8, name="inner") if self.inner is nn.Dense else self.inner(name="inner")
+        return nn.WeightNorm(inner, name="wn", variable_filter={"kernel"})(x)
+
+
+class TwoWrapped(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return Wrapping(Gate, name="Block_1")(Wrapping(nn.Dense, name="Block_0")(x))
+
+
+@pytest.mark.parametrize("model", [Traced(), TwoWrapped()], ids=["classes-ranks", "wrapped"])
+def test_traced_modules_that_differ_only_in_what_the_trace_says_are_read_apart(model):
+    x = jnp.ones((1, 8))
+    params = model.init(jax.random.key(0), x)["params"]
+    _face._built.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dm.PolicyWarning)
+        report = {r.path: (r.layer, r.layer_type, r.decay, r.leaf.batch_axes)
+                  for r in POLICY.explain(params, module=model, args=(x,))}
+        with dm.record() as seen:
+            model.init(jax.random.key(0), x)
+        recorded = {r.path: (r.layer, r.layer_type, r.decay, r.leaf.batch_axes)
+                    for r in POLICY.explain(params, recorded=seen)}
+    assert recorded == report
+    if isinstance(model, Traced):
+        assert report["layer_0/kernel"] == ("linear", "Dense", True, 0)
+        assert report["layer_1/kernel"] == ("linear", "Gate", True, 0)
+        assert report["thing_0/w"] == ("linear", "Thing", True, 0)
+        assert report["thing_1/w"] == ("unknown", "Thing", False, 1)
+    else:
+        assert report["Block_0/wn/inner%2Fkernel%2Fscale"][:2] == ("linear", "WeightNorm")
+        assert report["Block_1/wn/inner%2Fkernel%2Fscale"][:2] == ("unknown", "WeightNorm")

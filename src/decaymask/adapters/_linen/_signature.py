@@ -55,6 +55,17 @@ def key_traits(key: str) -> int:
     return found
 
 
+def trace_facts(trace: Any, path: tuple[str, ...], arrays: Any) -> tuple:
+    """What a trace says of the module at ``path`` that its reading reads: its class,
+    the class it wraps, and the rank of each of its ``arrays`` in one layer. In a
+    traced module's signature in place of its path, so that alike modules of a traced
+    model are read once, as by names."""
+    ndims = trace.ndims
+    return (trace.classes.get(path), trace.wrapped.get(path),
+            tuple([ndims.get((collection, path + (name,)))
+                   for name in arrays for collection in trace.collections]))
+
+
 class WatchedArrays(dict):
     """The arrays of a module, noting whether inference looked at one (its shape)."""
 

@@ -28,7 +28,7 @@ from ._infer import LinenModule
 from ._nodes import AT_LEAF, AT_NODE, STR_ONLY, EmptyNode, mapping_of
 from ._other import OtherCollections
 from ._repeats import Repeats
-from ._signature import ResolvedModule, WatchedArrays, key_traits, traits_of
+from ._signature import ResolvedModule, WatchedArrays, key_traits, trace_facts, traits_of
 from ._traced import traced_reading
 from ._variables import looks_like_variables, undecidable_error
 
@@ -48,7 +48,7 @@ class LinenWalk(OtherCollections):
     signature and are inferred once: the blocks of a deep model cost a dictionary
     lookup each, and by names a block alike to an earlier one in all of that, all the
     way down, takes the earlier one's keys without a visit (:mod:`._repeats`). A traced
-    module's signature holds its path, which the trace reads.
+    module's signature holds what the trace says of its path (``trace_facts``).
 
     Per leaf the walk keeps an int key; every key's first leaf is located for the
     core, any other leaf by visiting once more, on demand. A variables mapping's other
@@ -89,6 +89,8 @@ class LinenWalk(OtherCollections):
         # Layers below a module are read off their own order (_visit_layer), where the
         # signature needs neither a path nor other collections.
         self.fast = self.trace is None and not self.variables
+        # Params (not variables): layers are read off their own order, traced or not.
+        self.layers = not self.variables
         # Optimistic: a non-empty mapping is taken to hold a leaf until its visit finds
         # none (only None and empty containers below it), which is checked everywhere
         # on a second visit.
@@ -200,7 +202,7 @@ class LinenWalk(OtherCollections):
         gathered = False
         if not self.fast:
             if self.trace is not None:
-                signature += (path,)
+                signature += (trace_facts(self.trace, path, direct),)
             gathered = self.variables and path in self.other_paths
             if gathered:
                 other = self.other.get(path)
@@ -223,7 +225,7 @@ class LinenWalk(OtherCollections):
         if gathered:
             self.by_path[path] = (resolved.module, direct)
         own = iter(resolved.keys)
-        fast = self.fast
+        fast, layers = self.fast, self.layers
         for name, at in resolved.layout:  # type: ignore[union-attr]
             if at is AT_LEAF:
                 if resolved.emitted and not everything:
@@ -233,7 +235,7 @@ class LinenWalk(OtherCollections):
                     self._locate(resolved, path, {name: direct[name]}, direct, everything)
             elif at is AT_NODE:
                 value = mapping[name]
-                if not (fast and self._visit_layer(value, path, name, resolved, everything)):
+                if not (layers and self._visit_layer(value, path, name, resolved, everything)):
                     repeats = self.repeats if fast and not everything else None
                     if repeats is not None:
                         traits = traits_of.get(name)
@@ -275,6 +277,8 @@ class LinenWalk(OtherCollections):
         if traits is None:
             traits = key_traits(name)
         signature = (parent.token, traits, tuple(node), tuple(map(dtype_of, arrays)))
+        if self.trace is not None:
+            signature += (trace_facts(self.trace, path + (name,), node),)
         resolved = self.layer_signatures.get(signature)
         if type(resolved) is dict:
             own = node if arrays is values else dict(zip(node, arrays))
