@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
+from flax import core as flax_core
 from flax.linen import module as linen_module
 
 import decaymask as dm
@@ -427,3 +428,28 @@ def test_a_lifted_root_is_read_as_the_user_s_class():
     assert _rows(recorded) == _rows(POLICY.explain(variables, module=lifted(), args=(x,)))
     kernel = {row.path: row.leaf for row in recorded}["proj/kernel"]
     assert [layer.type_name for layer in kernel.ancestors] == ["Body"]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_params_exactly_recorded_are_read_as_key_by_key(name, registered, monkeypatch):
+    # The recorded params (and a FrozenDict of them, read key by key) give the trace
+    # that reading them key by key gives, without it.
+    from decaymask.adapters._linen import _traced
+
+    model, args = _inputs(name)
+    variables, seen = _recorded(model, args)
+    taken = []
+    exactly = _traced._exactly_recorded
+
+    def noted(*a):
+        found = exactly(*a)
+        taken.append(found is not None)
+        return found
+
+    monkeypatch.setattr(_traced, "_exactly_recorded", noted)
+    params = variables["params"]
+    trees = (params, jax.tree.map(jnp.zeros_like, params), flax_core.freeze(params))
+    fast = [_rows(POLICY.explain(tree, recorded=seen)) for tree in trees]
+    assert taken == [True, True, False]  # a FrozenDict is not the recorded dict
+    monkeypatch.setattr(_traced, "_exactly_recorded", lambda *a: None)
+    assert fast == [_rows(POLICY.explain(tree, recorded=seen)) for tree in trees]

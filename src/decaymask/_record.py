@@ -54,6 +54,11 @@ class Recording:
         context, self._context = self._context, None
         if context is not None:
             context.__exit__(exc_type, exc, traceback)
+        if self._linen is not None and exc_type is None:
+            from .adapters._linen._traced import prepare
+
+            # Each init's params read once now: reading them later costs a walk.
+            prepare(self._linen)
 
     @property
     def inits(self) -> int:

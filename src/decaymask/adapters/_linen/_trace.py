@@ -216,7 +216,10 @@ class LinenRecording:
 
     def __init__(self) -> None:
         self.traces: list[LinenTrace] = []
-        self.shapes: dict[int, dict[str, tuple[int, ...]]] = {}  # params, once read
+        self.shapes: dict[int, dict[tuple[str, ...], tuple[int, ...]]] = {}  # params, once read
+        # Per init: its params' treedef and shapes, and the trace read from them (per
+        # reading), for a tree that is exactly those params.
+        self.exact: dict[int, tuple[Any, tuple, dict[bool, LinenTrace]]] = {}
         self._open: LinenInitRecorder | None = None
 
     def __call__(self, next_fun: Any, call_args: Any, call_kwargs: Any, context: Any) -> Any:

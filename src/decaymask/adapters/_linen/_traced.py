@@ -10,7 +10,7 @@ from typing import Any
 
 import jax
 
-from .._common import key_name, path_text
+from .._common import path_text
 from ._arrays import is_array_leaf, is_box, str_keys, unbox
 from ._trace import LinenRecording, LinenTrace, Wanted, trace_init, wanted_names, warn_unseen
 from ._variables import check_not_equinox
@@ -44,6 +44,10 @@ def traced_reading(
       ValueError: the params differ from the traced model's (from every recorded
         init's), or a recorded init saw no module where the params hold some.
     """
+    if isinstance(module, LinenRecording):
+        exact = _exactly_recorded(fn, tree, module, reading is not False)
+        if exact is not None:
+            return exact, False
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)
     check_not_equinox(fn, tree, flat)
     keyed = [(str_keys(keys), value) for keys, value in flat]
@@ -67,7 +71,8 @@ def traced_reading(
 
 
 def _checked(
-    fn: str, keyed: list, traced: dict[str, tuple[int, ...]], variables: bool, given_as: str
+    fn: str, keyed: list, traced: dict[tuple[str, ...], tuple[int, ...]], variables: bool,
+    given_as: str,
 ) -> tuple[bool, set[tuple[str, ...]]]:
     """The reading of the tree the trace decides, and the module paths its params
     hold, once the params are checked against the ``traced`` param shapes.
@@ -76,7 +81,7 @@ def _checked(
       ValueError: the params differ from the traced model's.
     """
     variables = _reading(keyed, traced, variables)
-    given: dict[str, tuple[int, ...]] = {}
+    given: dict[tuple[str, ...], tuple[int, ...]] = {}
     held: set[tuple[str, ...]] = set()
     for names, value in keyed:
         array = unbox(value) if is_box(value) else value
@@ -84,10 +89,72 @@ def _checked(
             if names[0] != "params":
                 continue
             names = names[1:]
-        given[path_text(names)] = tuple(array.shape)
+        given[names] = tuple(array.shape)
         held.add(names[:-1])
     _check_trace(fn, given, traced, given_as)
     return variables, held
+
+
+def _exactly_recorded(
+    fn: str, tree: Mapping, recording: LinenRecording, variables: bool
+) -> LinenTrace | None:
+    """The trace of the recorded init whose params ``tree`` is exactly: the same
+    treedef (keys and containers), arrays of the same shapes. It is what reading the
+    tree key by key finds (params, not variables: a tree whose paths are all a
+    trace's params paths is not also those paths below a ``params`` key), worked out
+    once per recorded init from its params' shapes. ``None`` where the tree is not."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    if not all(map(is_array_leaf, leaves)):
+        return None
+    try:
+        shapes = tuple([tuple(leaf.shape) for leaf in leaves])
+    except (AttributeError, TypeError):
+        return None
+    for index, recorded in enumerate(recording.traces):
+        exact = recording.exact.get(index)
+        if exact is None:
+            exact = recording.exact[index] = _exact_entry(recorded)
+        if exact[0] != treedef or exact[1] != shapes:
+            continue
+        found = exact[2].get(variables)
+        if found is None:
+            try:
+                found = exact[2][variables] = _exact_reading(fn, recorded, variables)
+            except ValueError:
+                return None  # the reading key by key says why
+        return found
+    return None
+
+
+def _exact_entry(recorded: LinenTrace) -> tuple[Any, tuple, dict[bool, LinenTrace]]:
+    params = recorded.variables.get("params", {})
+    return (jax.tree_util.tree_structure(params),
+            tuple([tuple(leaf.shape) for leaf in jax.tree_util.tree_leaves(params)]), {})
+
+
+def _exact_reading(fn: str, recorded: LinenTrace, variables: bool) -> LinenTrace:
+    """The trace a tree that is exactly the recorded params is read with: its params'
+    keys stand for the tree's."""
+    params = recorded.variables.get("params", {})
+    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_box)
+    keyed = [(str_keys(keys), value) for keys, value in flat]
+    held = {names[:-1] for names, _ in keyed}
+    return _read_recorded(fn, recorded, wanted_names(keyed, variables), held)
+
+
+def prepare(recording: LinenRecording) -> None:
+    """Works out, for each init recorded, the trace its exact params are read with
+    (either reading), so that reading them costs little more than a walk by names."""
+    for index, recorded in enumerate(recording.traces):
+        exact = recording.exact.get(index)
+        if exact is None:
+            exact = recording.exact[index] = _exact_entry(recorded)
+        for variables in (False, True):
+            if variables not in exact[2]:
+                try:
+                    exact[2][variables] = _exact_reading("recorded=", recorded, variables)
+                except ValueError:
+                    pass  # read key by key, which says why
 
 
 def _recorded_reading(
@@ -105,26 +172,7 @@ def _recorded_reading(
         except ValueError as err:
             errors.append(err)
             continue
-        # A trace asks only the ranks of the arrays the tree holds: so does this one.
-        ndims = {}
-        for path, names in wanted.items():
-            for collection, name in names:
-                key = (collection, path + (name,))
-                if key in recorded.ndims:
-                    ndims[key] = recorded.ndims[key]
-        trace = dataclasses.replace(recorded, ndims=ndims)
-        unseen = _unseen(trace, held)
-        if unseen:
-            raise ValueError(
-                f"{fn}(params, recorded=...): the recorded init saw no module at "
-                f"{', '.join(unseen[:3])}{' and more' if len(unseen) > 3 else ''}: a "
-                f"call compiled by nn.jit that jax had already cached runs no Python, "
-                f"and modules inside a custom jax transform run outside Flax's "
-                f"interceptor. Run the init inside dm.record() under "
-                f"jax.disable_jit(), or pass module=model, args=(x,) instead of "
-                f"recorded= (its trace runs with jit disabled where it must)."
-            )
-        return trace, reading
+        return _read_recorded(fn, recorded, wanted, held), reading
     if len(errors) == 1:
         raise errors[0]
     first = str(errors[0]).split(": the params do not match the recorded init: ", 1)[-1]
@@ -132,6 +180,37 @@ def _recorded_reading(
         f"{fn}(params, recorded=...): the params match none of the {len(errors)} inits "
         f"recorded; against the first: {first}"
     )
+
+
+def _read_recorded(
+    fn: str, recorded: LinenTrace, wanted: Wanted, held: set[tuple[str, ...]]
+) -> LinenTrace:
+    """A recorded init's trace for a tree holding the ``wanted`` arrays at the module
+    paths ``held``.
+
+    Raises:
+      ValueError: the init saw no module where the tree holds params.
+    """
+    # A trace asks only the ranks of the arrays the tree holds: so does this one.
+    ndims = {}
+    for path, names in wanted.items():
+        for collection, name in names:
+            key = (collection, path + (name,))
+            if key in recorded.ndims:
+                ndims[key] = recorded.ndims[key]
+    trace = dataclasses.replace(recorded, ndims=ndims)
+    unseen = _unseen(trace, held)
+    if unseen:
+        raise ValueError(
+            f"{fn}(params, recorded=...): the recorded init saw no module at "
+            f"{', '.join(unseen[:3])}{' and more' if len(unseen) > 3 else ''}: a "
+            f"call compiled by nn.jit that jax had already cached runs no Python, "
+            f"and modules inside a custom jax transform run outside Flax's "
+            f"interceptor. Run the init inside dm.record() under "
+            f"jax.disable_jit(), or pass module=model, args=(x,) instead of "
+            f"recorded= (its trace runs with jit disabled where it must)."
+        )
+    return trace
 
 
 def _unseen(trace: LinenTrace, held: set[tuple[str, ...]]) -> list[str]:
@@ -144,50 +223,58 @@ def _unseen(trace: LinenTrace, held: set[tuple[str, ...]]) -> list[str]:
     return sorted(unseen)
 
 
-def _traced_param_shapes(trace: LinenTrace) -> dict[str, tuple[int, ...]]:
+def _traced_param_shapes(trace: LinenTrace) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """The shape of every param of the traced model, by its path's keys."""
     flat, _ = jax.tree_util.tree_flatten_with_path(
         trace.variables.get("params", {}), is_leaf=is_box
     )
     shapes = {}
     for keys, value in flat:
         array = unbox(value) if is_box(value) else value
-        shapes[path_text(tuple(key_name(k) for k in keys))] = tuple(array.shape)
+        shapes[str_keys(keys)] = tuple(array.shape)
     return shapes
 
 
-def _reading(keyed: list, traced: dict[str, tuple[int, ...]], variables: bool) -> bool:
+def _reading(
+    keyed: list, traced: dict[tuple[str, ...], tuple[int, ...]], variables: bool
+) -> bool:
     """Whether the tree is a variables mapping, as the traced model tells."""
     if not variables:
         return False
-    as_variables = {
-        path_text(names[1:]) for names, _ in keyed if names and names[0] == "params"
-    }
-    if as_variables == set(traced):
+    as_variables = {names[1:] for names, _ in keyed if names and names[0] == "params"}
+    if as_variables == traced.keys():
         return True
-    as_params = {path_text(names) for names, _ in keyed}
+    as_params = {names for names, _ in keyed}
     # A model with a top-level submodule named "params": its keys are modules.
-    return as_params != set(traced)
+    return as_params != traced.keys()
 
 
 def _check_trace(
     fn: str,
-    given: dict[str, tuple[int, ...]],
-    traced: dict[str, tuple[int, ...]],
+    given: dict[tuple[str, ...], tuple[int, ...]],
+    traced: dict[tuple[str, ...], tuple[int, ...]],
     given_as: str = "module=...",
 ) -> None:
+    """Raises where the params (by their paths' keys) differ from the traced ones."""
+    if given == traced:
+        return
     for path, shape in given.items():
         if path not in traced:
-            raise _mismatch(fn, f"{path!r} is in the params, not in the model's", given_as)
+            raise _mismatch(
+                fn, f"{path_text(path)!r} is in the params, not in the model's", given_as
+            )
         if traced[path] != shape:
             raise _mismatch(
                 fn,
-                f"{path!r} has shape {shape} in the params and {traced[path]} in the "
-                f"model's",
+                f"{path_text(path)!r} has shape {shape} in the params and {traced[path]} "
+                f"in the model's",
                 given_as,
             )
     for path in traced:
         if path not in given:
-            raise _mismatch(fn, f"{path!r} is in the model's params, not in these", given_as)
+            raise _mismatch(
+                fn, f"{path_text(path)!r} is in the model's params, not in these", given_as
+            )
 
 
 def _mismatch(fn: str, what: str, given_as: str) -> ValueError:

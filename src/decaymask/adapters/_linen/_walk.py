@@ -276,7 +276,7 @@ class LinenWalk(OtherCollections):
         traits = traits_of.get(name)
         if traits is None:
             traits = key_traits(name)
-        signature = (parent.token, traits, tuple(node), tuple(map(dtype_of, arrays)))
+        signature: tuple = (parent.token, traits, tuple(node), tuple(map(dtype_of, arrays)))
         if self.trace is not None:
             signature += (trace_facts(self.trace, path + (name,), node),)
         resolved = self.layer_signatures.get(signature)
