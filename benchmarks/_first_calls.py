@@ -11,7 +11,7 @@ import time
 import _models as M
 
 FIRST_SIZES = (50, 100, 300, 1000, 4000)
-FIRST_FRAMEWORKS = ("equinox", "linen", "linen-traced", "nnx", "haiku")
+FIRST_FRAMEWORKS = ("equinox", "linen", "linen-traced", "linen-recorded", "nnx", "haiku")
 FIRST_TARGETS = ((50, 1000, 1.2), (4000, None, 1.0))  # (from, to leaves, at most)
 TRACED_TARGET = 2.0  # a traced Linen first call, at most this many times a names-only one
 
@@ -70,7 +70,26 @@ def first_case(framework: str, leaves: int, whole: bool = False):
         return (lambda: (M._fresh(base), M.linen_module(depth)),
                 lambda made: M.linen_hand_mask(made[0]),
                 lambda made: policy.for_flax(made[0], module=made[1], args=(tokens,)))
+    if framework == "linen-recorded":
+        seen = _recording(depth)
+        return (lambda: (M._fresh(base), seen),
+                lambda made: M.linen_hand_mask(made[0]),
+                lambda made: policy.for_flax(made[0], recorded=made[1]))
     raise ValueError(f"unknown framework {framework!r}; expected one of {FIRST_FRAMEWORKS}")
+
+
+def _recording(depth: int):
+    """A ``dm.record()`` block around the model's own (abstract) init: what a program
+    that records the init it runs anyway hands ``recorded=``."""
+    import jax
+    import jax.numpy as jnp
+
+    import decaymask as dm
+
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    with dm.record() as seen:
+        jax.eval_shape(M.linen_module(depth).init, jax.random.key(0), tokens)
+    return seen
 
 
 def cpu_timed(fn) -> float:
@@ -111,14 +130,14 @@ def first_calls(args) -> None:
     start = time.perf_counter()
     names_only: dict[int, float] = {}
     frameworks = [f for f in FIRST_FRAMEWORKS
-                  if f in args.frameworks or (f == "linen-traced" and "linen" in args.frameworks)]
+                  if f in args.frameworks or (f.startswith("linen-") and "linen" in args.frameworks)]
     for framework in frameworks:
         for size in args.first_sizes:
             make, hand, ours = first_case(framework, size, args.whole)
             sample = make()
             cold()
             M.assert_same_mask(ours(sample), hand(sample), f"{framework} at {size} leaves")
-            tree = sample[0] if framework == "linen-traced" else sample
+            tree = sample[0] if framework.startswith("linen-") else sample
             leaves = M.count_leaves(tree if framework != "nnx" else _nnx_params(tree))
             del sample, tree
             t_hand, t_ours, t_named = first_pair(make, hand, ours, args.first_repeats)
@@ -128,8 +147,9 @@ def first_calls(args) -> None:
             traced = init = "-"
             if framework == "linen":
                 names_only[size] = t_ours
-            elif framework == "linen-traced":
-                init = f"{init_trace(size, args.first_repeats) * 1e3:.1f}"
+            elif framework.startswith("linen-"):
+                if framework == "linen-traced":
+                    init = f"{init_trace(size, args.first_repeats) * 1e3:.1f}"
                 if size in names_only:
                     over = t_ours / names_only[size]
                     traced = f"{over:.1f}x ({'yes' if over <= TRACED_TARGET else 'NO'})"
@@ -146,7 +166,9 @@ def first_calls(args) -> None:
           f"own built for that run (new containers, leaves and modules), decaymask's "
           f"output cache and name caches emptied before each of its runs. Hand recipes "
           f"as above; linen-traced is `for_flax(params, module=model, args=(tokens,))` "
-          f"against the same hand recipe, its last column against the names-only first "
+          f"and linen-recorded `for_flax(params, recorded=seen)` after a `dm.record()` "
+          f"block around the model's own init, against the same hand recipe, their "
+          f"\"traced / names-only\" column against the names-only first "
           f"call (goal: at most {TRACED_TARGET:g}x); \"names known\" is decaymask with "
           f"only its output cache emptied: the module and key names read in earlier runs "
           f"still known, as in a process that has built a mask before; \"init trace ms\" is "

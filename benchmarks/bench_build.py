@@ -32,7 +32,7 @@ The table of first calls times each side on a structure of its own, built for th
 (new containers, leaves and modules: nothing either side could have kept from an earlier
 run), decaymask with its output cache and its memoized readings of names emptied first,
 best CPU time of ``--first-repeats``; the frameworks are Equinox, Linen by names, Linen
-traced (``module=``, ``args=``), NNX and Haiku. Goals: at most 1.2x the hand recipe at
+traced (``module=``, ``args=``) or recorded (``recorded=``), NNX and Haiku. Goals: at most 1.2x the hand recipe at
 50 to 1,000 leaves, at most 1.0x from 4,000, and a traced Linen call at most 2x a
 names-only one.
 
@@ -296,7 +296,7 @@ def main(argv=None) -> None:
                              "(default: %(default)s)")
     parser.add_argument("--profile-first", action="store_true",
                         help="print a cProfile of decaymask's first calls instead of "
-                             "the table (--frameworks may name linen-traced)")
+                             "the table (--frameworks may name linen-traced or linen-recorded)")
     parser.add_argument("--profile", action="store_true",
                         help="print a cProfile of decaymask's call instead of the table")
     parser.add_argument("--profile-leaves", type=int, default=4000)
