@@ -56,7 +56,7 @@ def outputs(params):
 def unshared(monkeypatch, params):
     """The outputs with every block visited."""
     with monkeypatch.context() as m:
-        m.setattr(_repeats.Repeats, "find", lambda self, family, node: (None, None))
+        m.setattr(_repeats.Repeats, "find", lambda self, family, node, facts=(): (None, None))
         return outputs(params)
 
 
@@ -64,8 +64,8 @@ def counted(monkeypatch):
     hits = []
     find = _repeats.Repeats.find
 
-    def counting(self, family, node):
-        found = find(self, family, node)
+    def counting(self, family, node, facts=()):
+        found = find(self, family, node, facts)
         hits.append(found[0] is not None)
         return found
 
@@ -228,3 +228,52 @@ def test_traced_modules_that_differ_only_in_what_the_trace_says_are_read_apart(m
     else:
         assert report["Block_0/wn/inner%2Fkernel%2Fscale"][:2] == ("linear", "WeightNorm")
         assert report["Block_1/wn/inner%2Fkernel%2Fscale"][:2] == ("unknown", "WeightNorm")
+
+
+class Block(nn.Module):
+    inner: str  # "dense" or "gate": the same params, another class
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(8, name="proj")(x)
+        return (nn.Dense(8, name="inner") if self.inner == "dense" else Gate(name="inner"))(x)
+
+
+class Stack(nn.Module):
+    inners: tuple
+
+    @nn.compact
+    def __call__(self, x):
+        for i, inner in enumerate(self.inners):
+            x = Block(inner, name=f"Block_{i}")(x)
+        return x
+
+
+def traced_outputs(params, **how):
+    _face._built.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dm.PolicyWarning)
+        return (flat_with_paths(POLICY.for_flax(params, **how)),
+                flat_with_paths(POLICY.labels_for_flax(params, **how)),
+                [(r.path, r.layer, r.layer_type, r.role, r.decay, r.rule)
+                 for r in POLICY.explain(params, **how)])
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.lists(st.sampled_from(["dense", "gate"]), min_size=2, max_size=5))
+def test_traced_blocks_alike_but_for_a_class_are_read_apart(inners):
+    model, x = Stack(tuple(inners)), jnp.ones((1, 8))
+    dm.register_layer(Gate, "embedding")  # a Gate's kernel is a table: not decayed
+    try:
+        with dm.record() as seen:
+            params = model.init(jax.random.key(0), x)["params"]
+        for how in ({"module": model, "args": (x,)}, {"recorded": seen}):
+            got = traced_outputs(params, **how)
+            with pytest.MonkeyPatch.context() as m:
+                m.setattr(_repeats.Repeats, "find", lambda self, family, node, facts=(): (None, None))
+                assert got == traced_outputs(params, **how)
+            mask = got[0]
+            for i, inner in enumerate(inners):
+                assert mask[f"['Block_{i}']['inner']['kernel']"] is (inner == "dense")
+    finally:
+        dm.unregister_layer(Gate)

@@ -66,6 +66,24 @@ def trace_facts(trace: Any, path: tuple[str, ...], arrays: Any) -> tuple:
                    for name in arrays for collection in trace.collections]))
 
 
+def facts_below(trace: Any, path: tuple[str, ...]) -> tuple:
+    """What the trace says of ``path`` and every path below it, each relative to it:
+    classes, wrapped classes and one-layer ranks, in the order the trace met them.
+    Subtrees whose facts and arrays are equal are read alike (``_repeats``)."""
+    below = trace.below
+    if below is None:
+        found: dict[tuple[str, ...], list] = {}
+        for kind, table in (("class", trace.classes), ("wraps", trace.wrapped)):
+            for at, value in table.items():
+                for i in range(len(at) + 1):
+                    found.setdefault(at[:i], []).append((kind, at[i:], value))
+        for (collection, at), rank in trace.ndims.items():
+            for i in range(len(at)):
+                found.setdefault(at[:i], []).append((collection, at[i:], rank))
+        below = trace.below = {at: tuple(facts) for at, facts in found.items()}
+    return below.get(path, ())
+
+
 class WatchedArrays(dict):
     """The arrays of a module, noting whether inference looked at one (its shape)."""
 

@@ -61,6 +61,8 @@ class LinenTrace:
         # "params" first: a module's kind is read off its params where it has any.
         others = sorted({collection for collection, _ in self.ndims} - {"params"})
         self.collections = ("params", *others)
+        # Module path -> what the trace says of every path below it (``facts_below``).
+        self.below: dict[tuple[str, ...], tuple] | None = None
 
 
 def _checked_inputs(fn: str, module: Any, args: Any, kwargs: Any) -> Mapping:

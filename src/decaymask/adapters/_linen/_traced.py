@@ -12,6 +12,7 @@ import jax
 
 from .._common import path_text
 from ._arrays import is_array_leaf, is_box, str_keys, unbox
+from ._signature import facts_below
 from ._trace import LinenRecording, LinenTrace, Wanted, trace_init, wanted_names, warn_unseen
 from ._variables import check_not_equinox
 
@@ -152,9 +153,10 @@ def prepare(recording: LinenRecording) -> None:
         for variables in (False, True):
             if variables not in exact[2]:
                 try:
-                    exact[2][variables] = _exact_reading("recorded=", recorded, variables)
+                    trace = exact[2][variables] = _exact_reading("recorded=", recorded, variables)
                 except ValueError:
-                    pass  # read key by key, which says why
+                    continue  # read key by key, which says why
+                facts_below(trace, ())  # the walk compares blocks by these
 
 
 def _recorded_reading(

@@ -28,7 +28,8 @@ from ._infer import LinenModule
 from ._nodes import AT_LEAF, AT_NODE, STR_ONLY, EmptyNode, mapping_of
 from ._other import OtherCollections
 from ._repeats import Repeats
-from ._signature import ResolvedModule, WatchedArrays, key_traits, trace_facts, traits_of
+from ._signature import ResolvedModule, WatchedArrays, facts_below, key_traits, trace_facts
+from ._signature import traits_of
 from ._traced import traced_reading
 from ._variables import looks_like_variables, undecidable_error
 
@@ -191,13 +192,9 @@ class LinenWalk(OtherCollections):
                 dtypes.append(value.dtype)
             elif at is AT_NODE:
                 children.append(name)
-        signature: tuple = (
-            parent.token if parent is not None else -1,
-            key_traits(path[-1]) if path else -1,
-            tuple(names),
-            tuple(kinds),
-            tuple(dtypes),
-        )
+        signature: tuple = (parent.token if parent is not None else -1,
+                            key_traits(path[-1]) if path else -1,
+                            tuple(names), tuple(kinds), tuple(dtypes))
         other = None
         gathered = False
         if not self.fast:
@@ -236,11 +233,12 @@ class LinenWalk(OtherCollections):
             elif at is AT_NODE:
                 value = mapping[name]
                 if not (layers and self._visit_layer(value, path, name, resolved, everything)):
-                    repeats = self.repeats if fast and not everything else None
+                    repeats = self.repeats if layers and not everything else None
                     if repeats is not None:
                         traits = traits_of.get(name)
                         family = (resolved.token, key_traits(name) if traits is None else traits)
-                        keys, found = repeats.find(family, value)
+                        facts = () if fast else facts_below(self.trace, path + (name,))
+                        keys, found = repeats.find(family, value, facts)
                         if keys is not None:  # a block alike to one read before
                             self.keys.extend(keys)
                             continue
@@ -249,7 +247,7 @@ class LinenWalk(OtherCollections):
                     if len(self.keys) == before:
                         raise EmptyNode
                     if repeats is not None:
-                        repeats.note(family, value, tuple(self.keys[before:]), found)
+                        repeats.note(family, value, tuple(self.keys[before:]), found, facts)
         resolved.emitted = True
 
     def _visit_layer(
