@@ -4,14 +4,16 @@ alike to an earlier one's take the earlier one's readings, without reading a mod
 By names, a Haiku module is read from its parent's reading, its own name's
 :class:`~._haiku_modules.Segment` (equal for ``block_0`` and ``block_7``), its params'
 names and shapes and, where it has none, its submodules' names; a param's key adds its
-name and dtype. So two top-level modules of one Segment whose keys below them are the
-same, in the same order, holding params of the same names, shapes and dtypes, are read
-alike, module for module: the second one's spans are the first one's with its own keys.
+name and dtype. So two modules of one parent reading and one Segment whose keys below
+them are the same, in the same order, holding params of the same names, shapes and
+dtypes, are read alike, module for module: the second one's spans are the first one's
+with its own keys.
 
-A run is the keys of one top-level module (``block_7`` for its own params, then
-``block_7/...``), consecutive in sorted order; a top-level name whose keys sorting
-splits (``a``, ``a-b/y``, ``a/x``) is read key by key. Only a
-family's second member is checked at all.
+A run is the keys of one module (``block_7`` for its own params, then ``block_7/...``),
+consecutive in sorted order; a run alike to no earlier one is read as runs one level
+further in. A name whose keys sorting splits (``a``, ``a-b/y``, ``a/x``), and a
+constructor's modules (``~``), are read key by key. A family is one parent reading, one
+Segment and one run length (``_families``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from __future__ import annotations
 import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from ._families import Families
 
 _shape_of = operator.attrgetter("shape")
 _dtype_of = operator.attrgetter("dtype")
@@ -66,40 +70,24 @@ def fingerprint(tree: Mapping[str, Any], keys: Sequence[str], skip: int) -> tupl
     return tuple(out)
 
 
-class Repeats:
-    """The spans and keys each run of a walk made, by family (the top-level module's
-    Segment, the run's length) and fingerprint."""
+class Repeats(Families):
+    """The spans and keys each run of a walk made, by family (the parent's reading, the
+    module's Segment, the run's length) and fingerprint (:func:`fingerprint`)."""
 
-    __slots__ = ("families", "tree")
+    __slots__ = ("tree",)
 
     def __init__(self, tree: Mapping[str, Any]) -> None:
+        super().__init__()
         self.tree = tree
-        # family -> [first run (keys, skip) or None, its result, {fingerprint: result}
-        # once a second member came, else None]
-        self.families: dict[tuple, list[Any]] = {}
+
+    def fingerprint(self, member: Any) -> tuple | None:
+        return fingerprint(self.tree, *member)
 
     def find(self, family: tuple, keys: Sequence[str], skip: int) -> tuple[Any, Any]:
         """(the result of an earlier run alike to ``keys``, or ``None``; the run's
         fingerprint for :meth:`note`, where one was taken)."""
-        entry = self.families.get(family)
-        if entry is None:
-            return None, None
-        table = entry[2]
-        if table is None:
-            table = entry[2] = {}
-            first = fingerprint(self.tree, *entry[0])
-            if first is not None:
-                table[first] = entry[1]
-            entry[0] = None
-        found = fingerprint(self.tree, keys, skip)
-        if found is None:
-            return None, None
-        return table.get(found), found
+        return self._find(family, (keys, skip))
 
     def note(self, family: tuple, keys: Sequence[str], skip: int, result: Any, found: Any) -> None:
         """Records what reading ``keys`` made; ``found`` is what :meth:`find` returned."""
-        entry = self.families.get(family)
-        if entry is None:
-            self.families[family] = [(keys, skip), result, None]
-        elif found is not None and entry[2] is not None:
-            entry[2][found] = result
+        self._note(family, (keys, skip), result, found)

@@ -1,8 +1,7 @@
 """Subtrees a walk of params has read before: a block of a deep model alike in every
 respect to an earlier one gets the earlier one's keys, without a visit.
 
-A walk by names (not traced, not a variables mapping) reads a module from its parent's
-reading, the traits of its key (:func:`~._signature.key_traits`), and what is below it:
+A walk of params (not of a variables mapping) reads a module from its parent's reading, the traits of its key (:func:`~._signature.key_traits`), and what is below it:
 keys, container types, leaf types, shapes and dtypes. Two subtrees of the same parent
 reading under keys of the same traits, with equal treedefs (which hold every key and
 container type below them) and leaves of equal types, shapes and dtypes, are read
@@ -10,9 +9,7 @@ alike, leaf for leaf: the keys the first one's visit appended are the second one
 A traced walk reads what the trace says of each path too (``trace_facts``): there the
 two subtrees' facts, path by path below them, must be equal as well.
 
-Only a family's second member is checked at all: the first one of each (parent
-reading, key traits) is visited with nothing added, and flattened only once a second
-one comes, so a model without repeated blocks pays nothing.
+A family is one parent reading and one set of key traits (``.._families``).
 """
 
 from __future__ import annotations
@@ -21,6 +18,8 @@ import operator
 from typing import Any
 
 import jax
+
+from .._families import Families
 
 _shape_of = operator.attrgetter("shape")
 _dtype_of = operator.attrgetter("dtype")
@@ -37,17 +36,14 @@ def fingerprint(node: Any, facts: Any = ()) -> tuple | None:
         return None
 
 
-class Repeats:
+class Repeats(Families):
     """The keys of the subtrees visited, by family (parent reading, key traits) and
-    fingerprint. Holds the first member of each family until a second one comes: the
-    walk drops it when it is done."""
+    fingerprint (:func:`fingerprint`)."""
 
-    __slots__ = ("families",)
+    __slots__ = ()
 
-    def __init__(self) -> None:
-        # family -> [its first subtree or None, that subtree's keys, {fingerprint: keys}
-        # once a second member came, else None]
-        self.families: dict[tuple[int, int], list[Any]] = {}
+    def fingerprint(self, member: Any) -> tuple | None:
+        return fingerprint(*member)
 
     def find(
         self, family: tuple[int, int], node: Any, facts: Any = ()
@@ -55,20 +51,7 @@ class Repeats:
         """(the keys of an earlier subtree alike to ``node`` (of whose paths a trace
         says ``facts``), or ``None``; the fingerprint of ``node`` for :meth:`note`,
         where one was taken)."""
-        entry = self.families.get(family)
-        if entry is None:
-            return None, None
-        table = entry[2]
-        if table is None:
-            table = entry[2] = {}
-            first = fingerprint(*entry[0])
-            if first is not None:
-                table[first] = entry[1]
-            entry[0] = None
-        found = fingerprint(node, facts)
-        if found is None:
-            return None, None
-        return table.get(found), found
+        return self._find(family, (node, facts))
 
     def note(
         self, family: tuple[int, int], node: Any, keys: tuple[int, ...], found: Any,
@@ -76,8 +59,4 @@ class Repeats:
     ) -> None:
         """Records the keys a visit of ``node`` appended; ``found`` is what
         :meth:`find` returned for it."""
-        entry = self.families.get(family)
-        if entry is None:
-            self.families[family] = [(node, facts), keys, None]
-        elif found is not None and entry[2] is not None:
-            entry[2][found] = keys
+        self._note(family, (node, facts), keys, found)
