@@ -1,8 +1,9 @@
 """Subtrees a walk of params has read before: a block of a deep model alike in every
 respect to an earlier one gets the earlier one's keys, without a visit.
 
-A walk of params (not of a variables mapping) reads a module from its parent's reading, the traits of its key (:func:`~._signature.key_traits`), and what is below it:
-keys, container types, leaf types, shapes and dtypes. Two subtrees of the same parent
+A walk of params (not of a variables mapping) reads a module from its parent's
+reading, the traits of its key (:func:`~._signature.key_traits`), and what is below
+it: keys, container types, leaf types, shapes and dtypes. Two subtrees of the same parent
 reading under keys of the same traits, with equal treedefs (which hold every key and
 container type below them) and leaves of equal types, shapes and dtypes, are read
 alike, leaf for leaf: the keys the first one's visit appended are the second one's.
