@@ -33,6 +33,10 @@ def fingerprint(node: Any) -> tuple:
             tuple([getattr(x, "dtype", None) for x in leaves]))
 
 
+NEVER = ("never",)
+"""What :meth:`Repeats._template` gives for a member no later one may take after."""
+
+
 class Repeats:
     """The families of modules met in one walk, and the blocks alike to their first."""
 
@@ -64,8 +68,8 @@ class Repeats:
             for member in pending:
                 template = self._template(walk, *member[:3])
                 if template is None:
-                    left.append(member)
-                else:
+                    left.append(member)  # not walked to its end yet
+                elif template is not NEVER:
                     table.setdefault(member[3] or fingerprint(member[1]), template)
             entry[0] = pending = left
         found = fingerprint(node)
@@ -78,11 +82,14 @@ class Repeats:
 
     def _template(self, walk: Any, prefix: tuple, node: Any, at: int) -> tuple | None:
         """(its leaves' count, and per array below it: its offset among them, its
-        name, its key) of the first member, once all of its leaves are walked."""
+        name, its key) of a member, once all of its leaves are walked (``None``
+        before); :data:`NEVER` for a member no later one may take after."""
         flat, size = self.flat, len(prefix)
+        if any(p[:size] == prefix for p, _ in walk.shared):
+            return NEVER  # a Shared inside: its views are found while it is read
         start, end = _span(flat, prefix, at)
-        if end > walk.at or any(p[:size] == prefix for p, _ in walk.shared):
-            return None  # not walked yet (a member inside it), or a Shared inside
+        if end > walk.at:
+            return None  # not walked to its end yet (a later member is inside it)
         positions = walk.positions
         lo, hi = bisect.bisect_left(positions, start), bisect.bisect_left(positions, end)
         return (end - start, tuple(p - start for p in positions[lo:hi]),
