@@ -125,3 +125,20 @@ def assert_depths_fit_paths(leaves):
         keys = tuple(leaf.path.split("/"))
         below = {d for d in range(1, len(keys)) if keys[:d] in listed}
         assert below == set(leaf.module_depths) - {0}, leaf
+
+
+def spy(monkeypatch, cls, name: str, note) -> list:
+    """Wraps the method ``cls.name`` for the test: every call goes through, and
+    ``note(args, result)`` (None to skip) is appended to the list returned."""
+    seen: list = []
+    method = getattr(cls, name)
+
+    def spied(self, *args):
+        result = method(self, *args)
+        noted = note(args, result)
+        if noted is not None:
+            seen.append(noted)
+        return result
+
+    monkeypatch.setattr(cls, name, spied)
+    return seen

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import decaymask as dm
 from decaymask import _face
 from decaymask.adapters._equinox import _repeats
-from helpers import assert_decays_exactly, flat_with_paths, zero_grad_updates
+from helpers import assert_decays_exactly, flat_with_paths, spy, zero_grad_updates
 
 KEY = jax.random.key(0)
 
@@ -128,17 +128,9 @@ def unread(tree):
 
 
 def counted(monkeypatch):
-    hits = []
-    alike = _repeats.Repeats.alike
-
-    def counting(self, walk, family, prefix, node):
-        found = alike(self, walk, family, prefix, node)
-        if found:
-            hits.append(jax.tree_util.keystr(prefix))
-        return found
-
-    monkeypatch.setattr(_repeats.Repeats, "alike", counting)
-    return hits
+    """The key paths of the modules keyed as an earlier one."""
+    return spy(monkeypatch, _repeats.Repeats, "alike",
+               lambda args, found: jax.tree_util.keystr(args[2]) if found else None)
 
 
 def blocks(hits):

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import decaymask as dm
 from decaymask import _face
 from decaymask.adapters import _haiku_repeats
-from helpers import assert_decays_exactly, flat_with_paths, zero_grad_updates
+from helpers import assert_decays_exactly, flat_with_paths, spy, zero_grad_updates
 
 
 def z(*shape, dtype=np.float32):
@@ -93,18 +93,9 @@ def unshared(params):
 
 
 def counted(monkeypatch):
-    hits = []
-    find = _haiku_repeats.Repeats.find
-
-    def counting(self, family, keys, skip):
-        found = find(self, family, keys, skip)
-        if found[0] is not None:
-            # The run (its first key and length) took an earlier run's readings.
-            hits.append((keys[0], len(keys)))
-        return found
-
-    monkeypatch.setattr(_haiku_repeats.Repeats, "find", counting)
-    return hits
+    """The runs (first key, length) that took an earlier run's readings."""
+    return spy(monkeypatch, _haiku_repeats.Repeats, "find",
+               lambda args, found: (args[1][0], len(args[1])) if found[0] is not None else None)
 
 
 def whole_blocks(hits, params):

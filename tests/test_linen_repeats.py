@@ -17,7 +17,7 @@ import decaymask as dm
 from decaymask import _face
 from decaymask.adapters._linen import _repeats
 
-from helpers import assert_decays_exactly, flat_with_paths, zero_grad_updates
+from helpers import assert_decays_exactly, flat_with_paths, spy, zero_grad_updates
 
 
 def z(*shape, dtype=np.float32):
@@ -61,16 +61,8 @@ def unshared(monkeypatch, params):
 
 
 def counted(monkeypatch):
-    hits = []
-    find = _repeats.Repeats.find
-
-    def counting(self, family, node, facts=()):
-        found = find(self, family, node, facts)
-        hits.append(found[0] is not None)
-        return found
-
-    monkeypatch.setattr(_repeats.Repeats, "find", counting)
-    return hits
+    """Whether each subtree checked took an earlier one's keys."""
+    return spy(monkeypatch, _repeats.Repeats, "find", lambda args, found: found[0] is not None)
 
 
 def model(variants):
