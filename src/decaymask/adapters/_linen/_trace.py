@@ -354,9 +354,10 @@ def recorded_inits(fn: str, recorded: Any) -> LinenRecording:
     if not linen.traces:
         raise ValueError(
             f"{fn}(params, recorded=seen): the `with dm.record()` block recorded no "
-            f"Linen init: call model.init(key, x) inside the block. A jax.jit(model.init), "
-            f"or a model under nn.jit, that jax has already compiled for these inputs runs no Python, so it "
-            f"shows nothing: call the init eagerly or through a fresh jax.jit inside "
-            f"the block, or pass module=model, args=(x,) instead of recorded=."
+            f"Linen init: call model.init(key, x) inside the block. A "
+            f"jax.jit(model.init), or a model under nn.jit, that jax has already "
+            f"compiled for these inputs runs no Python, so it shows nothing: call the "
+            f"init eagerly or through a fresh jax.jit inside the block, or pass "
+            f"module=model, args=(x,) instead of recorded=."
         )
     return linen

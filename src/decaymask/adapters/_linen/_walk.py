@@ -67,7 +67,7 @@ class LinenWalk(OtherCollections):
     ):
         self.fn = fn
         self.tree = tree
-        # The keys of subtrees visited by names, for blocks alike to them (_repeats).
+        # The keys of the subtrees of params visited, for blocks alike to them (_repeats).
         self.repeats: Repeats | None = None
         self.trace = None
         # Lifted modules of user-named stacks, by names: their arrays' stacked axes.
@@ -87,10 +87,11 @@ class LinenWalk(OtherCollections):
         elif reading is None:
             raise undecidable_error(fn, tree)
         self.variables = bool(reading)
-        # Layers below a module are read off their own order (_visit_layer), where the
-        # signature needs neither a path nor other collections.
+        # By names alone: a signature needs nothing a trace says.
         self.fast = self.trace is None and not self.variables
-        # Params (not variables): layers are read off their own order, traced or not.
+        # Params (not variables): layers are read off their own order (_visit_layer),
+        # where a signature needs no other collections, and blocks alike to an earlier
+        # one take its keys (_repeats), traced or not.
         self.layers = not self.variables
         # Optimistic: a non-empty mapping is taken to hold a leaf until its visit finds
         # none (only None and empty containers below it), which is checked everywhere
