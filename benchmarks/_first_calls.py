@@ -35,8 +35,9 @@ def cold() -> None:
         for value in list(vars(module).values()):
             if getattr(value, "__module__", None) == name and hasattr(value, "cache_clear"):
                 value.cache_clear()
-    for name, table in (("decaymask.adapters._haiku_modules", "_segments"),
-                        ("decaymask.adapters._haiku_modules", "_numbered"),
+    for name, table in (("decaymask.adapters._haiku_segments", "_segments"),
+                        ("decaymask.adapters._haiku_segments", "_numbered"),
+                        ("decaymask.adapters._haiku_segments", "_numbered_segments"),
                         ("decaymask.adapters._nnx._by_name", "_name_layers"),
                         ("decaymask.adapters._linen._signature", "traits_of")):
         found = getattr(sys.modules.get(name), table, None)

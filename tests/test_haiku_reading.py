@@ -260,15 +260,24 @@ _NUMBERED_NAMES = ["block_0", "block_17", "linear_1", "linear_12", "layer_norm_3
 def test_every_number_of_a_name_reads_as_that_name_alone():
     """The words of a numbered name are read once per base name; each name's reading
     is the one its own words give, in either order of first sight."""
-    from decaymask.adapters import _haiku_modules as hm
+    from decaymask.adapters import _haiku_segments as hm
     from decaymask.core._names import name_kind, words
     from decaymask.core._roles import owner_trait
 
-    for names in (_NUMBERED_NAMES, _NUMBERED_NAMES[::-1]):
+    def forget():
         hm._segments.clear()
         hm._numbered.clear()
+        hm._numbered_segments.clear()
+
+    alone = {}
+    for name in _NUMBERED_NAMES:
+        forget()
+        alone[name] = hm.segment(name)
+    for names in (_NUMBERED_NAMES, _NUMBERED_NAMES[::-1]):
+        forget()
         for name in names:
             said = hm.segment(name)
+            assert said == alone[name], name
             assert (said.said, said.owner, said.ema) == (
                 name_kind(name), owner_trait(name),
                 name == "exponential_moving_average" or words(name)[-1:] == ("ema",)), name

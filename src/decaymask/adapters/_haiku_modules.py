@@ -13,93 +13,19 @@ once.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import operator
-import re
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 from ..core import _registry
 from ..core._infer import content_kind, layout_axes, resolve_kind
 from ..core._leaf import Layer
-from ..core._names import name_kind, words
-from ..core._roles import owner_trait
 from ._haiku_stacks import ONE_LAYER_NDIM, lifted, module_path, proof_of, stacked_by_bias
+from ._haiku_segments import _CELLS, BUILTIN, DENSE, Segment, segment, snake
 from ._haiku_trace import LIFT, HaikuTrace
 from ._stacks import Proof, agrees, lifted_at
-
-_SNAKE = re.compile(r"((?<=[a-z0-9])[A-Z]|(?!^)[A-Z](?=[a-z]))")
-_NUMBERED = re.compile(r"(.+?)_\d+\Z")
-_STACK = re.compile(r"__layer_stack_(no|with)_per_layer(_\d+)?\Z")
-
-
-def snake(class_name: str) -> str:
-    """A class name as Haiku names its instances: ``Conv2DTranspose`` -> ``conv2_d_transpose``."""
-    return _SNAKE.sub(r"_\1", class_name).lower()
-
-
-# Haiku's modules by their instances' names: (class name, kind, layout of the weight).
-DENSE, CONV, TRANSPOSE = "dense", "conv", "transpose"
-BUILTIN: dict[str, tuple[str, str, str | None]] = {snake(c): (c, k, lay) for c, k, lay in (
-    ("Linear", "linear", DENSE), ("Embed", "embedding", DENSE), ("GRU", "recurrent", DENSE),
-    ("MultiHeadAttention", "attention", None), ("LSTM", "recurrent", None),
-    ("VanillaRNN", "recurrent", None), ("LayerNorm", "layer_norm", None),
-    ("RMSNorm", "rms_norm", None), ("BatchNorm", "batch_norm", None),
-    ("GroupNorm", "group_norm", None), ("InstanceNorm", "instance_norm", None),
-    *((c, "conv", CONV) for c in ("Conv1D", "Conv2D", "Conv3D", "ConvND")),
-    *((c + "Transpose", "conv", TRANSPOSE) for c in ("Conv1D", "Conv2D", "Conv3D", "ConvND")),
-)}
-_CELLS = frozenset({"LSTM", "VanillaRNN"})  # keep their gates in Linear children
-
-
-class Segment(NamedTuple):
-    """What a module reading reads of one path segment (its name)."""
-
-    stack: bool  # a default-named hk.layer_stack segment
-    builtin: tuple[str, str, str | None] | None  # Haiku's module of that name, numbering removed
-    registration: _registry.Registration | None
-    said: str | None  # the kind the name says (name_kind)
-    owner: str  # what roles read of it (owner_trait)
-    ema: bool  # an exponential moving average's state
-    linear: bool  # a Linear by its name, or a name Haiku gives no class
-
-
-_segments: dict[str, Segment] = {}
-# A numbered name's words are its base's and a number (``block_17``: ``block``, ``17``),
-# and a number says no kind, role or trait: (said, owner, ema) per base, from the first
-# name of that base read, for every number of it (``block_0`` .. ``block_99`` read once).
-_numbered: dict[str, tuple[str | None, str, bool]] = {}
-_segments_generation = -1
-_SEGMENTS_KEPT = 1 << 16
-
-
-def segment(name: str) -> Segment:
-    """The :class:`Segment` of a path segment, cached until the registry changes."""
-    global _segments_generation
-    if _segments_generation != _registry.generation or len(_segments) >= _SEGMENTS_KEPT:
-        _segments.clear()
-        _numbered.clear()
-        _segments_generation = _registry.generation
-    found = _segments.get(name)
-    if found is None:
-        numbered = _NUMBERED.match(name) is not None
-        base = name[: name.rindex("_")] if numbered else name
-        builtin = BUILTIN.get(base)
-        registration = _registry.lookup_spelled(base, snake) or \
-            _registry.lookup_spelled(name, snake)
-        number = name[len(base) + 1:] if numbered else ""
-        family = base if number.isascii() and number.isdigit() else None
-        said = _numbered.get(family) if family is not None else None
-        if said is None:
-            ema = name == "exponential_moving_average" or words(name)[-1:] == ("ema",)
-            said = (name_kind(name), owner_trait(name), ema)
-            if family is not None:
-                _numbered[family] = said
-        found = _segments[name] = Segment(
-            bool(_STACK.match(name)), builtin, registration, *said,
-            (builtin or ("Linear",))[0] == "Linear")
-    return found
-
 
 class Module:
     """One module reading, as far as its name, its arrays or the trace tell; shared by
@@ -137,6 +63,15 @@ _NO_STACK = (0, False)
 _shape_of = operator.attrgetter("shape")
 
 
+class _Paths(dict[str, tuple[str, ...]]):
+    """Each key's path segments, split when first asked: a walk that takes whole blocks
+    from earlier ones reads few of them."""
+
+    def __missing__(self, key: str) -> tuple[str, ...]:
+        found = self[key] = tuple(key.split("/"))
+        return found
+
+
 class _Said(Segment):
     """A :class:`Segment` hashed and compared by identity: one per distinct value in a walk."""
 
@@ -164,28 +99,17 @@ class Modules:
     def __init__(self, tree: Mapping[str, Any], trace: HaikuTrace | None):
         self.tree, self.trace = tree, trace
         self.lifted: dict[tuple[str, ...], Proof] = {}
-        self.paths = {key: tuple(key.split("/")) for key in tree}
-        self.children: dict[tuple[str, ...], set[str]] = {}
+        self.paths = _Paths()
+        self.order = sorted(tree)  # the keys below a module are a range of it
+        self._children: dict[tuple[str, ...], frozenset[str]] = {}
         self.segments: dict[str, Segment] = {}  # this walk's, without the registry check
         self.distinct: dict[Segment, Segment] = {}
+        self._said: dict[int, tuple[Segment, Segment]] = {}  # id -> (Segment, its _Said)
         # Per key: its default-named stacks, and whether it names nothing else.
         self.stacks: dict[str, tuple[int, bool]] = {}
-        children = self.children
-        for key, segments in self.paths.items():
-            # Each (module, child) pair of the path, from the deepest up to the first
-            # module already known: the pairs above it were recorded with it.
-            for i in range(len(segments) - 1, 0, -1):
-                child = segments[i]
-                if child != "~":
-                    up = segments[:i - 1] if segments[i - 1] == "~" else segments[:i]
-                    found = children.get(up)
-                    if found is None:
-                        children[up] = {child}
-                    else:
-                        found.add(child)
-                        break
+        for key in tree:
             if "__layer_stack_" in key:
-                stacks = [self.segment(s).stack for s in module_id(segments)]
+                stacks = [self.segment(s).stack for s in module_id(self.paths[key])]
                 self.stacks[key] = (sum(stacks), all(stacks))
         self.modules: dict[tuple[str, ...], Module] = {}
         self.readings: dict[tuple, Module] = {}
@@ -196,7 +120,40 @@ class Modules:
         found = self.segments.get(name)
         if found is None:
             value = segment(name)
-            found = self.segments[name] = self.distinct.setdefault(value, _Said(*value))
+            known = self._said.get(id(value))  # the numbered names of one base share one
+            if known is not None and known[0] is value:
+                found = known[1]
+            else:
+                found = self.distinct.setdefault(value, _Said(*value))
+                self._said[id(value)] = (value, found)
+            self.segments[name] = found
+        return found
+
+    def children(self, mid: tuple[str, ...]) -> frozenset[str]:
+        """The names of the modules right below ``mid`` (through a ``~``): keys that
+        start with its path are one range of the sorted keys, and each child's own
+        keys below it one range of that, skipped at once."""
+        found = self._children.get(mid)
+        if found is not None:
+            return found
+        order, paths, depth = self.order, self.paths, len(mid)
+        prefix = "/".join(mid) + "/"
+        i = bisect.bisect_left(order, prefix)
+        end = bisect.bisect_left(order, prefix[:-1] + "0", i)  # "0" sorts right after "/"
+        names: set[str] = set()
+        while i < end:
+            segments = paths[order[i]]
+            at = depth + 1 if segments[depth] == "~" else depth
+            if at >= len(segments):  # the params of a constructor's modules' root (`a/~`)
+                i += 1
+                continue
+            if segments[at] != "~":
+                names.add(segments[at])
+            if at + 1 < len(segments):  # past every key below that child at once
+                i = bisect.bisect_left(order, "/".join(segments[: at + 1]) + "0", i + 1, end)
+            else:
+                i += 1
+        found = self._children[mid] = frozenset(names)
         return found
 
     def of(self, mid: tuple[str, ...], key: str | None = None) -> Module:
@@ -234,7 +191,7 @@ class Modules:
         cls = trace.classes.get(key) if trace is not None else None
         name = mid[len(mid) - 1]  # not mid[-1]: pyright takes mid for ()
         own = self.segments.get(name) or self.segment(name)
-        children = None if names else frozenset(self.children.get(mid, ()))
+        children = None if names else self.children(mid)
         signature = (parent.token if parent is not None else -1, len(mid) - len(up),
                      own, cls, names, shapes, stacked, children)
         found = self.readings.get(signature)

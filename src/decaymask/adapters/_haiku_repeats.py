@@ -2,7 +2,7 @@
 alike to an earlier one's take the earlier one's readings, without reading a module.
 
 By names, a Haiku module is read from its parent's reading, its own name's
-:class:`~._haiku_modules.Segment` (equal for ``block_0`` and ``block_7``), its params'
+:class:`~._haiku_segments.Segment` (equal for ``block_0`` and ``block_7``), its params'
 names and shapes and, where it has none, its submodules' names; a param's key adds its
 name and dtype. So two modules of one parent reading and one Segment whose keys below
 them are the same, in the same order, holding params of the same names, shapes and
@@ -19,12 +19,15 @@ Segment and one run length (``_families``).
 from __future__ import annotations
 
 import operator
+from bisect import bisect_left
+from itertools import chain
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ._families import Families
 
 _shape_of = operator.attrgetter("shape")
+_values = operator.methodcaller("values")
 _dtype_of = operator.attrgetter("dtype")
 
 
@@ -32,42 +35,52 @@ def runs(order: Sequence[str], paths: Mapping[str, tuple[str, ...]], lo: int, hi
          depth: int) -> list[tuple[int, int]]:
     """(start, end) in ``order[lo:hi]`` of every run of the keys below one module at
     ``depth`` (its own params' key and those below it: ``segments[depth]`` names it)
-    that holds all of them; keys that end above ``depth`` are in none."""
+    that holds all of them; keys that end above ``depth`` are in none.
+
+    ``order[lo:hi]`` is sorted and shares its first ``depth`` segments, so the keys
+    below a module ``P`` are one range (``P/`` up to ``P0``: ``0`` sorts right after
+    ``/``), found by bisection; only keys such as ``P-b`` sort between ``P`` and ``P/``,
+    and split a module's keys in two.
+    """
     found: list[tuple[int, int]] = []
     split: set[str] = set()
-    seen: set[str] = set()
-    start, first = lo, None
-    for i in range(lo, hi):
-        segments = paths[order[i]]
-        head = segments[depth] if len(segments) > depth else None
-        if head != first:
-            if first is not None:
-                found.append((start, i))
-            if head is not None:
-                if head in seen:
-                    split.add(head)
-                seen.add(head)
-            start, first = i, head
-    if first is not None:
-        found.append((start, hi))
-    if split:
-        found = [(a, b) for a, b in found if paths[order[a]][depth] not in split]
+    i = lo
+    while i < hi:
+        key = order[i]
+        segments = paths[key]
+        if len(segments) <= depth:
+            i += 1
+            continue
+        if len(segments) == depth + 1:  # the module's own params: `P`, then `P/...`
+            below = bisect_left(order, key + "/", i + 1, hi)
+            end = bisect_left(order, key + "0", below, hi)
+            if below == end:
+                found.append((i, i + 1))
+            elif below == i + 1:
+                found.append((i, end))
+            else:  # `P`, `P-b/...`, `P/...`: read key by key
+                split.add(key)
+            i += 1 if below != i + 1 else end - i
+            continue
+        head = key[: sum(map(len, segments[: depth + 1])) + depth]
+        end = bisect_left(order, head + "0", i + 1, hi)
+        if head not in split:
+            found.append((i, end))
+        i = end
     return found
 
 
 def fingerprint(tree: Mapping[str, Any], keys: Sequence[str], skip: int) -> tuple | None:
     """What a reading by names reads of the keys of one run, each without its first
     ``skip`` characters (the top-level name); ``None`` where a value is no array."""
-    out = []
+    direct = list(map(tree.__getitem__, keys))
+    values = list(chain.from_iterable(map(_values, direct)))
     try:
-        for key in keys:
-            direct = tree[key]
-            values = direct.values()
-            out.append((key[skip:], tuple(direct), tuple(map(_shape_of, values)),
-                        tuple(map(_dtype_of, values))))
+        return (tuple([key[skip:] for key in keys]), tuple(map(len, direct)),
+                tuple(chain.from_iterable(direct)), tuple(map(_shape_of, values)),
+                tuple(map(_dtype_of, values)))
     except AttributeError:  # optax.MaskedNode, or another value a walk reads on its own
         return None
-    return tuple(out)
 
 
 class Repeats(Families):

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Mapping
-from itertools import chain
+from bisect import bisect_right
+from itertools import accumulate, chain
 from typing import Any
 
 from ..core._leaf import Layer, Leaf
 from ..core._roles import role_from_name
 from ..core._table import LeafTable
 from ._contract import TreedefRebuild
-from ._haiku_modules import CONV, DENSE, Module, Modules
+from ._haiku_modules import Module, Modules
+from ._haiku_segments import CONV, DENSE
 from ._haiku_repeats import Repeats, runs
 from ._haiku_trace import HaikuTrace, is_array_like
 from ._structure import treedef_of
@@ -53,6 +55,7 @@ def _dtype(value: Any) -> tuple[str, bool]:
 _STR = frozenset({str})
 _DICT = frozenset({dict})
 _dtype_of = operator.attrgetter("dtype")
+_names_of = operator.itemgetter(1)
 
 
 def check(tree: Any, method: str, params_and_state: str | None) -> None:
@@ -100,8 +103,6 @@ class HaikuWalk:
     """The leaves of Haiku params (a :class:`LeafTable`) and their rebuild."""
 
     def __init__(self, tree: Mapping[str, Any], method: str, trace: HaikuTrace | None):
-        import jax
-
         from ._common import registered_batch_axes
 
         self.registered_batch_axes = registered_batch_axes
@@ -109,7 +110,7 @@ class HaikuWalk:
         self.modules = modules = Modules(tree, trace)
         # (key, its arrays' names in jax's order, its module or None for the root's)
         self.spans: list[tuple[str, tuple[str, ...], Module | None]] = []
-        self._where: list[tuple[str, str, Module | None]] | None = None
+        self._starts: list[int] | None = None  # each span's first leaf
         keys: list[int] = []
         key_ids: dict[tuple, int] = {}
         # (module reading, name, dtype) -> key: what a key reads is the reading's.
@@ -228,11 +229,13 @@ class HaikuWalk:
     def _leaf(self, index: int) -> Leaf:
         from ._common import path_text
 
-        where = self._where
-        if where is None:
-            where = self._where = [(key, name, module) for key, names, module in self.spans
-                                   for name in names]
-        key, name, module = where[index]
+        starts = self._starts
+        if starts is None:  # a policy builds the leaves of a few keys: found by bisection
+            starts = self._starts = list(accumulate(map(len, map(_names_of, self.spans)),
+                                                    initial=0))
+        at = bisect_right(starts, index) - 1
+        key, names, module = self.spans[at]
+        name = names[index - starts[at]]
         modules, trace = self.modules, self.trace
         segments = modules.paths[key]
         owner = module.owner if module is not None else self.roots[len(segments)]

@@ -8,7 +8,7 @@ else Haiku's own module names (snake_case, numbered: ``linear_1``, ``conv2_d``) 
 the arrays as every name is (a ``Conv2D`` named ``embed`` holds a 4-D ``w``: a conv),
 else the shared inference; ``lstm``/``vanilla_rnn`` own their ``linear`` gates, attention
 layers' children are projections. Modules alike in what is read of them are read once
-(``_haiku_modules``); the walk is in ``_haiku_walk``. ``fn=``/``args=`` trace ``init``
+(``_haiku_modules``, names in ``_haiku_segments``); the walk is in ``_haiku_walk``. ``fn=``/``args=`` trace ``init``
 (``jax.eval_shape``, ``hk.intercept_methods``) for every module's class and every param's
 one-layer rank.
 ``hk.layer_stack`` adds a batch axis per ``__layer_stack_{no,with}_per_layer`` segment
@@ -34,7 +34,7 @@ from typing import Any
 from ..core._leaf import Leaf
 
 from ._contract import Adapter, Claim, PytreeAdapter, Rebuild
-from ._haiku_modules import snake as snake
+from ._haiku_segments import snake as snake
 from ._haiku_trace import is_array_like
 from ._haiku_walk import _ARRAY_KINDS, ACCEPTS
 
