@@ -88,14 +88,17 @@ def outputs(params):
 def unshared(params):
     """The outputs with every key read."""
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(_haiku_repeats.Repeats, "find", lambda self, family, keys, skip: (None, None))
+        m.setattr(_haiku_repeats.Repeats, "find",
+                  lambda self, family, start, end, skip: (None, None))
         return outputs(params)
 
 
-def counted(monkeypatch):
+def counted(monkeypatch, params):
     """The runs (first key, length) that took an earlier run's readings."""
+    order = sorted(params)
     return spy(monkeypatch, _haiku_repeats.Repeats, "find",
-               lambda args, found: (args[1][0], len(args[1])) if found[0] is not None else None)
+               lambda args, found: (order[args[1]], args[2] - args[1])
+               if found[0] is not None else None)
 
 
 def whole_blocks(hits, params):
@@ -109,7 +112,7 @@ def whole_blocks(hits, params):
 def test_blocks_alike_are_read_once_and_decided_as_each_is(monkeypatch):
     params = model(["base"] * 5)
     expected = unshared(params)
-    hits = counted(monkeypatch)
+    hits = counted(monkeypatch, params)
     got = outputs(params)
     assert got == expected
     # In each of the four walks, the first block is read, the four others take its readings.
@@ -123,7 +126,7 @@ def test_blocks_alike_are_read_once_and_decided_as_each_is(monkeypatch):
 def test_a_block_that_differs_in_one_thing_is_read_on_its_own(monkeypatch, variant):
     params = model(["base", "base", variant, "base", variant])
     expected = unshared(params)
-    hits = counted(monkeypatch)
+    hits = counted(monkeypatch, params)
     got = outputs(params)
     assert got == expected
     # Whole blocks alike to block_0 (1, 3) or to block_2 (4) are not read; parts of
@@ -155,7 +158,7 @@ def test_a_module_whose_keys_sorting_splits_is_read_key_by_key(monkeypatch):
     params = {"a": {"w": z(8, 8)}, "a-b/y": {"w": z(8)}, "a/x": {"w": z(8, 8)},
               "c": {"w": z(8, 8)}, "c/x": {"w": z(8, 8)}}
     expected = unshared(params)
-    hits = counted(monkeypatch)
+    hits = counted(monkeypatch, params)
     assert outputs(params) == expected
     assert hits == []  # "a-b" and "c" make runs, each its family's first
 
@@ -163,7 +166,7 @@ def test_a_module_whose_keys_sorting_splits_is_read_key_by_key(monkeypatch):
 def test_abstract_params_alike(monkeypatch):
     params = jax.eval_shape(lambda: model(["base", "other width", "base", "other width"]))
     expected = unshared(params)
-    hits = counted(monkeypatch)
+    hits = counted(monkeypatch, params)
     assert outputs(params) == expected
     assert whole_blocks(hits, params) == ["block_2", "block_3"] * 4
 
@@ -195,7 +198,7 @@ def test_blocks_inside_one_module_are_read_once(monkeypatch):
     params = {"transformer/" + k if k != "embed" else k: v
               for k, v in model(["base", "base", "stacked", "base"]).items()}
     expected = unshared(params)
-    hits = counted(monkeypatch)
+    hits = counted(monkeypatch, params)
     assert outputs(params) == expected
     whole = [key for key, length in hits if length == 5]
     assert whole == [f"transformer/block_{i}/attn/key" for i in (1, 3)] * 4
@@ -207,3 +210,34 @@ def test_blocks_inside_one_module_are_read_once(monkeypatch):
 def test_any_mix_of_nested_blocks_reads_as_each_key_read(variants, prefix):
     params = model(variants, prefix)
     assert outputs(params) == unshared(params)
+
+
+def test_blocks_holding_masked_nodes_read_as_each_key_read():
+    # optax.masked hands its inner transform optax.MaskedNode for the leaves outside its
+    # mask: a key then holds fewer leaves than names, and the shapes the signature kept
+    # do not line up with the keys; such params are read without them.
+    import optax
+
+    params = model(["base", "base", "vector w", "base"])
+    params["block_1/attn/key"] = {"w": optax.MaskedNode()}
+    params["block_3/proj"] = {"w": optax.MaskedNode()}
+    assert outputs(params) == unshared(params)
+
+
+def test_shapes_are_sliced_from_the_signature_only_where_each_value_is_one_leaf():
+    import optax
+
+    from decaymask.adapters._structure import (described_of, flattened, structure_signature,
+                                               treedef_of)
+
+    def repeats(params):
+        with flattened(params):
+            structure_signature(params)
+            return _haiku_repeats.Repeats(params, sorted(params), described_of(params),
+                                          treedef_of(params).num_nodes)
+
+    plain = model(["base", "base"])
+    assert repeats(plain).starts is not None
+    masked = {**plain, "block_1/proj": {"w": optax.MaskedNode()}}
+    assert repeats(masked).starts is None
+

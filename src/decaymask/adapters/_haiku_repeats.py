@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import operator
 from bisect import bisect_left
-from itertools import chain
+from itertools import accumulate, chain
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -85,22 +85,45 @@ def fingerprint(tree: Mapping[str, Any], keys: Sequence[str], skip: int) -> tupl
 
 class Repeats(Families):
     """The spans and keys each run of a walk made, by family (the parent's reading, the
-    module's Segment, the run's length) and fingerprint (:func:`fingerprint`)."""
+    module's Segment, the run's length) and fingerprint (:func:`fingerprint`).
 
-    __slots__ = ("tree",)
+    With ``described`` (the shapes and dtypes of the params' leaves in jax's order: a
+    dict of dicts, sorted, one leaf per array) and ``starts`` (the first leaf of each
+    key of ``order``), a run's shapes and dtypes are slices of them."""
 
-    def __init__(self, tree: Mapping[str, Any]) -> None:
+    __slots__ = ("described", "order", "starts", "tree")
+
+    def __init__(self, tree: Mapping[str, Any], order: Sequence[str],
+                 described: tuple[tuple, tuple, tuple] | None = None,
+                 nodes: int | None = None) -> None:
         super().__init__()
-        self.tree = tree
+        self.tree, self.order = tree, order
+        self.described = self.starts = None
+        if described is not None:
+            starts = list(accumulate(map(len, map(tree.__getitem__, order)), initial=0))
+            # Each value one leaf (no optax.MaskedNode, no pytree of several arrays):
+            # as many leaves as values, and as many nodes as the dicts and the leaves.
+            if starts[-1] == len(described[1]) and nodes == 1 + len(order) + starts[-1]:
+                self.described, self.starts = described, starts
 
     def fingerprint(self, member: Any) -> tuple | None:
-        return fingerprint(self.tree, *member)
+        start, end, skip = member
+        keys = self.order[start:end]
+        if self.starts is None:
+            return fingerprint(self.tree, keys, skip)
+        direct = list(map(self.tree.__getitem__, keys))
+        a, b = self.starts[start], self.starts[end]
+        _, shapes, dtypes = self.described  # type: ignore[misc]
+        return (tuple([key[skip:] for key in keys]), tuple(map(len, direct)),
+                tuple(chain.from_iterable(direct)), shapes[a:b], dtypes[a:b])
 
-    def find(self, family: tuple, keys: Sequence[str], skip: int) -> tuple[Any, Any]:
-        """(the result of an earlier run alike to ``keys``, or ``None``; the run's
-        fingerprint for :meth:`note`, where one was taken)."""
-        return self._find(family, (keys, skip))
+    def find(self, family: tuple, start: int, end: int, skip: int) -> tuple[Any, Any]:
+        """(the result of an earlier run alike to ``order[start:end]``, or ``None``; the
+        run's fingerprint for :meth:`note`, where one was taken)."""
+        return self._find(family, (start, end, skip))
 
-    def note(self, family: tuple, keys: Sequence[str], skip: int, result: Any, found: Any) -> None:
-        """Records what reading ``keys`` made; ``found`` is what :meth:`find` returned."""
-        self._note(family, (keys, skip), result, found)
+    def note(self, family: tuple, start: int, end: int, skip: int, result: Any,
+             found: Any) -> None:
+        """Records what reading ``order[start:end]`` made; ``found`` is what
+        :meth:`find` returned."""
+        self._note(family, (start, end, skip), result, found)

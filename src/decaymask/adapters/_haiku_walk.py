@@ -23,7 +23,7 @@ from ._haiku_modules import Module, Modules
 from ._haiku_segments import CONV, DENSE
 from ._haiku_repeats import Repeats, runs
 from ._haiku_trace import HaikuTrace, is_array_like
-from ._structure import treedef_of
+from ._structure import described_of, treedef_of
 
 ACCEPTS = "a Haiku params dict (module path -> {param name: array})"
 _ARRAY_TYPES: dict[type, bool] = {}  # type -> whether its values are arrays
@@ -170,12 +170,19 @@ class HaikuWalk:
             if alike_key is not None:
                 alike[alike_key] = (tuple(names), ids)
 
-        order = sorted(tree)
+        order = modules.order
         if trace is not None or modules.stacks:
             for key in order:
                 one(key)
         else:  # by names: a block alike to an earlier one takes its readings
-            self._runs(order, one, Repeats(tree), keys, 0, len(order), 0, -1)
+            # A dict of dicts whose signature this build took: shapes and dtypes are
+            # read from it.
+            plain = type(tree) is dict and _DICT.issuperset(map(type, tree.values()))
+            described = described_of(tree) if plain else None
+            nodes = None if described is None else \
+                treedef_of(tree).num_nodes  # type: ignore[attr-defined, unused-ignore]
+            repeats = Repeats(tree, order, described, nodes)
+            self._runs(order, one, repeats, keys, 0, len(order), 0, -1)
         modules.find_lifted()
         self.leaves = LeafTable(keys, self._leaf)
         treedef = treedef_of(tree)
@@ -206,7 +213,7 @@ class HaikuWalk:
                 continue
             family = (parent, self.modules.segment(head), end - start)
             skip = sum(map(len, segments[: depth + 1])) + depth
-            result, found = repeats.find(family, run, skip)
+            result, found = repeats.find(family, start, end, skip)
             if result is not None:
                 span = self.spans.append
                 for key, (_, names, module) in zip(run, result[0]):
@@ -216,7 +223,8 @@ class HaikuWalk:
             first_span, first_key = len(self.spans), len(keys)
             module = self.modules.of(segments[: depth + 1])
             self._runs(order, one, repeats, keys, start, end, depth + 1, module.token)
-            repeats.note(family, run, skip, (self.spans[first_span:], keys[first_key:]), found)
+            repeats.note(family, start, end, skip, (self.spans[first_span:], keys[first_key:]),
+                         found)
         for key in order[done:hi]:
             one(key)
 

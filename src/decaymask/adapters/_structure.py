@@ -61,7 +61,7 @@ class Structure:
         return tuple(weakref.ref(x, lambda _: dropped()) for x in self.held)
 
 
-_flattened = threading.local()  # .last: [tree, its treedef, its flatten with paths]
+_flattened = threading.local()  # .last: [tree, treedef, flatten with paths, described]
 
 
 @contextlib.contextmanager
@@ -71,7 +71,7 @@ def flattened(tree: Any) -> Iterator[None]:
     :func:`flat_with_path_of` return it rather than flattening the tree again. Nothing
     is kept after the block."""
     outer = getattr(_flattened, "last", None)
-    _flattened.last = [tree, None, None]
+    _flattened.last = [tree, None, None, None]
     try:
         yield
     finally:
@@ -105,6 +105,13 @@ def flat_with_path_of(tree: Any) -> tuple[list[tuple[Any, Any]], Any]:
     return jax.tree_util.tree_flatten_with_path(tree)
 
 
+def described_of(tree: Any) -> tuple[tuple, tuple, tuple] | None:
+    """The types, shapes and dtypes of ``tree``'s leaves in jax's order, where its
+    signature was taken in this build and every leaf is an array; else ``None``."""
+    kept = _kept(tree)
+    return kept[3] if kept is not None else None
+
+
 def structure_signature(tree: Any, paths: bool = False) -> tuple[Structure, Any, Any] | None:
     """The tree's structure (node types, keys, static fields), each leaf's type, shape
     and dtype, and which leaves are one array: everything a walk by names reads.
@@ -132,6 +139,8 @@ def structure_signature(tree: Any, paths: bool = False) -> tuple[Structure, Any,
     objects = leaves
     try:
         described = (types, tuple(map(_shape_of, leaves)), tuple(map(_dtype_of, leaves)))
+        if kept is not None:
+            kept[3] = described
     except AttributeError:  # a leaf that is not an array: a Python scalar, a string
         described = (
             types,
