@@ -237,6 +237,8 @@ def lookup_spelled(name: str, spell: Callable[[str], str]) -> Registration | Non
       spell: the framework's spelling of a class name, e.g. CamelCase to snake_case.
     """
     by_class, by_name = _by_class, _by_name
+    if not by_class and not by_name:
+        return None
     for class_name, registration in by_name.items():
         if spell(class_name) == name:
             return registration
