@@ -16,6 +16,8 @@ import optax
 import pytest
 
 import decaymask as dm
+from decaymask import _face
+from helpers import flat_with_paths
 
 IMAGES = jnp.zeros((1, 8, 8, 3))
 
@@ -282,3 +284,25 @@ def test_every_number_of_a_name_reads_as_that_name_alone():
                 name_kind(name), owner_trait(name),
                 name == "exponential_moving_average" or words(name)[-1:] == ("ema",)), name
             assert said.stack == bool(hm._STACK.match(name)), name
+
+
+# A module whose path ends in a constructor's `~` (the parent of `a/~/~/x`) has as its
+# submodules only those past a further `~`: `a/~/query` is a submodule of `a`.
+ATTENTION_NAMES = ("query", "key", "value", "out")
+
+
+@pytest.mark.parametrize("prefix, own", [("a/~/", {"a": {"scale": np.ones(4, np.float32)}}),
+                                         ("~/", {})])
+def test_a_tilde_module_has_no_siblings_of_its_own_as_submodules(prefix, own):
+    params = {**own, **{prefix + n: {"w": np.ones((4, 4), np.float32)} for n in ATTENTION_NAMES},
+              prefix + "~/x": {"w": np.ones((4, 5), np.float32)}}
+    policy = dm.Policy(dm.decay(param="weight"), dm.no_decay(within="attention"))
+    _face._built.clear()
+    # No module holds query/key/value/out as its submodules, so nothing is within an
+    # attention layer: every weight decays, and the rule on attention matched nothing.
+    with pytest.warns(dm.PolicyWarning, match=r"no_decay\(within='attention'\) matched no"):
+        mask = flat_with_paths(policy.for_haiku(params))
+    assert mask[f"['{prefix}~/x']['w']"] is True
+    assert all(mask[f"['{prefix}{n}']['w']"] is True for n in ATTENTION_NAMES)
+    report = {r.path: r for r in policy.explain(params, framework="haiku")}
+    assert report[f"{prefix}~/x/w"].rule == policy.rules[0]

@@ -147,7 +147,9 @@ class Modules:
             if at >= len(segments):  # the params of a constructor's modules' root (`a/~`)
                 i += 1
                 continue
-            if segments[at] != "~":
+            # Below a path that ends in `~` (`a/~`, the parent of `a/~/~/x`), a child
+            # stands past a further `~`: `a/~/query` is a child of `a`.
+            if segments[at] != "~" and (at > depth or mid[-1] != "~"):
                 names.add(segments[at])
             if at + 1 < len(segments):  # past every key below that child at once
                 i = bisect.bisect_left(order, "/".join(segments[: at + 1]) + "0", i + 1, end)
