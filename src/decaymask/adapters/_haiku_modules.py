@@ -22,10 +22,11 @@ from typing import Any
 from ..core import _registry
 from ..core._infer import content_kind, layout_axes, resolve_kind
 from ..core._leaf import Layer
-from ._haiku_stacks import ONE_LAYER_NDIM, lifted, module_path, proof_of, stacked_by_bias
 from ._haiku_segments import _CELLS, BUILTIN, DENSE, Segment, segment, snake
+from ._haiku_stacks import ONE_LAYER_NDIM, lifted, module_path, proof_of, stacked_by_bias
 from ._haiku_trace import LIFT, HaikuTrace
 from ._stacks import Proof, agrees, lifted_at
+
 
 class Module:
     """One module reading, as far as its name, its arrays or the trace tell; shared by

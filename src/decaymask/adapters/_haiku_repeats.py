@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import operator
 from bisect import bisect_left
-from itertools import accumulate, chain
 from collections.abc import Mapping, Sequence
+from itertools import accumulate, chain
 from typing import Any
 
 from ._families import Families

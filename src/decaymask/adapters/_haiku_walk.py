@@ -10,8 +10,8 @@ values (``optax.MaskedNode``) as they are.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Mapping
 from bisect import bisect_right
+from collections.abc import Callable, Mapping
 from itertools import accumulate, chain
 from typing import Any
 
@@ -20,8 +20,8 @@ from ..core._roles import role_from_name
 from ..core._table import LeafTable
 from ._contract import TreedefRebuild
 from ._haiku_modules import Module, Modules
-from ._haiku_segments import CONV, DENSE
 from ._haiku_repeats import Repeats, runs
+from ._haiku_segments import CONV, DENSE
 from ._haiku_trace import HaikuTrace, is_array_like
 from ._structure import described_of, treedef_of
 
