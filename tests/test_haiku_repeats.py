@@ -237,7 +237,7 @@ def test_shapes_are_sliced_from_the_signature_only_where_each_value_is_one_leaf(
                                           treedef_of(params).num_nodes)
 
     plain = model(["base", "base"])
-    assert repeats(plain).starts is not None
+    assert repeats(plain)._starts() is not None
     masked = {**plain, "block_1/proj": {"w": optax.MaskedNode()}}
-    assert repeats(masked).starts is None
+    assert repeats(masked)._starts() is None
 

@@ -89,30 +89,41 @@ class Repeats(Families):
 
     With ``described`` (the shapes and dtypes of the params' leaves in jax's order: a
     dict of dicts, sorted, one leaf per array) and ``starts`` (the first leaf of each
-    key of ``order``), a run's shapes and dtypes are slices of them."""
+    key of ``order``, counted at the first fingerprint), a run's shapes and dtypes are
+    slices of them."""
 
-    __slots__ = ("described", "order", "starts", "tree")
+    __slots__ = ("described", "nodes", "order", "starts", "tree")
 
     def __init__(self, tree: Mapping[str, Any], order: Sequence[str],
                  described: tuple[tuple, tuple, tuple] | None = None,
                  nodes: int | None = None) -> None:
         super().__init__()
         self.tree, self.order = tree, order
-        self.described = self.starts = None
-        if described is not None:
+        self.described, self.nodes = described, nodes
+        self.starts: list[int] | None = None
+
+    def _starts(self) -> list[int] | None:
+        """Where each key's leaves start, where each value is one leaf (no
+        optax.MaskedNode, no pytree of several arrays): as many leaves as values, and as
+        many nodes as the dicts and the leaves. Else ``None``, and no slices are taken."""
+        if self.starts is None and self.described is not None:
+            order, tree = self.order, self.tree
             starts = list(accumulate(map(len, map(tree.__getitem__, order)), initial=0))
-            # Each value one leaf (no optax.MaskedNode, no pytree of several arrays):
-            # as many leaves as values, and as many nodes as the dicts and the leaves.
-            if starts[-1] == len(described[1]) and nodes == 1 + len(order) + starts[-1]:
-                self.described, self.starts = described, starts
+            if starts[-1] == len(self.described[1]) and \
+                    self.nodes == 1 + len(order) + starts[-1]:
+                self.starts = starts
+            else:
+                self.described = None
+        return self.starts
 
     def fingerprint(self, member: Any) -> tuple | None:
         start, end, skip = member
         keys = self.order[start:end]
-        if self.starts is None:
+        starts = self._starts()
+        if starts is None:
             return fingerprint(self.tree, keys, skip)
         direct = list(map(self.tree.__getitem__, keys))
-        a, b = self.starts[start], self.starts[end]
+        a, b = starts[start], starts[end]
         _, shapes, dtypes = self.described  # type: ignore[misc]
         return (tuple([key[skip:] for key in keys]), tuple(map(len, direct)),
                 tuple(chain.from_iterable(direct)), shapes[a:b], dtypes[a:b])
