@@ -25,10 +25,12 @@ from itertools import accumulate, chain
 from typing import Any
 
 from ._families import Families
+from ._structure import described_of, treedef_of
 
 _shape_of = operator.attrgetter("shape")
 _values = operator.methodcaller("values")
 _dtype_of = operator.attrgetter("dtype")
+_DICT = frozenset({dict})
 
 
 def runs(order: Sequence[str], paths: Mapping[str, tuple[str, ...]], lo: int, hi: int,
@@ -87,33 +89,38 @@ class Repeats(Families):
     """The spans and keys each run of a walk made, by family (the parent's reading, the
     module's Segment, the run's length) and fingerprint (:func:`fingerprint`).
 
-    With ``described`` (the shapes and dtypes of the params' leaves in jax's order: a
-    dict of dicts, sorted, one leaf per array) and ``starts`` (the first leaf of each
-    key of ``order``, counted at the first fingerprint), a run's shapes and dtypes are
-    slices of them."""
+    Where the params are a dict of dicts whose signature this build took, one leaf per
+    value, a run's shapes and dtypes are slices of the signature's (``described``, in
+    jax's order: keys sorted, names sorted), from each key's first leaf (``starts``);
+    both are found at the first fingerprint, so params without repeated blocks pay
+    nothing for them."""
 
-    __slots__ = ("described", "nodes", "order", "starts", "tree")
+    __slots__ = ("checked", "described", "order", "starts", "tree")
 
-    def __init__(self, tree: Mapping[str, Any], order: Sequence[str],
-                 described: tuple[tuple, tuple, tuple] | None = None,
-                 nodes: int | None = None) -> None:
+    def __init__(self, tree: Mapping[str, Any], order: Sequence[str]) -> None:
         super().__init__()
         self.tree, self.order = tree, order
-        self.described, self.nodes = described, nodes
+        self.described: tuple[tuple, tuple, tuple] | None = None
         self.starts: list[int] | None = None
+        self.checked = False  # whether _starts looked
 
     def _starts(self) -> list[int] | None:
-        """Where each key's leaves start, where each value is one leaf (no
-        optax.MaskedNode, no pytree of several arrays): as many leaves as values, and as
-        many nodes as the dicts and the leaves. Else ``None``, and no slices are taken."""
-        if self.starts is None and self.described is not None:
-            order, tree = self.order, self.tree
-            starts = list(accumulate(map(len, map(tree.__getitem__, order)), initial=0))
-            if starts[-1] == len(self.described[1]) and \
-                    self.nodes == 1 + len(order) + starts[-1]:
-                self.starts = starts
-            else:
-                self.described = None
+        """Where each key's leaves start in the signature's; ``None`` where a value is
+        not one leaf (optax.MaskedNode, a pytree of several arrays: then there are fewer
+        leaves, or more nodes, than values) or no signature was taken."""
+        if self.checked:
+            return self.starts
+        self.checked = True
+        tree, order = self.tree, self.order
+        if type(tree) is not dict or not _DICT.issuperset(map(type, tree.values())):
+            return None
+        described = described_of(tree)
+        if described is None:
+            return None
+        starts = list(accumulate(map(len, map(tree.__getitem__, order)), initial=0))
+        nodes = treedef_of(tree).num_nodes  # type: ignore[attr-defined, unused-ignore]
+        if starts[-1] == len(described[1]) and nodes == 1 + len(order) + starts[-1]:
+            self.described, self.starts = described, starts
         return self.starts
 
     def fingerprint(self, member: Any) -> tuple | None:

@@ -23,7 +23,7 @@ from ._haiku_modules import Module, Modules
 from ._haiku_repeats import Repeats, runs
 from ._haiku_segments import CONV, DENSE
 from ._haiku_trace import HaikuTrace, is_array_like
-from ._structure import described_of, treedef_of
+from ._structure import treedef_of
 
 ACCEPTS = "a Haiku params dict (module path -> {param name: array})"
 _ARRAY_TYPES: dict[type, bool] = {}  # type -> whether its values are arrays
@@ -175,14 +175,7 @@ class HaikuWalk:
             for key in order:
                 one(key)
         else:  # by names: a block alike to an earlier one takes its readings
-            # A dict of dicts whose signature this build took: shapes and dtypes are
-            # read from it.
-            plain = type(tree) is dict and _DICT.issuperset(map(type, tree.values()))
-            described = described_of(tree) if plain else None
-            nodes = None if described is None else \
-                treedef_of(tree).num_nodes  # type: ignore[attr-defined, unused-ignore]
-            repeats = Repeats(tree, order, described, nodes)
-            self._runs(order, one, repeats, keys, 0, len(order), 0, -1)
+            self._runs(order, one, Repeats(tree, order), keys, 0, len(order), 0, -1)
         modules.find_lifted()
         self.leaves = LeafTable(keys, self._leaf)
         treedef = treedef_of(tree)
