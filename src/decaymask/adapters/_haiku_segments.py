@@ -82,8 +82,8 @@ def segment(name: str) -> Segment:
         numbered = _NUMBERED.match(name) is not None
         base = name[: name.rindex("_")] if numbered else name
         builtin = BUILTIN.get(base)
-        registration = _registry.lookup_spelled(base, snake) or \
-            _registry.lookup_spelled(name, snake)
+        own = _registry.lookup_spelled(name, snake)  # this very name registered
+        registration = _registry.lookup_spelled(base, snake) or own
         number = name[len(base) + 1:] if numbered else ""
         family = base if number.isascii() and number.isdigit() else None
         said = _numbered.get(family) if family is not None else None
@@ -95,6 +95,6 @@ def segment(name: str) -> Segment:
         found = _segments[name] = Segment(
             bool(_STACK.match(name)), builtin, registration, *said,
             (builtin or ("Linear",))[0] == "Linear")
-        if family is not None and _registry.lookup_spelled(name, snake) is None:
+        if family is not None and own is None:
             _numbered_segments[family] = found
     return found
